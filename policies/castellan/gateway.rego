@@ -1,0 +1,77 @@
+# METADATA
+# title: Castellan gateway policy
+# description: |
+#   Decides every tools/call (input.action == "call") and every tools/list entry
+#   (input.action == "list"). The decision input is documented in
+#   server/policy/schema/decision-input.v1.json. Per-tool settings live in config/data.json
+#   beside this file (data.castellan.config.tools).
+package castellan.gateway
+
+import rego.v1
+
+# METADATA
+# title: The decision the gateway reads
+# entrypoint: true
+decision := {
+	"allow": count(deny) == 0,
+	"reasons": deny,
+	"obligations": obligations,
+}
+
+tool_config := object.get(object.get(data.castellan.config, "tools", {}), input.tool.name, {})
+
+admin_groups := object.get(data.castellan.config, "admin_groups", ["admins"])
+
+# Belt and braces: the grants stage already denies a call with missing privileges.
+deny contains sprintf("missing privilege %s", [p]) if {
+	some p in input.grants.missing
+}
+
+# A tool may be restricted to some groups.
+deny contains sprintf("tool %s is restricted to groups %v", [input.tool.name, tool_config.groups]) if {
+	is_array(tool_config.groups)
+	not in_any_group(tool_config.groups)
+}
+
+# Destructive tools (MCP annotation destructiveHint) only for admins.
+deny contains sprintf("tool %s is destructive: only %v may call it", [input.tool.name, admin_groups]) if {
+	input.tool.annotations.destructiveHint == true
+	not in_any_group(admin_groups)
+}
+
+in_any_group(groups) if {
+	some g in groups
+	g in input.identity.groups
+}
+
+# Argument constraints, checked with explicit types: a wrongly typed value is denied, never coerced.
+deny contains sprintf("argument %s must be a string of at most %d characters", [name, limit]) if {
+	input.action == "call"
+	some name, limit in object.get(tool_config, "max_length", {})
+	value := object.get(input.arguments, name, "")
+	not short_string(value, limit)
+}
+
+short_string(value, limit) if {
+	is_string(value)
+	count(value) <= limit
+}
+
+deny contains sprintf("argument %s contains blocked text %q", [name, word]) if {
+	input.action == "call"
+	some name, value in input.arguments
+	is_string(value)
+	some word in object.get(data.castellan.config, "blocked_words", [])
+	contains(lower(value), word)
+}
+
+# The meter enforces budgets too; policy can be stricter for some tools.
+deny contains "token budget exhausted" if {
+	input.action == "call"
+	input.budget.tokens_limit > 0
+	input.budget.tokens_used >= input.budget.tokens_limit
+}
+
+obligations["redact_fields"] := tool_config.redact if is_array(tool_config.redact)
+
+obligations["max_result_chars"] := tool_config.max_result_chars if is_number(tool_config.max_result_chars)

@@ -1,0 +1,111 @@
+"""The app factory: the one place that reads settings and builds the FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.routing import Route
+
+from server import __version__
+from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
+from server.auth.middleware import BearerAuthMiddleware
+from server.gateway import Gateway, build_gateway
+from server.mcp import build_mcp_server
+from server.registry import Tool
+from server.request_id import RequestIdMiddleware, request_id_of
+from server.settings import Settings
+from server.transport import TransportGuard, allowed_hosts, allowed_origins, sdk_settings
+
+log = structlog.get_logger("castellan")
+
+
+def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
+    gateway = build_gateway(settings, tools)
+    hosts = allowed_hosts(settings.base_url, settings.server.allowed_hosts)
+    origins = allowed_origins(settings.base_url, settings.server.allowed_origins)
+    sessions = StreamableHTTPSessionManager(
+        app=build_mcp_server(gateway.handlers),
+        json_response=settings.server.json_response,
+        stateless=settings.server.stateless,
+        security_settings=sdk_settings(hosts, origins),
+        max_request_body_size=settings.server.max_body_bytes,
+        session_idle_timeout=settings.server.session_idle_timeout_seconds,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with sessions.run():
+            log.info("gateway_started", url=settings.resource_url, engine=gateway.engine.name)
+            try:
+                yield
+            finally:
+                await gateway.close()
+
+    app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+
+    metadata_document = protected_resource_metadata(
+        settings.resource_url,
+        settings.auth.authorization_servers or [settings.auth.issuer],
+        settings.auth.required_scopes,
+    )
+    endpoint = TransportGuard(
+        BearerAuthMiddleware(
+            sessions.handle_request,
+            gateway.verifier,
+            metadata_url(settings.base_url, settings.resource_url),
+            gateway.metrics,
+        ),
+        hosts=hosts,
+        origins=origins,
+        max_body_bytes=settings.server.max_body_bytes,
+    )
+    app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
+    _add_operational_routes(app, gateway, metadata_document)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, object]) -> None:
+    resource_path = metadata_path(gateway.settings.resource_url)
+
+    async def protected_resource() -> JSONResponse:
+        return JSONResponse(metadata)
+
+    app.add_api_route(resource_path, protected_resource, methods=["GET"], include_in_schema=False)
+    if resource_path != "/.well-known/oauth-protected-resource":
+        app.add_api_route(
+            "/.well-known/oauth-protected-resource",
+            protected_resource,
+            methods=["GET"],
+            include_in_schema=False,
+        )
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Every backend can answer: policy engine, grant source, meter store, audit outbox."""
+        checks = await gateway.readiness()
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+        )
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        return JSONResponse({"error": "internal error", "request_id": request_id_of(request.scope)}, status_code=500)

@@ -1,0 +1,1 @@
+"""Audit: every decision recorded durably before the tool runs, then its outcome."""

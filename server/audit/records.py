@@ -1,0 +1,57 @@
+"""What an audit record says about a call: one builder for the decision, one for the outcome."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from server.call import Call
+
+RESULT_PREVIEW_CHARS = 2_000
+
+
+def decision_record(call: Call) -> dict[str, Any]:
+    """Who called what, with which arguments, and what was decided: written before the tool runs."""
+    identity, decision, error = call.identity, call.decision, call.error
+    verdict = "allow" if error is None else ("error" if error.code == "internal_error" else "deny")
+    return {
+        "call_id": call.call_id,
+        "request_id": call.request_id,
+        "time": datetime.fromtimestamp(call.started_at, UTC).isoformat(),
+        "action": call.action,
+        "agent_id": identity.agent_id if identity else None,
+        "subject": identity.subject if identity else None,
+        "issuer": identity.issuer if identity else None,
+        "groups": list(identity.groups) if identity else [],
+        "tool": call.tool_name,
+        "securable": call.tool.spec.securable if call.tool else None,
+        "upstream": call.tool.spec.upstream if call.tool else None,
+        "arguments": dict(call.arguments),
+        "run_id": call.run.run_id,
+        "run_depth": call.run.depth,
+        "traceparent": call.run.traceparent,
+        "decision": verdict,
+        "stage": error.stage if error else None,
+        "code": error.code if error else None,
+        "reasons": list(error.reasons) if error else list(decision.reasons if decision else ()),
+        "policy_version": decision.policy_version if decision else None,
+        "policy_engine": decision.engine if decision else None,
+        "obligations": dict(decision.obligations) if decision else {},
+        "grants": list(call.grants.has) if call.grants else [],
+    }
+
+
+def outcome_record(call: Call, finished_at: float) -> dict[str, Any]:
+    """What came back: written after the tool ran and obligations applied."""
+    output = call.output
+    return {
+        "call_id": call.call_id,
+        "is_error": output.is_error if output else call.error is not None,
+        "error": "; ".join(call.error.reasons) if call.error else None,
+        "result_preview": output.text[:RESULT_PREVIEW_CHARS] if output else None,
+        "result_chars": len(output.text) if output else 0,
+        "tokens_in": call.tokens_in,
+        "tokens_out": call.tokens_out,
+        "latency_ms": round((finished_at - call.started_at) * 1000, 3),
+        "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
+    }

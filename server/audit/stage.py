@@ -1,0 +1,58 @@
+"""Pipeline stages around the tool: `record` commits the decision before it runs, `audit` its outcome."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import structlog
+
+from server.audit.outbox import SqliteOutbox
+from server.audit.records import decision_record, outcome_record
+from server.call import Call
+
+log = structlog.get_logger("castellan.audit")
+
+
+class RecordStage:
+    """Commits the allow decision to the outbox. If that fails the call is denied: no unaudited call runs."""
+
+    name = "record"
+
+    def __init__(self, outbox: SqliteOutbox) -> None:
+        self._outbox = outbox
+
+    async def run(self, call: Call) -> Call:
+        await self._outbox.write("decision", call.call_id, decision_record(call))
+        return replace(call, recorded=True)
+
+
+class AuditStage:
+    """Commits the outcome (result summary, tokens, latency, stage timings)."""
+
+    name = "audit"
+
+    def __init__(self, outbox: SqliteOutbox) -> None:
+        self._outbox = outbox
+
+    async def run(self, call: Call) -> Call:
+        await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time()))
+        return call
+
+
+class DenialRecorder:
+    """Records a call the pipeline stopped: its decision row (deny or error). The pipeline's `on_stop`."""
+
+    def __init__(self, outbox: SqliteOutbox) -> None:
+        self._outbox = outbox
+
+    async def __call__(self, call: Call) -> None:
+        try:
+            if call.recorded:
+                # Stopped after the decision row was written: record how it ended instead.
+                await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time()))
+            else:
+                await self._outbox.write("decision", call.call_id, decision_record(call))
+        except Exception as exc:
+            # The call is already refused; nothing is lost that was allowed. Say so loudly.
+            log.error("audit_write_failed", call_id=call.call_id, error=str(exc))

@@ -1,0 +1,1 @@
+"""Authentication: bearer JWTs to `Identity`, and the HTTP edge that answers 401."""

@@ -1,0 +1,84 @@
+"""The authentication edge of /mcp: no valid bearer token, no MCP (HTTP 401 with RFC 9728 metadata)."""
+
+from __future__ import annotations
+
+import structlog
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from starlette.authentication import AuthCredentials
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.auth.verifier import TokenVerifier
+from server.errors import Unauthenticated
+from server.http_errors import send_error
+from server.identity import Identity
+from server.metrics import Metrics
+
+log = structlog.get_logger("castellan.auth")
+
+IDENTITY_SCOPE_KEY = "castellan.identity"
+
+
+def identity_of(scope: Scope) -> Identity | None:
+    """The identity the edge authenticated for this request, if any."""
+    identity = scope.get(IDENTITY_SCOPE_KEY)
+    return identity if isinstance(identity, Identity) else None
+
+
+class BearerAuthMiddleware:
+    """Verifies `Authorization: Bearer` before the MCP transport sees the request.
+
+    On success the `Identity` is put in the ASGI scope (`identity_of`) and, for the SDK's session
+    binding, as `scope["user"]`, so a session can only be used with the credential that opened it.
+    The token itself goes no further than this: it is never passed upstream.
+    """
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier, resource_metadata_url: str, metrics: Metrics) -> None:
+        self.app = app
+        self._verifier = verifier
+        self._metadata_url = resource_metadata_url
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization")
+        if header is None:
+            await self._reject(scope, receive, send, None, "missing_token", "bearer token required")
+            return
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            await self._reject(scope, receive, send, "invalid_request", "bad_scheme", "use Authorization: Bearer")
+            return
+        try:
+            identity = await self._verifier.verify(token)
+        except Unauthenticated as exc:
+            await self._reject(scope, receive, send, exc.error, "invalid_token", exc.description)
+            return
+        scope[IDENTITY_SCOPE_KEY] = identity
+        scope["auth"] = AuthCredentials(list(identity.scopes))
+        scope["user"] = AuthenticatedUser(
+            AccessToken(
+                token="[verified]",
+                client_id=identity.agent_id,
+                scopes=list(identity.scopes),
+                expires_at=identity.expires_at,
+                subject=identity.subject,
+                claims={"iss": identity.issuer},
+            )
+        )
+        await self.app(scope, receive, send)
+
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, error: str | None, metric: str, description: str
+    ) -> None:
+        self._metrics.auth_failures.labels(metric).inc()
+        log.info("request_unauthenticated", reason=description, path=scope.get("path"))
+        challenge = f'Bearer resource_metadata="{self._metadata_url}"'
+        if error is not None:
+            safe = description.replace('"', "'")
+            challenge += f', error="{error}", error_description="{safe}"'
+        await send_error(scope, receive, send, 401, f"unauthorized: {description}", {"WWW-Authenticate": challenge})

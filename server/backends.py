@@ -1,0 +1,81 @@
+"""Backend registries: the word users write in config → the class that serves it, for each concern."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from server.audit.outbox import SqliteOutbox
+from server.auth.devkeys import dev_public_keys
+from server.auth.keys import JwksKeys, KeySource, StaticKeys
+from server.errors import ConfigError
+from server.grants.local import LocalCatalog
+from server.grants.source import GrantSource
+from server.metering.meter import Meter
+from server.metering.sqlite import SqliteMeter
+from server.policy.bundle import PolicyBundle
+from server.policy.embedded import EmbeddedEngine
+from server.policy.engine import PolicyEngine
+from server.settings import Settings
+
+T = TypeVar("T")
+
+
+def _make_embedded(s: Settings) -> PolicyEngine:
+    return EmbeddedEngine(PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint)
+
+
+def _make_keys(s: Settings) -> KeySource:
+    auth = s.auth
+    if auth.mode == "dev":
+        return StaticKeys(dev_public_keys(s.data_dir))
+    if auth.jwks_url and auth.keys_file:
+        raise ConfigError("auth: set jwks_url or keys_file, not both")
+    if auth.jwks_url:
+        return JwksKeys(auth.jwks_url, ttl=auth.jwks_cache_seconds)
+    if auth.keys_file:
+        return StaticKeys.from_file(auth.keys_file)
+    raise ConfigError("auth.mode = 'jwt' needs auth.jwks_url or auth.keys_file")
+
+
+ENGINES: dict[str, Callable[[Settings], PolicyEngine]] = {
+    "embedded": _make_embedded,
+}
+
+GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
+    "local": lambda s: LocalCatalog(s.data_file(s.grants.path, "catalog.db")),
+}
+
+METERS: dict[str, Callable[[Settings], Meter]] = {
+    "sqlite": lambda s: SqliteMeter(s.data_file(s.metering.path, "meters.db")),
+}
+
+OUTBOXES: dict[str, Callable[[Settings], SqliteOutbox]] = {
+    "sqlite": lambda s: SqliteOutbox(s.data_file(s.audit.path, "audit.db")),
+}
+
+
+def _pick(kind: str, table: dict[str, Callable[[Settings], T]], key: str, settings: Settings) -> T:
+    if key not in table:
+        raise ConfigError(f"unknown {kind} {key!r}; choose from {sorted(table)}")
+    return table[key](settings)
+
+
+def make_engine(s: Settings) -> PolicyEngine:
+    return _pick("policy engine", ENGINES, s.policy.engine, s)
+
+
+def make_grant_source(s: Settings) -> GrantSource:
+    return _pick("grants backend", GRANT_SOURCES, s.grants.backend, s)
+
+
+def make_meter(s: Settings) -> Meter:
+    return _pick("meter backend", METERS, s.metering.backend, s)
+
+
+def make_outbox(s: Settings) -> SqliteOutbox:
+    return _pick("audit backend", OUTBOXES, s.audit.backend, s)
+
+
+def make_key_source(s: Settings) -> KeySource:
+    return _make_keys(s)

@@ -1,0 +1,76 @@
+"""The `Call`: everything the pipeline knows about one tool call, added to stage by stage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from server.errors import CastellanError
+from server.identity import Identity
+from server.policy.engine import Decision
+from server.registry import Tool, ToolOutput
+
+Action = Literal["call", "list"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """The agent run a call belongs to, as the caller declared it (`_meta`, headers or traceparent)."""
+
+    run_id: str
+    depth: int = 0
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """What the meter saw at admission: the input document's `budget` and `run` counters."""
+
+    tokens_used: int = 0
+    tokens_limit: int = 0
+    calls_this_minute: int = 0
+    run_calls: int = 0
+    repeats: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCheck:
+    """The privileges the call needs, split into those the identity holds and those it lacks."""
+
+    has: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One `tools/call` (or one `tools/list` entry) on its way through the pipeline. Frozen: stages replace."""
+
+    tool_name: str
+    arguments: Mapping[str, Any]
+    identity: Identity | None
+    run: RunInfo
+    action: Action = "call"
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = ""
+    started_at: float = field(default_factory=time.time)
+    tool: Tool | None = None
+    budget: Budget | None = None
+    grants: GrantCheck | None = None
+    decision: Decision | None = None
+    output: ToolOutput | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    error: CastellanError | None = None
+    recorded: bool = False
+    """The decision row is committed to the audit outbox (set by the record stage)."""
+    timings: tuple[tuple[str, float], ...] = ()
+
+    def timed(self, stage: str, seconds: float) -> Call:
+        return replace(self, timings=(*self.timings, (stage, seconds)))
+
+    @property
+    def allowed(self) -> bool:
+        return self.error is None and self.decision is not None and self.decision.allow

@@ -1,0 +1,19 @@
+"""The demo set-up: grants in the local catalog for the demo tools and groups."""
+
+from __future__ import annotations
+
+from server.grants.local import LocalCatalog
+
+# Unity Catalog style: USE CATALOG and USE SCHEMA to reach a function, EXECUTE to call it.
+# Granting EXECUTE on a schema covers every function in it.
+DEMO_GRANTS: tuple[tuple[str, str, str], ...] = (
+    ("analysts", "USE CATALOG", "main"),
+    ("analysts", "USE SCHEMA", "main.tools"),
+    ("analysts", "EXECUTE", "main.tools"),
+    ("admins", "ALL PRIVILEGES", "main"),
+)
+
+
+def seed_demo_grants(catalog: LocalCatalog) -> None:
+    """Grant the demo privileges; idempotent."""
+    catalog.grant_many(DEMO_GRANTS)

@@ -1,0 +1,57 @@
+"""The error hierarchy: stable codes, raised by stages, mapped to MCP results once in `server.mcp`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.policy.engine import Decision
+
+
+class CastellanError(Exception):
+    """A call that did not go through. `stage` names the pipeline stage; `reasons` are for the caller."""
+
+    code = "internal_error"
+
+    def __init__(self, stage: str, *reasons: str, decision: Decision | None = None) -> None:
+        super().__init__(f"{stage}: {'; '.join(reasons) or self.code}")
+        self.stage = stage
+        self.reasons: tuple[str, ...] = reasons or (self.code,)
+        self.decision = decision  # the policy decision, when policy was asked before the stop
+
+
+class Denied(CastellanError):
+    """A stage decided the call must not run (policy, grants, limits)."""
+
+    code = "denied"
+
+
+class BackendUnavailable(CastellanError):
+    """A backend could not answer. Fail closed: reported to the caller as a denial."""
+
+    code = "backend_unavailable"
+
+
+class InvalidArguments(CastellanError):
+    """The tool arguments do not match the tool's input schema."""
+
+    code = "invalid_arguments"
+
+
+class InternalError(CastellanError):
+    """A bug. Never an allow; the details stay in the server log."""
+
+    code = "internal_error"
+
+
+class Unauthenticated(Exception):
+    """The bearer token is missing or not acceptable. Becomes HTTP 401 at the edge, never a tool result."""
+
+    def __init__(self, description: str, *, error: str = "invalid_token") -> None:
+        super().__init__(description)
+        self.description = description
+        self.error = error
+
+
+class ConfigError(Exception):
+    """The configuration cannot work. Stops start-up; never raised for a call."""

@@ -1,0 +1,150 @@
+"""The assembled gateway: backends, the call and list pipelines, the MCP handlers, and their lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from server import backends
+from server.audit.outbox import SqliteOutbox
+from server.audit.stage import AuditStage, DenialRecorder, RecordStage
+from server.auth.stage import AuthenticateStage
+from server.auth.verifier import JwtVerifier, TokenVerifier
+from server.demo import seed_demo_grants
+from server.errors import BackendUnavailable
+from server.grants.local import LocalCatalog
+from server.grants.source import GrantSource
+from server.grants.stage import CachedGrants, GrantsStage
+from server.invoke import InvokeStage
+from server.listing import ToolLister
+from server.mcp import McpHandlers
+from server.metering.meter import Meter
+from server.metering.stage import AdmitStage, ChargeStage
+from server.metrics import Metrics
+from server.pipeline import Pipeline
+from server.policy.engine import PolicyEngine
+from server.policy.obligations import ObligationsStage
+from server.policy.stage import PolicyStage
+from server.registry import Tool, ToolRegistry
+from server.resolve import ResolveStage
+from server.settings import Settings
+
+log = structlog.get_logger("castellan")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    metrics: Metrics
+    registry: ToolRegistry
+    verifier: TokenVerifier
+    engine: PolicyEngine
+    grant_source: GrantSource
+    grants: CachedGrants
+    meter: Meter
+    outbox: SqliteOutbox
+    call_pipeline: Pipeline
+    list_pipeline: Pipeline
+    handlers: McpHandlers
+
+    async def readiness(self) -> dict[str, str]:
+        """Each backend's state: "ok" or why it cannot serve. Ready only when all are ok."""
+        checks = {
+            "policy": self.engine.check(),
+            "grants": self.grant_source.check(),
+            "metering": self.meter.check(),
+            "audit": self.outbox.check(),
+        }
+        results: dict[str, str] = {}
+        for name, check in checks.items():
+            try:
+                await asyncio.wait_for(check, timeout=2.0)
+                results[name] = "ok"
+            except BackendUnavailable as exc:
+                results[name] = "; ".join(exc.reasons)
+            except TimeoutError:
+                results[name] = "timed out"
+        return results
+
+    async def close(self) -> None:
+        for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
+            try:
+                await closer()
+            except Exception as exc:
+                log.warning("close_failed", error=repr(exc))
+
+
+def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
+    """Wire every component from `settings`. Raises `ConfigError` for anything that cannot work."""
+    metrics = Metrics()
+    if tools is None:
+        from tools import demo_tools
+
+        tools = demo_tools() if settings.demo else []
+    registry = ToolRegistry(tools)
+    verifier = JwtVerifier(
+        backends.make_key_source(settings),
+        issuer=settings.auth.issuer,
+        audience=settings.audience,
+        algorithms=settings.auth.algorithms,
+        claims=settings.auth.claims,
+        leeway_seconds=settings.auth.leeway_seconds,
+    )
+    engine = backends.make_engine(settings)
+    grant_source = backends.make_grant_source(settings)
+    if settings.demo and isinstance(grant_source, LocalCatalog):
+        seed_demo_grants(grant_source)
+    grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds)
+    meter = backends.make_meter(settings)
+    outbox = backends.make_outbox(settings)
+
+    authenticate = AuthenticateStage(settings.auth.required_scopes)
+    resolve = ResolveStage(registry)
+    grants_stage = GrantsStage(grants)
+    policy = PolicyStage(engine)
+    call_pipeline = Pipeline(
+        [
+            authenticate,
+            resolve,
+            AdmitStage(meter, settings.metering.limits),
+            grants_stage,
+            policy,
+            RecordStage(outbox),
+            InvokeStage(settings.server.tool_timeout_seconds),
+            ObligationsStage(),
+            ChargeStage(meter),
+            AuditStage(outbox),
+        ],
+        metrics,
+        on_stop=DenialRecorder(outbox),
+    )
+    list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
+    handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
+    log.info(
+        "gateway_built",
+        tools=len(registry),
+        policy_engine=engine.name,
+        policy_version=engine.policy_version,
+        grants=settings.grants.backend,
+        metering=settings.metering.backend,
+        audit=settings.audit.backend,
+        auth=settings.auth.mode,
+        resource=settings.resource_url,
+    )
+    return Gateway(
+        settings=settings,
+        metrics=metrics,
+        registry=registry,
+        verifier=verifier,
+        engine=engine,
+        grant_source=grant_source,
+        grants=grants,
+        meter=meter,
+        outbox=outbox,
+        call_pipeline=call_pipeline,
+        list_pipeline=list_pipeline,
+        handlers=handlers,
+    )

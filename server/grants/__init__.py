@@ -1,0 +1,1 @@
+"""Unity Catalog grants: which privileges an identity holds on the securables a call touches."""

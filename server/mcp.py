@@ -1,0 +1,152 @@
+"""The MCP edge: the SDK's low-level server, whose handlers turn requests into `Call`s and results back."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import mcp_types as types
+import structlog
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from starlette.requests import Request
+
+from server import __version__
+from server.auth.middleware import identity_of
+from server.call import Call
+from server.errors import CastellanError
+from server.listing import ToolLister
+from server.metrics import Metrics
+from server.pipeline import Pipeline
+from server.registry import ToolSpec
+from server.request_id import request_id_of
+from server.runs import run_info
+
+log = structlog.get_logger("castellan.call")
+
+INSTRUCTIONS = (
+    "Castellan governs every tool call: each is checked against catalog grants, Rego policy and "
+    "per-agent limits, and audited. A refused call returns isError with a JSON body "
+    '{"decision": "deny", "stage": ..., "reasons": [...]}; read the reasons instead of retrying blindly.'
+)
+
+
+def to_tool_result(exc: CastellanError) -> types.CallToolResult:
+    """The one place a refused call becomes an MCP result: `isError` with a machine-readable body."""
+    body: dict[str, Any] = {
+        "decision": "error" if exc.code == "internal_error" else "deny",
+        "stage": exc.stage,
+        "code": exc.code,
+        "reasons": list(exc.reasons),
+    }
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=json.dumps(body))],
+        structured_content=body,
+        is_error=True,
+    )
+
+
+def to_mcp_tool(spec: ToolSpec) -> types.Tool:
+    return types.Tool(
+        name=spec.name,
+        title=spec.title,
+        description=spec.description,
+        input_schema=dict(spec.input_schema),
+        output_schema=dict(spec.output_schema) if spec.output_schema is not None else None,
+        annotations=types.ToolAnnotations(**spec.annotations) if spec.annotations else None,
+    )
+
+
+def call_result(call: Call) -> types.CallToolResult:
+    if call.error is not None:
+        return to_tool_result(call.error)
+    output = call.output
+    assert output is not None, "an allowed call always has an output"
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=output.text)],
+        structured_content=dict(output.structured) if output.structured is not None else None,
+        is_error=output.is_error,
+    )
+
+
+class McpHandlers:
+    """`tools/list` through the lister, `tools/call` through the pipeline; both know the caller from
+    the identity the HTTP edge verified."""
+
+    def __init__(self, lister: ToolLister, pipeline: Pipeline, metrics: Metrics) -> None:
+        self._lister = lister
+        self._pipeline = pipeline
+        self._metrics = metrics
+
+    async def list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        request = ctx.request if isinstance(ctx.request, Request) else None
+        identity = identity_of(request.scope) if request else None
+        specs = await self._lister.visible(identity, request_id_of(request.scope) if request else "")
+        return types.ListToolsResult(tools=[to_mcp_tool(s) for s in specs])
+
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        request = ctx.request if isinstance(ctx.request, Request) else None
+        meta = _as_mapping(params.meta)
+        call_id = uuid.uuid4().hex
+        call = Call(
+            tool_name=params.name,
+            arguments=params.arguments or {},
+            identity=identity_of(request.scope) if request else None,
+            run=run_info(meta, request.headers if request else None, fallback=call_id),
+            call_id=call_id,
+            request_id=request_id_of(request.scope) if request else "",
+        )
+        started = time.perf_counter()
+        call = await self._pipeline.run(call)
+        elapsed = time.perf_counter() - started
+        self._observe(call, elapsed)
+        return call_result(call)
+
+    def _observe(self, call: Call, elapsed: float) -> None:
+        error = call.error
+        decision = "allow" if error is None else ("error" if error.code == "internal_error" else "deny")
+        stage = error.stage if error else "invoke"
+        tool = call.tool_name if call.tool is not None else "(unknown)"
+        self._metrics.calls.labels(tool, decision, stage).inc()
+        self._metrics.call_seconds.labels(tool).observe(elapsed)
+        log.info(
+            "tool_call",
+            call_id=call.call_id,
+            request_id=call.request_id,
+            agent_id=call.identity.agent_id if call.identity else None,
+            tool=call.tool_name[:128],
+            run_id=call.run.run_id,
+            decision=decision,
+            stage=stage,
+            reasons=list(error.reasons) if error else None,
+            tool_error=call.output.is_error if call.output else None,
+            policy_version=call.decision.policy_version if call.decision else None,
+            ms=round(elapsed * 1000, 3),
+        )
+
+
+def _as_mapping(meta: object) -> dict[str, Any] | None:
+    """`_meta` as a plain dict, whichever shape the SDK hands over for the protocol era."""
+    if meta is None:
+        return None
+    if isinstance(meta, dict):
+        return meta
+    dump = getattr(meta, "model_dump", None)
+    return dict(dump(by_alias=True)) if callable(dump) else None
+
+
+def build_mcp_server(handlers: McpHandlers) -> Server[Any]:
+    return Server(
+        "castellan",
+        version=__version__,
+        title="Castellan MCP gateway",
+        instructions=INSTRUCTIONS,
+        on_list_tools=handlers.list_tools,
+        on_call_tool=handlers.call_tool,
+    )

@@ -1,0 +1,1 @@
+"""Metering: rate limits, token budgets and loop detection per agent identity."""

@@ -1,0 +1,44 @@
+"""Prometheus metrics: calls by tool, decision and stage; latency per stage and per call."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+# Buckets from 50 µs to 10 s: stages are sub-millisecond, tools can be slow.
+_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """One registry per app, so tests and several apps in one process do not share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "castellan_tool_calls",
+            "Tool calls by tool, decision (allow/deny/error) and the stage that decided.",
+            ["tool", "decision", "stage"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "castellan_stage_seconds",
+            "Time spent in each pipeline stage.",
+            ["stage"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.call_seconds = Histogram(
+            "castellan_call_seconds",
+            "Time for a whole tool call through the pipeline.",
+            ["tool"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "castellan_auth_failures",
+            "Requests rejected before MCP, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

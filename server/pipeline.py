@@ -1,0 +1,71 @@
+"""The pipeline runner: runs the stages in order, and nothing else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+import structlog
+
+from server.call import Call
+from server.errors import CastellanError, InternalError
+from server.metrics import Metrics
+
+log = structlog.get_logger("castellan.pipeline")
+
+
+class Stage(Protocol):
+    """One step of the pipeline: reads what it needs from `call`, returns it with what it learned.
+
+    A stage that refuses the call raises a `CastellanError`; it never builds an MCP response.
+    """
+
+    name: str
+
+    async def run(self, call: Call) -> Call: ...
+
+
+OnStop = Callable[[Call], Awaitable[None]]
+
+
+async def _nothing(call: Call) -> None:
+    return None
+
+
+class Pipeline:
+    """Runs `stages` in order. A stage that raises stops the run: the error is put on the call,
+    `on_stop` records it (the audit of a denial), and the call comes back with `error` set.
+
+    Any exception that is not a `CastellanError` is a bug and becomes an `InternalError`: never an allow.
+    """
+
+    def __init__(self, stages: Sequence[Stage], metrics: Metrics, on_stop: OnStop = _nothing) -> None:
+        self.stages = tuple(stages)
+        self._metrics = metrics
+        self._on_stop = on_stop
+        self._histograms = {s.name: metrics.stage_seconds.labels(s.name) for s in self.stages}
+
+    async def run(self, call: Call) -> Call:
+        for stage in self.stages:
+            started = time.perf_counter()
+            try:
+                call = await stage.run(call)
+            except CastellanError as exc:
+                return await self._stop(call, exc, stage.name, started)
+            except Exception as exc:
+                log.exception("stage_failed", stage=stage.name, call_id=call.call_id)
+                error = InternalError(stage.name, f"internal error in {stage.name} ({type(exc).__name__})")
+                return await self._stop(call, error, stage.name, started)
+            elapsed = time.perf_counter() - started
+            self._histograms[stage.name].observe(elapsed)
+            call = call.timed(stage.name, elapsed)
+        return call
+
+    async def _stop(self, call: Call, exc: CastellanError, stage: str, started: float) -> Call:
+        elapsed = time.perf_counter() - started
+        self._histograms[stage].observe(elapsed)
+        call = replace(call.timed(stage, elapsed), error=exc, decision=exc.decision or call.decision)
+        await self._on_stop(call)
+        return call

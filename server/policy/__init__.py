@@ -1,0 +1,1 @@
+"""Rego policy: the decision input, the engines that decide it, and the stages that apply it."""

@@ -1,0 +1,53 @@
+"""The decision input: one function builds it from a `Call`, and it is checked against the versioned schema."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from server.call import Budget, Call, GrantCheck
+
+SCHEMA_VERSION = "v1"
+_SCHEMA = json.loads(
+    (resources.files("server.policy") / "schema" / f"decision-input.{SCHEMA_VERSION}.json").read_text()
+)
+_VALIDATOR = Draft202012Validator(_SCHEMA)
+
+
+def build_input(call: Call) -> dict[str, Any]:
+    """The document both policy engines receive for `call` (see `schema/decision-input.v1.json`)."""
+    if call.identity is None or call.tool is None:
+        raise ValueError("a decision input needs an identity and a tool")
+    budget = call.budget or Budget()
+    grants = call.grants or GrantCheck()
+    return {
+        "identity": call.identity.as_input(),
+        "tool": call.tool.spec.as_input(),
+        "action": call.action,
+        "arguments": dict(call.arguments),
+        "run": {
+            "run_id": call.run.run_id,
+            "depth": call.run.depth,
+            "calls": budget.run_calls,
+            "repeats": budget.repeats,
+        },
+        "grants": {"has": list(grants.has), "missing": list(grants.missing)},
+        "budget": {
+            "tokens_used": budget.tokens_used,
+            "tokens_limit": budget.tokens_limit,
+            "calls_this_minute": budget.calls_this_minute,
+        },
+        "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+
+
+def schema_errors(document: Any) -> list[str]:
+    """Every way `document` breaks the schema, as `path: message`; empty when it is valid."""
+    return [
+        f"{'/'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"
+        for err in _VALIDATOR.iter_errors(document)
+    ]

@@ -1,0 +1,56 @@
+"""Turns a raw policy result into a `Decision`: the same normalisation whichever engine decided."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from server.policy.engine import Decision
+
+# The obligations the gateway knows how to carry out; anything else denies the call, since a
+# policy author who asks for an obligation we would silently skip must not get an allow.
+KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars"}
+
+
+def to_decision(raw: Any, *, policy_version: str, engine: str) -> Decision:
+    """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny."""
+
+    def deny(reason: str) -> Decision:
+        return Decision.deny(reason, policy_version=policy_version, engine=engine)
+
+    if raw is None:
+        return deny("policy returned no decision (undefined)")
+    if not isinstance(raw, Mapping):
+        return deny("policy decision is not an object")
+    allow = raw.get("allow")
+    if not isinstance(allow, bool):
+        return deny("policy decision has no boolean 'allow'")
+    reasons = raw.get("reasons", [])
+    if not isinstance(reasons, list | tuple | set | frozenset) or not all(isinstance(r, str) for r in reasons):
+        return deny("policy decision 'reasons' is not a set of strings")
+    obligations = raw.get("obligations", {})
+    if not isinstance(obligations, Mapping):
+        return deny("policy decision 'obligations' is not an object")
+    problem = _obligation_problem(obligations)
+    if problem:
+        return deny(problem)
+    return Decision(
+        allow=allow,
+        reasons=tuple(sorted(set(reasons))),
+        obligations=dict(obligations),
+        policy_version=policy_version,
+        engine=engine,
+    )
+
+
+def _obligation_problem(obligations: Mapping[str, Any]) -> str | None:
+    for key, value in obligations.items():
+        if key not in KNOWN_OBLIGATIONS:
+            return f"policy asked for obligation {key!r}, which this gateway cannot carry out"
+        if key == "redact_fields" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return "obligation redact_fields must be a list of field names"
+        if key == "max_result_chars" and not (
+            isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        ):
+            return "obligation max_result_chars must be a positive number"
+    return None

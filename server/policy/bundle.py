@@ -1,0 +1,73 @@
+"""A policy bundle: the Rego modules and data files of a policy directory, read as OPA reads them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyBundle:
+    """Modules by relative path, and one merged data document.
+
+    As OPA loads a directory, a `data.json` in `a/b/` lands at `data.a.b`. Test modules
+    (`*_test.rego`) are kept apart: they are for `policy test`, not for deciding.
+    """
+
+    root: Path
+    modules: Mapping[str, str]
+    tests: Mapping[str, str]
+    data: Mapping[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    @classmethod
+    def from_directory(cls, root: Path) -> PolicyBundle:
+        if not root.is_dir():
+            raise ConfigError(f"policy directory {root} does not exist")
+        modules: dict[str, str] = {}
+        tests: dict[str, str] = {}
+        data: dict[str, Any] = {}
+        digest = hashlib.sha256()
+        for path in sorted(root.rglob("*")):
+            if not path.is_file() or path.suffix not in (".rego", ".json"):
+                continue
+            rel = path.relative_to(root).as_posix()
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".rego":
+                (tests if path.name.endswith("_test.rego") else modules)[rel] = text
+            elif path.name == "data.json":
+                _merge(data, list(path.parent.relative_to(root).parts), _load_json(path, text))
+            else:
+                continue
+            if not path.name.endswith("_test.rego"):
+                digest.update(rel.encode() + b"\0" + text.encode() + b"\0")
+        if not modules:
+            raise ConfigError(f"policy directory {root} holds no .rego modules")
+        return cls(root=root, modules=modules, tests=tests, data=data, version=digest.hexdigest()[:16])
+
+
+def _load_json(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _merge(data: dict[str, Any], prefix: list[str], value: Any) -> None:
+    node = data
+    for part in prefix:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"data path {'.'.join(prefix)} clashes with a value")
+    if not isinstance(value, dict):
+        raise ConfigError(f"data.json at {'/'.join(prefix) or '.'} must hold an object")
+    for key, item in value.items():
+        if key in node:
+            raise ConfigError(f"data key {'.'.join([*prefix, key])} is defined twice")
+        node[key] = item

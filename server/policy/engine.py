@@ -1,0 +1,44 @@
+"""The policy engine contract: a decision input in, a `Decision` out, never an allow on error."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What policy said about one call. Reasons are sorted; obligations hold only keys the gateway knows."""
+
+    allow: bool
+    reasons: tuple[str, ...] = ()
+    obligations: Mapping[str, Any] = field(default_factory=dict)
+    policy_version: str = ""
+    engine: str = ""
+
+    @classmethod
+    def deny(cls, *reasons: str, policy_version: str = "", engine: str = "") -> Decision:
+        return cls(allow=False, reasons=reasons, policy_version=policy_version, engine=engine)
+
+
+class PolicyEngine(Protocol):
+    """Decides calls with Rego.
+
+    `decide` never raises for a policy problem: an undefined result, an evaluation error or a
+    malformed result is a deny with the reason. It raises `BackendUnavailable` only when the
+    engine itself cannot be reached.
+    """
+
+    name: str
+
+    @property
+    def policy_version(self) -> str: ...
+
+    async def decide(self, document: Mapping[str, Any]) -> Decision: ...
+
+    async def check(self) -> None:
+        """Raise `BackendUnavailable` when the engine cannot decide (for `/readyz`)."""
+        ...
+
+    async def close(self) -> None: ...

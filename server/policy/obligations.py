@@ -1,0 +1,61 @@
+"""Pipeline stage 6, obligations: what policy asked to be done to the result (redact, cap size)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from server.call import Call
+from server.registry import ToolOutput
+
+REDACTED = "[REDACTED]"
+
+
+def redact(value: Any, fields: frozenset[str]) -> Any:
+    """`value` with every object member named in `fields` replaced, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: REDACTED if k in fields else redact(v, fields) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, fields) for v in value]
+    return value
+
+
+class ObligationsStage:
+    """Applies the decision's obligations to the tool output. Known obligations only (the decision
+    normaliser denies any other), so nothing a policy asks for is silently skipped."""
+
+    name = "obligations"
+
+    async def run(self, call: Call) -> Call:
+        output = call.output
+        obligations = call.decision.obligations if call.decision else {}
+        if output is None or not obligations:
+            return call
+        fields = frozenset(obligations.get("redact_fields", ()))
+        if fields and output.structured is not None:
+            structured = redact(output.structured, fields)
+            output = ToolOutput(
+                text=json.dumps(structured, default=str), structured=structured, is_error=output.is_error
+            )
+        elif fields:
+            output = replace(output, text=_redact_text(output.text, fields))
+        limit = obligations.get("max_result_chars")
+        if limit is not None and len(output.text) > int(limit):
+            # A truncated result cannot be valid structured content any more: keep the text only.
+            cut = int(limit)
+            output = ToolOutput(
+                text=output.text[:cut] + f"\n[truncated by policy at {cut} characters]",
+                structured=None,
+                is_error=output.is_error,
+            )
+        return replace(call, output=output)
+
+
+def _redact_text(text: str, fields: frozenset[str]) -> str:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    return json.dumps(redact(parsed, fields), default=str)

@@ -1,0 +1,46 @@
+"""Pipeline stage: resolve the requested tool and check the arguments against its input schema."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from server.call import Call
+from server.errors import Denied, InvalidArguments
+from server.registry import ToolRegistry
+
+
+class ResolveStage:
+    """Finds the tool and validates the arguments, before anything is metered or decided.
+
+    An unknown name is a denial (audited like any other), not a protocol error; arguments that
+    break the schema stop the call with `InvalidArguments`, so policy only ever sees well-typed ones.
+    """
+
+    name = "resolve"
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self._registry = registry
+        self._validators: dict[str, tuple[Mapping[str, Any], Draft202012Validator]] = {}
+
+    def _validator(self, name: str, schema: Mapping[str, Any]) -> Draft202012Validator:
+        cached = self._validators.get(name)
+        if cached is None or cached[0] is not schema:
+            cached = (schema, Draft202012Validator(schema))
+            self._validators[name] = cached
+        return cached[1]
+
+    async def run(self, call: Call) -> Call:
+        tool = self._registry.get(call.tool_name)
+        if tool is None:
+            raise Denied(self.name, f"unknown tool {call.tool_name[:128]!r}")
+        if call.action == "call":
+            validator = self._validator(tool.spec.name, tool.spec.input_schema)
+            error = next(iter(sorted(validator.iter_errors(dict(call.arguments)), key=str)), None)
+            if error is not None:
+                where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+                raise InvalidArguments(self.name, f"{where}: {error.message[:300]}")
+        return replace(call, tool=tool)

@@ -1,0 +1,179 @@
+"""The one typed settings object, read from `CASTELLAN_*` env vars and an optional `castellan.toml`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from server.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8750
+    public_url: str = ""
+    """The gateway's external base URL; the resource URL is `<public_url>/mcp`. Default: http://host:port."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host header values accepted on /mcp (`name:*` allows any port). Loopback is always allowed."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origin header values accepted on /mcp. Requests without an Origin are accepted."""
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    stateless: bool = False
+    """Serve 2025-era clients without sessions (for replicas behind a load balancer without stickiness)."""
+    json_response: bool = True
+    session_idle_timeout_seconds: float = 1800.0
+    tool_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class ClaimNames(BaseModel):
+    """Which JWT claims carry the identity. `scopes` may be a space-separated string or a list."""
+
+    agent_id: str = "agent_id"
+    agent_id_fallbacks: list[str] = Field(default_factory=lambda: ["azp", "client_id", "sub"])
+    subject: str = "sub"
+    groups: str = "groups"
+    scopes: str = "scope"
+
+
+class AuthSettings(BaseModel):
+    mode: Literal["dev", "jwt"] = "dev"
+    """`dev`: tokens minted by `castellan token` with a local key. `jwt`: any issuer's JWKS or keys."""
+    issuer: str = "castellan-dev"
+    audience: str = ""
+    """Expected `aud` (RFC 8707 resource). Default: the gateway's resource URL."""
+    jwks_url: str = ""
+    keys_file: Path | None = None
+    """A JWKS JSON file with the issuer's public keys (an alternative to `jwks_url`)."""
+    jwks_cache_seconds: int = 300
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"])
+    leeway_seconds: int = 30
+    claims: ClaimNames = Field(default_factory=ClaimNames)
+    required_scopes: list[str] = Field(default_factory=list)
+    dev_token_ttl_seconds: int = 3600
+    authorization_servers: list[str] = Field(default_factory=list)
+    """Advertised in the protected resource metadata. Default: `[issuer]`."""
+
+
+class PolicySettings(BaseModel):
+    engine: str = "embedded"
+    path: Path = REPO_ROOT / "policies"
+    entrypoint: str = "data.castellan.gateway.decision"
+
+
+class GrantSettings(BaseModel):
+    backend: str = "local"
+    path: Path | None = None
+    """SQLite file of the local catalog. Default: `<data_dir>/catalog.db`."""
+    cache_ttl_seconds: float = 30.0
+
+
+class Limits(BaseModel):
+    calls_per_minute: int = Field(default=600, ge=0)
+    tokens_per_day: int = Field(default=2_000_000, ge=0)
+    max_run_calls: int = Field(default=50, ge=0)
+    """Loop depth: tool calls in one agent run."""
+    max_repeats: int = Field(default=5, ge=0)
+    """The same tool with the same arguments this many times in one run is a loop."""
+
+
+class MeterSettings(BaseModel):
+    backend: str = "sqlite"
+    path: Path | None = None
+    """SQLite file of the meters. Default: `<data_dir>/meters.db`."""
+    limits: Limits = Field(default_factory=Limits)
+
+
+class AuditSettings(BaseModel):
+    backend: str = "sqlite"
+    path: Path | None = None
+    """SQLite outbox. Default: `<data_dir>/audit.db`."""
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
+
+    model_config = SettingsConfigDict(env_prefix="CASTELLAN_", env_nested_delimiter="__", extra="forbid")
+
+    environment: Literal["dev", "production"] = "dev"
+    data_dir: Path = Path(".castellan")
+    demo: bool = True
+    """Serve the demo tools and seed the demo catalog grants."""
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    grants: GrantSettings = Field(default_factory=GrantSettings)
+    metering: MeterSettings = Field(default_factory=MeterSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def base_url(self) -> str:
+        return (self.server.public_url or f"http://{self.server.host}:{self.server.port}").rstrip("/")
+
+    @property
+    def resource_url(self) -> str:
+        """This gateway's MCP endpoint: the RFC 8707 resource that tokens must be issued for."""
+        return f"{self.base_url}/mcp"
+
+    @property
+    def audience(self) -> str:
+        return self.auth.audience or self.resource_url
+
+    def data_file(self, configured: Path | None, default_name: str) -> Path:
+        return configured if configured is not None else self.data_dir / default_name
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings. `config_file` (or `CASTELLAN_CONFIG`, or `./castellan.toml` when present) is the TOML.
+
+    Raises `ConfigError` with every problem listed.
+    """
+    path = config_file or _default_config_file()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    cls: type[Settings] = Settings
+    if path is not None:
+        config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+        cls = type("FileSettings", (Settings,), {"model_config": config})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _default_config_file() -> Path | None:
+    env = os.environ.get("CASTELLAN_CONFIG")
+    if env:
+        return Path(env)
+    local = Path("castellan.toml")
+    return local if local.is_file() else None
