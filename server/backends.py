@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from server.audit.outbox import SqliteOutbox
+from server.audit.outbox import Outbox, SqliteOutbox
 from server.auth.devkeys import dev_public_keys
 from server.auth.keys import JwksKeys, KeySource, StaticKeys
 from server.errors import ConfigError
@@ -50,7 +50,7 @@ METERS: dict[str, Callable[[Settings], Meter]] = {
     "sqlite": lambda s: SqliteMeter(s.data_file(s.metering.path, "meters.db")),
 }
 
-OUTBOXES: dict[str, Callable[[Settings], SqliteOutbox]] = {
+OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {
     "sqlite": lambda s: SqliteOutbox(s.data_file(s.audit.path, "audit.db")),
 }
 
@@ -73,7 +73,7 @@ def make_meter(s: Settings) -> Meter:
     return _pick("meter backend", METERS, s.metering.backend, s)
 
 
-def make_outbox(s: Settings) -> SqliteOutbox:
+def make_outbox(s: Settings) -> Outbox:
     return _pick("audit backend", OUTBOXES, s.audit.backend, s)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from server import backends
-from server.audit.outbox import SqliteOutbox
+from server.audit.outbox import Outbox
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
@@ -45,7 +45,7 @@ class Gateway:
     grant_source: GrantSource
     grants: CachedGrants
     meter: Meter
-    outbox: SqliteOutbox
+    outbox: Outbox
     call_pipeline: Pipeline
     list_pipeline: Pipeline
     handlers: McpHandlers

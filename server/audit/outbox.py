@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from server.errors import BackendUnavailable
 from server.sqlite import SqliteDatabase, transaction
@@ -26,6 +26,17 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TRIGGER IF NOT EXISTS outbox_no_delete BEFORE DELETE ON outbox
 BEGIN SELECT RAISE(ABORT, 'the audit outbox is append-only'); END;
 """
+
+
+class Outbox(Protocol):
+    """Where audit records are committed. `write` returns only once the record is durable;
+    it raises `BackendUnavailable("audit", ...)` when it cannot write."""
+
+    async def write(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None: ...
+
+    async def check(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class SqliteOutbox:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import structlog
 
-from server.audit.outbox import SqliteOutbox
+from server.audit.outbox import Outbox
 from server.audit.records import decision_record, outcome_record
 from server.call import Call
 
@@ -19,7 +19,7 @@ class RecordStage:
 
     name = "record"
 
-    def __init__(self, outbox: SqliteOutbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     async def run(self, call: Call) -> Call:
@@ -32,7 +32,7 @@ class AuditStage:
 
     name = "audit"
 
-    def __init__(self, outbox: SqliteOutbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     async def run(self, call: Call) -> Call:
@@ -43,7 +43,7 @@ class AuditStage:
 class DenialRecorder:
     """Records a call the pipeline stopped: its decision row (deny or error). The pipeline's `on_stop`."""
 
-    def __init__(self, outbox: SqliteOutbox) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self._outbox = outbox
 
     async def __call__(self, call: Call) -> None:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import threading
+import weakref
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import regorus
 
-from server.errors import ConfigError
+from server.errors import BackendUnavailable, ConfigError
 from server.policy._input import schema_errors
 from server.policy._result import to_decision
 from server.policy.bundle import PolicyBundle
 from server.policy.engine import Decision
 
 _UNDEFINED = '"<undefined>"'
+_STOP = None
+
+# A job: the input document as JSON, the future to answer, and the loop that owns the future.
+_Job = tuple[str, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
 def _clean(error: BaseException) -> str:
@@ -37,53 +42,85 @@ def compile_bundle(bundle: PolicyBundle) -> regorus.Engine:
     return engine
 
 
-class EmbeddedEngine:
-    """Decides with regorus in a worker thread (engines are not shared between threads).
+def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller gave up (cancelled)
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
-    The input is validated against the decision-input schema first; an invalid input, an
-    undefined entrypoint or an evaluation error is a deny with the reason, never an exception.
+
+def _serve(jobs: queue.SimpleQueue[_Job | None], bundle: PolicyBundle, entrypoint: str) -> None:
+    """A worker thread's life: it owns its engine (regorus engines may not cross threads, not even
+    to be freed), decides jobs until told to stop, then drops the engine itself."""
+    engine = compile_bundle(bundle)
+    while (job := jobs.get()) is not _STOP:
+        document_json, future, loop = job
+        try:
+            engine.set_input_json(document_json)
+            raw = engine.eval_rule_as_json(entrypoint)
+            result: tuple[bool, Any] = (True, None if raw == _UNDEFINED else json.loads(raw))
+        except Exception as exc:
+            result = (False, exc)
+        loop.call_soon_threadsafe(_answer, future, *result)
+    del engine
+
+
+class EmbeddedEngine:
+    """Decides with regorus on `workers` threads, each with its own engine, never on the event loop.
+
+    The input is validated against the decision-input schema first; an invalid input, an undefined
+    entrypoint or an evaluation error is a deny with the reason, never an exception.
     """
 
     name = "embedded"
 
-    def __init__(self, bundle: PolicyBundle, entrypoint: str = "data.castellan.gateway.decision") -> None:
-        compile_bundle(bundle)  # fail at start-up, on the caller's thread, with the file named
+    def __init__(
+        self, bundle: PolicyBundle, entrypoint: str = "data.castellan.gateway.decision", workers: int = 1
+    ) -> None:
+        compile_bundle(bundle)  # refuse a broken bundle at start-up, with the file named
         self._bundle = bundle
-        self._entrypoint = entrypoint
-        self._local = threading.local()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rego")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=_serve, args=(self._jobs, bundle, entrypoint), name=f"rego-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._closed = False
+        # Stop the workers even if close() is never called; they free their engines on their own threads.
+        self._finalizer = weakref.finalize(self, _stop_workers, self._jobs, workers)
 
     @property
     def policy_version(self) -> str:
         return self._bundle.version
-
-    def _engine(self) -> regorus.Engine:
-        engine = getattr(self._local, "engine", None)
-        if engine is None:
-            engine = compile_bundle(self._bundle)
-            self._local.engine = engine
-        return engine
-
-    def _evaluate(self, document_json: str) -> Any:
-        engine = self._engine()
-        engine.set_input_json(document_json)
-        raw = engine.eval_rule_as_json(self._entrypoint)
-        return None if raw == _UNDEFINED else json.loads(raw)
 
     async def decide(self, document: Mapping[str, Any]) -> Decision:
         version = self._bundle.version
         problems = schema_errors(document)
         if problems:
             return Decision.deny(f"decision input invalid: {problems[0]}", policy_version=version, engine=self.name)
+        if self._closed:
+            raise BackendUnavailable("policy", "policy engine unavailable (closed)")
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put((json.dumps(document), future, loop))
         try:
-            raw = await loop.run_in_executor(self._executor, self._evaluate, json.dumps(document))
+            raw = await future
         except Exception as exc:  # evaluation error (e.g. conflicting rule values): deny with the reason
             return Decision.deny(f"policy evaluation failed: {_clean(exc)}", policy_version=version, engine=self.name)
         return to_decision(raw, policy_version=version, engine=self.name)
 
     async def check(self) -> None:
-        return None
+        if self._closed or not all(t.is_alive() for t in self._threads):
+            raise BackendUnavailable("policy", "policy engine unavailable (worker stopped)")
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self._finalizer()
+
+
+def _stop_workers(jobs: queue.SimpleQueue[_Job | None], workers: int) -> None:
+    for _ in range(workers):
+        jobs.put(_STOP)

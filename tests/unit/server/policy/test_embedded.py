@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.errors import ConfigError
+from server.policy._input import build_input
+from server.policy.bundle import PolicyBundle
+from server.policy.embedded import EmbeddedEngine
+from server.settings import REPO_ROOT
+from server.testing import make_call, make_identity
+from tools.echo import EchoTool
+from tools.profile import ProfileTool
+from tools.reset import ResetTool
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def engine() -> EmbeddedEngine:
+    return EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"))
+
+
+def doc(**overrides: Any) -> dict[str, Any]:
+    call = make_call(tool=EchoTool(), tool_name="echo", arguments={"text": "hi"})
+    for key, value in overrides.items():
+        call = call.__class__(**{**{f: getattr(call, f) for f in call.__dataclass_fields__}, key: value})
+    return build_input(call)
+
+
+def write_policy(tmp_path: Path, rego: str, data: str | None = None) -> PolicyBundle:
+    (tmp_path / "p.rego").write_text(rego)
+    if data is not None:
+        (tmp_path / "data.json").write_text(data)
+    return PolicyBundle.from_directory(tmp_path)
+
+
+async def test_default_policy_allows_an_analyst_to_echo(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc())
+    assert decision.allow
+    assert decision.reasons == ()
+    assert decision.engine == "embedded"
+    assert decision.policy_version == engine.policy_version != ""
+
+
+async def test_default_policy_denies_text_over_the_configured_length(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(arguments={"text": "x" * 201}))
+    assert not decision.allow
+    assert decision.reasons == ("argument text must be a string of at most 200 characters",)
+
+
+async def test_a_wrongly_typed_argument_is_denied_not_coerced(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(arguments={"text": 12345}))
+    assert decision.reasons == ("argument text must be a string of at most 200 characters",)
+
+
+async def test_list_decisions_ignore_argument_rules(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(arguments={}, action="list"))
+    assert decision.allow
+
+
+async def test_destructive_tools_are_for_admins_only(engine: EmbeddedEngine) -> None:
+    analyst = await engine.decide(doc(tool=ResetTool(), tool_name="demo.reset", arguments={}))
+    admin = await engine.decide(
+        doc(tool=ResetTool(), tool_name="demo.reset", arguments={}, identity=make_identity(groups=("admins",)))
+    )
+    assert not analyst.allow
+    assert 'tool demo.reset is destructive: only ["admins"] may call it' in analyst.reasons
+    assert admin.allow
+
+
+async def test_blocked_text_is_denied_case_insensitively(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(arguments={"text": "please DROP TABLE users"}))
+    assert decision.reasons == ('argument text contains blocked text "drop table"',)
+
+
+async def test_obligations_come_from_the_tool_data(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(tool=ProfileTool(), tool_name="demo.profile", arguments={"customer_id": "c-1"}))
+    assert decision.allow
+    assert decision.obligations == {"redact_fields": ["email"], "max_result_chars": 2000}
+
+
+async def test_all_reasons_are_given_sorted(engine: EmbeddedEngine) -> None:
+    decision = await engine.decide(doc(arguments={"text": "drop table " + "x" * 300}))
+    assert decision.reasons == tuple(sorted(decision.reasons))
+    assert len(decision.reasons) == 2
+
+
+async def test_an_input_that_breaks_the_schema_is_denied(engine: EmbeddedEngine) -> None:
+    bad = doc()
+    bad["identity"]["groups"] = "admins"  # a string where a list belongs
+    decision = await engine.decide(bad)
+    assert not decision.allow
+    assert decision.reasons == ("decision input invalid: identity/groups: 'admins' is not of type 'array'",)
+
+
+async def test_an_undefined_decision_is_a_deny(tmp_path: Path) -> None:
+    bundle = write_policy(tmp_path, "package castellan.gateway\n\nimport rego.v1\n\ndecision := {} if false\n")
+    decision = await EmbeddedEngine(bundle).decide(doc())
+    assert decision.reasons == ("policy returned no decision (undefined)",)
+
+
+async def test_an_unknown_obligation_is_a_deny(tmp_path: Path) -> None:
+    rego = 'package castellan.gateway\n\nimport rego.v1\n\ndecision := {"allow": true, "obligations": {"notify": 1}}\n'
+    decision = await EmbeddedEngine(write_policy(tmp_path, rego)).decide(doc())
+    assert not decision.allow
+    assert decision.reasons == ("policy asked for obligation 'notify', which this gateway cannot carry out",)
+
+
+async def test_a_non_boolean_allow_is_a_deny(tmp_path: Path) -> None:
+    rego = 'package castellan.gateway\n\nimport rego.v1\n\ndecision := {"allow": "yes"}\n'
+    decision = await EmbeddedEngine(write_policy(tmp_path, rego)).decide(doc())
+    assert decision.reasons == ("policy decision has no boolean 'allow'",)
+
+
+async def test_an_evaluation_error_is_a_deny_with_the_reason(tmp_path: Path) -> None:
+    rego = (
+        "package castellan.gateway\n\nimport rego.v1\n\n"
+        'decision := {"allow": true} if input.action == "call"\n'
+        'decision := {"allow": false} if input.tool.name == "echo"\n'
+    )
+    decision = await EmbeddedEngine(write_policy(tmp_path, rego)).decide(doc())
+    assert not decision.allow
+    assert decision.reasons[0].startswith("policy evaluation failed")
+
+
+def test_a_policy_that_does_not_compile_is_refused_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"policy p.rego does not compile"):
+        EmbeddedEngine(write_policy(tmp_path, "package x\n\nallow if {"))
+
+
+def test_data_files_land_under_their_directory_as_in_opa(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "data.json").write_text('{"k": 1}')
+    bundle = write_policy(tmp_path, "package x\n")
+    assert bundle.data == {"a": {"b": {"k": 1}}}
+
+
+def test_the_policy_version_changes_with_the_policy(tmp_path: Path) -> None:
+    first = write_policy(tmp_path, "package x\n").version
+    second = write_policy(tmp_path, "package x\n\ny := 1\n").version
+    assert first != second

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import json
+
+from server.errors import Denied, InternalError
+from server.mcp import call_result, to_tool_result
+from server.registry import ToolOutput
+from server.testing import make_call
+
+
+def test_a_denial_is_an_error_result_with_a_machine_readable_body() -> None:
+    result = to_tool_result(Denied("grants", "missing privilege EXECUTE on main.tools.x"))
+    body = {
+        "decision": "deny",
+        "stage": "grants",
+        "code": "denied",
+        "reasons": ["missing privilege EXECUTE on main.tools.x"],
+    }
+    assert result.is_error
+    assert result.structured_content == body
+    assert json.loads(result.content[0].text) == body  # type: ignore[union-attr]
+
+
+def test_an_internal_error_says_error_not_deny() -> None:
+    result = to_tool_result(InternalError("policy", "internal error in policy (KeyError)"))
+    assert result.structured_content is not None
+    assert result.structured_content["decision"] == "error"
+
+
+def test_an_allowed_call_returns_the_tool_output() -> None:
+    result = call_result(make_call(output=ToolOutput(text="42", structured={"answer": 42})))
+    assert not result.is_error
+    assert result.structured_content == {"answer": 42}
