@@ -33,8 +33,13 @@ INSTRUCTIONS = (
 )
 
 
-def to_tool_result(exc: CastellanError) -> types.CallToolResult:
-    """The one place a refused call becomes an MCP result: `isError` with a machine-readable body."""
+def to_tool_result(exc: CastellanError, *, structured: bool = True) -> types.CallToolResult:
+    """The one place a refused call becomes an MCP result: `isError` with a machine-readable body.
+
+    The body is always the JSON text content. It is also the structured content unless
+    `structured` is false: for a tool that declares an output schema, since some clients (the
+    MCP Inspector among them) validate structured content against that schema even on errors.
+    """
     body: dict[str, Any] = {
         "decision": "error" if exc.code == "internal_error" else "deny",
         "stage": exc.stage,
@@ -43,7 +48,7 @@ def to_tool_result(exc: CastellanError) -> types.CallToolResult:
     }
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=json.dumps(body))],
-        structured_content=body,
+        structured_content=body if structured else None,
         is_error=True,
     )
 
@@ -61,7 +66,8 @@ def to_mcp_tool(spec: ToolSpec) -> types.Tool:
 
 def call_result(call: Call) -> types.CallToolResult:
     if call.error is not None:
-        return to_tool_result(call.error)
+        has_output_schema = call.tool is not None and call.tool.spec.output_schema is not None
+        return to_tool_result(call.error, structured=not has_output_schema)
     output = call.output
     assert output is not None, "an allowed call always has an output"
     return types.CallToolResult(

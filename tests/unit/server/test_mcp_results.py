@@ -31,3 +31,13 @@ def test_an_allowed_call_returns_the_tool_output() -> None:
     result = call_result(make_call(output=ToolOutput(text="42", structured={"answer": 42})))
     assert not result.is_error
     assert result.structured_content == {"answer": 42}
+
+
+def test_a_denial_of_a_tool_with_an_output_schema_keeps_the_body_in_text_only() -> None:
+    from server.errors import Denied as D
+    from tools.echo import EchoTool
+
+    result = call_result(make_call(tool=EchoTool(), error=D("policy", "too long")))
+    assert result.is_error
+    assert result.structured_content is None
+    assert json.loads(result.content[0].text)["reasons"] == ["too long"]  # type: ignore[union-attr]
