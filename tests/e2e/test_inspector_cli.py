@@ -29,8 +29,18 @@ def test_inspector_lists_the_tools_an_analyst_may_call(node: Path, tmp_path: Pat
 
 def test_inspector_calls_a_tool(node: Path, tmp_path: Path, gateway: GatewayProcess) -> None:
     token = gateway.token("inspector", ["analysts"])
-    run = inspector(node, tmp_path, gateway, token, "--method", "tools/call", "--tool-name", "echo",
-                    "--tool-arg", "text=hello from inspector")
+    run = inspector(
+        node,
+        tmp_path,
+        gateway,
+        token,
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "echo",
+        "--tool-arg",
+        "text=hello from inspector",
+    )
     assert run.code == 0, run.stderr
     result: Any = run.json()
     assert result["structuredContent"] == {"text": "hello from inspector"}
@@ -38,14 +48,28 @@ def test_inspector_calls_a_tool(node: Path, tmp_path: Path, gateway: GatewayProc
 
 def test_inspector_sees_a_policy_denial_as_a_tool_error(node: Path, tmp_path: Path, gateway: GatewayProcess) -> None:
     token = gateway.token("inspector", ["analysts"])
-    run = inspector(node, tmp_path, gateway, token, "--method", "tools/call", "--tool-name", "echo",
-                    "--tool-arg", "text=please drop table users")
+    run = inspector(
+        node,
+        tmp_path,
+        gateway,
+        token,
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "echo",
+        "--tool-arg",
+        "text=please drop table users",
+    )
     result: Any = json.loads(run.stdout[: run.stdout.rindex("}") + 1]) if "{" in run.stdout else None
     assert run.code == 5, run.stderr  # the Inspector's exit code for a tool result with isError
     assert result["isError"] is True
     body = json.loads(result["content"][0]["text"])
-    assert body == {"decision": "deny", "stage": "policy", "code": "denied",
-                    "reasons": ['argument text contains blocked text "drop table"']}
+    assert body == {
+        "decision": "deny",
+        "stage": "policy",
+        "code": "denied",
+        "reasons": ['argument text contains blocked text "drop table"'],
+    }
 
 
 def test_inspector_without_a_token_is_sent_to_oauth(node: Path, tmp_path: Path, gateway: GatewayProcess) -> None:
