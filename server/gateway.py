@@ -11,6 +11,7 @@ import structlog
 from server import backends
 from server.audit.outbox import Outbox
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
+from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.demo import seed_demo_grants
@@ -85,13 +86,15 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
 
         tools = demo_tools() if settings.demo else []
     registry = ToolRegistry(tools)
-    verifier = JwtVerifier(
-        backends.make_key_source(settings),
-        issuer=settings.auth.issuer,
-        audience=settings.audience,
-        algorithms=settings.auth.algorithms,
-        claims=settings.auth.claims,
-        leeway_seconds=settings.auth.leeway_seconds,
+    verifier = CachedVerifier(
+        JwtVerifier(
+            backends.make_key_source(settings),
+            issuer=settings.auth.issuer,
+            audience=settings.audience,
+            algorithms=settings.auth.algorithms,
+            claims=settings.auth.claims,
+            leeway_seconds=settings.auth.leeway_seconds,
+        )
     )
     engine = backends.make_engine(settings)
     grant_source = backends.make_grant_source(settings)

@@ -20,7 +20,7 @@ from server.errors import CastellanError
 from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.registry import ToolSpec
+from server.registry import ToolRegistry, ToolSpec
 from server.request_id import request_id_of
 from server.runs import run_info
 
@@ -147,7 +147,13 @@ def _as_mapping(meta: object) -> dict[str, Any] | None:
     return dict(dump(by_alias=True)) if callable(dump) else None
 
 
-def build_mcp_server(handlers: McpHandlers) -> Server[Any]:
+def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[Any]:
+    def input_schema(name: str) -> dict[str, Any] | None:
+        # For the SDK's Mcp-Param header check (2026-07-28). Without it the SDK runs our whole
+        # tools/list handler, with its per-tool policy decisions, on every call.
+        tool = registry.get(name)
+        return dict(tool.spec.input_schema) if tool is not None else None
+
     return Server(
         "castellan",
         version=__version__,
@@ -155,4 +161,5 @@ def build_mcp_server(handlers: McpHandlers) -> Server[Any]:
         instructions=INSTRUCTIONS,
         on_list_tools=handlers.list_tools,
         on_call_tool=handlers.call_tool,
+        get_tool_input_schema=input_schema,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from server.errors import BackendUnavailable
-from server.sqlite import SqliteDatabase, transaction
+from server.sqlite import SqliteDatabase
 
 Kind = Literal["decision", "outcome"]
 
@@ -52,14 +52,13 @@ class SqliteOutbox:
         body = json.dumps(record, separators=(",", ":"), default=str)
 
         def insert(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.execute(
-                    "INSERT INTO outbox (call_id, kind, ts, record) VALUES (?, ?, ?, ?)",
-                    (call_id, kind, time.time(), body),
-                )
+            conn.execute(
+                "INSERT INTO outbox (call_id, kind, ts, record) VALUES (?, ?, ?, ?)",
+                (call_id, kind, time.time(), body),
+            )
 
         try:
-            await self._db.run(insert)
+            await self._db.transact(insert)
         except sqlite3.Error as exc:
             raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 
 from server.call import Budget, Call, GrantCheck
@@ -15,6 +16,10 @@ SCHEMA_VERSION = "v1"
 _SCHEMA = json.loads(
     (resources.files("server.policy") / "schema" / f"decision-input.{SCHEMA_VERSION}.json").read_text()
 )
+# The schema is ours, so compiling it to Python (fastjsonschema, ~15x faster than jsonschema on the
+# hot path) is safe; jsonschema is used only to explain a failure. Tool schemas from upstream
+# servers are never compiled this way.
+_FAST = fastjsonschema.compile(_SCHEMA, formats={"date-time": r"^\d{4}-\d{2}-\d{2}T"})
 _VALIDATOR = Draft202012Validator(_SCHEMA)
 
 
@@ -47,7 +52,13 @@ def build_input(call: Call) -> dict[str, Any]:
 
 def schema_errors(document: Any) -> list[str]:
     """Every way `document` breaks the schema, as `path: message`; empty when it is valid."""
-    return [
+    try:
+        _FAST(document)
+        return []
+    except fastjsonschema.JsonSchemaException as exc:
+        fast_message = str(exc)
+    detailed = [
         f"{'/'.join(str(p) for p in err.absolute_path) or '(root)'}: {err.message}"
         for err in _VALIDATOR.iter_errors(document)
     ]
+    return detailed or [fast_message]

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import anyio
 import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
@@ -158,3 +159,45 @@ async def test_malformed_tokens_are_rejected(token: str) -> None:
 async def test_a_token_without_an_agent_is_rejected() -> None:
     with pytest.raises(Unauthenticated, match="names no agent"):
         await verifier().verify(sign(claims(agent_id=None, sub=None)))
+
+
+async def test_a_verified_token_is_served_from_the_cache_until_it_expires() -> None:
+    from server.auth.cache import CachedVerifier
+
+    class Counting:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def verify(self, token: str) -> Any:
+            self.calls += 1
+            strict = JwtVerifier(
+                StaticKeys(PUBLIC),
+                issuer=ISSUER,
+                audience=AUDIENCE,
+                algorithms=["ES256"],
+                claims=ClaimNames(),
+                leeway_seconds=0,
+            )
+            return await strict.verify(token)
+
+    inner = Counting()
+    cached = CachedVerifier(inner, max_age=60)
+    token = sign(claims())
+    first, second = await cached.verify(token), await cached.verify(token)
+    assert first == second
+    assert inner.calls == 1
+    short = sign(claims(exp=int(time.time()) + 1))
+    await cached.verify(short)
+    await anyio.sleep(1.1)  # past exp: the cache entry ends with the token
+    with pytest.raises(Unauthenticated, match="expired"):
+        await cached.verify(short)
+
+
+async def test_a_failed_verification_is_not_cached() -> None:
+    from server.auth.cache import CachedVerifier
+
+    cached = CachedVerifier(verifier())
+    bad = sign(claims(iss="https://evil"))
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="not trusted"):
+            await cached.verify(bad)
