@@ -40,7 +40,13 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with sessions.run():
-            log.info("gateway_started", url=settings.resource_url, engine=gateway.engine.name)
+            await gateway.start()
+            log.info(
+                "gateway_started",
+                url=settings.resource_url,
+                policy_engine=gateway.engine.name,
+                policy_engine_url=getattr(gateway.engine, "url", None),
+            )
             try:
                 yield
             finally:

@@ -16,13 +16,42 @@ from server.metering.sqlite import SqliteMeter
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import PolicyEngine
+from server.policy.managed import ManagedOpa, find_opa
+from server.policy.opa import OpaServerEngine
 from server.settings import Settings
 
 T = TypeVar("T")
 
 
 def _make_embedded(s: Settings) -> PolicyEngine:
-    return EmbeddedEngine(PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint)
+    return EmbeddedEngine(PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint, s.policy.workers)
+
+
+def _make_opa(s: Settings) -> PolicyEngine:
+    if not s.policy.opa_url:
+        raise ConfigError("policy.engine = 'opa' needs policy.opa_url")
+    bundle = PolicyBundle.from_directory(s.policy.path) if s.policy.opa_push else None
+    return OpaServerEngine(
+        s.policy.opa_url, entrypoint=s.policy.entrypoint, bundle=bundle, timeout=s.policy.timeout_seconds
+    )
+
+
+def _make_auto(s: Settings) -> PolicyEngine:
+    """A managed local OPA when a binary is found (OPA is the reference), else the embedded engine."""
+    binary = find_opa(s.policy.opa_binary)
+    if binary is None:
+        return _make_embedded(s)
+    bundle = PolicyBundle.from_directory(s.policy.path)
+    managed = ManagedOpa(binary)
+    managed.start()
+    return OpaServerEngine(
+        managed.url,
+        entrypoint=s.policy.entrypoint,
+        bundle=bundle,
+        timeout=s.policy.timeout_seconds,
+        on_unavailable=managed.revive,
+        on_close=managed.stop,
+    )
 
 
 def _make_keys(s: Settings) -> KeySource:
@@ -39,7 +68,9 @@ def _make_keys(s: Settings) -> KeySource:
 
 
 ENGINES: dict[str, Callable[[Settings], PolicyEngine]] = {
+    "auto": _make_auto,
     "embedded": _make_embedded,
+    "opa": _make_opa,
 }
 
 GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {

@@ -26,8 +26,12 @@ from server.metering.meter import Meter
 from server.metering.stage import AdmitStage, ChargeStage
 from server.metrics import Metrics
 from server.pipeline import Pipeline
+from server.policy.bundle import PolicyBundle
+from server.policy.decision_log import DecisionLog
 from server.policy.engine import PolicyEngine
 from server.policy.obligations import ObligationsStage
+from server.policy.opa import data_path
+from server.policy.reload import PolicyWatcher
 from server.policy.stage import PolicyStage
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
@@ -50,6 +54,13 @@ class Gateway:
     call_pipeline: Pipeline
     list_pipeline: Pipeline
     handlers: McpHandlers
+    watcher: PolicyWatcher | None = None
+    decision_log: DecisionLog | None = None
+
+    async def start(self) -> None:
+        """Start background work (the policy watcher); needs the running event loop."""
+        if self.watcher is not None:
+            self.watcher.start()
 
     async def readiness(self) -> dict[str, str]:
         """Each backend's state: "ok" or why it cannot serve. Ready only when all are ok."""
@@ -71,6 +82,10 @@ class Gateway:
         return results
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.decision_log is not None:
+            self.decision_log.close()
         for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
             try:
                 await closer()
@@ -104,10 +119,25 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     meter = backends.make_meter(settings)
     outbox = backends.make_outbox(settings)
 
+    bundle = PolicyBundle.from_directory(settings.policy.path)
+    decision_log = (
+        DecisionLog(settings.data_dir / "decisions.jsonl", bundle, data_path(settings.policy.entrypoint))
+        if settings.policy.decision_log
+        else None
+    )
+    watcher = None
+    if settings.policy.reload:
+        watcher = PolicyWatcher(
+            settings.policy.path,
+            engine,
+            settings.policy.reload_interval_seconds,
+            on_loaded=decision_log.use if decision_log else None,
+        )
+
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
-    policy = PolicyStage(engine)
+    policy = PolicyStage(engine, decision_log)
     call_pipeline = Pipeline(
         [
             authenticate,
@@ -130,6 +160,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         "gateway_built",
         tools=len(registry),
         policy_engine=engine.name,
+        policy_engine_url=getattr(engine, "url", None),
         policy_version=engine.policy_version,
         grants=settings.grants.backend,
         metering=settings.metering.backend,
@@ -150,4 +181,6 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         call_pipeline=call_pipeline,
         list_pipeline=list_pipeline,
         handlers=handlers,
+        watcher=watcher,
+        decision_log=decision_log,
     )

@@ -66,9 +66,24 @@ class AuthSettings(BaseModel):
 
 
 class PolicySettings(BaseModel):
-    engine: str = "embedded"
+    engine: str = "auto"
+    """`auto`: a managed local OPA when an `opa` binary is found, else `embedded`; or `opa`, `embedded`."""
     path: Path = REPO_ROOT / "policies"
     entrypoint: str = "data.castellan.gateway.decision"
+    opa_url: str = ""
+    """For `engine = "opa"`: the OPA server (a sidecar, or a remote OPA fed by bundles)."""
+    opa_push: bool = True
+    """Push `path` to that OPA (sidecar, dev). Off for an OPA that loads bundles itself."""
+    opa_binary: str = ""
+    """For `auto`: the OPA binary to manage (default: `opa` on PATH)."""
+    timeout_seconds: float = Field(default=1.0, gt=0)
+    workers: int = Field(default=1, ge=1, le=32)
+    """Embedded engine threads (each holds its own engine)."""
+    reload: bool = True
+    """Watch `path` and reload on change; a broken edit is refused and the last good policy keeps deciding."""
+    reload_interval_seconds: float = Field(default=1.0, gt=0)
+    decision_log: bool = True
+    """Emit every call decision in OPA's decision-log event format, masked by `data.system.log.mask`."""
 
 
 class GrantSettings(BaseModel):

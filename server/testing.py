@@ -100,6 +100,11 @@ class StaticPolicy:
             raise BackendUnavailable("policy", "policy engine unavailable")
         return self.decision
 
+    async def load(self, bundle: Any) -> Any:
+        from server.policy.engine import LoadReport
+
+        return LoadReport(loaded=True, policy_version=self.decision.policy_version)
+
     async def check(self) -> None:
         if self.down:
             raise BackendUnavailable("policy", "policy engine unavailable")

@@ -12,11 +12,18 @@ from server.policy.engine import Decision
 KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars"}
 
 
-def to_decision(raw: Any, *, policy_version: str, engine: str) -> Decision:
+def to_decision(raw: Any, *, policy_version: str, engine: str, decision_id: str = "", eval_ms: float = 0.0) -> Decision:
     """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny."""
 
     def deny(reason: str) -> Decision:
-        return Decision.deny(reason, policy_version=policy_version, engine=engine)
+        return Decision(
+            allow=False,
+            reasons=(reason,),
+            policy_version=policy_version,
+            engine=engine,
+            decision_id=decision_id,
+            eval_ms=eval_ms,
+        )
 
     if raw is None:
         return deny("policy returned no decision (undefined)")
@@ -40,6 +47,8 @@ def to_decision(raw: Any, *, policy_version: str, engine: str) -> Decision:
         obligations=dict(obligations),
         policy_version=policy_version,
         engine=engine,
+        decision_id=decision_id,
+        eval_ms=eval_ms,
     )
 
 

@@ -6,6 +6,8 @@ import asyncio
 import json
 import queue
 import threading
+import time
+import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +18,7 @@ from server.errors import BackendUnavailable, ConfigError
 from server.policy._input import schema_errors
 from server.policy._result import to_decision
 from server.policy.bundle import PolicyBundle
-from server.policy.engine import Decision
+from server.policy.engine import Decision, LoadReport
 
 _UNDEFINED = '"<undefined>"'
 _STOP = None
@@ -67,11 +69,31 @@ def _serve(jobs: queue.SimpleQueue[_Job | None], bundle: PolicyBundle, entrypoin
     del engine
 
 
+class _Workers:
+    """Threads deciding with one bundle. Stopping lets queued jobs finish first (the queue is FIFO)."""
+
+    def __init__(self, bundle: PolicyBundle, entrypoint: str, count: int) -> None:
+        self.bundle = bundle
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=_serve, args=(self.jobs, bundle, entrypoint), name=f"rego-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self.threads:
+            thread.start()
+        # Stop the threads even if nobody calls stop(); they free their engines on their own threads.
+        self.stop = weakref.finalize(self, _stop_workers, self.jobs, count)
+
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self.threads)
+
+
 class EmbeddedEngine:
     """Decides with regorus on `workers` threads, each with its own engine, never on the event loop.
 
     The input is validated against the decision-input schema first; an invalid input, an undefined
-    entrypoint or an evaluation error is a deny with the reason, never an exception.
+    entrypoint or an evaluation error is a deny with the reason, never an exception. `load` compiles
+    the new bundle first and swaps only when it compiles: a broken edit leaves the last good policy.
     """
 
     name = "embedded"
@@ -80,45 +102,56 @@ class EmbeddedEngine:
         self, bundle: PolicyBundle, entrypoint: str = "data.castellan.gateway.decision", workers: int = 1
     ) -> None:
         compile_bundle(bundle)  # refuse a broken bundle at start-up, with the file named
-        self._bundle = bundle
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=_serve, args=(self._jobs, bundle, entrypoint), name=f"rego-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._entrypoint = entrypoint
+        self._count = workers
+        self._workers = _Workers(bundle, entrypoint, workers)
         self._closed = False
-        # Stop the workers even if close() is never called; they free their engines on their own threads.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._jobs, workers)
 
     @property
     def policy_version(self) -> str:
-        return self._bundle.version
+        return self._workers.bundle.version
+
+    async def load(self, bundle: PolicyBundle) -> LoadReport:
+        try:
+            compile_bundle(bundle)
+        except ConfigError as exc:
+            return LoadReport(loaded=False, policy_version=self.policy_version, errors=(str(exc),))
+        old, self._workers = self._workers, _Workers(bundle, self._entrypoint, self._count)
+        old.stop()
+        return LoadReport(loaded=True, policy_version=bundle.version)
 
     async def decide(self, document: Mapping[str, Any]) -> Decision:
-        version = self._bundle.version
+        workers = self._workers
+        version = workers.bundle.version
+        decision_id = uuid.uuid4().hex
+        started = time.perf_counter()
         problems = schema_errors(document)
         if problems:
-            return Decision.deny(f"decision input invalid: {problems[0]}", policy_version=version, engine=self.name)
+            return to_decision(
+                {"allow": False, "reasons": [f"decision input invalid: {problems[0]}"]},
+                policy_version=version,
+                engine=self.name,
+                decision_id=decision_id,
+            )
         if self._closed:
             raise BackendUnavailable("policy", "policy engine unavailable (closed)")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put((json.dumps(document), future, loop))
+        workers.jobs.put((json.dumps(document), future, loop))
         try:
             raw = await future
         except Exception as exc:  # evaluation error (e.g. conflicting rule values): deny with the reason
-            return Decision.deny(f"policy evaluation failed: {_clean(exc)}", policy_version=version, engine=self.name)
-        return to_decision(raw, policy_version=version, engine=self.name)
+            raw = {"allow": False, "reasons": [f"policy evaluation failed: {_clean(exc)}"]}
+        eval_ms = (time.perf_counter() - started) * 1000
+        return to_decision(raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms)
 
     async def check(self) -> None:
-        if self._closed or not all(t.is_alive() for t in self._threads):
+        if self._closed or not self._workers.alive():
             raise BackendUnavailable("policy", "policy engine unavailable (worker stopped)")
 
     async def close(self) -> None:
         self._closed = True
-        self._finalizer()
+        self._workers.stop()
 
 
 def _stop_workers(jobs: queue.SimpleQueue[_Job | None], workers: int) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from server.policy.bundle import PolicyBundle
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,10 +19,21 @@ class Decision:
     obligations: Mapping[str, Any] = field(default_factory=dict)
     policy_version: str = ""
     engine: str = ""
+    decision_id: str = ""
+    eval_ms: float = 0.0
 
     @classmethod
     def deny(cls, *reasons: str, policy_version: str = "", engine: str = "") -> Decision:
         return cls(allow=False, reasons=reasons, policy_version=policy_version, engine=engine)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """The outcome of `load`: the bundle now deciding, or why the previous one still is."""
+
+    loaded: bool
+    policy_version: str
+    errors: tuple[str, ...] = ()
 
 
 class PolicyEngine(Protocol):
@@ -27,13 +41,17 @@ class PolicyEngine(Protocol):
 
     `decide` never raises for a policy problem: an undefined result, an evaluation error or a
     malformed result is a deny with the reason. It raises `BackendUnavailable` only when the
-    engine itself cannot be reached.
+    engine itself cannot be reached or does not answer in time.
+    `load` validates a bundle, then swaps it in; a bundle that does not validate is refused and
+    the previous one keeps deciding.
     """
 
     name: str
 
     @property
     def policy_version(self) -> str: ...
+
+    async def load(self, bundle: PolicyBundle) -> LoadReport: ...
 
     async def decide(self, document: Mapping[str, Any]) -> Decision: ...
 

@@ -1,0 +1,135 @@
+"""Decision logs in OPA's event format, masked by the bundle's `data.system.log.mask` rules,
+whichever engine decided (the mask is evaluated here, in-process, for both)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import regorus
+import structlog
+
+from server import __version__
+from server.policy.bundle import PolicyBundle
+from server.policy.embedded import compile_bundle
+from server.policy.engine import Decision
+
+log = structlog.get_logger("castellan.policy")
+MASK_RULE = "data.system.log.mask"
+_UNDEFINED = '"<undefined>"'
+
+
+def apply_mask(event: dict[str, Any], mask: Any) -> dict[str, Any]:
+    """OPA's masking: each string is a JSON pointer to erase; each `{"op": "upsert", "path", "value"}`
+    replaces (or adds) a value. Records what was done in `erased` / `masked`, as OPA does."""
+    erased: list[str] = []
+    masked: list[str] = []
+    for item in sorted(mask, key=json.dumps) if isinstance(mask, list) else []:
+        if isinstance(item, str):
+            if _pointer_remove(event, item):
+                erased.append(item)
+        elif isinstance(item, dict) and item.get("op") == "upsert" and isinstance(item.get("path"), str):
+            if _pointer_upsert(event, item["path"], item.get("value")):
+                masked.append(item["path"])
+        elif (
+            isinstance(item, dict)
+            and item.get("op") == "remove"
+            and isinstance(item.get("path"), str)
+            and _pointer_remove(event, item["path"])
+        ):
+            erased.append(item["path"])
+    if erased:
+        event["erased"] = erased
+    if masked:
+        event["masked"] = masked
+    return event
+
+
+def _parts(pointer: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]] if pointer.startswith("/") else []
+
+
+def _pointer_remove(doc: Any, pointer: str) -> bool:
+    parts = _parts(pointer)
+    if not parts or parts[0] not in ("input", "result"):
+        return False
+    node = doc
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    if isinstance(node, dict) and parts[-1] in node:
+        del node[parts[-1]]
+        return True
+    return False
+
+
+def _pointer_upsert(doc: Any, pointer: str, value: Any) -> bool:
+    parts = _parts(pointer)
+    if not parts or parts[0] not in ("input", "result"):
+        return False
+    node = doc
+    for part in parts[:-1]:
+        if not isinstance(node, dict):
+            return False
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        return False
+    node[parts[-1]] = value
+    return True
+
+
+class DecisionLog:
+    """Writes one JSON line per decision to `path`. The mask engine is compiled from the bundle in use
+    (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread."""
+
+    def __init__(self, path: Path, bundle: PolicyBundle, decision_path: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the app
+        self._decision_path = decision_path
+        self._instance = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._mask: regorus.Engine | None = None
+        self._version = ""
+        self.use(bundle)
+
+    def use(self, bundle: PolicyBundle) -> None:
+        has_mask = any("package system.log" in text for text in bundle.modules.values())
+        self._mask = compile_bundle(bundle) if has_mask else None
+        self._version = bundle.version
+
+    def event(self, document: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        result = {"allow": decision.allow, "reasons": list(decision.reasons), "obligations": dict(decision.obligations)}
+        event: dict[str, Any] = {
+            "decision_id": decision.decision_id or uuid.uuid4().hex,
+            "labels": {"id": self._instance, "version": f"castellan-{__version__}", "engine": decision.engine},
+            "bundles": {"castellan": {"revision": decision.policy_version}},
+            "path": self._decision_path,
+            "input": copy.deepcopy(document),
+            "result": result,
+            "requested_by": "castellan",
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "metrics": {"timer_castellan_decide_ns": int(decision.eval_ms * 1e6)},
+        }
+        if self._mask is not None:
+            self._mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
+            raw = self._mask.eval_rule_as_json(MASK_RULE)
+            if raw != _UNDEFINED:
+                apply_mask(event, json.loads(raw))
+        return event
+
+    def emit(self, document: dict[str, Any], decision: Decision) -> None:
+        try:
+            line = json.dumps(self.event(document, decision), separators=(",", ":"), default=str)
+            with self._lock:
+                self._file.write(line + "\n")
+        except Exception as exc:  # the decision stands; a log line is not worth failing a call over
+            log.error("decision_log_failed", error=repr(exc))
+
+    def close(self) -> None:
+        self._file.close()
