@@ -14,7 +14,7 @@ def test_defaults_need_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     settings = load_settings()
     assert settings.resource_url == "http://127.0.0.1:8750/mcp"
     assert (settings.policy.engine, settings.grants.backend, settings.metering.backend) == (
-        "embedded",
+        "auto",
         "local",
         "sqlite",
     )
