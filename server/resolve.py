@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -11,6 +12,22 @@ from jsonschema import Draft202012Validator
 from server.call import Call
 from server.errors import Denied, InvalidArguments
 from server.registry import ToolRegistry
+
+# I-JSON (RFC 7493): numbers a double holds exactly. Beyond them engines (and JSON parsers) round
+# differently, and a decision must not depend on how a number was rounded.
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def _interoperable(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER
+    if isinstance(value, Mapping):
+        return all(_interoperable(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_interoperable(v) for v in value)
+    return True
 
 
 class ResolveStage:
@@ -38,6 +55,10 @@ class ResolveStage:
         if tool is None:
             raise Denied(self.name, f"unknown tool {call.tool_name[:128]!r}")
         if call.action == "call":
+            if not _interoperable(call.arguments):
+                raise InvalidArguments(
+                    self.name, "arguments: numbers must be finite and integers within ±(2^53-1) (I-JSON, RFC 7493)"
+                )
             validator = self._validator(tool.spec.name, tool.spec.input_schema)
             error = next(iter(sorted(validator.iter_errors(dict(call.arguments)), key=str)), None)
             if error is not None:

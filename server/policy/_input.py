@@ -33,7 +33,7 @@ def build_input(call: Call) -> dict[str, Any]:
         "identity": call.identity.as_input(),
         "tool": call.tool.spec.as_input(),
         "action": call.action,
-        "arguments": dict(call.arguments),
+        "arguments": canonical(dict(call.arguments)),
         "run": {
             "run_id": call.run.run_id,
             "depth": call.run.depth,
@@ -48,6 +48,22 @@ def build_input(call: Call) -> dict[str, Any]:
         },
         "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+
+
+def canonical(value: Any) -> Any:
+    """`value` with every integral float made an integer (`1.0` → `1`, `-0.0` → `0`).
+
+    JSON does not tell 1.0 from 1, but engines print them differently inside composite values
+    (OPA keeps the literal `1.0`, regorus writes `1`; regorus keeps the sign of -0 after arithmetic,
+    OPA does not). No decision should hang on how a client spelled a number.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return value
 
 
 def schema_errors(document: Any) -> list[str]:

@@ -11,6 +11,10 @@ from server.policy.engine import Decision
 # policy author who asks for an obligation we would silently skip must not get an allow.
 KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars"}
 
+# The reason for any evaluation error, identical for both engines (their messages differ; the
+# detail goes to the gateway log). Both engines treat a builtin error as an error, never as undefined.
+EVALUATION_FAILED = "policy evaluation failed"
+
 
 def to_decision(raw: Any, *, policy_version: str, engine: str, decision_id: str = "", eval_ms: float = 0.0) -> Decision:
     """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny."""

@@ -13,14 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import regorus
+import structlog
 
 from server.errors import BackendUnavailable, ConfigError
 from server.policy._input import schema_errors
-from server.policy._result import to_decision
+from server.policy._result import EVALUATION_FAILED, to_decision
 from server.policy.bundle import PolicyBundle
 from server.policy.engine import Decision, LoadReport
 
 _UNDEFINED = '"<undefined>"'
+log = structlog.get_logger("castellan.policy")
 _STOP = None
 
 # A job: the input document as JSON, the future to answer, and the loop that owns the future.
@@ -140,8 +142,9 @@ class EmbeddedEngine:
         workers.jobs.put((json.dumps(document), future, loop))
         try:
             raw = await future
-        except Exception as exc:  # evaluation error (e.g. conflicting rule values): deny with the reason
-            raw = {"allow": False, "reasons": [f"policy evaluation failed: {_clean(exc)}"]}
+        except Exception as exc:  # evaluation error (a builtin given a wrong type, conflicting values): deny
+            log.warning("policy_evaluation_failed", engine=self.name, error=_clean(exc))
+            raw = {"allow": False, "reasons": [EVALUATION_FAILED]}
         eval_ms = (time.perf_counter() - started) * 1000
         return to_decision(raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms)
 

@@ -14,7 +14,7 @@ import structlog
 
 from server.errors import BackendUnavailable, ConfigError
 from server.policy._input import schema_errors
-from server.policy._result import to_decision
+from server.policy._result import EVALUATION_FAILED, to_decision
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import compile_bundle
 from server.policy.engine import Decision, LoadReport
@@ -154,7 +154,11 @@ class OpaServerEngine:
 
     async def _query(self, body: str) -> Any:
         await self._ensure_pushed()
-        url = f"{self._url}/v1/data/{self._path}" + ("" if self._push else "?provenance=true")
+        # strict-builtin-errors: a builtin given a wrong type is an error (a deny) as in the embedded
+        # engine, not an undefined expression that would quietly skip a deny rule.
+        url = f"{self._url}/v1/data/{self._path}?strict-builtin-errors=true" + (
+            "" if self._push else "&provenance=true"
+        )
         try:
             async with self._client().post(url, data=body, headers={"content-type": "application/json"}) as resp:
                 text = await resp.text()
@@ -168,7 +172,8 @@ class OpaServerEngine:
         if status != 200:
             if status >= 500 and "code" not in text:
                 raise BackendUnavailable("policy", UNAVAILABLE)
-            return {"allow": False, "reasons": [f"policy evaluation failed: {_opa_error(text)}"]}
+            log.warning("policy_evaluation_failed", engine=self.name, error=_opa_error(text))
+            return {"allow": False, "reasons": [EVALUATION_FAILED]}
         payload = json.loads(text)
         if not self._push:
             self._remote_version = _revision(payload) or self._remote_version

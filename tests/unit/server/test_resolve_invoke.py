@@ -46,3 +46,9 @@ async def test_a_tool_that_hangs_times_out_as_an_error_result() -> None:
     assert call.output is not None
     assert call.output.is_error
     assert "timed out after 0.05s" in call.output.text
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), 2**53, -(2**63)])
+async def test_numbers_outside_i_json_are_refused(number: float) -> None:
+    with pytest.raises(InvalidArguments, match=r"I-JSON, RFC 7493"):
+        await ResolveStage(ToolRegistry([FakeTool()])).run(make_call(tool=None, arguments={"q": [{"n": number}]}))

@@ -123,7 +123,7 @@ async def test_an_evaluation_error_is_a_deny_with_the_reason(tmp_path: Path) -> 
     )
     decision = await EmbeddedEngine(write_policy(tmp_path, rego)).decide(doc())
     assert not decision.allow
-    assert decision.reasons[0].startswith("policy evaluation failed")
+    assert decision.reasons == ("policy evaluation failed",)
 
 
 def test_a_policy_that_does_not_compile_is_refused_naming_the_file(tmp_path: Path) -> None:
