@@ -53,7 +53,7 @@ def _spawn(port: int, args: Sequence[str]) -> subprocess.Popen[bytes]:
             f"127.0.0.1:{port}",
             "--log-level",
             "error",
-            "--disable-telemetry",
+            "--skip-version-check",
             *args,
         ],
         stdout=subprocess.DEVNULL,

@@ -28,13 +28,13 @@ deny contains sprintf("missing privilege %s", [p]) if {
 }
 
 # A tool may be restricted to some groups.
-deny contains sprintf("tool %s is restricted to groups %v", [input.tool.name, tool_config.groups]) if {
+deny contains sprintf("tool %s is restricted to groups: %s", [input.tool.name, concat(", ", tool_config.groups)]) if {
 	is_array(tool_config.groups)
 	not in_any_group(tool_config.groups)
 }
 
 # Destructive tools (MCP annotation destructiveHint) only for admins.
-deny contains sprintf("tool %s is destructive: only %v may call it", [input.tool.name, admin_groups]) if {
+deny contains sprintf("tool %s is destructive: only groups %s may call it", [input.tool.name, concat(", ", admin_groups)]) if {
 	input.tool.annotations.destructiveHint == true
 	not in_any_group(admin_groups)
 }

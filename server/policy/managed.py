@@ -56,7 +56,7 @@ class ManagedOpa:
                 f"127.0.0.1:{self.port}",
                 "--log-level",
                 "error",
-                "--disable-telemetry",
+                "--skip-version-check",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

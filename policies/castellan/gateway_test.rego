@@ -1,0 +1,69 @@
+package castellan.gateway_test
+
+import rego.v1
+
+import data.castellan.gateway
+
+base := {
+	"identity": {"agent_id": "bot", "subject": "alice", "groups": ["analysts"], "scopes": []},
+	"tool": {"name": "echo", "securable": "main.tools.echo", "annotations": {}, "upstream": null},
+	"action": "call",
+	"arguments": {"text": "hello"},
+	"run": {"run_id": "r1", "depth": 0, "calls": 1, "repeats": 1},
+	"grants": {"has": ["EXECUTE on main.tools.echo"], "missing": []},
+	"budget": {"tokens_used": 0, "tokens_limit": 1000, "calls_this_minute": 1},
+	"time": "2026-11-24T00:00:00Z",
+}
+
+test_echo_is_allowed if {
+	gateway.decision.allow with input as base
+}
+
+test_long_text_is_denied if {
+	long_text := concat("", [x | some _ in numbers.range(1, 201); x := "x"])
+	d := gateway.decision with input as object.union(base, {"arguments": {"text": long_text}})
+	d.reasons == {"argument text must be a string of at most 200 characters"}
+}
+
+test_text_must_be_a_string if {
+	d := gateway.decision with input as object.union(base, {"arguments": {"text": 42}})
+	d.reasons == {"argument text must be a string of at most 200 characters"}
+}
+
+test_list_ignores_argument_rules if {
+	gateway.decision.allow with input as object.union(base, {"action": "list", "arguments": {"text": 42}})
+}
+
+test_blocked_words_are_denied_in_any_argument if {
+	d := gateway.decision with input as object.union(base, {"arguments": {"text": "Please DROP TABLE users"}})
+	d.reasons == {`argument text contains blocked text "drop table"`}
+}
+
+test_missing_grants_are_denied if {
+	d := gateway.decision with input as object.union(base, {"grants": {"has": [], "missing": ["EXECUTE on main.tools.echo"]}})
+	"missing privilege EXECUTE on main.tools.echo" in d.reasons
+}
+
+test_destructive_tools_need_admins if {
+	reset := object.union(base, {"tool": {"name": "demo.reset", "securable": "main.admin.reset_demo", "annotations": {"destructiveHint": true}, "upstream": null}, "arguments": {}})
+	not gateway.decision.allow with input as reset
+	gateway.decision.allow with input as object.union(reset, {"identity": {"agent_id": "ops", "subject": "ops", "groups": ["admins"], "scopes": []}})
+}
+
+test_group_restricted_tool if {
+	clock := object.union(base, {"tool": {"name": "clock.now", "securable": "main.tools.clock_now", "annotations": {}, "upstream": null}, "arguments": {}})
+	gateway.decision.allow with input as clock
+	d := gateway.decision with input as object.union(clock, {"identity": {"agent_id": "x", "subject": "x", "groups": ["guests"], "scopes": []}})
+	not d.allow
+}
+
+test_exhausted_budget_is_denied if {
+	d := gateway.decision with input as object.union(base, {"budget": {"tokens_used": 1000, "tokens_limit": 1000, "calls_this_minute": 1}})
+	d.reasons == {"token budget exhausted"}
+}
+
+test_profile_obligations if {
+	profile := object.union(base, {"tool": {"name": "demo.profile", "securable": "main.tools.customer_profile", "annotations": {}, "upstream": null}, "arguments": {"customer_id": "c-001"}})
+	d := gateway.decision with input as profile
+	d.obligations == {"redact_fields": ["email"], "max_result_chars": 2000}
+}
