@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import structlog
@@ -126,7 +126,7 @@ class OpaServerEngine:
                 if self._pushed is not self._bundle:
                     errors = await self._push_bundle(self._bundle)
                     if errors:
-                        raise BackendUnavailable("policy", UNAVAILABLE)
+                        await self._unavailable("; ".join(errors))
                     self._pushed = self._bundle
                     log.info("opa_policy_pushed", url=self._url, policy_version=self._bundle.version)
 
@@ -164,11 +164,7 @@ class OpaServerEngine:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._pushed = None
-            log.warning("opa_unavailable", url=self._url, error=repr(exc))
-            if self._on_unavailable is not None:
-                await self._on_unavailable()
-            raise BackendUnavailable("policy", UNAVAILABLE) from exc
+            await self._unavailable(repr(exc))
         if status != 200:
             if status >= 500 and "code" not in text:
                 raise BackendUnavailable("policy", UNAVAILABLE)
@@ -178,6 +174,14 @@ class OpaServerEngine:
         if not self._push:
             self._remote_version = _revision(payload) or self._remote_version
         return payload.get("result")
+
+    async def _unavailable(self, error: str) -> NoReturn:
+        """OPA cannot answer: forget what was pushed, let the owner revive it, and deny."""
+        self._pushed = None
+        log.warning("opa_unavailable", url=self._url, error=error)
+        if self._on_unavailable is not None:
+            await self._on_unavailable()
+        raise BackendUnavailable("policy", UNAVAILABLE)
 
     async def _policy_missing(self) -> bool:
         try:
@@ -193,9 +197,7 @@ class OpaServerEngine:
                 if resp.status != 200:
                     raise BackendUnavailable("policy", f"{UNAVAILABLE} (health {resp.status})")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if self._on_unavailable is not None:
-                await self._on_unavailable()
-            raise BackendUnavailable("policy", UNAVAILABLE) from exc
+            await self._unavailable(repr(exc))
         await self._ensure_pushed()
 
     @property

@@ -22,3 +22,40 @@ def cli_token(gateway: GatewayProcess, agent: str, groups: str = "", *extra: str
     args = [sys.executable, "-m", "server", "token", "--agent", agent, "--groups", groups, *extra]
     done = subprocess.run(args, env=gateway.env(), capture_output=True, text=True, check=True, timeout=30)
     return done.stdout.strip()
+
+
+async def raw_call(gateway: GatewayProcess, token: str, tool: str, arguments: dict[str, object]) -> dict[str, object]:
+    """One 2026-07-28 `tools/call` over plain HTTP; returns the JSON-RPC result (a CallToolResult)."""
+    import json
+
+    import aiohttp
+
+    from bench.load import PROTOCOL, call_body
+
+    headers = {
+        "authorization": f"Bearer {token}",
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": PROTOCOL,
+        "mcp-method": "tools/call",
+        "mcp-name": tool,
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.mcp_url, data=call_body(tool, arguments, 1), headers=headers) as resp,
+    ):
+        payload = json.loads(await resp.text())
+    result = payload["result"]
+    assert isinstance(result, dict)
+    return result
+
+
+def deny_body(result: dict[str, object]) -> dict[str, object]:
+    import json
+
+    assert result["isError"] is True, result
+    content = result["content"]
+    assert isinstance(content, list)
+    body = json.loads(content[0]["text"])
+    assert isinstance(body, dict)
+    return body
