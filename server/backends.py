@@ -24,7 +24,9 @@ T = TypeVar("T")
 
 
 def _make_embedded(s: Settings) -> PolicyEngine:
-    return EmbeddedEngine(PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint, s.policy.workers)
+    return EmbeddedEngine(
+        PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint, s.policy.workers, s.policy.inline_max_us
+    )
 
 
 def _make_opa(s: Settings) -> PolicyEngine:

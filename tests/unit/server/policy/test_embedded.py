@@ -142,3 +142,24 @@ def test_the_policy_version_changes_with_the_policy(tmp_path: Path) -> None:
     first = write_policy(tmp_path, "package x\n").version
     second = write_policy(tmp_path, "package x\n\ny := 1\n").version
     assert first != second
+
+
+async def test_a_slow_policy_moves_to_the_worker_threads_and_decides_the_same(tmp_path: Path) -> None:
+    rego = (
+        "package castellan.gateway\n\nimport rego.v1\n\n"
+        "n := count([x | some x in numbers.range(1, 200000)])\n\n"
+        'decision := {"allow": n > 0, "reasons": set()}\n'
+    )
+    engine = EmbeddedEngine(write_policy(tmp_path, rego), inline_max_us=250)
+    first = await engine.decide(doc())  # inline: slow, so the average rises over the limit
+    assert engine._average > 250e-6
+    second = await engine.decide(doc())  # on a worker thread now
+    assert (first.allow, second.allow) == (True, True)
+    await engine.close()
+
+
+async def test_inline_max_zero_always_uses_the_threads(engine: EmbeddedEngine) -> None:
+    threaded = EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"), inline_max_us=0)
+    assert (await threaded.decide(doc())).allow
+    assert threaded._inline is None
+    await threaded.close()
