@@ -9,6 +9,7 @@ from server.audit.outbox import Outbox, SqliteOutbox
 from server.auth.devkeys import dev_public_keys
 from server.auth.keys import JwksKeys, KeySource, StaticKeys
 from server.errors import ConfigError
+from server.grants.databricks import DatabricksGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.metering.meter import Meter
@@ -77,6 +78,7 @@ ENGINES: dict[str, Callable[[Settings], PolicyEngine]] = {
 
 GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
     "local": lambda s: LocalCatalog(s.data_file(s.grants.path, "catalog.db")),
+    "databricks": lambda s: DatabricksGrants.from_settings(s.grants.databricks_host, s.grants.databricks_profile),
 }
 
 METERS: dict[str, Callable[[Settings], Meter]] = {

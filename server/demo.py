@@ -15,5 +15,10 @@ DEMO_GRANTS: tuple[tuple[str, str, str], ...] = (
 
 
 def seed_demo_grants(catalog: LocalCatalog) -> None:
-    """Grant the demo privileges; idempotent."""
+    """Create the demo catalog's schemas and groups and grant the demo privileges; idempotent."""
+    catalog.add_securable("SCHEMA", "main.tools", owner="admins")
+    catalog.add_securable("SCHEMA", "main.admin", owner="admins")
+    catalog.set_owner("main", "admins")
+    for group in ("analysts", "admins"):
+        catalog.add_principal(group, "group")
     catalog.grant_many(DEMO_GRANTS)

@@ -16,9 +16,10 @@ from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
+from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
-from server.grants.stage import CachedGrants, GrantsStage
+from server.grants.stage import GrantsStage
 from server.invoke import InvokeStage
 from server.listing import ToolLister
 from server.mcp import McpHandlers
@@ -113,9 +114,12 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     )
     engine = backends.make_engine(settings)
     grant_source = backends.make_grant_source(settings)
-    if settings.demo and isinstance(grant_source, LocalCatalog):
-        seed_demo_grants(grant_source)
-    grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds)
+    if isinstance(grant_source, LocalCatalog):
+        for tool in registry:  # every tool's function exists in the catalog, so it can be granted on
+            grant_source.add_securable("FUNCTION", tool.spec.securable)
+        if settings.demo:
+            seed_demo_grants(grant_source)
+    grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     outbox = backends.make_outbox(settings)
 

@@ -92,9 +92,16 @@ class PolicySettings(BaseModel):
 
 class GrantSettings(BaseModel):
     backend: str = "local"
+    """`local` (SQLite catalog with Unity Catalog semantics) or `databricks` (a workspace's Unity Catalog)."""
     path: Path | None = None
     """SQLite file of the local catalog. Default: `<data_dir>/catalog.db`."""
-    cache_ttl_seconds: float = 30.0
+    cache_ttl_seconds: float = Field(default=30.0, ge=0)
+    """A revoke takes effect within this time."""
+    max_stale_seconds: float = Field(default=300.0, ge=0)
+    """While the source cannot answer, cached answers up to this old are used; older ones deny."""
+    databricks_host: str = ""
+    """For `databricks`: the workspace URL. Empty: the SDK's usual configuration (env, profile)."""
+    databricks_profile: str = ""
 
 
 class Limits(BaseModel):

@@ -1,4 +1,4 @@
-"""The grant source contract and the privileges a tool call needs."""
+"""The grant source contract, Unity Catalog's privilege vocabulary, and what a tool call requires."""
 
 from __future__ import annotations
 
@@ -7,13 +7,58 @@ from dataclasses import dataclass
 from typing import Protocol
 
 ALL_PRIVILEGES = "ALL PRIVILEGES"
+ACCOUNT_USERS = "account users"
+SECURABLE_TYPES = ("CATALOG", "SCHEMA", "FUNCTION", "TABLE")
+
+# Which privileges apply to which securable type (a subset of Unity Catalog's reference: the ones a
+# gateway checks). A privilege granted on a container is inherited by the objects below it.
+APPLICABLE: dict[str, frozenset[str]] = {
+    "CATALOG": frozenset(
+        {
+            ALL_PRIVILEGES,
+            "USE CATALOG",
+            "USE SCHEMA",
+            "EXECUTE",
+            "SELECT",
+            "MODIFY",
+            "BROWSE",
+            "CREATE SCHEMA",
+            "CREATE TABLE",
+            "CREATE FUNCTION",
+            "MANAGE",
+        }
+    ),
+    "SCHEMA": frozenset(
+        {
+            ALL_PRIVILEGES,
+            "USE SCHEMA",
+            "EXECUTE",
+            "SELECT",
+            "MODIFY",
+            "BROWSE",
+            "CREATE TABLE",
+            "CREATE FUNCTION",
+            "MANAGE",
+        }
+    ),
+    "FUNCTION": frozenset({ALL_PRIVILEGES, "EXECUTE", "MANAGE"}),
+    "TABLE": frozenset({ALL_PRIVILEGES, "SELECT", "MODIFY", "MANAGE"}),
+}
+# What ALL PRIVILEGES stands for (Unity Catalog excludes MANAGE from it).
+ALL_EXPANDS_TO = frozenset().union(*APPLICABLE.values()) - {ALL_PRIVILEGES, "MANAGE"}
+
+
+def normalize_privilege(privilege: str) -> str:
+    """`use_catalog`, `USE_CATALOG` and `use catalog` are all `USE CATALOG` (REST uses underscores)."""
+    return " ".join(privilege.replace("_", " ").upper().split())
 
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    """One privilege on one securable, e.g. `EXECUTE on main.tools.echo`."""
+    """One privilege on one securable, e.g. `EXECUTE on main.tools.echo` (a FUNCTION)."""
 
     privilege: str
+    securable_type: str
     securable: str
 
     def __str__(self) -> str:
@@ -21,22 +66,39 @@ class Requirement:
 
 
 def function_requirements(securable: str) -> tuple[Requirement, ...]:
-    """What calling the catalog function `securable` needs: USE CATALOG, USE SCHEMA, then EXECUTE."""
+    """Calling the catalog function `securable` needs USE CATALOG, USE SCHEMA, then EXECUTE."""
     catalog, schema, _ = securable.split(".", 2)
     return (
-        Requirement("USE CATALOG", catalog),
-        Requirement("USE SCHEMA", f"{catalog}.{schema}"),
-        Requirement("EXECUTE", securable),
+        Requirement("USE CATALOG", "CATALOG", catalog),
+        Requirement("USE SCHEMA", "SCHEMA", f"{catalog}.{schema}"),
+        Requirement("EXECUTE", "FUNCTION", securable),
     )
 
 
+def table_requirements(tables: Sequence[str]) -> tuple[Requirement, ...]:
+    """Reading `tables` needs USE CATALOG and USE SCHEMA on their parents and SELECT on each."""
+    needed: dict[Requirement, None] = {}
+    for table in tables:
+        catalog, schema, _ = table.split(".", 2)
+        needed[Requirement("USE CATALOG", "CATALOG", catalog)] = None
+        needed[Requirement("USE SCHEMA", "SCHEMA", f"{catalog}.{schema}")] = None
+        needed[Requirement("SELECT", "TABLE", table)] = None
+    return tuple(needed)
+
+
+def holds(requirement: Requirement, privileges: frozenset[str]) -> bool:
+    return requirement.privilege in privileges
+
+
 class GrantSource(Protocol):
-    """Effective privileges: what `principals` hold on `securable`, inherited ones included.
+    """Effective privileges: what any of `principals` holds on the securable, counting privileges
+    inherited from its parents, group membership (nested groups included) and ownership (all
+    privileges on the owned object itself). `ALL PRIVILEGES` comes back expanded.
 
     Raises `BackendUnavailable` when it cannot answer; never guesses.
     """
 
-    async def privileges(self, principals: Sequence[str], securable: str) -> frozenset[str]: ...
+    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]: ...
 
     async def check(self) -> None: ...
 

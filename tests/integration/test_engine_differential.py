@@ -225,7 +225,9 @@ _JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 json_scalars = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(min_value=-(2**53 - 1), max_value=2**53 - 1),
+    # Below 2e6: the adversarial policy halves numbers, and a non-integer ≥ 1e6 is in the documented
+    # number-format class (pinned by hand-written entries, e.g. 2**53 - 1).
+    st.integers(min_value=-1_999_999, max_value=1_999_999),
     st.floats(allow_nan=False, allow_infinity=False, width=64).filter(lambda f: not math.isnan(f)),
     st.text(max_size=12),
 )

@@ -1,0 +1,107 @@
+"""Unity Catalog in a Databricks workspace as the grant source, through `databricks-sdk`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from server.errors import BackendUnavailable, ConfigError
+from server.grants.source import ACCOUNT_USERS, ALL_EXPANDS_TO, ALL_PRIVILEGES, normalize_privilege
+
+
+class DatabricksGrants:
+    """Effective privileges from `GET /api/2.1/unity-catalog/effective-permissions/{type}/{name}`
+    (`WorkspaceClient.grants.get_effective`), asked for each of the caller's principals (agent,
+    subject, each group its token names, and `account users`) and united. Privileges inherited from
+    parent securables come from Unity Catalog itself; ownership (all privileges on the owned object)
+    from the securable's own endpoint (`functions.get`, `tables.get`, ...).
+
+    The SDK is synchronous, so calls run in a thread; the grants cache keeps them off the hot path.
+    An unknown securable holds nothing. Any other API error (403 for the gateway's own credentials,
+    5xx, network) raises `BackendUnavailable`: the call is denied.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    @classmethod
+    def from_settings(cls, host: str, profile: str) -> DatabricksGrants:
+        try:
+            from databricks.sdk import WorkspaceClient
+        except ImportError:
+            raise ConfigError(
+                "grants.backend = 'databricks' needs the extra: pip install 'castellan[databricks]'"
+            ) from None
+        try:
+            return cls(WorkspaceClient(host=host or None, profile=profile or None))
+        except Exception as exc:  # the SDK raises ValueError for missing or conflicting auth
+            raise ConfigError(f"cannot configure the Databricks SDK: {exc}") from None
+
+    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]:
+        return await asyncio.to_thread(self._privileges, tuple(principals), securable_type, securable)
+
+    def _privileges(self, principals: tuple[str, ...], securable_type: str, securable: str) -> frozenset[str]:
+        from databricks.sdk.errors.base import DatabricksError
+        from databricks.sdk.errors.platform import NotFound
+
+        held: set[str] = set()
+        who = list(dict.fromkeys([*principals, ACCOUNT_USERS]))
+        try:
+            for principal in who:
+                held |= self._effective(securable_type, securable, principal)
+            if self._owner(securable_type, securable) in who:
+                held.add(ALL_PRIVILEGES)
+        except NotFound:
+            return frozenset()
+        except (DatabricksError, OSError, ValueError) as exc:
+            raise BackendUnavailable("grants", f"grant source unavailable: {type(exc).__name__}: {exc}") from exc
+        if ALL_PRIVILEGES in held:
+            held |= ALL_EXPANDS_TO
+            held.discard(ALL_PRIVILEGES)
+        return frozenset(held)
+
+    def _effective(self, securable_type: str, securable: str, principal: str) -> set[str]:
+        held: set[str] = set()
+        page_token: str | None = None
+        while True:
+            page = self._client.grants.get_effective(
+                securable_type.lower(), securable, principal=principal, max_results=0, page_token=page_token
+            )
+            for assignment in page.privilege_assignments or []:
+                if assignment.principal != principal:
+                    continue
+                for privilege in assignment.privileges or []:
+                    if privilege.privilege is not None:
+                        held.add(normalize_privilege(privilege.privilege.value))
+            page_token = page.next_page_token
+            if not page_token:
+                return held
+
+    def _owner(self, securable_type: str, securable: str) -> str | None:
+        from databricks.sdk.errors.platform import NotFound
+
+        api = {
+            "CATALOG": self._client.catalogs,
+            "SCHEMA": self._client.schemas,
+            "FUNCTION": self._client.functions,
+            "TABLE": self._client.tables,
+        }[securable_type]
+        try:
+            info = api.get(securable)
+        except NotFound:
+            return None
+        owner = getattr(info, "owner", None)
+        return owner if isinstance(owner, str) and owner else None
+
+    async def check(self) -> None:
+        def probe() -> None:
+            list(self._client.catalogs.list(max_results=1))
+
+        try:
+            await asyncio.to_thread(probe)
+        except Exception as exc:
+            raise BackendUnavailable("grants", f"grant source unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        return None
