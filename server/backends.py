@@ -78,7 +78,9 @@ ENGINES: dict[str, Callable[[Settings], PolicyEngine]] = {
 
 GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
     "local": lambda s: LocalCatalog(s.data_file(s.grants.path, "catalog.db")),
-    "databricks": lambda s: DatabricksGrants.from_settings(s.grants.databricks_host, s.grants.databricks_profile),
+    "databricks": lambda s: DatabricksGrants.from_settings(
+        s.grants.databricks_host, s.grants.databricks_profile, s.grants.timeout_seconds
+    ),
 }
 
 METERS: dict[str, Callable[[Settings], Meter]] = {

@@ -99,6 +99,8 @@ class GrantSettings(BaseModel):
     """A revoke takes effect within this time."""
     max_stale_seconds: float = Field(default=300.0, ge=0)
     """While the source cannot answer, cached answers up to this old are used; older ones deny."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    """For `databricks`: a lookup slower than this denies (retries included)."""
     databricks_host: str = ""
     """For `databricks`: the workspace URL. Empty: the SDK's usual configuration (env, profile)."""
     databricks_profile: str = ""

@@ -22,24 +22,38 @@ class DatabricksGrants:
     5xx, network) raises `BackendUnavailable`: the call is denied.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, timeout: float = 10.0) -> None:
         self._client = client
+        self._timeout = timeout
 
     @classmethod
-    def from_settings(cls, host: str, profile: str) -> DatabricksGrants:
+    def from_settings(cls, host: str, profile: str, timeout: float = 10.0) -> DatabricksGrants:
+        """The SDK's usual auth (env vars, profile, OAuth), with retries bounded: by default it retries
+        a 503 for five minutes, which would hold every call that long."""
         try:
             from databricks.sdk import WorkspaceClient
+            from databricks.sdk.core import Config
         except ImportError:
             raise ConfigError(
                 "grants.backend = 'databricks' needs the extra: pip install 'castellan[databricks]'"
             ) from None
         try:
-            return cls(WorkspaceClient(host=host or None, profile=profile or None))
+            config = Config(
+                host=host or None,
+                profile=profile or None,
+                retry_timeout_seconds=int(timeout),
+                http_timeout_seconds=int(timeout),
+            )
+            return cls(WorkspaceClient(config=config), timeout)
         except Exception as exc:  # the SDK raises ValueError for missing or conflicting auth
             raise ConfigError(f"cannot configure the Databricks SDK: {exc}") from None
 
     async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]:
-        return await asyncio.to_thread(self._privileges, tuple(principals), securable_type, securable)
+        lookup = asyncio.to_thread(self._privileges, tuple(principals), securable_type, securable)
+        try:
+            return await asyncio.wait_for(lookup, self._timeout)
+        except TimeoutError:
+            raise BackendUnavailable("grants", f"grant source unavailable: no answer in {self._timeout:g}s") from None
 
     def _privileges(self, principals: tuple[str, ...], securable_type: str, securable: str) -> frozenset[str]:
         from databricks.sdk.errors.base import DatabricksError
