@@ -12,6 +12,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import Route
 
 from server import __version__
+from server.admin import add_admin_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
@@ -73,6 +74,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     )
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
+    add_admin_routes(app)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -51,3 +51,27 @@ async def test_a_revoke_takes_effect_within_the_cache_ttl(tmp_path: Path) -> Non
         shown = grants_cli(gw, "show", "--principal", "bot-7")
         assert "EXECUTE" not in shown
         assert "USE SCHEMA\tmain.tools" in shown
+
+
+async def test_an_admin_can_invalidate_the_grants_cache_at_once(tmp_path: Path) -> None:
+    import aiohttp
+
+    env = {"CASTELLAN_GRANTS__CACHE_TTL_SECONDS": "3600"}
+    with run_gateway(tmp_path / "gw", env) as gw:
+        grants_cli(gw, "grant", "USE", "CATALOG", "ON", "CATALOG", "main", "TO", "bot-8")
+        grants_cli(gw, "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "bot-8")
+        token = gw.token("bot-8")
+        assert (await raw_call(gw, token, "echo", {"text": "granted"}))["isError"] is False
+        grants_cli(gw, "revoke", "EXECUTE", "ON", "SCHEMA", "main.tools", "FROM", "bot-8")
+        assert (await raw_call(gw, token, "echo", {"text": "cached"}))["isError"] is False  # an hour-long TTL
+        url = f"{gw.base_url}/admin/grants/invalidate"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, headers={"authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 403  # no admin scope
+            admin = gw.token("ops", scopes=["castellan:admin"])
+            async with session.post(url, headers={"authorization": f"Bearer {admin}"}) as resp:
+                assert resp.status == 200
+            async with session.post(url) as resp:
+                assert resp.status == 401
+        body = deny_body(await raw_call(gw, token, "echo", {"text": "after invalidate"}))
+        assert body["reasons"] == ["missing privilege EXECUTE on main.tools.echo"]
