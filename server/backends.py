@@ -13,6 +13,7 @@ from server.grants.databricks import DatabricksGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.metering.meter import Meter
+from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
@@ -85,6 +86,7 @@ GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
 
 METERS: dict[str, Callable[[Settings], Meter]] = {
     "sqlite": lambda s: SqliteMeter(s.data_file(s.metering.path, "meters.db")),
+    "redis": lambda s: RedisMeter(s.metering.redis_url),
 }
 
 OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {

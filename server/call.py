@@ -34,6 +34,9 @@ class Budget:
     calls_this_minute: int = 0
     run_calls: int = 0
     repeats: int = 0
+    reservation: str = ""
+    """The admission's reservation, settled by the charge stage or released if the call stops."""
+    reserved_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

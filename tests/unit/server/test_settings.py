@@ -58,5 +58,5 @@ def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
 def test_an_unknown_backend_names_the_choices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CASTELLAN_METERING__BACKEND", "memcached")
-    with pytest.raises(ConfigError, match=r"unknown meter backend 'memcached'; choose from \['sqlite'\]"):
+    with pytest.raises(ConfigError, match=r"unknown meter backend 'memcached'; choose from \['redis', 'sqlite'\]"):
         make_meter(load_settings())

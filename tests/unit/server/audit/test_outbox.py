@@ -58,7 +58,7 @@ async def test_the_decision_is_recorded_before_the_tool_runs() -> None:
 async def test_no_tool_runs_when_its_decision_cannot_be_recorded() -> None:
     outbox = MemoryOutbox(down=True)
     tool = FakeTool()
-    pipeline = Pipeline([RecordStage(outbox), InvokeStage(5.0)], Metrics(), on_stop=DenialRecorder(outbox))
+    pipeline = Pipeline([RecordStage(outbox), InvokeStage(5.0)], Metrics(), on_stop=[DenialRecorder(outbox)])
     call = await pipeline.run(allowed(make_call(tool=tool)))
     assert tool.calls == []
     assert call.error is not None
@@ -74,7 +74,7 @@ async def test_a_denial_is_recorded_with_stage_and_reasons() -> None:
         async def run(self, call: object) -> object:
             raise Denied("policy", "not on Sundays")
 
-    call = await Pipeline([Deny()], Metrics(), on_stop=DenialRecorder(outbox)).run(make_call())  # type: ignore[list-item]
+    call = await Pipeline([Deny()], Metrics(), on_stop=[DenialRecorder(outbox)]).run(make_call())  # type: ignore[list-item]
     ((kind, call_id, record),) = outbox.records
     assert (kind, call_id) == ("decision", call.call_id)
     assert (record["decision"], record["stage"], record["reasons"]) == ("deny", "policy", ["not on Sundays"])
