@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
-from server.errors import Unauthenticated
+from server.errors import BackendUnavailable, Unauthenticated
 from server.gateway import Gateway
 from server.identity import Identity
+from server.metering.limits import resolve_limits
+from server.metering.usage import usage_document
 
 ADMIN_SCOPE = "castellan:admin"
 
@@ -44,6 +46,19 @@ async def invalidate_grants(request: Request, admin: AdminIdentity) -> dict[str,
     """Drop every cached grant answer now (after an administrative change)."""
     _gateway(request).grants.invalidate()
     return {"status": "invalidated", "by": admin.agent_id}
+
+
+@router.get("/usage")
+async def usage(request: Request, admin: AdminIdentity, agent: str, groups: str = "") -> dict[str, Any]:
+    """An agent's consumption against its limits (limits resolved as for a token naming `groups`)."""
+    gateway = _gateway(request)
+    identity = Identity(agent_id=agent, subject=agent, issuer="", groups=tuple(g for g in groups.split(",") if g))
+    limits = resolve_limits(gateway.settings.metering, identity)
+    try:
+        report = await gateway.meter.usage(agent, limits)
+    except BackendUnavailable as exc:
+        raise HTTPException(503, "; ".join(exc.reasons)) from None
+    return usage_document(report)
 
 
 def add_admin_routes(app: FastAPI) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from server.errors import ConfigError
+from server.errors import CastellanError, ConfigError
 from server.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -118,6 +118,40 @@ def check_config(config: Path | None) -> None:
     click.echo(json.dumps({"settings": json.loads(settings.model_dump_json()), "checks": checks}, indent=2))
     if any(v != "ok" for v in checks.values()):
         sys.exit(1)
+
+
+@main.command()
+@config_option
+@click.option("--agent", required=True, help="Agent id.")
+@click.option("--groups", default="", help="Comma-separated groups, to resolve group limits as for its token.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def usage(config: Path | None, agent: str, groups: str, as_json: bool) -> None:
+    """Show an agent's consumption against its limits (from the configured meter store)."""
+    import asyncio
+
+    from server import backends
+    from server.identity import Identity
+    from server.metering.limits import resolve_limits
+    from server.metering.usage import usage_document, usage_table
+
+    settings = _settings(config)
+    identity = Identity(agent_id=agent, subject=agent, issuer="", groups=tuple(g for g in groups.split(",") if g))
+
+    async def read() -> object:
+        meter = backends.make_meter(settings)
+        try:
+            return await meter.usage(agent, resolve_limits(settings.metering, identity))
+        finally:
+            await meter.close()
+
+    try:
+        report = asyncio.run(read())
+    except (ConfigError, CastellanError) as exc:
+        raise click.ClickException(str(exc)) from None
+    from server.metering.meter import Usage
+
+    assert isinstance(report, Usage)
+    click.echo(json.dumps(usage_document(report), indent=2) if as_json else usage_table(report))
 
 
 @main.group()

@@ -199,6 +199,7 @@ class GatewayProcess:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -209,7 +210,8 @@ class GatewayProcess:
         return f"{self.base_url}/mcp"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, **gateway_env(self.data_dir, self.port)}
+        """The environment the gateway runs with: for CLI commands that must see the same settings."""
+        return {**os.environ, **gateway_env(self.data_dir, self.port, self.extra_env)}
 
     def token(self, agent: str, groups: Sequence[str] = (), **kwargs: Any) -> str:
         from server.auth.devkeys import mint_dev_token
@@ -244,7 +246,9 @@ def run_gateway(
         process = subprocess.Popen(
             [sys.executable, "-m", "server", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    gateway = GatewayProcess(data_dir=data_dir, port=port, process=process, log_path=log_path)
+    gateway = GatewayProcess(
+        data_dir=data_dir, port=port, process=process, log_path=log_path, extra_env=dict(extra_env or {})
+    )
     try:
         _wait_ready(gateway, timeout)
         yield gateway
