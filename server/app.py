@@ -16,6 +16,7 @@ from server.admin import add_admin_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
+from server.llm.route import add_llm_routes
 from server.mcp import build_mcp_server
 from server.registry import Tool
 from server.request_id import RequestIdMiddleware, request_id_of
@@ -75,6 +76,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
     add_admin_routes(app)
+    add_llm_routes(app)
     app.add_middleware(RequestIdMiddleware)
     return app
 

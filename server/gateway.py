@@ -22,6 +22,7 @@ from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
 from server.invoke import InvokeStage
 from server.listing import ToolLister
+from server.llm.proxy import LlmProxy
 from server.mcp import McpHandlers
 from server.metering.meter import Meter
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
@@ -58,6 +59,7 @@ class Gateway:
     handlers: McpHandlers
     watcher: PolicyWatcher | None = None
     decision_log: DecisionLog | None = None
+    llm: LlmProxy | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher); needs the running event loop."""
@@ -88,6 +90,8 @@ class Gateway:
             await self.watcher.stop()
         if self.decision_log is not None:
             self.decision_log.close()
+        if self.llm is not None:
+            await self.llm.close()
         for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
             try:
                 await closer()
@@ -189,4 +193,5 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         handlers=handlers,
         watcher=watcher,
         decision_log=decision_log,
+        llm=LlmProxy(settings.llm, settings.metering, meter, outbox, counter) if settings.llm.upstream_url else None,
     )

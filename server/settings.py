@@ -163,6 +163,27 @@ class MeterSettings(BaseModel):
     """tiktoken encoding for tool arguments and results (a bundled offline copy is used when there is one)."""
 
 
+class LlmSettings(BaseModel):
+    """The OpenAI-compatible route `/v1/chat/completions`, served when `upstream_url` is set."""
+
+    upstream_url: str = ""
+    """The upstream API base, e.g. https://api.openai.com/v1 or a Databricks serving endpoints base."""
+    api_key_env: str = "CASTELLAN_LLM_API_KEY"
+    """The environment variable holding the gateway's own upstream key (never the agent's token)."""
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    log_payloads: bool = False
+    """Put the messages (redacted) in the audit record; off by default."""
+    redact_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"sk-[A-Za-z0-9_\-]{16,}",
+            r"dapi[0-9a-f]{32}",
+            r"AKIA[0-9A-Z]{16}",
+            r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+",
+        ]
+    )
+    """Secret-looking text replaced by [REDACTED] in logged payloads."""
+
+
 class AuditSettings(BaseModel):
     backend: str = "sqlite"
     path: Path | None = None
@@ -186,6 +207,7 @@ class Settings(BaseSettings):
     grants: GrantSettings = Field(default_factory=GrantSettings)
     metering: MeterSettings = Field(default_factory=MeterSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
 
     @classmethod
     def settings_customise_sources(
