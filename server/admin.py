@@ -6,6 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
+from server.audit.outbox import SqliteOutbox
+from server.audit.search import AuditQuery
 from server.errors import BackendUnavailable, Unauthenticated
 from server.gateway import Gateway
 from server.identity import Identity
@@ -59,6 +61,43 @@ async def usage(request: Request, admin: AdminIdentity, agent: str, groups: str 
     except BackendUnavailable as exc:
         raise HTTPException(503, "; ".join(exc.reasons)) from None
     return usage_document(report)
+
+
+@router.get("/audit")
+async def audit_search(
+    request: Request,
+    admin: AdminIdentity,
+    agent: str | None = None,
+    subject: str | None = None,
+    tool: str | None = None,
+    decision: str | None = None,
+    reason: str | None = None,
+    policy_version: str | None = None,
+    run_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> dict[str, Any]:
+    """Audited calls matching every filter given, newest first (paging with limit and offset)."""
+    outbox = _gateway(request).outbox
+    if not isinstance(outbox, SqliteOutbox):
+        raise HTTPException(501, "this audit backend has no search")
+    query = AuditQuery(agent, subject, tool, decision, reason, policy_version, run_id, since, until, limit, offset)
+    try:
+        results = await outbox.search_async(query)
+    except ValueError as exc:
+        raise HTTPException(400, f"bad filter: {exc}") from None
+    return {"results": results, "limit": limit, "offset": offset}
+
+
+@router.get("/audit/{call_id}")
+async def audit_show(request: Request, admin: AdminIdentity, call_id: str) -> dict[str, Any]:
+    outbox = _gateway(request).outbox
+    record = await outbox.show_async(call_id) if isinstance(outbox, SqliteOutbox) else None
+    if record is None:
+        raise HTTPException(404, f"no call {call_id}")
+    return record
 
 
 def add_admin_routes(app: FastAPI) -> None:

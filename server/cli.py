@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,6 +14,7 @@ from server.errors import CastellanError, ConfigError
 from server.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from server.audit.outbox import SqliteOutbox
     from server.grants.local import LocalCatalog
 
 
@@ -152,6 +153,68 @@ def usage(config: Path | None, agent: str, groups: str, as_json: bool) -> None:
 
     assert isinstance(report, Usage)
     click.echo(json.dumps(usage_document(report), indent=2) if as_json else usage_table(report))
+
+
+def _outbox(config: Path | None) -> SqliteOutbox:
+    from server.audit.outbox import SqliteOutbox
+
+    settings = _settings(config)
+    return SqliteOutbox(settings.data_file(settings.audit.path, "audit.db"))
+
+
+@main.group()
+def audit() -> None:
+    """Search, show and verify the audit log (the local outbox)."""
+
+
+@audit.command("verify")
+@config_option
+def audit_verify(config: Path | None) -> None:
+    """Check the hash chain: any edited, deleted or reordered record is reported with its position."""
+    result = _outbox(config).verify()
+    for problem in result.breaks:
+        click.echo(f"record {problem.seq}: {problem.problem}", err=True)
+    click.echo(
+        f"{result.records} records, chain head {result.head[:16]}…: "
+        + ("intact" if result.intact else f"{len(result.breaks)} problem(s)")
+    )
+    sys.exit(0 if result.intact else 1)
+
+
+@audit.command("search")
+@config_option
+@click.option("--agent")
+@click.option("--subject")
+@click.option("--tool")
+@click.option("--decision", type=click.Choice(["allow", "deny", "error"]))
+@click.option("--reason", help="Text anywhere in the reasons.")
+@click.option("--policy-version")
+@click.option("--run-id")
+@click.option("--since", help="ISO 8601 time (inclusive).")
+@click.option("--until", help="ISO 8601 time (exclusive).")
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--offset", type=int, default=0, help="Skip this many (paging).")
+@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
+def audit_search(config: Path | None, fmt: str, **filters: Any) -> None:
+    """Calls matching every filter, newest first."""
+    from server.audit.search import AuditQuery, render
+
+    try:
+        results = _outbox(config).search(AuditQuery(**filters))
+    except ValueError as exc:
+        raise click.ClickException(f"bad filter: {exc}") from None
+    click.echo(render(results, fmt), nl=False)
+
+
+@audit.command("show")
+@config_option
+@click.argument("call_id")
+def audit_show(config: Path | None, call_id: str) -> None:
+    """One call in full: its decision and outcome records, with their positions and hashes."""
+    record = _outbox(config).show(call_id)
+    if record is None:
+        raise click.ClickException(f"no call {call_id}")
+    click.echo(json.dumps(record, indent=2))
 
 
 @main.group()

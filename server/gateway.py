@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import structlog
 
 from server import backends
-from server.audit.outbox import Outbox
+from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
@@ -86,6 +86,9 @@ class Gateway:
         return results
 
     async def close(self) -> None:
+        if isinstance(self.outbox, SqliteOutbox):
+            seq, head = self.outbox.record_head()  # so verify can tell if the tail was cut off later
+            log.info("audit_chain_head", seq=seq, hash=head)
         if self.watcher is not None:
             await self.watcher.stop()
         if self.decision_log is not None:

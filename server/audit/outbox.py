@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import structlog
+
+from server.audit.chain import GENESIS, Verification, record_hash, verify
+from server.audit.search import AuditQuery, search, show
 from server.errors import BackendUnavailable
 from server.sqlite import SqliteDatabase
+
+log = structlog.get_logger("castellan.audit")
 
 Kind = Literal["decision", "outcome"]
 
@@ -20,12 +26,25 @@ CREATE TABLE IF NOT EXISTS outbox (
   kind TEXT NOT NULL CHECK (kind IN ('decision', 'outcome')),
   ts REAL NOT NULL,
   record TEXT NOT NULL,
+  prev_hash TEXT NOT NULL,
+  hash TEXT NOT NULL,
   shipped_at REAL,
   UNIQUE (call_id, kind)
 );
+CREATE INDEX IF NOT EXISTS outbox_unshipped ON outbox (shipped_at, seq);
+CREATE TABLE IF NOT EXISTS chain_heads (
+  seq INTEGER PRIMARY KEY,
+  hash TEXT NOT NULL,
+  recorded_at REAL NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS outbox_no_delete BEFORE DELETE ON outbox
 BEGIN SELECT RAISE(ABORT, 'the audit outbox is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS outbox_no_update BEFORE UPDATE OF seq, call_id, kind, ts, record, prev_hash, hash
+ON outbox BEGIN SELECT RAISE(ABORT, 'audit records cannot be changed'); END;
 """
+# A chain head every this many records, and in the log, so a copy of the chain's state exists
+# outside the database an intruder could rewrite whole.
+_HEAD_EVERY = 1000
 
 
 class Outbox(Protocol):
@@ -52,10 +71,17 @@ class SqliteOutbox:
         body = json.dumps(record, separators=(",", ":"), default=str)
 
         def insert(conn: sqlite3.Connection) -> None:
+            last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+            ts = time.time()
+            digest = record_hash(prev, seq, call_id, kind, ts, body)
             conn.execute(
-                "INSERT INTO outbox (call_id, kind, ts, record) VALUES (?, ?, ?, ?)",
-                (call_id, kind, time.time(), body),
+                "INSERT INTO outbox (seq, call_id, kind, ts, record, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, call_id, kind, ts, body, prev, digest),
             )
+            if seq % _HEAD_EVERY == 0:
+                conn.execute("INSERT INTO chain_heads VALUES (?, ?, ?)", (seq, digest, ts))
+                log.info("audit_chain_head", seq=seq, hash=digest)
 
         try:
             await self._db.transact(insert)
@@ -77,6 +103,34 @@ class SqliteOutbox:
             ).fetchall()
         )
         return [json.loads(r[0]) for r in rows]
+
+    def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        return self._db.run_sync(lambda c: search(c, query))
+
+    def show(self, call_id: str) -> dict[str, Any] | None:
+        return self._db.run_sync(lambda c: show(c, call_id))
+
+    async def search_async(self, query: AuditQuery) -> list[dict[str, Any]]:
+        return await self._db.run(lambda c: search(c, query))
+
+    async def show_async(self, call_id: str) -> dict[str, Any] | None:
+        return await self._db.run(lambda c: show(c, call_id))
+
+    def verify(self) -> Verification:
+        """Recompute the hash chain (synchronous: for the CLI)."""
+        return self._db.run_sync(verify)
+
+    def record_head(self) -> tuple[int, str]:
+        """Record the current chain head now (e.g. at shutdown or on a schedule); returns it."""
+
+        def write(conn: sqlite3.Connection) -> tuple[int, str]:
+            last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                return 0, GENESIS
+            conn.execute("INSERT OR IGNORE INTO chain_heads VALUES (?, ?, ?)", (last[0], last[1], time.time()))
+            return int(last[0]), str(last[1])
+
+        return self._db.run_sync(write)
 
     async def check(self) -> None:
         try:

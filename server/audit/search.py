@@ -1,0 +1,96 @@
+"""Audit search for auditors: who called what, what was decided and why, what came back."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+_FILTERS = {
+    "agent": "json_extract(d.record, '$.agent_id') = ?",
+    "subject": "json_extract(d.record, '$.subject') = ?",
+    "tool": "json_extract(d.record, '$.tool') = ?",
+    "decision": "json_extract(d.record, '$.decision') = ?",
+    "policy_version": "json_extract(d.record, '$.policy_version') = ?",
+    "run_id": "json_extract(d.record, '$.run_id') = ?",
+    "reason": "json_extract(d.record, '$.reasons') LIKE ?",
+    "since": "d.ts >= ?",
+    "until": "d.ts < ?",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    agent: str | None = None
+    subject: str | None = None
+    tool: str | None = None
+    decision: str | None = None
+    reason: str | None = None
+    """Text anywhere in the reasons."""
+    policy_version: str | None = None
+    run_id: str | None = None
+    since: str | None = None
+    """ISO 8601 time, inclusive."""
+    until: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def _epoch(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def search(conn: sqlite3.Connection, query: AuditQuery) -> list[dict[str, Any]]:
+    """Calls matching every filter given, newest first: the decision record with its outcome."""
+    where, args = ["d.kind = 'decision'"], []
+    for f in fields(query):
+        value = getattr(query, f.name)
+        if f.name in _FILTERS and value is not None:
+            where.append(_FILTERS[f.name])
+            args.append(
+                f"%{value}%" if f.name == "reason" else _epoch(value) if f.name in ("since", "until") else value
+            )
+    sql = (
+        "SELECT d.seq, d.call_id, d.record, o.record FROM outbox d LEFT JOIN outbox o ON o.call_id = d.call_id "
+        f"AND o.kind = 'outcome' WHERE {' AND '.join(where)} ORDER BY d.seq DESC LIMIT ? OFFSET ?"
+    )
+    rows = conn.execute(sql, [*args, max(1, min(query.limit, 10_000)), max(0, query.offset)]).fetchall()
+    return [
+        {**json.loads(decision), "seq": seq, "call_id": call_id, "outcome": json.loads(outcome) if outcome else None}
+        for seq, call_id, decision, outcome in rows
+    ]
+
+
+def show(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
+    rows = conn.execute(
+        "SELECT kind, seq, record, hash FROM outbox WHERE call_id = ? ORDER BY seq", (call_id,)
+    ).fetchall()
+    if not rows:
+        return None
+    return {kind: {"seq": seq, "hash": digest, **json.loads(record)} for kind, seq, record, digest in rows}
+
+
+_COLUMNS = ("time", "agent_id", "tool", "decision", "stage", "reasons", "run_id", "policy_version", "call_id")
+
+
+def render(results: Iterable[dict[str, Any]], fmt: str) -> str:
+    """`table`, `jsonl` or `csv`."""
+    items = list(results)
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in items)
+    flat = [{c: "; ".join(r.get(c) or []) if c == "reasons" else r.get(c) or "" for c in _COLUMNS} for r in items]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=_COLUMNS)
+        writer.writeheader()
+        writer.writerows(flat)
+        return out.getvalue()
+    widths = {c: min(48, max([len(c), *(len(str(r[c])) for r in flat)])) for c in _COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in _COLUMNS)]
+    lines += ["  ".join(str(r[c])[: widths[c]].ljust(widths[c]) for c in _COLUMNS) for r in flat]
+    return "\n".join(lines) + "\n"
