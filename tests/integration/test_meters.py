@@ -116,10 +116,10 @@ async def test_concurrent_calls_are_limited_and_freed_on_settle(meter: Meter) ->
 
 async def test_a_reservation_that_never_settles_expires(meter: Meter) -> None:
     lim = limits(concurrent_calls=1)
-    await meter.admit(AGENT, RunInfo(run_id="a"), admission(lim, ttl=0.3))
+    await meter.admit(AGENT, RunInfo(run_id="a"), admission(lim, ttl=1.0))
     with pytest.raises(Denied, match="concurrency limit"):
         await meter.admit(AGENT, RunInfo(run_id="b"), admission(lim))
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.2)
     await meter.admit(AGENT, RunInfo(run_id="c"), admission(lim))
 
 
