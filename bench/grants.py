@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.stats import percentile
 from server.demo import seed_demo_grants
 from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
@@ -21,11 +22,6 @@ from server.testing import make_call, make_identity
 from tools.echo import EchoTool
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def measure(stage: GrantsStage, calls: int) -> list[float]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from bench.stats import percentile
+
 PROTOCOL = "2026-07-28"
 
 
@@ -37,8 +39,7 @@ class Sample:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+        return percentile(self.latencies, q)
 
 
 async def drive(url: str, token: str | None, calls: int, concurrency: int, tool: str = "echo") -> Sample:

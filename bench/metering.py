@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.stats import percentile
 from server.call import RunInfo
 from server.metering.meter import Admission, Meter
 from server.metering.redis import RedisMeter
@@ -25,11 +26,6 @@ from tests.redis_server import run_redis
 
 RESULTS = Path(__file__).parent / "results"
 LIMITS = Limits(calls_per_minute=0, tokens_per_day=10**12, concurrent_calls=0, max_run_calls=0, max_repeats=0)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def one(meter: Meter, agent: str) -> float:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.stats import percentile
 from server.policy._input import build_input
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
@@ -25,11 +26,6 @@ from tests.opa import run_opa
 from tools.echo import EchoTool
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def sequential(engine: PolicyEngine, docs: list[dict[str, Any]]) -> list[float]:

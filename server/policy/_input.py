@@ -78,3 +78,9 @@ def schema_errors(document: Any) -> list[str]:
         for err in _VALIDATOR.iter_errors(document)
     ]
     return detailed or [fast_message]
+
+
+def input_problem(document: Any) -> str | None:
+    """The deny reason for an input that breaks the schema (both engines use it), or None when valid."""
+    problems = schema_errors(document)
+    return f"decision input invalid: {problems[0]}" if problems else None

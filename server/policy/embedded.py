@@ -16,7 +16,7 @@ import regorus
 import structlog
 
 from server.errors import BackendUnavailable, ConfigError
-from server.policy._input import schema_errors
+from server.policy._input import input_problem
 from server.policy._result import EVALUATION_FAILED, to_decision
 from server.policy.bundle import PolicyBundle
 from server.policy.engine import Decision, LoadReport
@@ -147,10 +147,10 @@ class EmbeddedEngine:
         version = workers.bundle.version
         decision_id = uuid.uuid4().hex
         started = time.perf_counter()
-        problems = schema_errors(document)
-        if problems:
+        problem = input_problem(document)
+        if problem is not None:
             return to_decision(
-                {"allow": False, "reasons": [f"decision input invalid: {problems[0]}"]},
+                {"allow": False, "reasons": [problem]},
                 policy_version=version,
                 engine=self.name,
                 decision_id=decision_id,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from server.grants.local import LocalCatalog
+from tests.fakes.loopback import serve_app
 
 TOKEN = "dapi-castellan-test"
 _PLURAL = {"catalogs": "CATALOG", "schemas": "SCHEMA", "functions": "FUNCTION", "tables": "TABLE"}
@@ -102,12 +103,5 @@ async def serve(catalog: LocalCatalog) -> AsyncIterator[tuple[FakeWorkspace, str
     app.router.add_get("/api/2.1/unity-catalog/effective-permissions/{type}/{name}", workspace.effective)
     app.router.add_get("/api/2.1/unity-catalog/catalogs", workspace.list_catalogs)
     app.router.add_get("/api/2.1/unity-catalog/{kind:catalogs|schemas|functions|tables}/{name}", workspace.info)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield workspace, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield workspace, url

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.loopback import serve_app
+
 REPLY = "The answer is forty-two, as everybody knows."
 
 
@@ -83,12 +85,5 @@ async def serve() -> AsyncIterator[tuple[FakeOpenAI, str]]:
     fake = FakeOpenAI()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", fake.completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield fake, f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield fake, f"{url}/v1"

@@ -17,10 +17,22 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         yield gw
 
 
+def run_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` as a user runs it beside the gateway (same settings and data directory)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=gateway.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def cli_token(gateway: GatewayProcess, agent: str, groups: str = "", *extra: str) -> str:
     """A token minted the way a user does it: `castellan token`, against the gateway's settings."""
-    args = [sys.executable, "-m", "server", "token", "--agent", agent, "--groups", groups, *extra]
-    done = subprocess.run(args, env=gateway.env(), capture_output=True, text=True, check=True, timeout=30)
+    done = run_cli(gateway, "token", "--agent", agent, "--groups", groups, *extra)
+    assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from joserfc.jwk import ECKey, KeySet
 
 from server.auth.keys import JwksKeys, KeyUnavailable
+from tests.fakes.loopback import serve_app
 
 pytestmark = pytest.mark.anyio
 
@@ -32,13 +33,8 @@ async def issuer() -> AsyncIterator[tuple[Issuer, str]]:
     state = Issuer()
     app = web.Application()
     app.router.add_get("/jwks", state.jwks)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield state, f"http://127.0.0.1:{port}/jwks"
-    await runner.cleanup()
+    async with serve_app(app) as url:
+        yield state, f"{url}/jwks"
 
 
 def kids(keys: KeySet) -> list[str | None]:
