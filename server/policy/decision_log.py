@@ -3,10 +3,11 @@ whichever engine decided (the mask is evaluated here, in-process, for both)."""
 
 from __future__ import annotations
 
-import copy
 import json
+import re
 import threading
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +22,7 @@ from server.policy.engine import Decision
 
 log = structlog.get_logger("castellan.policy")
 MASK_RULE = "data.system.log.mask"
+_PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _UNDEFINED = '"<undefined>"'
 
 
@@ -84,6 +86,11 @@ def _pointer_upsert(doc: Any, pointer: str, value: Any) -> bool:
     return True
 
 
+def _package(module: str) -> str:
+    match = _PACKAGE.search(module)
+    return match.group(1) if match else ""
+
+
 class DecisionLog:
     """Writes one JSON line per decision to `path`. The mask engine is compiled from the bundle in use
     (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread."""
@@ -99,18 +106,24 @@ class DecisionLog:
         self.use(bundle)
 
     def use(self, bundle: PolicyBundle) -> None:
-        has_mask = any("package system.log" in text for text in bundle.modules.values())
-        self._mask = compile_bundle(bundle) if has_mask else None
+        """Compile only the `system.log` modules (with the data): a small engine, evaluated per decision."""
+        mask_modules = {p: t for p, t in bundle.modules.items() if _package(t).startswith("system.log")}
+        if mask_modules:
+            self._mask = compile_bundle(replace(bundle, modules=mask_modules, tests={}))
+        else:
+            self._mask = None
         self._version = bundle.version
 
     def event(self, document: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        """The event for one decision. Masking edits `document` in place: pass one that is not used
+        again (the policy stage builds a fresh input for every call)."""
         result = {"allow": decision.allow, "reasons": list(decision.reasons), "obligations": dict(decision.obligations)}
         event: dict[str, Any] = {
             "decision_id": decision.decision_id or uuid.uuid4().hex,
             "labels": {"id": self._instance, "version": f"castellan-{__version__}", "engine": decision.engine},
             "bundles": {"castellan": {"revision": decision.policy_version}},
             "path": self._decision_path,
-            "input": copy.deepcopy(document),
+            "input": document,
             "result": result,
             "requested_by": "castellan",
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
