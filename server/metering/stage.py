@@ -8,11 +8,12 @@ import json
 from dataclasses import replace
 
 from server.call import Call
+from server.identity import Identity
 from server.metering.limits import resolve_limits
 from server.metering.meter import Admission, Meter
 from server.metering.tokens import TokenCounter
 from server.registry import ToolOutput
-from server.settings import MeterSettings
+from server.settings import Limits, MeterSettings
 
 
 def call_key(tool: str, arguments: object) -> str:
@@ -31,13 +32,23 @@ class AdmitStage:
         self._meter = meter
         self._settings = settings
         self._counter = counter
+        self._limits: dict[tuple[str, tuple[str, ...]], Limits] = {}  # settings are fixed for the process
+
+    def _limits_for(self, identity: Identity) -> Limits:
+        key = (identity.agent_id, identity.groups)
+        limits = self._limits.get(key)
+        if limits is None:
+            if len(self._limits) > 10_000:
+                self._limits.clear()
+            limits = self._limits[key] = resolve_limits(self._settings, identity)
+        return limits
 
     async def run(self, call: Call) -> Call:
         assert call.identity is not None
         tokens_in = self._counter.count(dict(call.arguments))
         admission = Admission(
             call_key=call_key(call.tool_name, call.arguments),
-            limits=resolve_limits(self._settings, call.identity),
+            limits=self._limits_for(call.identity),
             estimate=tokens_in + self._settings.reserve_output_tokens,
             reservation=call.call_id,
             ttl=self._settings.reservation_ttl_seconds,
