@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from server.call import Budget, RunInfo
 from server.errors import BackendUnavailable
@@ -14,6 +12,7 @@ from server.identity import Identity
 from server.metering import limits as L
 from server.metering.meter import Admission, Usage, WindowUsage
 from server.settings import Limits
+from server.sqlite import SqliteDatabase
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -32,7 +31,6 @@ CREATE TABLE IF NOT EXISTS reservations (
 CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent, expires_at);
 """
 _RUN_TTL_SECONDS = 86_400
-T = TypeVar("T")
 
 
 class _Counters:
@@ -63,55 +61,17 @@ def _in_flight(conn: sqlite3.Connection, agent: str, now: float) -> tuple[int, i
     return int(row[0]), int(row[1])
 
 
-class _Inline:
-    """The meter's SQLite connection, used on the event loop's thread only: each transaction runs to
-    completion without yielding, so transactions cannot interleave, and a `synchronous=NORMAL` commit
-    (no fsync) costs ~30 µs where a hop to a worker thread costs ~150 µs (measured). A meter count lost
-    with the machine's power is acceptable; the audit outbox, which is not, keeps its own durable path."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._conn: sqlite3.Connection | None = None
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self._path, isolation_level=None, timeout=5.0, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
-        return self._conn
-
-    def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
 class SqliteMeter:
     """Counters per agent and window, calls and repeats per run, and in-flight reservations."""
 
     def __init__(self, path: Path) -> None:
-        self._db = _Inline(path)
+        self._db = SqliteDatabase(path, schema=_SCHEMA)
         self._swept_at = 0.0
 
     async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget:
         try:
             await self._sweep()
-            return self._db.transact(lambda c: _admit(c, identity.agent_id, run, admission, time.time()))
+            return await self._db.transact(lambda c: _admit(c, identity.agent_id, run, admission, time.time()))
         except sqlite3.Error as exc:
             raise BackendUnavailable("admit", f"meter store unavailable: {exc}") from exc
 
@@ -128,13 +88,13 @@ class SqliteMeter:
                 counters.put(key, b.bucket, counters.get(key, b.bucket) + tokens)
 
         try:
-            self._db.transact(write)
+            await self._db.transact(write)
         except sqlite3.Error as exc:
             raise BackendUnavailable("charge", f"meter store unavailable: {exc}") from exc
 
     async def release(self, identity: Identity, reservation: str) -> None:
         try:
-            self._db.transact(lambda c: c.execute("DELETE FROM reservations WHERE id = ?", (reservation,)))
+            await self._db.transact(lambda c: c.execute("DELETE FROM reservations WHERE id = ?", (reservation,)))
         except sqlite3.Error as exc:
             raise BackendUnavailable("charge", f"meter store unavailable: {exc}") from exc
 
@@ -158,7 +118,7 @@ class SqliteMeter:
             )
 
         try:
-            return self._db.transact(read)
+            return await self._db.transact(read)
         except sqlite3.Error as exc:
             raise BackendUnavailable("usage", f"meter store unavailable: {exc}") from exc
 
@@ -169,11 +129,13 @@ class SqliteMeter:
             return
         self._swept_at = now
         cutoff = now - _RUN_TTL_SECONDS
-        self._db.transact(lambda c: c.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,)))
+        await self._db.transact(
+            lambda c: c.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,))
+        )
 
     async def check(self) -> None:
         try:
-            self._db.transact(lambda c: c.execute("SELECT 1 FROM counters LIMIT 1").fetchall())
+            await self._db.run(lambda c: c.execute("SELECT 1 FROM counters LIMIT 1").fetchall())
         except sqlite3.Error as exc:
             raise BackendUnavailable("admit", f"meter store unavailable: {exc}") from exc
 
