@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 
 from server.audit.outbox import SqliteOutbox
 from server.audit.search import AuditQuery
+from server.auth.middleware import bearer_token
 from server.errors import BackendUnavailable, Unauthenticated
 from server.gateway import Gateway
 from server.identity import Identity
@@ -25,11 +26,11 @@ def _gateway(request: Request) -> Gateway:
 
 async def require_admin(request: Request) -> Identity:
     """401 without a valid token, 403 without the admin scope."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
         raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
     try:
-        identity = await _gateway(request).verifier.verify(token.strip())
+        identity = await _gateway(request).verifier.verify(token)
     except Unauthenticated as exc:
         raise HTTPException(
             401, f"unauthorized: {exc.description}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}

@@ -12,6 +12,8 @@ class CastellanError(Exception):
     """A call that did not go through. `stage` names the pipeline stage; `reasons` are for the caller."""
 
     code = "internal_error"
+    verdict = "deny"
+    """What the call's record and result say was decided: a refusal is "deny", a bug is "error"."""
 
     def __init__(self, stage: str, *reasons: str, decision: Decision | None = None) -> None:
         super().__init__(f"{stage}: {'; '.join(reasons) or self.code}")
@@ -42,6 +44,7 @@ class InternalError(CastellanError):
     """A bug. Never an allow; the details stay in the server log."""
 
     code = "internal_error"
+    verdict = "error"
 
 
 class Unauthenticated(Exception):

@@ -41,7 +41,7 @@ def to_tool_result(exc: CastellanError, *, structured: bool = True) -> types.Cal
     MCP Inspector among them) validate structured content against that schema even on errors.
     """
     body: dict[str, Any] = {
-        "decision": "error" if exc.code == "internal_error" else "deny",
+        "decision": exc.verdict,
         "stage": exc.stage,
         "code": exc.code,
         "reasons": list(exc.reasons),
@@ -116,7 +116,7 @@ class McpHandlers:
 
     def _observe(self, call: Call, elapsed: float) -> None:
         error = call.error
-        decision = "allow" if error is None else ("error" if error.code == "internal_error" else "deny")
+        decision = "allow" if error is None else error.verdict
         stage = error.stage if error else "invoke"
         tool = call.tool_name if call.tool is not None else "(unknown)"
         self._metrics.calls.labels(tool, decision, stage).inc()

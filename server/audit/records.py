@@ -13,7 +13,7 @@ RESULT_PREVIEW_CHARS = 2_000
 def decision_record(call: Call) -> dict[str, Any]:
     """Who called what, with which arguments, and what was decided: written before the tool runs."""
     identity, decision, error = call.identity, call.decision, call.error
-    verdict = "allow" if error is None else ("error" if error.code == "internal_error" else "deny")
+    verdict = "allow" if error is None else error.verdict
     return {
         "call_id": call.call_id,
         "request_id": call.request_id,

@@ -20,6 +20,13 @@ log = structlog.get_logger("castellan.auth")
 IDENTITY_SCOPE_KEY = "castellan.identity"
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header; None when it is missing or not Bearer."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def identity_of(scope: Scope) -> Identity | None:
     """The identity the edge authenticated for this request, if any."""
     identity = scope.get(IDENTITY_SCOPE_KEY)
@@ -48,9 +55,8 @@ class BearerAuthMiddleware:
         if header is None:
             await self._reject(scope, receive, send, None, "missing_token", "bearer token required")
             return
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(header)
+        if token is None:
             await self._reject(scope, receive, send, "invalid_request", "bad_scheme", "use Authorization: Bearer")
             return
         try:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from server.auth.middleware import bearer_token
 from server.errors import BackendUnavailable, Denied, Unauthenticated
 from server.gateway import Gateway
 from server.llm.proxy import BadRequest, UpstreamFailed
@@ -32,11 +33,11 @@ async def chat_completions(request: Request) -> Response:
         return _error(404, "the LLM route is not configured (llm.upstream_url)", "not_found")
     if int(request.headers.get("content-length") or 0) > gateway.settings.server.max_body_bytes:
         return _error(413, "request body too large", "invalid_request_error")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
         return _error(401, "bearer token required", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
     try:
-        identity = await gateway.verifier.verify(token.strip())
+        identity = await gateway.verifier.verify(token)
     except Unauthenticated as exc:
         return _error(
             401,

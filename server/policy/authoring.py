@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import PolicyBundle, package_of
 from server.policy.embedded import _clean
 from server.policy.managed import find_opa
 
-_PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _TEST_RULE = re.compile(r"^(test_\w+)\s+(?:if\b|:=|=|\{)", re.MULTILINE)
 # Constructs on which the embedded engine is known to decide differently from OPA for some inputs
 # (tests/integration/engine_divergences.json; docs/policy-engines.md).
@@ -46,11 +45,11 @@ def run_tests_in_process(root: Path) -> list[TestResult]:
     engine.add_data_json(json.dumps(bundle.data))
     results = []
     for text in bundle.tests.values():
-        package = _PACKAGE.search(text)
-        if package is None:
+        package = package_of(text)
+        if not package:
             continue
         for rule in dict.fromkeys(_TEST_RULE.findall(text)):
-            name = f"data.{package.group(1)}.{rule}"
+            name = f"data.{package}.{rule}"
             try:
                 value = engine.eval_rule_as_json(name)
                 results.append(TestResult(name, value == "true", "" if value == "true" else f"got {value}"))

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError
+
+_PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
+
+
+def package_of(module: str) -> str:
+    """The package a Rego module declares (`castellan.gateway`), or "" when it declares none."""
+    match = _PACKAGE.search(module)
+    return match.group(1) if match else ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,6 @@ whichever engine decided (the mask is evaluated here, in-process, for both)."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import uuid
 from dataclasses import replace
@@ -16,13 +15,12 @@ import regorus
 import structlog
 
 from server import __version__
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import PolicyBundle, package_of
 from server.policy.embedded import compile_bundle
 from server.policy.engine import Decision
 
 log = structlog.get_logger("castellan.policy")
 MASK_RULE = "data.system.log.mask"
-_PACKAGE = re.compile(r"^package\s+([\w.]+)", re.MULTILINE)
 _UNDEFINED = '"<undefined>"'
 
 
@@ -86,11 +84,6 @@ def _pointer_upsert(doc: Any, pointer: str, value: Any) -> bool:
     return True
 
 
-def _package(module: str) -> str:
-    match = _PACKAGE.search(module)
-    return match.group(1) if match else ""
-
-
 class DecisionLog:
     """Writes one JSON line per decision to `path`. The mask engine is compiled from the bundle in use
     (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread."""
@@ -107,7 +100,7 @@ class DecisionLog:
 
     def use(self, bundle: PolicyBundle) -> None:
         """Compile only the `system.log` modules (with the data): a small engine, evaluated per decision."""
-        mask_modules = {p: t for p, t in bundle.modules.items() if _package(t).startswith("system.log")}
+        mask_modules = {p: t for p, t in bundle.modules.items() if package_of(t).startswith("system.log")}
         if mask_modules:
             self._mask = compile_bundle(replace(bundle, modules=mask_modules, tests={}))
         else:
