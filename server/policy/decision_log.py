@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import regorus
 import structlog
 
 from server import __version__
+from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import PolicyBundle, package_of
 from server.policy.embedded import compile_bundle
 from server.policy.engine import Decision
@@ -94,18 +94,14 @@ class DecisionLog:
         self._decision_path = decision_path
         self._instance = uuid.uuid4().hex
         self._lock = threading.Lock()
-        self._mask: regorus.Engine | None = None
-        self._version = ""
+        self._owner = new_owner()  # the mask engine lives with the thread that uses it (_thread_engines)
+        self._mask_bundle: PolicyBundle | None = None
         self.use(bundle)
 
     def use(self, bundle: PolicyBundle) -> None:
         """Compile only the `system.log` modules (with the data): a small engine, evaluated per decision."""
         mask_modules = {p: t for p, t in bundle.modules.items() if package_of(t).startswith("system.log")}
-        if mask_modules:
-            self._mask = compile_bundle(replace(bundle, modules=mask_modules, tests={}))
-        else:
-            self._mask = None
-        self._version = bundle.version
+        self._mask_bundle = replace(bundle, modules=mask_modules, tests={}) if mask_modules else None
 
     def event(self, document: dict[str, Any], decision: Decision) -> dict[str, Any]:
         """The event for one decision. Masking edits `document` in place: pass one that is not used
@@ -122,9 +118,11 @@ class DecisionLog:
             "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "metrics": {"timer_castellan_decide_ns": int(decision.eval_ms * 1e6)},
         }
-        if self._mask is not None:
-            self._mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
-            raw = self._mask.eval_rule_as_json(MASK_RULE)
+        mask_bundle = self._mask_bundle
+        if mask_bundle is not None:
+            mask = engine_for(self._owner, mask_bundle.version, lambda: compile_bundle(mask_bundle))
+            mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
+            raw = mask.eval_rule_as_json(MASK_RULE)
             if raw != _UNDEFINED:
                 apply_mask(event, json.loads(raw))
         return event
@@ -139,3 +137,4 @@ class DecisionLog:
 
     def close(self) -> None:
         self._file.close()
+        drop(self._owner)

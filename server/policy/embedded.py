@@ -1,4 +1,4 @@
-"""The embedded policy engine: Rego decided in-process by regorus, off the event loop."""
+"""The embedded policy engine: Rego decided in-process by regorus."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import structlog
 from server.errors import BackendUnavailable, ConfigError
 from server.policy._input import input_problem
 from server.policy._result import EVALUATION_FAILED, to_decision
+from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import PolicyBundle
 from server.policy.engine import Decision, LoadReport
 
 _UNDEFINED = '"<undefined>"'
 log = structlog.get_logger("castellan.policy")
-_PARKED: list[Any] = []
 _STOP = None
 
 # A job: the input document as JSON, the future to answer, and the loop that owns the future.
@@ -126,8 +126,7 @@ class EmbeddedEngine:
         self._closed = False
         self._inline_max = inline_max_us / 1e6
         self._average = 0.0
-        # (thread id, bundle, engine): an engine for the loop's thread, rebuilt when the bundle changes.
-        self._inline: tuple[int, PolicyBundle, regorus.Engine] | None = None
+        self._owner = new_owner()  # inline engines live with the thread that used them (_thread_engines)
 
     @property
     def policy_version(self) -> str:
@@ -159,7 +158,9 @@ class EmbeddedEngine:
             raise BackendUnavailable("policy", "policy engine unavailable (closed)")
         document_json = json.dumps(document)
         if self._inline_max > 0 and self._average <= self._inline_max:
-            ok, raw, seconds = _evaluate(self._inline_engine(workers.bundle), self._entrypoint, document_json)
+            bundle = workers.bundle
+            engine = engine_for(self._owner, bundle.version, lambda: compile_bundle(bundle))
+            ok, raw, seconds = _evaluate(engine, self._entrypoint, document_json)
         else:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[tuple[bool, Any, float]] = loop.create_future()
@@ -172,16 +173,6 @@ class EmbeddedEngine:
         eval_ms = (time.perf_counter() - started) * 1000
         return to_decision(raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms)
 
-    def _inline_engine(self, bundle: PolicyBundle) -> regorus.Engine:
-        thread = threading.get_ident()
-        if self._inline is None or self._inline[0] != thread or self._inline[1] is not bundle:
-            if self._inline is not None and self._inline[0] != thread:
-                # Never drop an engine on a thread that did not make it: park it with that thread's
-                # (rare: only if one engine is used from two event loops in two threads).
-                _PARKED.append(self._inline)
-            self._inline = (thread, bundle, compile_bundle(bundle))
-        return self._inline[2]
-
     async def check(self) -> None:
         if self._closed or not self._workers.alive():
             raise BackendUnavailable("policy", "policy engine unavailable (worker stopped)")
@@ -189,8 +180,7 @@ class EmbeddedEngine:
     async def close(self) -> None:
         self._closed = True
         self._workers.stop()
-        if self._inline is not None and self._inline[0] == threading.get_ident():
-            self._inline = None
+        drop(self._owner)
 
 
 def _stop_workers(jobs: queue.SimpleQueue[_Job | None], workers: int) -> None:

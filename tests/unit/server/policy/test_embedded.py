@@ -7,6 +7,7 @@ import pytest
 
 from server.errors import ConfigError
 from server.policy._input import build_input
+from server.policy._thread_engines import _engines
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
 from server.settings import REPO_ROOT
@@ -161,5 +162,19 @@ async def test_a_slow_policy_moves_to_the_worker_threads_and_decides_the_same(tm
 async def test_inline_max_zero_always_uses_the_threads(engine: EmbeddedEngine) -> None:
     threaded = EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"), inline_max_us=0)
     assert (await threaded.decide(doc())).allow
-    assert threaded._inline is None
+    assert not any(owner == threaded._owner for owner, _ in _engines())  # no inline engine was made
     await threaded.close()
+
+
+async def test_an_engine_collected_on_another_thread_frees_no_regorus_engine_there() -> None:
+    import gc
+    import threading
+
+    engine = EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"))
+    assert (await engine.decide(doc())).allow  # decided inline: a regorus engine on this thread
+    owner = engine._owner
+    del engine
+    collector = threading.Thread(target=gc.collect)
+    collector.start()
+    collector.join()  # an unraisable "dropped on another thread" would fail this test
+    assert any(key[0] == owner for key in _engines())  # still held here, by the thread that made it

@@ -1,0 +1,43 @@
+"""regorus engines owned by the thread that made them: they may not be freed on any other thread
+(regorus aborts the drop), and garbage collection runs on whichever thread allocates. So an object
+that uses an engine holds only a key; the engine lives in the making thread's local storage."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+import regorus
+
+_local = threading.local()
+
+
+def _engines() -> dict[tuple[str, str], regorus.Engine]:
+    engines: dict[tuple[str, str], regorus.Engine] | None = getattr(_local, "engines", None)
+    if engines is None:
+        engines = _local.engines = {}
+    return engines
+
+
+def new_owner() -> str:
+    return uuid.uuid4().hex
+
+
+def engine_for(owner: str, version: str, make: Callable[[], regorus.Engine]) -> regorus.Engine:
+    """This thread's engine for (`owner`, `version`), made on first use; the owner's engines for other
+    versions are dropped (here, on their own thread)."""
+    engines = _engines()
+    engine = engines.get((owner, version))
+    if engine is None:
+        for key in [k for k in engines if k[0] == owner]:
+            del engines[key]
+        engine = engines[(owner, version)] = make()
+    return engine
+
+
+def drop(owner: str) -> None:
+    """Forget the owner's engines held by this thread (call from the thread that used them)."""
+    engines = _engines()
+    for key in [k for k in engines if k[0] == owner]:
+        del engines[key]
