@@ -38,6 +38,10 @@ config_option = click.option(
 @click.version_option(package_name="castellan")
 def main() -> None:
     """Castellan: a governance-first MCP gateway."""
+    from server.logs import configure_logging
+
+    # Commands print their results on stdout; logs go to stderr, warnings and up (`serve` reconfigures).
+    configure_logging("auto", "warning")
 
 
 @main.command()
@@ -164,7 +168,7 @@ def _outbox(config: Path | None) -> SqliteOutbox:
 
 @main.group()
 def audit() -> None:
-    """Search, show and verify the audit log (the local outbox)."""
+    """Search, show and verify the audit log (the local outbox; search also the MLflow traces)."""
 
 
 @audit.command("verify")
@@ -194,16 +198,53 @@ def audit_verify(config: Path | None) -> None:
 @click.option("--until", help="ISO 8601 time (exclusive).")
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--offset", type=int, default=0, help="Skip this many (paging).")
-@click.option("--format", "fmt", type=click.Choice(["table", "jsonl", "csv"]), default="table", show_default=True)
-def audit_search(config: Path | None, fmt: str, **filters: Any) -> None:
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "jsonl", "csv", "parquet"]), default="table", show_default=True
+)
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file (parquet: required)."
+)
+@click.option(
+    "--source",
+    type=click.Choice(["outbox", "mlflow"]),
+    default="outbox",
+    show_default=True,
+    help="The local outbox, or the central store: the MLflow traces (audit.mlflow_tracking_uri).",
+)
+def audit_search(config: Path | None, fmt: str, output: Path | None, source: str, **filters: Any) -> None:
     """Calls matching every filter, newest first."""
-    from server.audit.search import AuditQuery, render
+    from server.audit.search import AuditQuery, render, write_parquet
 
+    if fmt == "parquet" and output is None:
+        raise click.ClickException("--format parquet needs --output FILE")
+    query = AuditQuery(**filters)
     try:
-        results = _outbox(config).search(AuditQuery(**filters))
+        if source == "mlflow":
+            from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+
+            settings = _settings(config)
+            uri = settings.audit.mlflow_tracking_uri or local_tracking_uri(settings.data_dir)
+            if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+                raise click.ClickException(f"no MLflow store at {uri} yet: the gateway has not shipped anything")
+            results = MlflowTarget(uri, settings.audit.mlflow_experiment).search(query)
+        else:
+            results = _outbox(config).search(query)
     except ValueError as exc:
         raise click.ClickException(f"bad filter: {exc}") from None
-    click.echo(render(results, fmt), nl=False)
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        if source != "mlflow":
+            raise
+        raise click.ClickException(f"MLflow search failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    if fmt == "parquet":
+        assert output is not None
+        write_parquet(results, output)
+        click.echo(f"{len(results)} calls written to {output}", err=True)
+    elif output is not None:
+        output.write_text(render(results, fmt))
+    else:
+        click.echo(render(results, fmt), nl=False)
 
 
 @audit.command("show")

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 import structlog
 
 from server import backends
+from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
+from server.audit.redaction import Redactor
+from server.audit.shipper import Shipper
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
@@ -60,11 +63,14 @@ class Gateway:
     watcher: PolicyWatcher | None = None
     decision_log: DecisionLog | None = None
     llm: LlmProxy | None = None
+    shipper: Shipper | None = None
 
     async def start(self) -> None:
-        """Start background work (the policy watcher); needs the running event loop."""
+        """Start background work (the policy watcher, the audit shipper); needs the running event loop."""
         if self.watcher is not None:
             self.watcher.start()
+        if self.shipper is not None:
+            self.shipper.start()
 
     async def readiness(self) -> dict[str, str]:
         """Each backend's state: "ok" or why it cannot serve. Ready only when all are ok."""
@@ -74,6 +80,8 @@ class Gateway:
             "metering": self.meter.check(),
             "audit": self.outbox.check(),
         }
+        if self.shipper is not None:
+            checks["audit_shipping"] = self._shipping()
         results: dict[str, str] = {}
         for name, check in checks.items():
             try:
@@ -85,7 +93,15 @@ class Gateway:
                 results[name] = "timed out"
         return results
 
+    async def _shipping(self) -> None:
+        assert self.shipper is not None
+        status = await self.shipper.status()
+        if status != "ok":
+            raise BackendUnavailable("audit", status)
+
     async def close(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.stop()
         if isinstance(self.outbox, SqliteOutbox):
             seq, head = self.outbox.record_head()  # so verify can tell if the tail was cut off later
             log.info("audit_chain_head", seq=seq, hash=head)
@@ -131,6 +147,14 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     meter = backends.make_meter(settings)
     counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
+    redactor = Redactor(settings.audit.redact_fields, settings.audit.redact_patterns)
+    shipper = None
+    if settings.audit.ship and isinstance(outbox, SqliteOutbox):
+        target = MlflowTarget(
+            settings.audit.mlflow_tracking_uri or local_tracking_uri(settings.data_dir),
+            settings.audit.mlflow_experiment,
+        )
+        shipper = Shipper(outbox, target, settings.audit, metrics)
 
     bundle = PolicyBundle.from_directory(settings.policy.path)
     decision_log = (
@@ -158,14 +182,14 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             AdmitStage(meter, settings.metering, counter),
             grants_stage,
             policy,
-            RecordStage(outbox),
+            RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
             ChargeStage(meter, counter),
-            AuditStage(outbox),
+            AuditStage(outbox, redactor),
         ],
         metrics,
-        on_stop=[ReleaseReservation(meter), DenialRecorder(outbox)],
+        on_stop=[ReleaseReservation(meter), DenialRecorder(outbox, redactor)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
     handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
@@ -178,6 +202,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         grants=settings.grants.backend,
         metering=settings.metering.backend,
         audit=settings.audit.backend,
+        audit_shipping=shipper._target.tracking_uri if shipper else "off",
         auth=settings.auth.mode,
         resource=settings.resource_url,
     )
@@ -196,5 +221,6 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         handlers=handlers,
         watcher=watcher,
         decision_log=decision_log,
+        shipper=shipper,
         llm=LlmProxy(settings.llm, settings.metering, meter, outbox, counter) if settings.llm.upstream_url else None,
     )

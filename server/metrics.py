@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Buckets from 50 µs to 10 s: stages are sub-millisecond, tools can be slow.
 _BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -37,6 +37,27 @@ class Metrics:
             "castellan_auth_failures",
             "Requests rejected before MCP, by reason.",
             ["reason"],
+            registry=self.registry,
+        )
+
+        self.shipped = Counter(
+            "castellan_audit_shipped_calls", "Calls shipped to MLflow as traces.", registry=self.registry
+        )
+        self.ship_failures = Counter(
+            "castellan_audit_ship_failures", "Failed attempts to ship a batch to MLflow.", registry=self.registry
+        )
+        self.ship_seconds = Histogram(
+            "castellan_audit_ship_batch_seconds",
+            "Time to write one batch of traces to MLflow.",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.ship_backlog = Gauge(
+            "castellan_audit_unshipped_records", "Audit records not yet shipped to MLflow.", registry=self.registry
+        )
+        self.ship_lag = Gauge(
+            "castellan_audit_ship_lag_seconds",
+            "Age of the oldest audit record not yet shipped to MLflow.",
             registry=self.registry,
         )
 

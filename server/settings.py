@@ -19,6 +19,17 @@ from server.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+SECRET_PATTERNS = (
+    r"sk-[A-Za-z0-9_\-]{16,}",  # OpenAI-style API keys
+    r"dapi[0-9a-f]{32}",  # Databricks personal access tokens
+    r"AKIA[0-9A-Z]{16}",  # AWS access key ids
+    r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+",  # JWTs
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+    r"gh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
+    r"xox[abprs]-[A-Za-z0-9-]{10,}",  # Slack tokens
+)
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8750
@@ -173,14 +184,7 @@ class LlmSettings(BaseModel):
     timeout_seconds: float = Field(default=120.0, gt=0)
     log_payloads: bool = False
     """Put the messages (redacted) in the audit record; off by default."""
-    redact_patterns: list[str] = Field(
-        default_factory=lambda: [
-            r"sk-[A-Za-z0-9_\-]{16,}",
-            r"dapi[0-9a-f]{32}",
-            r"AKIA[0-9A-Z]{16}",
-            r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+",
-        ]
-    )
+    redact_patterns: list[str] = Field(default_factory=lambda: list(SECRET_PATTERNS))
     """Secret-looking text replaced by [REDACTED] in logged payloads."""
 
 
@@ -188,6 +192,41 @@ class AuditSettings(BaseModel):
     backend: str = "sqlite"
     path: Path | None = None
     """SQLite outbox. Default: `<data_dir>/audit.db`."""
+    redact_fields: list[str] = Field(
+        default_factory=lambda: [
+            "password",
+            "passwd",
+            "secret",
+            "client_secret",
+            "token",
+            "access_token",
+            "refresh_token",
+            "api_key",
+            "apikey",
+            "authorization",
+            "private_key",
+        ]
+    )
+    """Argument and result members with these names (any depth, case-insensitive) are stored as [REDACTED]."""
+    redact_patterns: list[str] = Field(default_factory=lambda: list(SECRET_PATTERNS))
+    """Text matching these regular expressions is stored as [REDACTED]."""
+    ship: bool = True
+    """Ship the outbox to MLflow as one trace per call (a background worker, never on the request path)."""
+    mlflow_tracking_uri: str = ""
+    """Where traces go: empty for a local store (`sqlite:///<data_dir>/mlflow.db`), an `http://` tracking
+    server (`mlflow server`, Postgres-backed in production), or `databricks` (a workspace, SDK config)."""
+    mlflow_experiment: str = "castellan-audit"
+    """The experiment the traces go to, created at start-up when missing."""
+    ship_batch: int = Field(default=100, ge=1, le=1000)
+    ship_interval_seconds: float = Field(default=0.5, gt=0)
+    """How often the shipper looks for new records when idle."""
+    ship_backoff_max_seconds: float = Field(default=30.0, gt=0)
+    """While MLflow is down, retries back off exponentially up to this."""
+    ship_incomplete_after_seconds: float = Field(default=300.0, gt=0)
+    """An allowed call with no outcome after this long (a crash mid-call) is shipped as it is; its
+    outcome, if it ever comes, updates the same trace."""
+    max_ship_lag_seconds: float = Field(default=0.0, ge=0)
+    """/readyz fails when the oldest unshipped record is older than this (0: lag is reported, never fails)."""
 
 
 class Settings(BaseSettings):

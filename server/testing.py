@@ -229,6 +229,9 @@ def gateway_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = Non
         "CASTELLAN_DATA_DIR": str(data_dir),
         "CASTELLAN_SERVER__PORT": str(port),
         "CASTELLAN_LOG_FORMAT": "json",
+        # Shipping to MLflow costs each gateway process seconds of start-up CPU (MLflow's import and
+        # migrations); the tests of the shipper turn it on.
+        "CASTELLAN_AUDIT__SHIP": "false",
         **(extra or {}),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -45,6 +46,17 @@ ON outbox BEGIN SELECT RAISE(ABORT, 'audit records cannot be changed'); END;
 # A chain head every this many records, and in the log, so a copy of the chain's state exists
 # outside the database an intruder could rewrite whole.
 _HEAD_EVERY = 1000
+
+
+@dataclass(slots=True)
+class PendingCall:
+    """One call's records waiting to be shipped."""
+
+    call_id: str
+    seqs: list[int] = field(default_factory=list)
+    decision: dict[str, Any] | None = None
+    decided_at: float = 0.0
+    outcome: dict[str, Any] | None = None
 
 
 class Outbox(Protocol):
@@ -115,6 +127,59 @@ class SqliteOutbox:
 
     async def show_async(self, call_id: str) -> dict[str, Any] | None:
         return await self._db.run(lambda c: show(c, call_id))
+
+    async def pending(self, limit: int, incomplete_after: float) -> list[PendingCall]:
+        """Calls with records not yet shipped, oldest first, that are ready: finished (an outcome, or a
+        decision that stopped the call), or allowed but without an outcome for `incomplete_after` seconds."""
+
+        def read(conn: sqlite3.Connection) -> list[PendingCall]:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT call_id FROM outbox WHERE shipped_at IS NULL GROUP BY call_id ORDER BY MIN(seq) LIMIT ?",
+                    (limit,),
+                )
+            ]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            rows = conn.execute(
+                f"SELECT seq, call_id, kind, ts, record FROM outbox WHERE call_id IN ({marks}) ORDER BY seq", ids
+            ).fetchall()
+            calls: dict[str, PendingCall] = {}
+            for seq, call_id, kind, ts, record in rows:
+                call = calls.setdefault(call_id, PendingCall(call_id))
+                call.seqs.append(seq)
+                if kind == "decision":
+                    call.decision, call.decided_at = json.loads(record), ts
+                else:
+                    call.outcome = json.loads(record)
+            stale = time.time() - incomplete_after
+            return [
+                c
+                for c in calls.values()
+                if c.decision is not None
+                and (c.outcome is not None or c.decision.get("decision") != "allow" or c.decided_at < stale)
+            ]
+
+        return await self._db.run(read)
+
+    async def mark_shipped(self, seqs: list[int]) -> None:
+        """Marks records shipped, once their trace is confirmed written."""
+        if not seqs:
+            return
+        now = time.time()
+        marks = ",".join("?" * len(seqs))
+        await self._db.transact(
+            lambda c: c.execute(f"UPDATE outbox SET shipped_at = ? WHERE seq IN ({marks})", [now, *seqs])
+        )
+
+    async def backlog(self) -> tuple[int, float | None]:
+        """(records not yet shipped, time of the oldest)."""
+        row = await self._db.run(
+            lambda c: c.execute("SELECT COUNT(*), MIN(ts) FROM outbox WHERE shipped_at IS NULL").fetchone()
+        )
+        return int(row[0]), row[1]
 
     def verify(self) -> Verification:
         """Recompute the hash chain (synchronous: for the CLI)."""

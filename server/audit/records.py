@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+from server.audit.redaction import Redactor
 from server.call import Call
 
 RESULT_PREVIEW_CHARS = 2_000
 
 
-def decision_record(call: Call) -> dict[str, Any]:
-    """Who called what, with which arguments, and what was decided: written before the tool runs."""
+def _redactor_for(call: Call, redactor: Redactor) -> Redactor:
+    """The configured redaction plus the fields the decision's `redact_fields` obligation names."""
+    fields = call.decision.obligations.get("redact_fields") if call.decision else None
+    return redactor.with_fields(fields) if isinstance(fields, list) else redactor
+
+
+def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, Any]:
+    """Who called what, with which arguments, and what was decided: written before the tool runs.
+    Arguments are stored redacted."""
     identity, decision, error = call.identity, call.decision, call.error
+    redact = _redactor_for(call, redactor or Redactor())
     verdict = "allow" if error is None else error.verdict
     return {
         "call_id": call.call_id,
@@ -26,7 +36,7 @@ def decision_record(call: Call) -> dict[str, Any]:
         "tool": call.tool_name,
         "securable": call.tool.spec.securable if call.tool else None,
         "upstream": call.tool.spec.upstream if call.tool else None,
-        "arguments": dict(call.arguments),
+        "arguments": redact.apply(dict(call.arguments)),
         "run_id": call.run.run_id,
         "run_depth": call.run.depth,
         "traceparent": call.run.traceparent,
@@ -38,20 +48,32 @@ def decision_record(call: Call) -> dict[str, Any]:
         "policy_engine": decision.engine if decision else None,
         "obligations": dict(decision.obligations) if decision else {},
         "grants": list(call.grants.has) if call.grants else [],
+        "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
     }
 
 
-def outcome_record(call: Call, finished_at: float) -> dict[str, Any]:
-    """What came back: written after the tool ran and obligations applied."""
+def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = None) -> dict[str, Any]:
+    """What came back: written after the tool ran and obligations applied; the preview stored redacted."""
     output = call.output
+    redact = _redactor_for(call, redactor or Redactor())
     return {
         "call_id": call.call_id,
         "is_error": output.is_error if output else call.error is not None,
         "error": "; ".join(call.error.reasons) if call.error else None,
-        "result_preview": output.text[:RESULT_PREVIEW_CHARS] if output else None,
+        "result_preview": redact.apply(_redacted_text(output.text, redact))[:RESULT_PREVIEW_CHARS] if output else None,
         "result_chars": len(output.text) if output else 0,
         "tokens_in": call.tokens_in,
         "tokens_out": call.tokens_out,
         "latency_ms": round((finished_at - call.started_at) * 1000, 3),
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
     }
+
+
+def _redacted_text(text: str, redact: Redactor) -> str:
+    """A JSON result has its named fields redacted too (the text is stored, not the structure)."""
+    if text[:1] in ("{", "[") and len(text) <= 65_536:
+        try:
+            return json.dumps(redact.apply(json.loads(text)), default=str)
+        except ValueError:
+            pass
+    return text

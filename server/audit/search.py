@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 _FILTERS = {
@@ -94,3 +95,54 @@ def render(results: Iterable[dict[str, Any]], fmt: str) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in _COLUMNS)]
     lines += ["  ".join(str(r[c])[: widths[c]].ljust(widths[c]) for c in _COLUMNS) for r in flat]
     return "\n".join(lines) + "\n"
+
+
+def write_parquet(results: Iterable[dict[str, Any]], path: Path) -> None:
+    """One row per call: the table columns plus arguments, obligations and outcome as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for r in results:
+        outcome = r.get("outcome") or {}
+        rows.append(
+            {
+                "time": r.get("time"),
+                "call_id": r.get("call_id"),
+                "agent_id": r.get("agent_id"),
+                "subject": r.get("subject"),
+                "tool": r.get("tool"),
+                "decision": r.get("decision"),
+                "stage": r.get("stage"),
+                "code": r.get("code"),
+                "reasons": list(r.get("reasons") or []),
+                "policy_version": r.get("policy_version"),
+                "run_id": r.get("run_id"),
+                "arguments": json.dumps(r.get("arguments")) if "arguments" in r else None,
+                "is_error": outcome.get("is_error"),
+                "tokens_in": outcome.get("tokens_in"),
+                "tokens_out": outcome.get("tokens_out"),
+                "latency_ms": outcome.get("latency_ms"),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("time", pa.string()),
+            ("call_id", pa.string()),
+            ("agent_id", pa.string()),
+            ("subject", pa.string()),
+            ("tool", pa.string()),
+            ("decision", pa.string()),
+            ("stage", pa.string()),
+            ("code", pa.string()),
+            ("reasons", pa.list_(pa.string())),
+            ("policy_version", pa.string()),
+            ("run_id", pa.string()),
+            ("arguments", pa.string()),
+            ("is_error", pa.bool_()),
+            ("tokens_in", pa.int64()),
+            ("tokens_out", pa.int64()),
+            ("latency_ms", pa.float64()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)

@@ -9,6 +9,7 @@ import structlog
 
 from server.audit.outbox import Outbox
 from server.audit.records import decision_record, outcome_record
+from server.audit.redaction import Redactor
 from server.call import Call
 
 log = structlog.get_logger("castellan.audit")
@@ -19,11 +20,12 @@ class RecordStage:
 
     name = "record"
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, redactor: Redactor | None = None) -> None:
         self._outbox = outbox
+        self._redactor = redactor or Redactor()
 
     async def run(self, call: Call) -> Call:
-        await self._outbox.write("decision", call.call_id, decision_record(call))
+        await self._outbox.write("decision", call.call_id, decision_record(call, self._redactor))
         return replace(call, recorded=True)
 
 
@@ -32,27 +34,29 @@ class AuditStage:
 
     name = "audit"
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, redactor: Redactor | None = None) -> None:
         self._outbox = outbox
+        self._redactor = redactor or Redactor()
 
     async def run(self, call: Call) -> Call:
-        await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time()))
+        await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time(), self._redactor))
         return call
 
 
 class DenialRecorder:
     """Records a call the pipeline stopped: its decision row (deny or error). The pipeline's `on_stop`."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, redactor: Redactor | None = None) -> None:
         self._outbox = outbox
+        self._redactor = redactor or Redactor()
 
     async def __call__(self, call: Call) -> None:
         try:
             if call.recorded:
                 # Stopped after the decision row was written: record how it ended instead.
-                await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time()))
+                await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time(), self._redactor))
             else:
-                await self._outbox.write("decision", call.call_id, decision_record(call))
+                await self._outbox.write("decision", call.call_id, decision_record(call, self._redactor))
         except Exception as exc:
             # The call is already refused; nothing is lost that was allowed. Say so loudly.
             log.error("audit_write_failed", call_id=call.call_id, error=str(exc))

@@ -1,0 +1,220 @@
+"""The MLflow side of the audit trail: the experiment, writing planned traces, searching them.
+
+Blocking (the MLflow client is synchronous): the shipper calls it from its own worker thread, never
+from the request path. MLflow is imported lazily because importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from server.audit.search import AuditQuery
+from server.audit.traces import TracePlan
+
+log = structlog.get_logger("castellan.audit.mlflow")
+
+# The shipper retries with its own backoff; MLflow's own HTTP retries (7, exponential) would hold
+# its thread for minutes while the server is down, and its timeout is two minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def local_tracking_uri(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'mlflow.db').resolve()}"
+
+
+class MlflowTarget:
+    """Writes traces to one experiment of one tracking store (local SQLite, server or Databricks)."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self._experiment_id: str | None = None
+        self._client: Any = None
+        self._log_spans = True
+
+    def experiment_id(self) -> str:
+        """The experiment's id, created when missing (resolved once, at start-up)."""
+        if self._experiment_id is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            found = client.get_experiment_by_name(self.experiment)
+            if found is not None and found.lifecycle_stage != "active":
+                raise RuntimeError(f"MLflow experiment {self.experiment!r} is deleted; restore it or pick another")
+            self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
+            log.info(
+                "mlflow_experiment",
+                tracking_uri=self.tracking_uri,
+                experiment=self.experiment,
+                experiment_id=self._experiment_id,
+            )
+        return self._experiment_id
+
+    def _tracing(self) -> Any:
+        if self._client is None:
+            from mlflow.tracing.client import TracingClient
+
+            self._client = TracingClient(self.tracking_uri)
+        return self._client
+
+    def write(self, plans: Sequence[TracePlan]) -> None:
+        """Writes the traces; returns only once the store confirmed every one (raises otherwise).
+        Idempotent: a trace written again is upserted under the same id."""
+        if not plans:
+            return
+        experiment_id = self.experiment_id()
+        client = self._tracing()
+        built = [(_trace_info(p, experiment_id), _spans(p)) for p in plans]
+        if self._log_spans:
+            try:
+                # One request for the whole batch: spans, and the trace's tags, user and session
+                # from the root span's attributes.
+                client.log_spans(experiment_id, [s for _, spans in built for s in spans])
+                return
+            except NotImplementedError:
+                self._log_spans = False  # an old server or Databricks: one trace at a time below
+        from mlflow.entities import TraceData
+
+        for info, spans in built:
+            returned = client.start_trace(info)
+            client._upload_trace_data(returned, TraceData(spans=spans))
+
+    def search(self, query: AuditQuery) -> list[dict[str, Any]]:
+        """Calls matching `query`, newest first, from the traces (the central store)."""
+        client = self._tracing()
+        clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in _tag_filters(query).items()]
+        if query.since:
+            clauses.append(f"trace.timestamp_ms >= {_millis(query.since)}")
+        if query.until:
+            clauses.append(f"trace.timestamp_ms < {_millis(query.until)}")
+        wanted = query.offset + query.limit
+        results: list[dict[str, Any]] = []
+        token = None
+        while True:  # reason text is not searchable in MLflow: filtered here, so more pages may be needed
+            page = client.search_traces(
+                locations=[self.experiment_id()],
+                filter_string=" AND ".join(clauses) or None,
+                max_results=min(500, max(wanted, 1)),
+                order_by=["timestamp_ms DESC"],
+                page_token=token,
+                include_spans=False,
+            )
+            for trace in page:
+                row = _row(trace.info)
+                if query.reason and query.reason.lower() not in " ".join(row["reasons"]).lower():
+                    continue
+                results.append(row)
+            token = page.token
+            if not token or len(results) >= wanted:
+                break
+        return results[query.offset : wanted]
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _millis(value: str) -> int:
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _tag_filters(query: AuditQuery) -> dict[str, str]:
+    pairs = {
+        "agent_id": query.agent,
+        "subject": query.subject,
+        "tool": query.tool,
+        "decision": query.decision,
+        "policy_version": query.policy_version,
+        "run_id": query.run_id,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _row(info: Any) -> dict[str, Any]:
+    tags, meta = info.tags, info.trace_metadata
+    return {
+        "call_id": tags.get("castellan.call_id") or info.client_request_id,
+        "trace_id": info.trace_id,
+        "time": datetime.fromtimestamp(info.request_time / 1000).astimezone().isoformat(),
+        **{
+            key: tags.get(f"castellan.{key}")
+            for key in ("agent_id", "subject", "tool", "decision", "stage", "policy_version", "run_id")
+        },
+        "reasons": json.loads(tags.get("castellan.reasons") or meta.get("castellan.reasons") or "[]"),
+        "state": str(info.state),
+    }
+
+
+def _trace_info(plan: TracePlan, experiment_id: str) -> Any:
+    from mlflow.entities import TraceInfo, TraceLocation, TraceState
+
+    return TraceInfo(
+        trace_id=plan.trace_id,
+        trace_location=TraceLocation.from_experiment_id(experiment_id),
+        request_time=plan.start_ns // 1_000_000,
+        execution_duration=max(0, (plan.end_ns - plan.start_ns) // 1_000_000),
+        state=TraceState.OK if plan.ok else TraceState.ERROR,
+        request_preview=plan.request_preview,
+        response_preview=plan.response_preview,
+        client_request_id=plan.call_id,
+        trace_metadata=dict(plan.metadata),
+        tags={"mlflow.traceName": plan.spans[0].name, **plan.tags},
+    )
+
+
+def _spans(plan: TracePlan) -> list[Any]:
+    from mlflow.entities import Span
+    from mlflow.entities.span_status import SpanStatus, SpanStatusCode
+    from mlflow.tracing.constant import SpanAttributeKey
+    from mlflow.tracing.utils import build_otel_context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    root_id = plan.otel_trace_id & 0xFFFF_FFFF_FFFF_FFFF or 1
+    spans = []
+    for index, sp in enumerate(plan.spans):
+        span_id = root_id if index == 0 else (root_id + index) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        attributes: dict[str, str] = {
+            SpanAttributeKey.REQUEST_ID: json.dumps(plan.trace_id),
+            SpanAttributeKey.SPAN_TYPE: json.dumps(sp.span_type),
+        }
+        if sp.inputs is not None:
+            attributes[SpanAttributeKey.INPUTS] = json.dumps(sp.inputs, default=str)
+        if sp.outputs is not None:
+            attributes[SpanAttributeKey.OUTPUTS] = json.dumps(sp.outputs, default=str)
+        for key, value in (sp.attributes or {}).items():
+            if value is not None:
+                attributes[key] = json.dumps(value, default=str)
+        if index == 0:
+            trace_tags = {
+                **plan.tags,
+                "castellan.call_id": plan.call_id,
+                "castellan.reasons": plan.metadata["castellan.reasons"],
+                "castellan.traceparent": plan.metadata["castellan.traceparent"],
+            }
+            for key, value in trace_tags.items():
+                if value:
+                    attributes[f"mlflow.traceTag.{key}"] = json.dumps(value)
+            attributes["user.id"] = json.dumps(plan.metadata.get("mlflow.trace.user", ""))
+            attributes["session.id"] = json.dumps(plan.metadata.get("mlflow.trace.session", ""))
+        status = SpanStatus(SpanStatusCode.OK if sp.ok else SpanStatusCode.ERROR)
+        otel = ReadableSpan(
+            name=sp.name,
+            context=build_otel_context(plan.otel_trace_id, span_id),
+            parent=build_otel_context(plan.otel_trace_id, root_id) if index else None,
+            start_time=sp.start_ns,
+            end_time=sp.end_ns,
+            attributes=attributes,
+            status=status.to_otel_status(),
+            resource=Resource.get_empty(),
+        )
+        spans.append(Span(otel))
+    return spans

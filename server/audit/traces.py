@@ -1,0 +1,181 @@
+"""One call's audit records as an MLflow trace: a root span for the call and a child span per
+pipeline stage, with the identity, tool, decision, reasons and policy version as tags.
+
+The trace id is derived from the call id (the outbox id), so shipping a call twice writes the same
+trace: MLflow upserts spans and merges trace info, and the call id is also the trace's
+`client_request_id`, which is what auditors and the zero-loss test match on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from server.audit.outbox import PendingCall
+
+PREVIEW_CHARS = 1_000
+# The pipeline stage names, as spans; `invoke` is the tool itself.
+_SPAN_NAMES = {"invoke": "tool"}
+_SPAN_TYPES = {"invoke": "TOOL", "policy": "GUARDRAIL", "grants": "GUARDRAIL", "authenticate": "GUARDRAIL"}
+TAGS = ("agent_id", "subject", "tool", "decision", "stage", "code", "policy_version", "run_id", "action")
+
+
+@dataclass(frozen=True, slots=True)
+class SpanPlan:
+    name: str
+    span_type: str
+    start_ns: int
+    end_ns: int
+    ok: bool
+    inputs: Any = None
+    outputs: Any = None
+    attributes: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TracePlan:
+    """Everything MLflow needs for one call, without importing MLflow (which is slow to import)."""
+
+    call_id: str
+    otel_trace_id: int
+    start_ns: int
+    end_ns: int
+    ok: bool
+    tags: dict[str, str]
+    metadata: dict[str, str]
+    request_preview: str
+    response_preview: str
+    spans: tuple[SpanPlan, ...]
+
+    @property
+    def trace_id(self) -> str:
+        return f"tr-{self.otel_trace_id:032x}"
+
+
+def trace_id_for(call_id: str) -> str:
+    return f"tr-{_otel_trace_id(call_id):032x}"
+
+
+def _otel_trace_id(call_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:16], "big") or 1
+
+
+def _epoch_ns(record: dict[str, Any], fallback: float) -> int:
+    try:
+        return int(datetime.fromisoformat(str(record["time"])).timestamp() * 1e9)
+    except (KeyError, ValueError):
+        return int(fallback * 1e9)
+
+
+def _preview(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    return text[:PREVIEW_CHARS]
+
+
+def plan_trace(pending: PendingCall) -> TracePlan:
+    decision = pending.decision or {}
+    outcome = pending.outcome
+    start_ns = _epoch_ns(decision, pending.decided_at)
+    timings: dict[str, float] = dict((outcome or {}).get("timings_ms") or decision.get("timings_ms") or {})
+    if outcome and outcome.get("latency_ms") is not None:
+        end_ns = start_ns + int(float(outcome["latency_ms"]) * 1e6)
+    else:
+        end_ns = start_ns + int(sum(timings.values()) * 1e6)
+    verdict = decision.get("decision")
+    ok = verdict == "allow" and not (outcome or {}).get("is_error", False)
+    stopped_at = decision.get("stage")
+
+    spans: list[SpanPlan] = []
+    cursor = start_ns
+    for stage, ms in timings.items():
+        duration = max(int(float(ms) * 1e6), 1_000)
+        failed = stage == stopped_at or (stage == "invoke" and bool((outcome or {}).get("is_error")))
+        spans.append(
+            SpanPlan(
+                name=_SPAN_NAMES.get(stage, stage),
+                span_type=_SPAN_TYPES.get(stage, "UNKNOWN"),
+                start_ns=cursor,
+                end_ns=cursor + duration,
+                ok=not failed,
+                inputs=decision.get("arguments") if stage == "invoke" else None,
+                outputs=_stage_outputs(stage, decision, outcome),
+            )
+        )
+        cursor += duration
+    end_ns = max(end_ns, cursor)
+
+    tags = {f"castellan.{key}": str(decision[key]) for key in TAGS if decision.get(key) is not None}
+    metadata = {
+        "castellan.call_id": pending.call_id,
+        "castellan.reasons": json.dumps(decision.get("reasons") or []),
+        "castellan.request_id": str(decision.get("request_id") or ""),
+        "castellan.traceparent": str(decision.get("traceparent") or ""),
+        "castellan.seqs": ",".join(map(str, pending.seqs)),
+        "castellan.complete": "true" if outcome is not None or verdict != "allow" else "false",
+        "mlflow.trace.user": str(decision.get("agent_id") or ""),
+        "mlflow.trace.session": str(decision.get("run_id") or ""),
+    }
+    if outcome is not None:
+        metadata["castellan.tokens_in"] = str(outcome.get("tokens_in", 0))
+        metadata["castellan.tokens_out"] = str(outcome.get("tokens_out", 0))
+    root = SpanPlan(
+        name=f"{decision.get('action', 'call')} {decision.get('tool') or '?'}",
+        span_type="AGENT",
+        start_ns=start_ns,
+        end_ns=end_ns,
+        ok=ok,
+        inputs={"tool": decision.get("tool"), "arguments": decision.get("arguments")},
+        outputs=_root_outputs(decision, outcome),
+        attributes={
+            "castellan.traceparent": decision.get("traceparent"),
+            "castellan.call_id": pending.call_id,
+        },
+    )
+    reasons = "; ".join(decision.get("reasons") or [])
+    return TracePlan(
+        call_id=pending.call_id,
+        otel_trace_id=_otel_trace_id(pending.call_id),
+        start_ns=start_ns,
+        end_ns=end_ns,
+        ok=ok,
+        tags=tags,
+        metadata=metadata,
+        request_preview=_preview({"tool": decision.get("tool"), "arguments": decision.get("arguments")}),
+        response_preview=_preview(
+            (outcome or {}).get("result_preview") or (f"{verdict}: {reasons}" if verdict != "allow" else "")
+        ),
+        spans=(root, *spans),
+    )
+
+
+def _stage_outputs(stage: str, decision: dict[str, Any], outcome: dict[str, Any] | None) -> Any:
+    if stage == "policy":
+        return {
+            "decision": decision.get("decision"),
+            "reasons": decision.get("reasons"),
+            "policy_version": decision.get("policy_version"),
+            "obligations": decision.get("obligations"),
+        }
+    if stage == "grants":
+        return {"has": decision.get("grants")}
+    if stage == "invoke" and outcome is not None:
+        return {"result_preview": outcome.get("result_preview"), "is_error": outcome.get("is_error")}
+    if stage == decision.get("stage"):
+        return {"decision": decision.get("decision"), "code": decision.get("code"), "reasons": decision.get("reasons")}
+    return None
+
+
+def _root_outputs(decision: dict[str, Any], outcome: dict[str, Any] | None) -> Any:
+    body: dict[str, Any] = {"decision": decision.get("decision"), "reasons": decision.get("reasons")}
+    if outcome is not None:
+        body.update(
+            result_preview=outcome.get("result_preview"),
+            is_error=outcome.get("is_error"),
+            tokens_in=outcome.get("tokens_in"),
+            tokens_out=outcome.get("tokens_out"),
+            latency_ms=outcome.get("latency_ms"),
+        )
+    return body
