@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -76,17 +77,18 @@ async def test_agent_id_falls_back_to_azp_then_client_id() -> None:
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (claims(exp=int(time.time()) - 60), "token has expired"),
-        (claims(aud="http://other.example/mcp"), "token audience is not this gateway"),
-        (claims(iss="https://evil.example"), "token issuer 'https://evil.example' is not trusted"),
-        (claims(exp=None), "token has no expiry"),
-        (claims(nbf=int(time.time()) + 600), "token is not valid yet"),
+        # Built when the test runs (not at collection: a long suite would let the times drift).
+        (lambda: claims(exp=int(time.time()) - 60), "token has expired"),
+        (lambda: claims(aud="http://other.example/mcp"), "token audience is not this gateway"),
+        (lambda: claims(iss="https://evil.example"), "token issuer 'https://evil.example' is not trusted"),
+        (lambda: claims(exp=None), "token has no expiry"),
+        (lambda: claims(nbf=int(time.time()) + 600), "token is not valid yet"),
     ],
     ids=["expired", "wrong-audience", "wrong-issuer", "no-expiry", "not-yet-valid"],
 )
-async def test_bad_claims_are_rejected_with_the_reason(payload: dict[str, Any], message: str) -> None:
+async def test_bad_claims_are_rejected_with_the_reason(payload: Callable[[], dict[str, Any]], message: str) -> None:
     with pytest.raises(Unauthenticated, match=message):
-        await verifier().verify(sign(payload))
+        await verifier().verify(sign(payload()))
 
 
 async def test_audience_may_be_a_list_that_contains_the_gateway() -> None:
