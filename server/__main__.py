@@ -2,4 +2,5 @@
 
 from server.cli import main
 
-main()
+if __name__ == "__main__":  # not when a worker process (catalog functions) imports the main module
+    main()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -504,3 +506,97 @@ def grants_import(config: Path | None, file: Path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def tools() -> None:
+    """Upstream tool pins (quarantine and approval) and the demo data."""
+
+
+@tools.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def tools_list(config: Path | None, as_json: bool) -> None:
+    """Every upstream tool seen, with its pin status (approved or quarantined)."""
+    from server.upstream.pins import PinStore
+
+    store = PinStore(_settings(config).data_dir / "upstream_pins.db")
+    pins = store.list()
+    store.close()
+    if as_json:
+        click.echo(json.dumps([_pin_dict(p) for p in pins], indent=2))
+        return
+    for pin in pins:
+        click.echo(f"{pin.tool:40}  {pin.status:11}  {pin.seen_hash[:12]}  approved by {pin.approved_by or '-'}")
+
+
+def _pin_dict(pin: Any) -> dict[str, Any]:
+    return {name: getattr(pin, name) for name in pin.__slots__}
+
+
+@tools.command("approve")
+@config_option
+@click.argument("names", nargs=-1, required=True)
+@click.option("--by", default=lambda: os.environ.get("USER", "admin"), help="Who approves (recorded).")
+def tools_approve(config: Path | None, names: tuple[str, ...], by: str) -> None:
+    """Approve the current definition of upstream tools NAMES (e.g. files.read_file): served again
+    at the gateway's next upstream refresh."""
+    from server.upstream.pins import PinStore
+
+    store = PinStore(_settings(config).data_dir / "upstream_pins.db")
+    try:
+        for name in names:
+            try:
+                pin = store.approve(name, by)
+            except KeyError:
+                raise click.ClickException(f"no upstream tool {name} has been seen") from None
+            click.echo(f"approved {pin.tool} (definition {pin.seen_hash[:12]}) by {by}")
+    finally:
+        store.close()
+
+
+@tools.command("show")
+@config_option
+@click.argument("name")
+def tools_show(config: Path | None, name: str) -> None:
+    """The definition an upstream tool offers now, and whether it is the approved one."""
+    from server.upstream.pins import PinStore
+
+    store = PinStore(_settings(config).data_dir / "upstream_pins.db")
+    found = [p for p in store.list() if p.tool == name]
+    store.close()
+    if not found:
+        raise click.ClickException(f"no upstream tool {name} has been seen")
+    click.echo(json.dumps(_pin_dict(found[0]), indent=2))
+
+
+@main.command("demo-data")
+@config_option
+@click.option("--overwrite", is_flag=True, help="Recreate the tables even when they exist.")
+def demo_data(config: Path | None, overwrite: bool) -> None:
+    """Create the demo Delta tables (sales orders and customers, support documents)."""
+    from tools.catalog_tools import table_catalog
+    from tools.demo_data import create_demo_data
+
+    tables = table_catalog(_settings(config))
+    created = create_demo_data(tables.root, overwrite=overwrite)
+    click.echo(f"{len(created)} tables created under {tables.root}: {', '.join(created) or '(all existed)'}")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file holding the bearer token (default: $CASTELLAN_TOKEN).")  # fmt: skip
+def connect(url: str, token_file: Path | None) -> None:
+    """Bridge stdio to the gateway at URL, for MCP clients that only speak stdio (desktop agents).
+
+    The token comes from --token-file or $CASTELLAN_TOKEN; logs go to stderr, stdout is the protocol."""
+    import anyio
+
+    from server.connect import bridge
+
+    token = token_file.read_text().strip() if token_file else os.environ.get("CASTELLAN_TOKEN", "").strip()
+    if not token:
+        raise click.ClickException("no token: set CASTELLAN_TOKEN or pass --token-file")
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(bridge, url, token)

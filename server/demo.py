@@ -11,6 +11,11 @@ DEMO_GRANTS: tuple[tuple[str, str, str], ...] = (
     ("analysts", "USE SCHEMA", "main.tools"),
     ("analysts", "EXECUTE", "main.tools"),
     ("admins", "ALL PRIVILEGES", "main"),
+    # Data: analysts read orders and support documents, not the customers table (personal data).
+    ("analysts", "USE SCHEMA", "main.sales"),
+    ("analysts", "USE SCHEMA", "main.support"),
+    ("analysts", "SELECT", "main.sales.orders"),
+    ("analysts", "SELECT", "main.support.docs"),
 )
 
 
@@ -18,6 +23,8 @@ def seed_demo_grants(catalog: LocalCatalog) -> None:
     """Create the demo catalog's schemas and groups and grant the demo privileges; idempotent."""
     catalog.add_securable("SCHEMA", "main.tools", owner="admins")
     catalog.add_securable("SCHEMA", "main.admin", owner="admins")
+    for schema in ("main.sales", "main.support"):
+        catalog.add_securable("SCHEMA", schema, owner="admins")
     catalog.set_owner("main", "admins")
     for group in ("analysts", "admins"):
         catalog.add_principal(group, "group")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -42,6 +42,8 @@ from server.policy.stage import PolicyStage
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.settings import Settings
+from server.upstream.manager import UpstreamManager
+from server.upstream.pins import PinStore
 
 log = structlog.get_logger("castellan")
 
@@ -64,6 +66,8 @@ class Gateway:
     decision_log: DecisionLog | None = None
     llm: LlmProxy | None = None
     shipper: Shipper | None = None
+    upstreams: UpstreamManager | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop."""
@@ -71,6 +75,8 @@ class Gateway:
             self.watcher.start()
         if self.shipper is not None:
             self.shipper.start()
+        if self.upstreams is not None:
+            await self.upstreams.start()
 
     async def readiness(self) -> dict[str, str]:
         """Each backend's state: "ok" or why it cannot serve. Ready only when all are ok."""
@@ -100,6 +106,10 @@ class Gateway:
             raise BackendUnavailable("audit", status)
 
     async def close(self) -> None:
+        if self.upstreams is not None:
+            await self.upstreams.close()
+        for close_tool in self.closers:
+            close_tool()
         if self.shipper is not None:
             await self.shipper.stop()
         if isinstance(self.outbox, SqliteOutbox):
@@ -121,10 +131,11 @@ class Gateway:
 def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
     """Wire every component from `settings`. Raises `ConfigError` for anything that cannot work."""
     metrics = Metrics()
+    closers: list[Callable[[], None]] = []
     if tools is None:
-        from tools import demo_tools
+        from tools.catalog_tools import configured_tools
 
-        tools = demo_tools() if settings.demo else []
+        tools, closers = configured_tools(settings)
     registry = ToolRegistry(tools)
     verifier = CachedVerifier(
         JwtVerifier(
@@ -141,8 +152,25 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     if isinstance(grant_source, LocalCatalog):
         for tool in registry:  # every tool's function exists in the catalog, so it can be granted on
             grant_source.add_securable("FUNCTION", tool.spec.securable)
+        from tools.catalog_tools import table_catalog
+
+        for table in table_catalog(settings).names():
+            grant_source.add_securable("TABLE", table)
         if settings.demo:
             seed_demo_grants(grant_source)
+    upstreams = None
+    if settings.upstreams:
+        upstreams = UpstreamManager(
+            settings.upstreams,
+            registry,
+            PinStore(settings.data_dir / "upstream_pins.db"),
+            settings.tools.upstream_refresh_seconds,
+            on_new_tool=(
+                (lambda tool: grant_source.add_securable("FUNCTION", tool.spec.securable))
+                if isinstance(grant_source, LocalCatalog)
+                else None
+            ),
+        )
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     counter = TokenCounter(settings.metering.token_encoding)
@@ -222,5 +250,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         watcher=watcher,
         decision_log=decision_log,
         shipper=shipper,
+        upstreams=upstreams,
+        closers=closers,
         llm=LlmProxy(settings.llm, settings.metering, meter, outbox, counter) if settings.llm.upstream_url else None,
     )

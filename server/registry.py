@@ -79,6 +79,13 @@ class ToolRegistry:
             raise ConfigError(f"two tools are named {name!r}")
         self._tools[name] = tool
 
+    def put(self, tool: Tool) -> None:
+        """Adds or replaces (upstream tools are re-read while the gateway runs)."""
+        self._tools[tool.spec.name] = tool
+
+    def remove(self, name: str) -> None:
+        self._tools.pop(name, None)
+
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
 

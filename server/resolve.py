@@ -54,6 +54,10 @@ class ResolveStage:
         tool = self._registry.get(call.tool_name)
         if tool is None:
             raise Denied(self.name, f"unknown tool {call.tool_name[:128]!r}")
+        blocked = getattr(tool, "blocked_reason", None)  # a quarantined upstream tool: hidden and denied
+        reason = blocked() if blocked is not None else None
+        if reason:
+            raise Denied(self.name, str(reason))
         if call.action == "call":
             if not _interoperable(call.arguments):
                 raise InvalidArguments(
@@ -64,4 +68,8 @@ class ResolveStage:
             if error is not None:
                 where = "/".join(str(p) for p in error.absolute_path) or "arguments"
                 raise InvalidArguments(self.name, f"{where}: {error.message[:300]}")
+            check = getattr(tool, "check_arguments", None)  # a tool's own rules (the SQL tool: read-only)
+            problem = check(call.arguments) if check is not None else None
+            if problem:
+                raise InvalidArguments(self.name, str(problem)[:500])
         return replace(call, tool=tool)

@@ -188,6 +188,47 @@ class LlmSettings(BaseModel):
     """Secret-looking text replaced by [REDACTED] in logged payloads."""
 
 
+class UpstreamSettings(BaseModel):
+    """An MCP server whose tools Castellan serves under `<name>.` and governs like its own."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,31}$")
+    url: str = ""
+    """Streamable HTTP endpoint, e.g. http://files.internal:8000/mcp."""
+    command: list[str] = Field(default_factory=list)
+    """Or a stdio server: the command and its arguments."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for a stdio server."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
+    token_env: str = ""
+    """An environment variable holding the gateway's bearer token for this upstream."""
+    schema_name: str = "main.upstream"
+    """The catalog schema the tools' securables live in: `<schema_name>.<name>__<tool>`."""
+    pin: Literal["first-use", "manual"] = "first-use"
+    """`first-use`: the first definition seen is approved; `manual`: every definition needs approval."""
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class ToolSettings(BaseModel):
+    tables_root: Path | None = None
+    """Delta tables as `<root>/<catalog>/<schema>/<table>`. Default: `<data_dir>/delta`."""
+    sql: bool = True
+    """Serve `sql.query` over the tables."""
+    docs_table: str = "main.support.docs"
+    """The documents table `docs.search` indexes (empty: no document search)."""
+    docs_embedder: Literal["auto", "hashing", "minilm", "none"] = "auto"
+    """Vector search: `auto` is MiniLM when the `embeddings` extra is installed, else a hashing embedder."""
+    function_modules: list[str] = Field(default_factory=list)
+    """Python modules whose `@catalog_function`s become tools (the demo adds `tools.demo_functions`)."""
+    function_timeout_seconds: float = Field(default=10.0, gt=0)
+    function_cpu_seconds: int = Field(default=5, ge=1)
+    function_memory_mb: int = Field(default=512, ge=64)
+    upstream_refresh_seconds: float = Field(default=30.0, gt=0)
+    """How often upstream tool lists are re-read (changed definitions are quarantined then)."""
+
+
 class AuditSettings(BaseModel):
     backend: str = "sqlite"
     path: Path | None = None
@@ -238,6 +279,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".castellan")
     demo: bool = True
     """Serve the demo tools and seed the demo catalog grants."""
+    tools: ToolSettings = Field(default_factory=ToolSettings)
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     server: ServerSettings = Field(default_factory=ServerSettings)

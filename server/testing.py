@@ -191,6 +191,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# What a member of `analysts` may list with the demo settings (grants and the default policy).
+ANALYST_TOOLS = [
+    "clock.now",
+    "demo.profile",
+    "docs.search",
+    "echo",
+    "main.tools.apply_discount",
+    "main.tools.days_between",
+    "sql.query",
+]
+
+
 @dataclass
 class GatewayProcess:
     """A real `castellan serve` on a loopback port, with its own data directory."""

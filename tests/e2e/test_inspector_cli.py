@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.testing import GatewayProcess
+from server.testing import ANALYST_TOOLS, GatewayProcess
 from tests.e2e.conftest import E2E, Run, run_node
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,7 @@ def test_inspector_lists_the_tools_an_analyst_may_call(node: Path, tmp_path: Pat
     run = inspector(node, tmp_path, gateway, gateway.token("inspector", ["analysts"]), "--method", "tools/list")
     assert run.code == 0, run.stderr
     listed: Any = run.json()
-    assert sorted(t["name"] for t in listed["tools"]) == ["clock.now", "demo.profile", "echo"]
+    assert sorted(t["name"] for t in listed["tools"]) == ANALYST_TOOLS
 
 
 def test_inspector_calls_a_tool(node: Path, tmp_path: Path, gateway: GatewayProcess) -> None:

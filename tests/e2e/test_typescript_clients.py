@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.testing import GatewayProcess
+from server.testing import ANALYST_TOOLS, GatewayProcess
 from tests.e2e.conftest import E2E, run_node
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +22,7 @@ def test_the_typescript_sdk_lists_calls_and_sees_a_denial(
     run = run_node(node, E2E / "clients" / "ts_client.mjs", [version, gateway.mcp_url, token], home=tmp_path)
     assert run.code == 0, run.stderr
     result: Any = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["tools"] == ["clock.now", "demo.profile", "echo"]
+    assert result["tools"] == ANALYST_TOOLS
     assert result["echo"]["structuredContent"] == {"text": f"hello from ts {version}"}
     assert result["denied"]["isError"] is True
     body = json.loads(result["denied"]["content"][0]["text"])

@@ -1,0 +1,1 @@
+"""The reference agent: how a real agent uses Castellan (`castellan-agent ask`, `castellan-agent eval`)."""

@@ -1,0 +1,1 @@
+"""Upstream MCP servers: their tools served under a namespace, governed like local ones, pinned."""

@@ -1,0 +1,117 @@
+"""One upstream MCP server, connected with the official `mcp` client (streamable HTTP or stdio).
+
+The connection lives in its own task (the client's context must be entered and left in one task);
+calls from request tasks go through it. A failed connection is retried on the next refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from typing import Any
+
+import structlog
+
+from server.errors import BackendUnavailable
+from server.settings import UpstreamSettings
+
+log = structlog.get_logger("castellan.upstream")
+
+
+class UpstreamConnection:
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._client: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.error: str | None = None
+
+    def _transport(self) -> tuple[Any, Any]:
+        """The client transport, and an HTTP client to close afterwards (or None)."""
+        if self.settings.url:
+            from mcp.client.streamable_http import streamable_http_client
+            from mcp.shared._httpx_utils import create_mcp_http_client
+
+            headers = dict(self.settings.headers)
+            if self.settings.token_env:
+                token = os.environ.get(self.settings.token_env, "")
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
+            http = create_mcp_http_client(headers=headers)
+            return streamable_http_client(self.settings.url, http_client=http), http
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+
+        command, *args = self.settings.command
+        params = StdioServerParameters(command=command, args=args, env={**os.environ, **self.settings.env})
+        return stdio_client(params), None
+
+    async def connect(self) -> None:
+        """Connects (in the connection's own task); raises BackendUnavailable when it cannot."""
+        if self._task is not None and not self._task.done() and self._client is not None:
+            return
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._hold(ready), name=f"upstream-{self.name}")
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout=self.settings.timeout_seconds)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            await self.close()
+            raise BackendUnavailable("invoke", f"upstream {self.name} unavailable: {self.error}") from None
+
+    async def _hold(self, ready: asyncio.Future[None]) -> None:
+        from mcp.client.client import Client
+
+        transport, http = self._transport()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if http is not None:
+                    await stack.enter_async_context(http)
+                client = await stack.enter_async_context(Client(transport, mode="auto"))
+                self._client, self.error = client, None
+                ready.set_result(None)
+                log.info("upstream_connected", upstream=self.name, protocol=getattr(client, "protocol_version", None))
+                await self._stop.wait()
+        except Exception as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("upstream_disconnected", upstream=self.name, error=self.error)
+        finally:
+            self._client = None
+
+    async def list_tools(self) -> list[Any]:
+        await self.connect()
+        tools: list[Any] = []
+        cursor = None
+        try:
+            while True:
+                page = await asyncio.wait_for(
+                    self._client.list_tools(cursor=cursor, cache_mode="bypass"), timeout=self.settings.timeout_seconds
+                )
+                tools += page.tools
+                cursor = getattr(page, "nextCursor", None) or getattr(page, "next_cursor", None)
+                if not cursor:
+                    return tools
+        except Exception:
+            await self.close()  # reconnect at the next refresh
+            raise
+
+    async def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
+        await self.connect()
+        try:
+            return await self._client.call_tool(name, arguments, read_timeout_seconds=self.settings.timeout_seconds)
+        except Exception:
+            await self.close()  # reconnect on the next call or refresh
+            raise
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._task, timeout=5)
+            self._task = None
+        self._client = None

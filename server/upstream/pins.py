@@ -1,0 +1,111 @@
+"""Pinning upstream tool definitions: a changed definition is quarantined until an admin approves it.
+
+Each upstream tool's definition (title, description, input and output schemas, annotations) is hashed.
+The first definition seen is trusted (trust on first use) unless `pin = "manual"`; after that, a
+definition whose hash differs from the approved one is quarantined: hidden from tools/list and
+denied on tools/call, until `castellan tools approve NAME` approves the new hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from server.sqlite import transaction
+
+Status = Literal["approved", "quarantined"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pins (
+  tool TEXT PRIMARY KEY,
+  upstream TEXT NOT NULL,
+  approved_hash TEXT,
+  seen_hash TEXT NOT NULL,
+  seen_definition TEXT NOT NULL,
+  first_seen REAL NOT NULL,
+  changed_at REAL NOT NULL,
+  approved_at REAL,
+  approved_by TEXT
+);
+"""
+
+
+def definition_hash(definition: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    tool: str
+    upstream: str
+    status: Status
+    approved_hash: str | None
+    seen_hash: str
+    definition: dict[str, Any]
+    approved_by: str | None
+
+
+class PinStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def observe(self, tool: str, upstream: str, definition: Mapping[str, Any], trust_first: bool) -> Status:
+        """Records the definition now offered by the upstream; returns whether it may be served."""
+        digest = definition_hash(definition)
+        now = time.time()
+        with transaction(self._conn) as conn:
+            row = conn.execute("SELECT approved_hash, seen_hash FROM pins WHERE tool = ?", (tool,)).fetchone()
+            body = json.dumps(definition, sort_keys=True)
+            if row is None:
+                approved = digest if trust_first else None
+                conn.execute(
+                    "INSERT INTO pins VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (tool, upstream, approved, digest, body, now, now, now if approved else None,
+                     "first use" if approved else None),
+                )  # fmt: skip
+                return "approved" if approved else "quarantined"
+            approved_hash, seen_hash = row
+            if seen_hash != digest:
+                conn.execute(
+                    "UPDATE pins SET seen_hash = ?, seen_definition = ?, changed_at = ? WHERE tool = ?",
+                    (digest, body, now, tool),
+                )
+        return "approved" if approved_hash == digest else "quarantined"
+
+    def status(self, tool: str) -> Status | None:
+        row = self._conn.execute("SELECT approved_hash, seen_hash FROM pins WHERE tool = ?", (tool,)).fetchone()
+        if row is None:
+            return None
+        return "approved" if row[0] == row[1] else "quarantined"
+
+    def approve(self, tool: str, by: str) -> Pin:
+        """Approves the definition last seen for `tool`. Raises KeyError for an unknown tool."""
+        with transaction(self._conn) as conn:
+            updated = conn.execute(
+                "UPDATE pins SET approved_hash = seen_hash, approved_at = ?, approved_by = ? WHERE tool = ?",
+                (time.time(), by, tool),
+            ).rowcount
+        if not updated:
+            raise KeyError(tool)
+        return next(p for p in self.list() if p.tool == tool)
+
+    def list(self) -> list[Pin]:
+        rows = self._conn.execute(
+            "SELECT tool, upstream, approved_hash, seen_hash, seen_definition, approved_by FROM pins ORDER BY tool"
+        ).fetchall()
+        return [
+            Pin(r[0], r[1], "approved" if r[2] == r[3] else "quarantined", r[2], r[3], json.loads(r[4]), r[5])
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        self._conn.close()

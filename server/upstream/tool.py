@@ -1,0 +1,73 @@
+"""An upstream MCP tool served by the gateway under `<upstream>.<tool>`, subject to its pin."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from server.registry import ToolOutput, ToolSpec
+from server.upstream.connection import UpstreamConnection
+from server.upstream.pins import Status
+
+
+def definition_of(tool: Any) -> dict[str, Any]:
+    """What is pinned: everything an agent (or its model) reads about the tool."""
+    annotations = getattr(tool, "annotations", None)
+    return {
+        "name": tool.name,
+        "title": getattr(tool, "title", None),
+        "description": tool.description or "",
+        "input_schema": _dump(getattr(tool, "inputSchema", None) or getattr(tool, "input_schema", None)),
+        "output_schema": _dump(getattr(tool, "outputSchema", None) or getattr(tool, "output_schema", None)),
+        "annotations": _dump(annotations),
+    }
+
+
+def _dump(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return json.loads(json.dumps(value, default=str))
+
+
+class UpstreamTool:
+    def __init__(self, connection: UpstreamConnection, definition: dict[str, Any], status: Status) -> None:
+        settings = connection.settings
+        self._connection = connection
+        self.upstream_name = definition["name"]
+        self.status = status
+        local = re.sub(r"[^A-Za-z0-9_]", "_", self.upstream_name)
+        annotations = dict(definition.get("annotations") or {})
+        for key in ("title",):
+            annotations.pop(key, None)
+        self.spec = ToolSpec(
+            name=f"{settings.name}.{self.upstream_name}"[:128],
+            title=definition.get("title"),
+            description=definition.get("description") or "",
+            securable=f"{settings.schema_name}.{settings.name.replace('-', '_')}__{local}",
+            input_schema=definition.get("input_schema") or {"type": "object"},
+            output_schema=definition.get("output_schema"),
+            annotations=annotations,
+            upstream=settings.name,
+        )
+
+    def blocked_reason(self) -> str | None:
+        if self.status == "quarantined":
+            return (
+                f"upstream tool {self.spec.name} is quarantined: its definition changed (or was never approved); "
+                f"an admin must review and approve it (castellan tools approve {self.spec.name})"
+            )
+        return None
+
+    async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
+        result = await self._connection.call_tool(self.upstream_name, dict(arguments))
+        texts = [getattr(c, "text", None) for c in result.content]
+        structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
+        text = "\n".join(t for t in texts if t is not None)
+        if not text and structured is not None:
+            text = json.dumps(structured)
+        is_error = bool(getattr(result, "isError", None) or getattr(result, "is_error", False))
+        return ToolOutput(text=text, structured=structured if not is_error else None, is_error=is_error)

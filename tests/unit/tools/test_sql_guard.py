@@ -1,0 +1,103 @@
+"""The SQL tool's read-only guard: what it refuses (before anything runs) and what it lets through."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.sql_guard import Rejected, check
+
+TABLES = {"main.sales.orders", "main.sales.customers"}
+
+
+def known(name: str) -> bool:
+    return name in TABLES
+
+
+REFUSED = [
+    # writes and DDL
+    ("INSERT INTO main.sales.orders VALUES (1)", "INSERT"),
+    ("UPDATE main.sales.orders SET amount = 0", "UPDATE"),
+    ("DELETE FROM main.sales.orders", "DELETE"),
+    ("MERGE INTO main.sales.orders t USING main.sales.customers s ON t.id = s.id WHEN MATCHED THEN DELETE", "MERGE"),
+    ("DROP TABLE main.sales.orders", "DROP"),
+    ("CREATE TABLE x AS SELECT * FROM main.sales.orders", "CREATE"),
+    ("ALTER TABLE main.sales.orders ADD COLUMN x INT", "ALTER"),
+    ("TRUNCATE TABLE main.sales.orders", ""),
+    # more than one statement (the classic injection)
+    ("SELECT * FROM main.sales.orders; DROP TABLE main.sales.orders", "exactly one statement"),
+    ("SELECT 1; SELECT 2", "exactly one statement"),
+    ("SELECT * FROM main.sales.orders WHERE region = '' ; DELETE FROM main.sales.orders --'", "exactly one statement"),
+    # files, engine state, extensions
+    ("COPY main.sales.orders TO '/tmp/out.csv'", "COPY"),
+    ("COPY (SELECT * FROM main.sales.orders) TO 'x.parquet'", "COPY"),
+    ("ATTACH '/tmp/other.db' AS other", "ATTACH"),
+    ("DETACH other", ""),
+    ("INSTALL httpfs", ""),
+    ("LOAD httpfs", ""),
+    ("PRAGMA database_list", ""),
+    ("SET enable_external_access = true", ""),
+    ("EXPORT DATABASE '/tmp/dump'", ""),
+    ("CALL pragma_version()", ""),
+    ("SELECT * FROM read_csv('/etc/passwd')", "read_csv"),
+    ("SELECT * FROM read_parquet('s3://bucket/x.parquet')", "read_parquet"),
+    ("SELECT * FROM read_json_auto('/etc/hosts')", ""),
+    ("SELECT * FROM '/etc/passwd'", "not a table name"),
+    ("SELECT * FROM 'data.csv' AS d", "not a table name"),
+    ("SELECT * FROM glob('/home/*')", "glob"),
+    ("SELECT getenv('HOME')", "getenv"),
+    ("SELECT current_setting('threads')", "current_setting"),
+    ("SELECT * FROM duckdb_settings()", "duckdb_settings"),
+    ("SELECT * FROM sniff_csv('/etc/passwd')", "sniff_csv"),
+    ("SELECT read_text('/etc/passwd')", "read_text"),
+    ("SELECT * FROM query('DROP TABLE x')", "query"),
+    ("SELECT * FROM sqlite_scan('/tmp/x.db', 't')", "sqlite_scan"),
+    # names that are not catalog tables
+    ("SELECT * FROM orders", "full name"),
+    ("SELECT * FROM main.sales.secret_table", "does not exist"),
+    ("SELECT * FROM information_schema.tables", "full name"),
+    ("SELECT * FROM main.sales.orders, pg_catalog.pg_class", "full name"),
+    # a write hidden in a CTE or a subquery
+    ("WITH gone AS (DELETE FROM main.sales.orders RETURNING *) SELECT * FROM gone", ""),
+    ("SELECT * FROM (INSERT INTO main.sales.orders VALUES (1) RETURNING *)", ""),
+    # not SQL, or nothing
+    ("", "empty"),
+    ("DESCRIBE main.sales.orders", ""),
+    ("SHOW TABLES", ""),
+    ("VACUUM", ""),
+    ("CHECKPOINT", ""),
+    ("BEGIN TRANSACTION", ""),
+]
+
+
+@pytest.mark.parametrize(("sql", "why"), REFUSED)
+def test_refused_before_execution(sql: str, why: str) -> None:
+    with pytest.raises(Rejected) as refused:
+        check(sql, known)
+    assert why.lower() in str(refused.value).lower()
+
+
+def test_the_table_is_long_enough() -> None:
+    assert len(REFUSED) >= 25
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ("SELECT region, SUM(amount) FROM main.sales.orders GROUP BY region", ("main.sales.orders",)),
+        (
+            "SELECT c.name, o.amount FROM main.sales.orders o JOIN main.sales.customers c USING (customer_id)",
+            ("main.sales.orders", "main.sales.customers"),
+        ),
+        (
+            "WITH big AS (SELECT * FROM main.sales.orders WHERE amount > 100) SELECT COUNT(*) FROM big",
+            ("main.sales.orders",),
+        ),
+        ("SELECT * FROM MAIN.Sales.ORDERS LIMIT 3", ("main.sales.orders",)),
+        ("SELECT 1 AS one", ()),
+        ("SELECT * FROM main.sales.orders UNION ALL SELECT * FROM main.sales.orders", ("main.sales.orders",)),
+    ],
+)
+def test_queries_pass_with_the_tables_they_read(sql: str, tables: tuple[str, ...]) -> None:
+    checked = check(sql, known)
+    assert checked.tables == tables
+    assert "main." not in checked.rewritten.lower()  # every table replaced by one the gateway registered
