@@ -70,8 +70,13 @@ def call_result(call: Call) -> types.CallToolResult:
         return to_tool_result(call.error, structured=not has_output_schema)
     output = call.output
     assert output is not None, "an allowed call always has an output"
+    content: list[Any] = (
+        [dict(block) for block in output.content]
+        if output.content
+        else [types.TextContent(type="text", text=output.text)]
+    )
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=output.text)],
+        content=content,
         structured_content=dict(output.structured) if output.structured is not None else None,
         is_error=output.is_error,
     )

@@ -51,6 +51,10 @@ class ToolOutput:
     text: str
     structured: Mapping[str, Any] | None = None
     is_error: bool = False
+    content: tuple[Mapping[str, Any], ...] = ()
+    """MCP content blocks (images, audio, embedded resources…) from a tool that returns more than text,
+    sent as they are. `text` is still what is metered, audited and decided on; anything that rewrites
+    the result (an obligation, a truncation) drops these blocks and sends the rewritten text."""
 
 
 class Tool(Protocol):

@@ -204,11 +204,18 @@ class UpstreamSettings(BaseModel):
     """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
     token_env: str = ""
     """An environment variable holding the gateway's bearer token for this upstream."""
+    prefix: str | None = None
+    """What the tools' names start with. Default `<name>.`; `""` serves them under their own names
+    (they must not clash with other tools)."""
     schema_name: str = "main.upstream"
     """The catalog schema the tools' securables live in: `<schema_name>.<name>__<tool>`."""
     pin: Literal["first-use", "manual"] = "first-use"
     """`first-use`: the first definition seen is approved; `manual`: every definition needs approval."""
     timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @property
+    def tool_prefix(self) -> str:
+        return self.prefix if self.prefix is not None else f"{self.name}."
 
 
 class ToolSettings(BaseModel):

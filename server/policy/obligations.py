@@ -40,7 +40,7 @@ class ObligationsStage:
                 text=json.dumps(structured, default=str), structured=structured, is_error=output.is_error
             )
         elif fields:
-            output = replace(output, text=_redact_text(output.text, fields))
+            output = replace(output, text=_redact_text(output.text, fields), content=())
         limit = obligations.get("max_result_chars")
         if limit is not None and len(output.text) > int(limit):
             # A truncated result cannot be valid structured content any more: keep the text only.

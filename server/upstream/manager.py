@@ -54,7 +54,7 @@ class UpstreamManager:
             for upstream_tool in listed:
                 definition = definition_of(upstream_tool)
                 status = self.pins.observe(
-                    f"{connection.name}.{upstream_tool.name}",
+                    f"{connection.settings.tool_prefix}{upstream_tool.name}",
                     connection.name,
                     definition,
                     trust_first=connection.settings.pin == "first-use",

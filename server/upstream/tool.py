@@ -44,7 +44,7 @@ class UpstreamTool:
         for key in ("title",):
             annotations.pop(key, None)
         self.spec = ToolSpec(
-            name=f"{settings.name}.{self.upstream_name}"[:128],
+            name=f"{settings.tool_prefix}{self.upstream_name}"[:128],
             title=definition.get("title"),
             description=definition.get("description") or "",
             securable=f"{settings.schema_name}.{settings.name.replace('-', '_')}__{local}",
@@ -64,10 +64,31 @@ class UpstreamTool:
 
     async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
         result = await self._connection.call_tool(self.upstream_name, dict(arguments))
-        texts = [getattr(c, "text", None) for c in result.content]
+        blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
-        text = "\n".join(t for t in texts if t is not None)
+        text = "\n".join(_as_text(b) for b in blocks)
         if not text and structured is not None:
             text = json.dumps(structured)
         is_error = bool(getattr(result, "isError", None) or getattr(result, "is_error", False))
-        return ToolOutput(text=text, structured=structured if not is_error else None, is_error=is_error)
+        rich = any(b.get("type") != "text" for b in blocks)
+        return ToolOutput(
+            text=text,
+            structured=structured if not is_error else None,
+            is_error=is_error,
+            content=tuple(blocks) if rich else (),
+        )
+
+
+def _as_text(block: dict[str, Any]) -> str:
+    """A content block as text (for metering, audit and policy): text as it is, binary as a note."""
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", ""))
+    if kind in ("image", "audio"):
+        return f"[{kind} {block.get('mimeType', '?')}, {len(str(block.get('data', ''))) * 3 // 4} bytes]"
+    if kind == "resource":
+        resource = block.get("resource") or {}
+        return str(resource.get("text") or f"[resource {resource.get('uri', '?')}]")
+    if kind == "resource_link":
+        return f"[resource link {block.get('uri', '?')}]"
+    return f"[{kind} content]"

@@ -1,0 +1,108 @@
+"""The official MCP conformance suite (@modelcontextprotocol/conformance 0.2.0-alpha.12) against the
+gateway, with its fixture tools served by an upstream `mcp` SDK server behind the gateway and governed
+like any other tool. Runs the active 2025-11-25 suite and the 2026-07-28 requirement set; the
+expected failures, each with its reason, are in tests/conformance/expected-failures.yml.
+
+The suite cannot send a bearer token, so a loopback proxy (tests/conformance/auth_proxy.py) adds one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from server.settings import REPO_ROOT
+from server.testing import GatewayProcess, free_port, run_gateway
+from tests.e2e.conftest import E2E
+
+pytestmark = pytest.mark.e2e
+CONFORMANCE = E2E / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
+EXPECTED = REPO_ROOT / "tests" / "conformance" / "expected-failures.yml"
+
+
+@contextmanager
+def process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_port(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@pytest.fixture(scope="module")
+def proxied_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, str]]:
+    root = tmp_path_factory.mktemp("conformance")
+    upstream, proxy = free_port(), free_port()
+    upstreams = [{"name": "conformance", "url": f"http://127.0.0.1:{upstream}/mcp", "prefix": ""}]
+    with process("-m", "tests.fixtures.conformance_server", "--port", str(upstream)):
+        wait_port(upstream)
+        # The suite repeats identical calls quickly: the per-agent call limits are lifted for it
+        # (they have tests of their own); grants, policy and audit stay on.
+        limits = {"calls_per_minute": 0, "max_repeats": 0, "max_run_calls": 0, "concurrent_calls": 0}
+        env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams)}
+        env |= {f"CASTELLAN_METERING__LIMITS__{k.upper()}": str(v) for k, v in limits.items()}
+        with run_gateway(root / "gw", env) as gw:
+            token_file = root / "token"
+            token_file.write_text(gw.token("conformance-suite", ["admins"]))
+            with process(
+                "-m", "tests.conformance.auth_proxy", "--listen", str(proxy), "--target", gw.base_url,
+                "--token-file", str(token_file),
+            ):  # fmt: skip
+                wait_port(proxy)
+                yield gw, f"http://127.0.0.1:{proxy}/mcp"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("selection", [["--spec-version", "2025-11-25"], ["--requirements", "2026-07-28"]], ids=str)
+def test_conformance_suite(
+    node: Path, proxied_gateway: tuple[GatewayProcess, str], selection: list[str], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    gw, url = proxied_gateway
+    done = subprocess.run(
+        [str(node), str(CONFORMANCE), "server", "--url", url, *selection,
+         "--expected-failures", str(EXPECTED), "-o", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=850, check=False,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    total = re.search(r"Total: (\d+) passed, (\d+) failed", output)
+    summary = output[output.find("=== SUMMARY") :] if "=== SUMMARY" in output else output[-4000:]
+    with capsys.disabled():
+        print(f"\nMCP conformance {' '.join(selection)}: {total.group(0) if total else 'no total'}")
+    assert total is not None, output[-4000:]
+    assert done.returncode == 0, f"unexpected failures or stale expected failures:\n{summary}"
+    # Every governed call the suite made went through the pipeline and is in the audit log.
+    audit = subprocess.run(
+        [sys.executable, "-m", "server", "audit", "search", "--agent", "conformance-suite", "--tool",
+         "test_image_content", "--format", "jsonl"],
+        env=gw.env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert any(json.loads(line)["decision"] == "allow" for line in audit.stdout.splitlines())
