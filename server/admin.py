@@ -75,6 +75,7 @@ async def audit_search(
     reason: str | None = None,
     policy_version: str | None = None,
     run_id: str | None = None,
+    flag: str | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: int = 100,
@@ -84,7 +85,10 @@ async def audit_search(
     outbox = _gateway(request).outbox
     if not isinstance(outbox, SqliteOutbox):
         raise HTTPException(501, "this audit backend has no search")
-    query = AuditQuery(agent, subject, tool, decision, reason, policy_version, run_id, since, until, limit, offset)
+    query = AuditQuery(
+        agent=agent, subject=subject, tool=tool, decision=decision, reason=reason, policy_version=policy_version,
+        run_id=run_id, flag=flag, since=since, until=until, limit=limit, offset=offset,
+    )  # fmt: skip
     try:
         results = await outbox.search_async(query)
     except ValueError as exc:

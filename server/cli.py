@@ -196,6 +196,7 @@ def audit_verify(config: Path | None) -> None:
 @click.option("--reason", help="Text anywhere in the reasons.")
 @click.option("--policy-version")
 @click.option("--run-id")
+@click.option("--flag", help="A flag on the result, e.g. prompt_injection.")
 @click.option("--since", help="ISO 8601 time (inclusive).")
 @click.option("--until", help="ISO 8601 time (exclusive).")
 @click.option("--limit", type=int, default=100, show_default=True)

@@ -91,6 +91,8 @@ class MlflowTarget:
         """Calls matching `query`, newest first, from the traces (the central store)."""
         client = self._tracing()
         clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in _tag_filters(query).items()]
+        if query.flag:
+            clauses.append(f"tags.`castellan.flags` LIKE '%{_quote(query.flag)}%'")
         if query.since:
             clauses.append(f"trace.timestamp_ms >= {_millis(query.since)}")
         if query.until:

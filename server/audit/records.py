@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from server.audit.injection import scan
 from server.audit.redaction import Redactor
 from server.call import Call
 
@@ -66,6 +67,9 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         "tokens_out": call.tokens_out,
         "latency_ms": round((finished_at - call.started_at) * 1000, 3),
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
+        # Passed to the agent unchanged; flagged here for auditors.
+        "flags": ["prompt_injection"] if (markers := scan(output.text) if output else []) else [],
+        "injection_markers": markers,
     }
 
 

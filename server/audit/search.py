@@ -20,6 +20,7 @@ _FILTERS = {
     "policy_version": "json_extract(d.record, '$.policy_version') = ?",
     "run_id": "json_extract(d.record, '$.run_id') = ?",
     "reason": "json_extract(d.record, '$.reasons') LIKE ?",
+    "flag": "json_extract(o.record, '$.flags') LIKE ?",
     "since": "d.ts >= ?",
     "until": "d.ts < ?",
 }
@@ -35,6 +36,8 @@ class AuditQuery:
     """Text anywhere in the reasons."""
     policy_version: str | None = None
     run_id: str | None = None
+    flag: str | None = None
+    """A flag on the outcome, e.g. `prompt_injection`."""
     since: str | None = None
     """ISO 8601 time, inclusive."""
     until: str | None = None
@@ -54,7 +57,11 @@ def search(conn: sqlite3.Connection, query: AuditQuery) -> list[dict[str, Any]]:
         if f.name in _FILTERS and value is not None:
             where.append(_FILTERS[f.name])
             args.append(
-                f"%{value}%" if f.name == "reason" else _epoch(value) if f.name in ("since", "until") else value
+                f"%{value}%"
+                if f.name in ("reason", "flag")
+                else _epoch(value)
+                if f.name in ("since", "until")
+                else value
             )
     sql = (
         "SELECT d.seq, d.call_id, d.record, o.record FROM outbox d LEFT JOIN outbox o ON o.call_id = d.call_id "

@@ -108,6 +108,8 @@ def plan_trace(pending: PendingCall) -> TracePlan:
     end_ns = max(end_ns, cursor)
 
     tags = {f"castellan.{key}": str(decision[key]) for key in TAGS if decision.get(key) is not None}
+    if outcome and outcome.get("flags"):
+        tags["castellan.flags"] = ",".join(outcome["flags"])
     metadata = {
         "castellan.call_id": pending.call_id,
         "castellan.reasons": json.dumps(decision.get("reasons") or []),
