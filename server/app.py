@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import Route
 
@@ -101,7 +101,7 @@ def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, 
         """The process is up."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get("/readyz", tags=["operations"], responses={503: {"description": "A backend cannot answer"}})
     async def readyz() -> JSONResponse:
         """Every backend can answer: policy engine, grant source, meter store, audit outbox."""
         checks = await gateway.readiness()
@@ -110,7 +110,12 @@ def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, 
             {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
         )
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+    )
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")

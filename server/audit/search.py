@@ -67,7 +67,7 @@ def search(conn: sqlite3.Connection, query: AuditQuery) -> list[dict[str, Any]]:
         "SELECT d.seq, d.call_id, d.record, o.record FROM outbox d LEFT JOIN outbox o ON o.call_id = d.call_id "
         f"AND o.kind = 'outcome' WHERE {' AND '.join(where)} ORDER BY d.seq DESC LIMIT ? OFFSET ?"
     )
-    rows = conn.execute(sql, [*args, max(1, min(query.limit, 10_000)), max(0, query.offset)]).fetchall()
+    rows = conn.execute(sql, [*args, max(1, min(query.limit, 10_000)), min(max(0, query.offset), 2**62)]).fetchall()
     return [
         {**json.loads(decision), "seq": seq, "call_id": call_id, "outcome": json.loads(outcome) if outcome else None}
         for seq, call_id, decision, outcome in rows

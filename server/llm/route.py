@@ -25,7 +25,22 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
     )
 
 
-@router.post("/v1/chat/completions", response_model=None)
+_ERROR_STATUSES = {
+    400: "The body is not a valid chat completion request",
+    401: "No valid bearer token",
+    404: "The LLM route is not configured (llm.upstream_url)",
+    413: "The body is too large",
+    429: "A rate limit or token budget refused the request (Retry-After says when to retry)",
+    502: "The upstream model endpoint failed",
+    503: "A backend (the meter store, the audit log) cannot answer",
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={status: {"description": text} for status, text in _ERROR_STATUSES.items()},
+)
 async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     proxy = gateway.llm
