@@ -38,12 +38,23 @@ def _clean(error: BaseException) -> str:
 def compile_bundle(bundle: PolicyBundle) -> regorus.Engine:
     """A regorus engine holding `bundle`. Raises `ConfigError` naming the file when a module does not compile."""
     engine = regorus.Engine()
+    problem = None
     for path, text in bundle.modules.items():
         try:
             engine.add_policy(path, text)
         except Exception as exc:  # regorus raises RuntimeError with the parser's message
-            raise ConfigError(f"policy {path} does not compile: {_clean(exc)}") from None
-    engine.add_data_json(json.dumps(bundle.data))
+            problem = f"policy {path} does not compile: {_clean(exc)}"
+            break
+    if problem is None:
+        try:
+            engine.add_data_json(json.dumps(bundle.data))
+        except Exception as exc:
+            problem = f"policy data does not load: {_clean(exc)}"
+    if problem is not None:
+        # Free the engine here, on this thread: a traceback would keep this frame (and the engine)
+        # alive until garbage collection, which may run on another thread, where regorus aborts.
+        del engine
+        raise ConfigError(problem)
     return engine
 
 

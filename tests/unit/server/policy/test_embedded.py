@@ -178,3 +178,30 @@ async def test_an_engine_collected_on_another_thread_frees_no_regorus_engine_the
     collector.start()
     collector.join()  # an unraisable "dropped on another thread" would fail this test
     assert any(key[0] == owner for key in _engines())  # still held here, by the thread that made it
+
+
+def test_a_broken_bundle_refused_on_a_worker_thread_leaves_no_engine_to_other_threads(tmp_path: Path) -> None:
+    """Refusing a broken module must free its engine on the refusing thread: a traceback kept alive
+    would otherwise hand the engine to whichever thread runs garbage collection (regorus aborts)."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.errors import ConfigError
+    from server.policy.bundle import PolicyBundle
+    from server.policy.embedded import compile_bundle
+
+    (tmp_path / "broken.rego").write_text("package broken\n\nallow if {\n")
+    bundle = PolicyBundle.from_directory(tmp_path)
+    errors: list[BaseException] = []
+
+    def refuse() -> None:
+        try:
+            compile_bundle(bundle)
+        except ConfigError as exc:
+            errors.append(exc)  # kept, with its traceback, beyond the worker thread
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(refuse).result()
+    assert "does not compile" in str(errors[0])
+    errors.clear()
+    gc.collect()  # here, on the main thread: no engine may be left in the collected frames
