@@ -30,6 +30,7 @@ UNLIMITED = {
     "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
     "CASTELLAN_METERING__LIMITS__CONCURRENT_CALLS": "0",
     "CASTELLAN_LOG_LEVEL": "warning",
+    "CASTELLAN_AUDIT__SHIP": "true",  # every stage on, the shipper included (its own process)
 }
 
 

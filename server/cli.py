@@ -601,3 +601,51 @@ def connect(url: str, token_file: Path | None) -> None:
         raise click.ClickException("no token: set CASTELLAN_TOKEN or pass --token-file")
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(bridge, url, token)
+
+
+@main.command()
+@config_option
+def ship(config: Path | None) -> None:
+    """Ship the audit outbox to MLflow until stopped (SIGTERM/SIGINT). The gateway runs this as a
+    supervised child process; run it yourself to ship from a host where no gateway runs."""
+    import asyncio
+    import signal
+
+    from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+    from server.audit.outbox import SqliteOutbox
+    from server.audit.ship_process import SETTINGS_ENV
+    from server.audit.shipper import Shipper
+    from server.logs import configure_logging
+    from server.metrics import Metrics
+    from server.settings import AuditSettings
+
+    given = os.environ.get(SETTINGS_ENV)
+    if given:  # from the supervising gateway
+        document = json.loads(given)
+        audit, data_dir, audit_db = (
+            AuditSettings(**document["audit"]),
+            Path(document["data_dir"]),
+            Path(document["audit_db"]),
+        )
+        configure_logging("json", "info")
+    else:
+        settings = _settings(config)
+        audit, data_dir = settings.audit, settings.data_dir
+        audit_db = settings.data_file(audit.path, "audit.db")
+        configure_logging(settings.log_format, settings.log_level)
+    uri = audit.mlflow_tracking_uri or local_tracking_uri(data_dir)
+
+    async def run() -> None:
+        outbox = SqliteOutbox(audit_db)
+        shipper = Shipper(outbox, MlflowTarget(uri, audit.mlflow_experiment), audit, Metrics(),
+                          status_file=data_dir / "shipper-status.json")  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        shipper.start()
+        await stop.wait()
+        await shipper.stop(drain_seconds=5.0)
+        await outbox.close()
+
+    asyncio.run(run())

@@ -12,6 +12,7 @@ from server import backends
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.redaction import Redactor
+from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import Shipper
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
@@ -65,7 +66,7 @@ class Gateway:
     watcher: PolicyWatcher | None = None
     decision_log: DecisionLog | None = None
     llm: LlmProxy | None = None
-    shipper: Shipper | None = None
+    shipper: Shipper | ShipperProcess | None = None
     upstreams: UpstreamManager | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -176,13 +177,16 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
     redactor = Redactor(settings.audit.redact_fields, settings.audit.redact_patterns)
-    shipper = None
+    shipper: Shipper | ShipperProcess | None = None
+    uri = ""
     if settings.audit.ship and isinstance(outbox, SqliteOutbox):
-        target = MlflowTarget(
-            settings.audit.mlflow_tracking_uri or local_tracking_uri(settings.data_dir),
-            settings.audit.mlflow_experiment,
-        )
-        shipper = Shipper(outbox, target, settings.audit, metrics)
+        uri = settings.audit.mlflow_tracking_uri or local_tracking_uri(settings.data_dir)
+        target = MlflowTarget(uri, settings.audit.mlflow_experiment)
+        if settings.audit.ship_mode == "process":
+            audit_db = settings.data_file(settings.audit.path, "audit.db")
+            shipper = ShipperProcess(outbox, settings.audit, settings.data_dir, audit_db, metrics)
+        else:
+            shipper = Shipper(outbox, target, settings.audit, metrics)
 
     bundle = PolicyBundle.from_directory(settings.policy.path)
     decision_log = (
@@ -230,7 +234,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         grants=settings.grants.backend,
         metering=settings.metering.backend,
         audit=settings.audit.backend,
-        audit_shipping=shipper._target.tracking_uri if shipper else "off",
+        audit_shipping=f"{uri} ({settings.audit.ship_mode})" if shipper else "off",
         auth=settings.auth.mode,
         resource=settings.resource_url,
     )

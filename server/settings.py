@@ -260,6 +260,9 @@ class AuditSettings(BaseModel):
     """Text matching these regular expressions is stored as [REDACTED]."""
     ship: bool = True
     """Ship the outbox to MLflow as one trace per call (a background worker, never on the request path)."""
+    ship_mode: Literal["process", "thread"] = "process"
+    """`process`: a supervised `castellan ship` child process (MLflow's client is CPU-heavy and would
+    hold the gateway's GIL); `thread`: inside the gateway process."""
     mlflow_tracking_uri: str = ""
     """Where traces go: empty for a local store (`sqlite:///<data_dir>/mlflow.db`), an `http://` tracking
     server (`mlflow server`, Postgres-backed in production), or `databricks` (a workspace, SDK config)."""

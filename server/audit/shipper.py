@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import structlog
 
@@ -25,11 +28,20 @@ log = structlog.get_logger("castellan.audit.shipper")
 
 
 class Shipper:
-    def __init__(self, outbox: SqliteOutbox, target: MlflowTarget, settings: AuditSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        outbox: SqliteOutbox,
+        target: MlflowTarget,
+        settings: AuditSettings,
+        metrics: Metrics,
+        status_file: Path | None = None,
+    ) -> None:
         self._outbox = outbox
         self._target = target
         self._settings = settings
         self._metrics = metrics
+        self._status_file = status_file
+        self.failures = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="castellan-shipper")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -56,6 +68,7 @@ class Shipper:
                 self.last_error, backoff = None, 0.0
                 await self._update_backlog()
                 if shipped:
+                    self._write_status()
                     continue
                 delay = self._settings.ship_interval_seconds
             except asyncio.CancelledError:
@@ -65,9 +78,11 @@ class Shipper:
                 if self.last_error is None:
                     log.warning("audit_shipping_failed", error=_describe(exc), retry_in=backoff)
                 self.last_error = _describe(exc)
+                self.failures += 1
                 self._metrics.ship_failures.inc()
                 delay = backoff
                 await self._update_backlog()
+            self._write_status()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
@@ -85,6 +100,22 @@ class Shipper:
         self.shipped += len(pending)
         self._metrics.shipped.inc(len(pending))
         return len(pending)
+
+    def _write_status(self) -> None:
+        """For a supervising gateway (the shipper in its own process): what this shipper has done."""
+        if self._status_file is None:
+            return
+        body = {
+            "pid": os.getpid(),
+            "shipped": self.shipped,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "target": self._target.tracking_uri,
+            "updated": time.time(),
+        }
+        temporary = self._status_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(body))
+        temporary.replace(self._status_file)
 
     async def _update_backlog(self) -> None:
         count, oldest = await self._outbox.backlog()

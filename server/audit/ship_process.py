@@ -1,0 +1,123 @@
+"""The audit shipper in its own process, supervised by the gateway.
+
+Writing traces with MLflow's client is CPU-heavy Python (SQLAlchemy, protobuf): in the gateway's
+process it holds the GIL and cut call throughput from 466 to 101 calls/s in a measured run. So by
+default the gateway runs `castellan ship` as a child process on the same outbox, restarts it if it
+dies, stops it on shutdown, and reports its lag from the outbox and its counters from a status file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from server.audit.outbox import SqliteOutbox
+from server.metrics import Metrics
+from server.settings import AuditSettings
+
+log = structlog.get_logger("castellan.audit.shipper")
+SETTINGS_ENV = "CASTELLAN_SHIPPER_SETTINGS"
+
+
+class ShipperProcess:
+    def __init__(
+        self, outbox: SqliteOutbox, settings: AuditSettings, data_dir: Path, audit_db: Path, metrics: Metrics
+    ) -> None:
+        self._outbox = outbox
+        self._settings = settings
+        self._metrics = metrics
+        self.status_file = data_dir / "shipper-status.json"
+        self._child_settings = json.dumps(
+            {"data_dir": str(data_dir), "audit_db": str(audit_db), "audit": settings.model_dump(mode="json")}
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._seen = {"shipped": 0, "failures": 0}
+        self._restarts = 0
+
+    def _spawn(self) -> None:
+        self.status_file.unlink(missing_ok=True)
+        self._seen = {"shipped": 0, "failures": 0}
+        env = {**os.environ, SETTINGS_ENV: self._child_settings}
+        self._process = subprocess.Popen([sys.executable, "-m", "server", "ship"], env=env)
+        log.info("audit_shipper_started", pid=self._process.pid, restarts=self._restarts)
+
+    def start(self) -> None:
+        self._spawn()
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="castellan-shipper-supervisor")
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while True:
+            await asyncio.sleep(1.0)
+            assert self._process is not None
+            if self._process.poll() is not None:
+                log.warning("audit_shipper_exited", code=self._process.returncode, restart_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                self._restarts += 1
+                self._spawn()
+                continue
+            backoff = 1.0
+            with contextlib.suppress(Exception):
+                await self._refresh_metrics()
+
+    def _status(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.status_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    async def _refresh_metrics(self) -> None:
+        count, oldest = await self._outbox.backlog()
+        self._metrics.ship_backlog.set(count)
+        self._metrics.ship_lag.set(time.time() - oldest if oldest is not None else 0.0)
+        status = self._status()
+        for key, counter in (("shipped", self._metrics.shipped), ("failures", self._metrics.ship_failures)):
+            now = int(status.get(key, 0))
+            if now > self._seen[key]:
+                counter.inc(now - self._seen[key])
+                self._seen[key] = now
+
+    async def status(self) -> str:
+        count, oldest = await self._outbox.backlog()
+        lag = time.time() - oldest if oldest is not None else 0.0
+        limit = self._settings.max_ship_lag_seconds
+        if limit and lag > limit:
+            error = self._status().get("last_error")
+            return f"{count} audit records not shipped, oldest {lag:.0f} s (limit {limit:.0f} s): {error}"
+        return "ok"
+
+    async def lag(self) -> dict[str, object]:
+        count, oldest = await self._outbox.backlog()
+        status = self._status()
+        return {
+            "unshipped": count,
+            "lag_seconds": round(time.time() - oldest, 3) if oldest is not None else 0.0,
+            "shipped": status.get("shipped", 0),
+            "error": status.get("last_error"),
+        }
+
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # it ships what is ready for a few seconds, then exits
+            try:
+                await asyncio.to_thread(process.wait, drain_seconds + 5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
