@@ -232,6 +232,11 @@ class ToolSettings(BaseModel):
     function_timeout_seconds: float = Field(default=10.0, gt=0)
     function_cpu_seconds: int = Field(default=5, ge=1)
     function_memory_mb: int = Field(default=512, ge=64)
+    databricks_functions: list[str] = Field(default_factory=list)
+    """Unity Catalog functions (`catalog.schema.fn`, or `catalog.schema` for all of a schema) on the
+    Databricks workspace of `grants.databricks_host`/`databricks_profile`, served as tools."""
+    databricks_warehouse_id: str = ""
+    """The SQL warehouse that runs them (statement execution API)."""
     upstream_refresh_seconds: float = Field(default=30.0, gt=0)
     """How often upstream tool lists are re-read (changed definitions are quarantined then)."""
 

@@ -64,4 +64,37 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
             FunctionTool(f, workers, settings.tools.function_timeout_seconds, settings.tools.function_cpu_seconds)
             for f in load_functions(modules)
         ]
+    if settings.tools.databricks_functions:
+        tools += _databricks_functions(settings)
     return tools, closers
+
+
+def _databricks_functions(settings: Settings) -> list[Tool]:
+    from server.errors import ConfigError
+
+    if not settings.tools.databricks_warehouse_id:
+        raise ConfigError("tools.databricks_functions needs tools.databricks_warehouse_id (the SQL warehouse)")
+    try:
+        from databricks.sdk import WorkspaceClient
+        from databricks.sdk.core import Config
+
+        from tools.uc_functions import uc_function_tools
+    except ImportError:
+        raise ConfigError("tools.databricks_functions needs the extra: pip install 'castellan[databricks]'") from None
+    timeout = int(settings.tools.function_timeout_seconds)
+    try:
+        client = WorkspaceClient(
+            config=Config(
+                host=settings.grants.databricks_host or None,
+                profile=settings.grants.databricks_profile or None,
+                retry_timeout_seconds=timeout,
+                http_timeout_seconds=timeout,
+            )
+        )
+        found = uc_function_tools(
+            client, settings.tools.databricks_functions, settings.tools.databricks_warehouse_id, timeout
+        )
+    except Exception as exc:
+        raise ConfigError(f"cannot read the Unity Catalog functions: {str(exc)[:300]}") from None
+    log.info("uc_functions", functions=[t.spec.name for t in found])
+    return list(found)

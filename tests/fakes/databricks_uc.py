@@ -13,13 +13,24 @@ Behaviour it assumes of Unity Catalog: effective permissions include privileges 
 securables and from the principal's group memberships, and do not include ownership (the client
 reads `owner` itself). With `max_results=0` the first page is empty with a `next_page_token`, which
 the API documents as possible and clients must follow.
+
+Unity Catalog functions and SQL statement execution, for the catalog-function tools: `GET
+/api/2.1/unity-catalog/functions/{name}` returns a `FunctionInfo` (`input_params.parameters` with
+`name`, `type_name`, `type_text`, `position`, `comment`, `parameter_default`; `data_type`; `comment`),
+and `POST /api/2.0/sql/statements` runs `SELECT `c`.`s`.`f`(p => :p, ...) AS result` with named
+parameters (`{"name", "value", "type"}`, values as strings) against Python stand-ins for the function
+bodies, answering a `StatementResponse` (`status.state`, `manifest.schema.columns`,
+`result.data_array` with values as strings, the JSON_ARRAY format).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -31,10 +42,26 @@ _PLURAL = {"catalogs": "CATALOG", "schemas": "SCHEMA", "functions": "FUNCTION", 
 
 
 @dataclass
+class FakeFunction:
+    """A Unity Catalog function: its parameters ((name, UC type, comment)), return type and body."""
+
+    params: list[tuple[str, str, str]]
+    returns: str
+    comment: str
+    body: Callable[..., Any]
+
+
+_CALL = re.compile(r"^SELECT `(\w+)`\.`(\w+)`\.`(\w+)`\((.*)\) AS result$")
+_CASTS: dict[str, Callable[[str], Any]] = {"INT": int, "LONG": int, "DOUBLE": float, "DECIMAL": float, "STRING": str}
+
+
+@dataclass
 class FakeWorkspace:
     catalog: LocalCatalog
     down: bool = False
     requests: list[str] = field(default_factory=list)
+    functions: dict[str, FakeFunction] = field(default_factory=dict)
+    statements: list[dict[str, Any]] = field(default_factory=list)
 
     def _error(self, status: int, code: str, message: str) -> web.Response:
         return web.json_response({"error_code": code, "message": message}, status=status)
@@ -80,8 +107,54 @@ class FakeWorkspace:
         if self.catalog.securable_type(name) != kind:
             return self._error(404, "NOT_FOUND", f"{kind.title()} '{name}' does not exist.")
         owner = self.catalog.owner(name) or None
-        body = {"name": name.split(".")[-1], "full_name": name, **({"owner": owner} if owner else {})}
+        body: dict[str, Any] = {"name": name.split(".")[-1], "full_name": name, **({"owner": owner} if owner else {})}
+        if kind == "FUNCTION" and name in self.functions:
+            fn = self.functions[name]
+            catalog, schema, _ = name.split(".")
+            body |= {
+                "catalog_name": catalog,
+                "schema_name": schema,
+                "comment": fn.comment,
+                "data_type": fn.returns,
+                "full_data_type": fn.returns,
+                "input_params": {
+                    "parameters": [
+                        {"name": n, "type_name": t, "type_text": t.lower(), "position": i, "comment": c}
+                        for i, (n, t, c) in enumerate(fn.params)
+                    ]
+                },
+            }
         return web.json_response(body)
+
+    async def statement(self, request: web.Request) -> web.Response:
+        if (refused := self._guard(request)) is not None:
+            return refused
+        body = await request.json()
+        self.statements.append(body)
+        match = _CALL.match(body.get("statement", ""))
+        if not match or not body.get("warehouse_id"):
+            return self._error(400, "INVALID_PARAMETER_VALUE", "unsupported statement")
+        name = ".".join(match.groups()[:3])
+        fn = self.functions.get(name)
+        if fn is None:
+            return self._error(404, "NOT_FOUND", f"Function '{name}' does not exist.")
+        given = {p["name"]: _CASTS.get(p.get("type", "STRING"), str)(p["value"]) for p in body.get("parameters", [])}
+        statement_id = uuid.uuid4().hex
+        try:
+            value = fn.body(**given)
+        except Exception as exc:
+            return web.json_response(
+                {"statement_id": statement_id, "status": {"state": "FAILED", "error": {"message": str(exc)}}}
+            )
+        return web.json_response(
+            {
+                "statement_id": statement_id,
+                "status": {"state": "SUCCEEDED"},
+                "manifest": {"format": "JSON_ARRAY", "schema": {"column_count": 1, "columns": [
+                    {"name": "result", "type_name": fn.returns, "type_text": fn.returns.lower(), "position": 0}]}},
+                "result": {"chunk_index": 0, "row_offset": 0, "row_count": 1, "data_array": [[str(value)]]},
+            }
+        )  # fmt: skip
 
     async def list_catalogs(self, request: web.Request) -> web.Response:
         if (refused := self._guard(request)) is not None:
@@ -103,5 +176,6 @@ async def serve(catalog: LocalCatalog) -> AsyncIterator[tuple[FakeWorkspace, str
     app.router.add_get("/api/2.1/unity-catalog/effective-permissions/{type}/{name}", workspace.effective)
     app.router.add_get("/api/2.1/unity-catalog/catalogs", workspace.list_catalogs)
     app.router.add_get("/api/2.1/unity-catalog/{kind:catalogs|schemas|functions|tables}/{name}", workspace.info)
+    app.router.add_post("/api/2.0/sql/statements", workspace.statement)
     async with serve_app(app) as url:
         yield workspace, url
