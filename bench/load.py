@@ -28,6 +28,20 @@ def call_body(tool: str, arguments: dict[str, object], request_id: int) -> bytes
     return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}).encode()
 
 
+def call_headers(tool: str, token: str | None = None) -> dict[str, str]:
+    """The HTTP headers a 2026-07-28 client sends beside a `tools/call` body (and the bearer token)."""
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": PROTOCOL,
+        "mcp-method": "tools/call",
+        "mcp-name": tool,
+    }
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers
+
+
 @dataclass
 class Sample:
     latencies: list[float]
@@ -44,15 +58,7 @@ class Sample:
 
 async def drive(url: str, token: str | None, calls: int, concurrency: int, tool: str = "echo") -> Sample:
     """`calls` calls spread over `concurrency` workers; every call must succeed (not isError)."""
-    headers = {
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": PROTOCOL,
-        "mcp-method": "tools/call",
-        "mcp-name": tool,
-    }
-    if token:
-        headers["authorization"] = f"Bearer {token}"
+    headers = call_headers(tool, token)
     latencies: list[float] = []
     errors = 0
     counter = iter(range(calls))

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.load import PROTOCOL, call_body
+from bench.load import call_body, call_headers
 from bench.stats import percentile
 from server.testing import GatewayProcess, run_gateway
 from tests.opa import run_opa
@@ -37,14 +37,7 @@ async def round_robin(
     async def worker(session: aiohttp.ClientSession) -> None:
         for i in counter:
             gw, token = replicas[i % len(replicas)], tokens[i % len(replicas)]
-            headers = {
-                "authorization": f"Bearer {token}",
-                "content-type": "application/json",
-                "accept": "application/json, text/event-stream",
-                "mcp-protocol-version": PROTOCOL,
-                "mcp-method": "tools/call",
-                "mcp-name": "echo",
-            }
+            headers = call_headers("echo", token)
             started = time.perf_counter()
             async with session.post(gw.mcp_url, data=call_body("echo", {"text": f"c{i}"}, i), headers=headers) as r:
                 result = (await r.json())["result"]

@@ -174,12 +174,12 @@ class SqliteOutbox:
             lambda c: c.execute(f"UPDATE outbox SET shipped_at = ? WHERE seq IN ({marks})", [now, *seqs])
         )
 
-    async def backlog(self) -> tuple[int, float | None]:
-        """(records not yet shipped, time of the oldest)."""
+    async def backlog(self) -> tuple[int, float]:
+        """(records not yet shipped, seconds the oldest of them has waited; 0 when none)."""
         row = await self._db.run(
             lambda c: c.execute("SELECT COUNT(*), MIN(ts) FROM outbox WHERE shipped_at IS NULL").fetchone()
         )
-        return int(row[0]), row[1]
+        return int(row[0]), time.time() - row[1] if row[1] is not None else 0.0
 
     def verify(self) -> Verification:
         """Recompute the hash chain (synchronous: for the CLI)."""

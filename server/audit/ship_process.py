@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from server.audit.outbox import SqliteOutbox
+from server.audit.shipper import publish_backlog, shipping_status
 from server.metrics import Metrics
 from server.settings import AuditSettings
 
@@ -79,9 +79,7 @@ class ShipperProcess:
             return {}
 
     async def _refresh_metrics(self) -> None:
-        count, oldest = await self._outbox.backlog()
-        self._metrics.ship_backlog.set(count)
-        self._metrics.ship_lag.set(time.time() - oldest if oldest is not None else 0.0)
+        await publish_backlog(self._outbox, self._metrics)
         status = self._status()
         for key, counter in (("shipped", self._metrics.shipped), ("failures", self._metrics.ship_failures)):
             now = int(status.get(key, 0))
@@ -90,23 +88,7 @@ class ShipperProcess:
                 self._seen[key] = now
 
     async def status(self) -> str:
-        count, oldest = await self._outbox.backlog()
-        lag = time.time() - oldest if oldest is not None else 0.0
-        limit = self._settings.max_ship_lag_seconds
-        if limit and lag > limit:
-            error = self._status().get("last_error")
-            return f"{count} audit records not shipped, oldest {lag:.0f} s (limit {limit:.0f} s): {error}"
-        return "ok"
-
-    async def lag(self) -> dict[str, object]:
-        count, oldest = await self._outbox.backlog()
-        status = self._status()
-        return {
-            "unshipped": count,
-            "lag_seconds": round(time.time() - oldest, 3) if oldest is not None else 0.0,
-            "shipped": status.get("shipped", 0),
-            "error": status.get("last_error"),
-        }
+        return await shipping_status(self._outbox, self._settings, self._status().get("last_error"))
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         if self._task is not None:

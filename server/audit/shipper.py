@@ -118,24 +118,16 @@ class Shipper:
         temporary.replace(self._status_file)
 
     async def _update_backlog(self) -> None:
-        count, oldest = await self._outbox.backlog()
-        self._metrics.ship_backlog.set(count)
-        self._metrics.ship_lag.set(time.time() - oldest if oldest is not None else 0.0)
+        await publish_backlog(self._outbox, self._metrics)
 
     async def status(self) -> str:
-        """ "ok", or what is wrong: for /readyz. Lag fails readiness only beyond `max_ship_lag_seconds`."""
-        count, oldest = await self._outbox.backlog()
-        lag = time.time() - oldest if oldest is not None else 0.0
-        limit = self._settings.max_ship_lag_seconds
-        if limit and lag > limit:
-            return f"{count} audit records not shipped, oldest {lag:.0f} s (limit {limit:.0f} s): {self.last_error}"
-        return "ok"
+        return await shipping_status(self._outbox, self._settings, self.last_error)
 
     async def lag(self) -> dict[str, object]:
-        count, oldest = await self._outbox.backlog()
+        count, lag = await self._outbox.backlog()
         return {
             "unshipped": count,
-            "lag_seconds": round(time.time() - oldest, 3) if oldest is not None else 0.0,
+            "lag_seconds": round(lag, 3),
             "shipped": self.shipped,
             "target": self._target.tracking_uri,
             "error": self.last_error,
@@ -156,6 +148,22 @@ class Shipper:
                     if not await asyncio.wait_for(self.ship_once(), timeout=remaining):
                         break
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def publish_backlog(outbox: SqliteOutbox, metrics: Metrics) -> None:
+    """The lag gauges in /metrics, from the outbox (whichever process ships)."""
+    count, lag = await outbox.backlog()
+    metrics.ship_backlog.set(count)
+    metrics.ship_lag.set(lag)
+
+
+async def shipping_status(outbox: SqliteOutbox, settings: AuditSettings, last_error: object) -> str:
+    """ "ok", or what is wrong: for /readyz. Lag fails readiness only beyond `max_ship_lag_seconds`."""
+    count, lag = await outbox.backlog()
+    limit = settings.max_ship_lag_seconds
+    if limit and lag > limit:
+        return f"{count} audit records not shipped, oldest {lag:.0f} s (limit {limit:.0f} s): {last_error}"
+    return "ok"
 
 
 def _describe(exc: Exception) -> str:

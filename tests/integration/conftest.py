@@ -42,19 +42,11 @@ async def raw_call(gateway: GatewayProcess, token: str, tool: str, arguments: di
 
     import aiohttp
 
-    from bench.load import PROTOCOL, call_body
+    from bench.load import call_body, call_headers
 
-    headers = {
-        "authorization": f"Bearer {token}",
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": PROTOCOL,
-        "mcp-method": "tools/call",
-        "mcp-name": tool,
-    }
     async with (
         aiohttp.ClientSession() as session,
-        session.post(gateway.mcp_url, data=call_body(tool, arguments, 1), headers=headers) as resp,
+        session.post(gateway.mcp_url, data=call_body(tool, arguments, 1), headers=call_headers(tool, token)) as resp,
     ):
         payload = json.loads(await resp.text())
     result = payload["result"]

@@ -16,7 +16,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from bench.load import PROTOCOL, call_body
+from bench.load import call_body, call_headers
 from server.auth.devkeys import mint_dev_token
 from server.testing import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call
@@ -31,15 +31,7 @@ def strict_gateway(tmp_path_factory: pytest.TempPathFactory) -> GatewayProcess:
 
 
 async def post(gw: GatewayProcess, token: str, body: bytes | str, name: str = "echo") -> tuple[int, str]:
-    headers = {
-        "authorization": f"Bearer {token}",
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": PROTOCOL,
-        "mcp-method": "tools/call",
-        "mcp-name": name,
-    }
-    async with aiohttp.ClientSession() as s, s.post(gw.mcp_url, data=body, headers=headers) as resp:
+    async with aiohttp.ClientSession() as s, s.post(gw.mcp_url, data=body, headers=call_headers(name, token)) as resp:
         return resp.status, await resp.text()
 
 

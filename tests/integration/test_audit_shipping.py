@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.load import PROTOCOL, call_body
+from bench.load import call_body, call_headers
 from server.testing import GatewayProcess, run_gateway
 from tests.mlflow_server import run_mlflow
 
@@ -33,13 +33,6 @@ def shipping_env(tracking_uri: str) -> dict[str, str]:
 
 async def drive(gw: GatewayProcess, token: str, first: int, count: int, concurrency: int = 8) -> list[bool]:
     """`count` calls: echo with distinct text, and every tenth `demo.reset` (denied: destructive)."""
-    headers = {
-        "authorization": f"Bearer {token}",
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": PROTOCOL,
-        "mcp-method": "tools/call",
-    }
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(first, first + count):
         queue.put_nowait(i)
@@ -50,7 +43,7 @@ async def drive(gw: GatewayProcess, token: str, first: int, count: int, concurre
             i = queue.get_nowait()
             tool, args = ("demo.reset", {}) if i % 10 == 0 else ("echo", {"text": f"call {i}"})
             async with session.post(
-                gw.mcp_url, data=call_body(tool, args, i), headers={**headers, "mcp-name": tool}
+                gw.mcp_url, data=call_body(tool, args, i), headers=call_headers(tool, token)
             ) as resp:
                 assert resp.status == 200, await resp.text()
                 outcomes.append(not (await resp.json())["result"].get("isError", False))

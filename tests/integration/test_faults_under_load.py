@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.load import PROTOCOL, call_body
+from bench.load import call_body, call_headers
 from server.testing import GatewayProcess, run_gateway
 from tests.opa import run_opa
 from tests.redis_server import run_redis
@@ -31,14 +31,7 @@ NO_LIMITS = {
 
 async def load(gw: GatewayProcess, token: str, stop: asyncio.Event, workers: int = 4) -> list[dict[str, Any]]:
     """Calls echo until `stop`; returns every result with the time it was sent."""
-    headers = {
-        "authorization": f"Bearer {token}",
-        "content-type": "application/json",
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": PROTOCOL,
-        "mcp-method": "tools/call",
-        "mcp-name": "echo",
-    }
+    headers = call_headers("echo", token)
     results: list[dict[str, Any]] = []
 
     async def worker(session: aiohttp.ClientSession, n: int) -> None:

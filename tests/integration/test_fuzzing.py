@@ -17,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.load import PROTOCOL
+from bench.load import PROTOCOL, call_body, call_headers
 from server.testing import GatewayProcess, run_gateway
 
 pytestmark = pytest.mark.integration
@@ -110,22 +110,7 @@ def test_json_rpc_messages_and_headers(target: tuple[GatewayProcess, requests.Se
 def test_arbitrary_tool_arguments(target: tuple[GatewayProcess, requests.Session], tool: str,
                                   arguments: dict[str, Any]) -> None:  # fmt: skip
     gw, session = target
-    meta = {
-        "io.modelcontextprotocol/protocolVersion": PROTOCOL,
-        "io.modelcontextprotocol/clientInfo": {"name": "fuzz", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {},
-    }
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "tools/call",
-        "params": {"name": tool, "arguments": arguments, "_meta": meta},
-    }
-    response = session.post(
-        gw.mcp_url, json=body, timeout=60,
-        headers={"accept": "application/json, text/event-stream", "mcp-protocol-version": PROTOCOL,
-                 "mcp-method": "tools/call", "mcp-name": tool},
-    )  # fmt: skip
+    response = session.post(gw.mcp_url, data=call_body(tool, arguments, 1), headers=call_headers(tool), timeout=60)
     TRIED["arguments"] += 1
     check(response)
     assert response.status_code == 200
