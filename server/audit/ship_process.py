@@ -22,6 +22,7 @@ import structlog
 
 from server.audit.outbox import SqliteOutbox
 from server.audit.shipper import publish_backlog, shipping_status
+from server.children import spawn
 from server.metrics import Metrics
 from server.settings import AuditSettings
 
@@ -49,7 +50,7 @@ class ShipperProcess:
         self.status_file.unlink(missing_ok=True)
         self._seen = {"shipped": 0, "failures": 0}
         env = {**os.environ, SETTINGS_ENV: self._child_settings}
-        self._process = subprocess.Popen([sys.executable, "-m", "server", "ship"], env=env)
+        self._process = spawn([sys.executable, "-m", "server", "ship"], env=env, stdin=None)
         log.info("audit_shipper_started", pid=self._process.pid, restarts=self._restarts)
 
     def start(self) -> None:

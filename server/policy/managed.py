@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from server.children import spawn
 from server.errors import ConfigError
 
 log = structlog.get_logger("castellan.policy")
@@ -47,7 +48,12 @@ class ManagedOpa:
         self._lock = asyncio.Lock()
 
     def start(self, timeout: float = 15.0) -> None:
-        self._process = subprocess.Popen(
+        self._spawn()
+        self._wait_healthy(timeout)
+
+    def _spawn(self) -> None:
+        # on the calling thread: the child's parent-death signal is tied to the thread that spawned it
+        self._process = spawn(
             [
                 self._binary,
                 "run",
@@ -58,10 +64,12 @@ class ManagedOpa:
                 "error",
                 "--skip-version-check",
             ],
-            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
         self._started_at = time.monotonic()
+
+    def _wait_healthy(self, timeout: float) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -83,7 +91,8 @@ class ManagedOpa:
                 return
             log.warning("opa_restarting", url=self.url)
             try:
-                await asyncio.to_thread(self.start)
+                self._spawn()
+                await asyncio.to_thread(self._wait_healthy, 15.0)
             except ConfigError as exc:
                 log.error("opa_restart_failed", error=str(exc))
 

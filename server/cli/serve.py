@@ -1,0 +1,131 @@
+"""Running the gateway and its helpers: serve, ship, connect (the stdio bridge), demo-data."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from server.cli._common import config_option, settings_from
+from server.errors import ConfigError
+from server.settings import load_settings
+
+if TYPE_CHECKING:
+    pass
+
+
+@click.command()
+@config_option
+@click.option("--host", default=None, help="Bind address (default from settings: 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default from settings: 8750).")
+def serve(config: Path | None, host: str | None, port: int | None) -> None:
+    """Start the gateway. With no settings at all: embedded engines, SQLite stores, demo tools."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.logs import configure_logging
+
+    overrides: dict[str, object] = {}
+    if host or port:
+        base = settings_from(config).server
+        overrides["server"] = base.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v})
+    try:
+        settings = load_settings(config, **overrides)
+        configure_logging(settings.log_format, settings.log_level)
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        limit_concurrency=2048,
+        server_header=False,
+    )
+
+
+@click.command("demo-data")
+@config_option
+@click.option("--overwrite", is_flag=True, help="Recreate the tables even when they exist.")
+def demo_data(config: Path | None, overwrite: bool) -> None:
+    """Create the demo Delta tables (sales orders and customers, support documents)."""
+    from tools.catalog_tools import table_catalog
+    from tools.demo_data import create_demo_data
+
+    tables = table_catalog(settings_from(config))
+    created = create_demo_data(tables.root, overwrite=overwrite)
+    click.echo(f"{len(created)} tables created under {tables.root}: {', '.join(created) or '(all existed)'}")
+
+
+@click.command()
+@click.argument("url")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file holding the bearer token (default: $CASTELLAN_TOKEN).")  # fmt: skip
+def connect(url: str, token_file: Path | None) -> None:
+    """Bridge stdio to the gateway at URL, for MCP clients that only speak stdio (desktop agents).
+
+    The token comes from --token-file or $CASTELLAN_TOKEN; logs go to stderr, stdout is the protocol."""
+    import anyio
+
+    from server.connect import bridge
+
+    token = token_file.read_text().strip() if token_file else os.environ.get("CASTELLAN_TOKEN", "").strip()
+    if not token:
+        raise click.ClickException("no token: set CASTELLAN_TOKEN or pass --token-file")
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(bridge, url, token)
+
+
+@click.command()
+@config_option
+def ship(config: Path | None) -> None:
+    """Ship the audit outbox to MLflow until stopped (SIGTERM/SIGINT). The gateway runs this as a
+    supervised child process; run it yourself to ship from a host where no gateway runs."""
+    import asyncio
+    import signal
+
+    from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+    from server.audit.outbox import SqliteOutbox
+    from server.audit.ship_process import SETTINGS_ENV
+    from server.audit.shipper import Shipper
+    from server.logs import configure_logging
+    from server.metrics import Metrics
+    from server.settings import AuditSettings
+
+    given = os.environ.get(SETTINGS_ENV)
+    if given:  # from the supervising gateway
+        document = json.loads(given)
+        audit, data_dir, audit_db = (
+            AuditSettings(**document["audit"]),
+            Path(document["data_dir"]),
+            Path(document["audit_db"]),
+        )
+        configure_logging("json", "info")
+    else:
+        settings = settings_from(config)
+        audit, data_dir = settings.audit, settings.data_dir
+        audit_db = settings.data_file(audit.path, "audit.db")
+        configure_logging(settings.log_format, settings.log_level)
+    uri = audit.mlflow_tracking_uri or local_tracking_uri(data_dir)
+
+    async def run() -> None:
+        outbox = SqliteOutbox(audit_db)
+        shipper = Shipper(outbox, MlflowTarget(uri, audit.mlflow_experiment), audit, Metrics(),
+                          status_file=data_dir / "shipper-status.json")  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        shipper.start()
+        await stop.wait()
+        await shipper.stop(drain_seconds=5.0)
+        await outbox.close()
+
+    asyncio.run(run())
