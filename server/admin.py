@@ -27,8 +27,8 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-async def require_admin(request: Request) -> Identity:
-    """401 without a valid token, 403 without the admin scope."""
+async def authorize(request: Request, *scopes: str) -> Identity:
+    """401 without a valid token, 403 unless it holds one of `scopes`."""
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
@@ -38,9 +38,14 @@ async def require_admin(request: Request) -> Identity:
         raise HTTPException(
             401, f"unauthorized: {exc.description}", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
         ) from None
-    if ADMIN_SCOPE not in identity.scopes:
-        raise HTTPException(403, f"the {ADMIN_SCOPE} scope is required")
+    if not set(scopes) & set(identity.scopes):
+        raise HTTPException(403, f"the {' or '.join(scopes)} scope is required")
     return identity
+
+
+async def require_admin(request: Request) -> Identity:
+    """401 without a valid token, 403 without the admin scope."""
+    return await authorize(request, ADMIN_SCOPE)
 
 
 AdminIdentity = Annotated[Identity, Depends(require_admin)]

@@ -12,7 +12,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.routing import Route
 
 from server import __version__
-from server.admin import add_admin_routes
+from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
@@ -24,6 +24,8 @@ from server.settings import Settings
 from server.transport import TransportGuard, allowed_hosts, allowed_origins, sdk_settings
 
 log = structlog.get_logger("castellan")
+
+METRICS_SCOPE = "castellan:metrics"
 
 
 def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
@@ -114,10 +116,17 @@ def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, 
         "/metrics",
         tags=["operations"],
         response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}},
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"},
+            401: {"description": "No valid bearer token (with server.metrics_auth = 'token')"},
+            403: {"description": "The token lacks castellan:metrics (with server.metrics_auth = 'token')"},
+        },
     )
-    async def metrics() -> Response:
-        """Prometheus text format."""
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format. With `server.metrics_auth = "token"`: a bearer token with `castellan:metrics`
+        (or `castellan:admin`) is required."""
+        if gateway.settings.server.metrics_auth == "token":
+            await authorize(request, METRICS_SCOPE, ADMIN_SCOPE)
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(Exception)

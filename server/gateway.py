@@ -40,6 +40,7 @@ from server.policy.obligations import ObligationsStage
 from server.policy.opa import data_path
 from server.policy.reload import PolicyWatcher
 from server.policy.stage import PolicyStage
+from server.production import enforce_production
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.settings import Settings
@@ -131,6 +132,8 @@ class Gateway:
 
 def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
     """Wire every component from `settings`. Raises `ConfigError` for anything that cannot work."""
+    for unsafe in enforce_production(settings):
+        log.warning("production_override", setting=unsafe.setting, risk=unsafe.why)
     metrics = Metrics()
     closers: list[Callable[[], None]] = []
     if tools is None:
@@ -146,6 +149,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             algorithms=settings.auth.algorithms,
             claims=settings.auth.claims,
             leeway_seconds=settings.auth.leeway_seconds,
+            max_lifetime_seconds=settings.auth.max_token_lifetime_seconds,
         )
     )
     engine = backends.make_engine(settings)

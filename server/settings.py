@@ -45,6 +45,8 @@ class ServerSettings(BaseModel):
     json_response: bool = True
     session_idle_timeout_seconds: float = 1800.0
     tool_timeout_seconds: float = Field(default=30.0, gt=0)
+    metrics_auth: Literal["open", "token"] = "open"
+    """`/metrics` for anyone (`open`), or only with a bearer token holding `castellan:metrics` or `castellan:admin`."""
 
 
 class ClaimNames(BaseModel):
@@ -72,6 +74,8 @@ class AuthSettings(BaseModel):
     claims: ClaimNames = Field(default_factory=ClaimNames)
     required_scopes: list[str] = Field(default_factory=list)
     dev_token_ttl_seconds: int = 3600
+    max_token_lifetime_seconds: int = Field(default=0, ge=0)
+    """Refuse tokens whose lifetime (`exp - iat`) is longer than this; 0 accepts any (refused in production)."""
     authorization_servers: list[str] = Field(default_factory=list)
     """Advertised in the protected resource metadata. Default: `[issuer]`."""
 
@@ -291,6 +295,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CASTELLAN_", env_nested_delimiter="__", extra="forbid")
 
     environment: Literal["dev", "production"] = "dev"
+    """`production` refuses unsafe settings at start-up (server/production.py lists them)."""
+    production_overrides: list[str] = Field(default_factory=list)
+    """Unsafe settings to accept in production anyway, each by name (e.g. `["server.metrics_auth"]`)."""
     data_dir: Path = Path(".castellan")
     demo: bool = True
     """Serve the demo tools and seed the demo catalog grants."""

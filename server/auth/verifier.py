@@ -39,6 +39,7 @@ class JwtVerifier:
         algorithms: Sequence[str],
         claims: ClaimNames,
         leeway_seconds: int = 30,
+        max_lifetime_seconds: int = 0,
     ) -> None:
         self._keys = keys
         self._issuer = issuer
@@ -46,6 +47,7 @@ class JwtVerifier:
         self._algorithms = tuple(a for a in algorithms if a not in _FORBIDDEN_ALGORITHMS)
         self._claims = claims
         self._leeway = leeway_seconds
+        self._max_lifetime = max_lifetime_seconds
 
     async def verify(self, token: str) -> Identity:
         if len(token) > _MAX_TOKEN_BYTES:
@@ -87,6 +89,12 @@ class JwtVerifier:
             raise Unauthenticated("token has no expiry (exp)")
         if exp + self._leeway < now:
             raise Unauthenticated("token has expired")
+        if self._max_lifetime:
+            iat = claims.get("iat")
+            if not isinstance(iat, int | float) or isinstance(iat, bool):
+                raise Unauthenticated("token has no issue time (iat), so its lifetime cannot be bounded")
+            if exp - iat > self._max_lifetime:
+                raise Unauthenticated(f"token lifetime {int(exp - iat)}s exceeds the {self._max_lifetime}s accepted")
         nbf = claims.get("nbf")
         if isinstance(nbf, int | float) and nbf - self._leeway > now:
             raise Unauthenticated("token is not valid yet (nbf)")

@@ -1,36 +1,32 @@
-"""`castellan check-config`: load and validate the settings."""
+"""`castellan check-config`: build every backend from the settings, reach each one, print a verdict."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from server.cli._common import config_option, settings_from
-from server.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 @click.command("check-config")
 @config_option
-def check_config(config: Path | None) -> None:
-    """Validate the settings and build every backend; print the resolved settings."""
-    import asyncio
+@click.option("--json", "as_json", is_flag=True, help="One JSON document: warnings, checks, verdict.")
+def check_config(config: Path | None, as_json: bool) -> None:
+    """Build every backend and reach it (issuer keys, policy engine, grants, meter, audit outbox, MLflow,
+    each upstream). Prints warnings first and a one-line verdict last; exits 1 on any failed check."""
+    from server.preflight import preflight
 
-    from server.gateway import build_gateway
-
-    settings = settings_from(config)
-    try:
-        gateway = build_gateway(settings)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    checks = asyncio.run(gateway.readiness())
-    asyncio.run(gateway.close())
-    click.echo(json.dumps({"settings": json.loads(settings.model_dump_json()), "checks": checks}, indent=2))
-    if any(v != "ok" for v in checks.values()):
-        sys.exit(1)
+    report = asyncio.run(preflight(settings_from(config)))
+    if as_json:
+        click.echo(json.dumps(report.document(), indent=2))
+    else:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}")
+        for check in report.checks:
+            click.echo(f"{'ok    ' if check.ok else 'FAILED'}  {check.name}: {check.detail}")
+        click.echo(report.verdict())
+    sys.exit(0 if report.ok else 1)

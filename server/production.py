@@ -1,0 +1,93 @@
+"""Production mode: the settings that are fine on a laptop and unsafe in a deployment, refused at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.errors import ConfigError
+from server.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class UnsafeSetting:
+    """One setting that production mode refuses: its dotted name (also the key that overrides it) and why."""
+
+    setting: str
+    why: str
+
+
+def _dev_auth(s: Settings) -> str | None:
+    if s.auth.mode == "dev":
+        return "dev tokens are signed by a key the gateway keeps in its data directory; use auth.mode = 'jwt'"
+    return None
+
+
+def _demo(s: Settings) -> str | None:
+    if s.demo:
+        return "serves the demo tools, demo data and demo grants; set demo = false"
+    return None
+
+
+def _dev_issuer(s: Settings) -> str | None:
+    if s.auth.mode == "jwt" and s.auth.issuer == "castellan-dev":
+        return "the issuer is the dev placeholder 'castellan-dev'; set your identity provider's issuer"
+    return None
+
+
+def _token_lifetime(s: Settings) -> str | None:
+    if not s.auth.max_token_lifetime_seconds:
+        return "tokens of any lifetime are accepted; set the longest lifetime (exp - iat) to accept, e.g. 3600"
+    return None
+
+
+def _wildcard_hosts(s: Settings) -> str | None:
+    wild = [h for h in s.server.allowed_hosts if h.split(":", 1)[0] in ("*", "")]
+    if wild:
+        return f"{wild} lets any Host header through (DNS rebinding); list the names the gateway is served under"
+    return None
+
+
+def _open_metrics(s: Settings) -> str | None:
+    if s.server.metrics_auth == "open":
+        return "/metrics answers without a token; set server.metrics_auth = 'token' (scope castellan:metrics)"
+    return None
+
+
+CHECKS: dict[str, Callable[[Settings], str | None]] = {
+    "auth.mode": _dev_auth,
+    "auth.issuer": _dev_issuer,
+    "auth.max_token_lifetime_seconds": _token_lifetime,
+    "demo": _demo,
+    "server.allowed_hosts": _wildcard_hosts,
+    "server.metrics_auth": _open_metrics,
+}
+
+
+def unsafe_settings(settings: Settings) -> list[UnsafeSetting]:
+    """What production mode would refuse in `settings`, whatever the environment, overrides included."""
+    found = []
+    for name, check in CHECKS.items():
+        why = check(settings)
+        if why is not None:
+            found.append(UnsafeSetting(name, why))
+    return found
+
+
+def enforce_production(settings: Settings) -> list[UnsafeSetting]:
+    """In production, raise `ConfigError` naming every unsafe setting not listed in
+    `production_overrides`; return the overridden ones (to be logged as warnings). In dev, return []."""
+    unknown = sorted(set(settings.production_overrides) - set(CHECKS))
+    if unknown:
+        raise ConfigError(f"production_overrides names unknown checks {unknown}; choose from {sorted(CHECKS)}")
+    if settings.environment != "production":
+        return []
+    found = unsafe_settings(settings)
+    refused = [u for u in found if u.setting not in settings.production_overrides]
+    if refused:
+        lines = "; ".join(f"{u.setting}: {u.why}" for u in refused)
+        raise ConfigError(
+            f"environment = 'production' refuses {len(refused)} unsafe setting(s): {lines} "
+            "(to accept one knowingly, list its name in production_overrides)"
+        )
+    return [u for u in found if u.setting in settings.production_overrides]

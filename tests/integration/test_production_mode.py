@@ -1,0 +1,98 @@
+"""Production mode as an operator meets it: refused at start-up, `check-config` verdicts, a guarded /metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from server.testing import GatewayProcess, free_port, gateway_env, run_gateway
+
+pytestmark = [pytest.mark.integration]
+
+
+def _castellan(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env={**os.environ, **gateway_env(data_dir, free_port()), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_serve_in_production_with_dev_defaults_exits_naming_each_setting(tmp_path: Path) -> None:
+    done = _castellan(tmp_path, "serve", CASTELLAN_ENVIRONMENT="production")
+    assert done.returncode != 0
+    for setting in ("auth.mode", "demo", "auth.max_token_lifetime_seconds", "server.metrics_auth"):
+        assert setting in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_config_warns_first_and_ends_with_a_one_line_verdict(tmp_path: Path) -> None:
+    done = _castellan(tmp_path, "check-config")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("warning: ")
+    assert lines[-1].startswith("check-config: ok")
+    assert any(line.startswith("ok") and "policy" in line for line in lines)
+
+
+def test_check_config_fails_on_an_unreachable_backend_with_json_for_machines(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    done = _castellan(
+        tmp_path, "check-config", "--json", CASTELLAN_POLICY__ENGINE="opa", CASTELLAN_POLICY__OPA_URL=dead
+    )
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["ok"] is False
+    assert report["verdict"].startswith("check-config: failed")
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert failed, report
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[GatewayProcess]:
+    with run_gateway(
+        tmp_path, {"CASTELLAN_SERVER__METRICS_AUTH": "token", "CASTELLAN_AUTH__MAX_TOKEN_LIFETIME_SECONDS": "600"}
+    ) as gw:
+        yield gw
+
+
+@pytest.mark.anyio
+async def test_metrics_with_token_auth_needs_the_metrics_scope(guarded: GatewayProcess) -> None:
+    url = f"{guarded.base_url}/metrics"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as resp:
+            assert resp.status == 401
+        plain = guarded.token("ops", ttl_seconds=300)
+        async with s.get(url, headers={"authorization": f"Bearer {plain}"}) as resp:
+            assert resp.status == 403
+            assert "castellan:metrics" in await resp.text()
+        scoped = guarded.token("ops", scopes=["castellan:metrics"], ttl_seconds=300)
+        async with s.get(url, headers={"authorization": f"Bearer {scoped}"}) as resp:
+            assert resp.status == 200
+            assert "castellan" in await resp.text()
+
+
+@pytest.mark.anyio
+async def test_a_token_living_longer_than_the_bound_is_refused(guarded: GatewayProcess) -> None:
+    long_lived = guarded.token("ops", ttl_seconds=3600)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            guarded.mcp_url,
+            data=b"{}",
+            headers={"authorization": f"Bearer {long_lived}", "content-type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.status == 401
+        assert "exceeds the 600s" in resp.headers.get("WWW-Authenticate", "") + await resp.text()

@@ -1,0 +1,68 @@
+"""Production mode refuses each unsafe setting by name, unless it is overridden by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import ConfigError
+from server.production import CHECKS, enforce_production, unsafe_settings
+from server.settings import Settings
+
+
+def _production(**overrides: object) -> Settings:
+    return Settings(environment="production", **overrides)  # type: ignore[arg-type]
+
+
+SAFE: dict[str, object] = {
+    "demo": False,
+    "auth": {"mode": "jwt", "issuer": "https://idp.example", "jwks_url": "https://idp.example/jwks",
+             "max_token_lifetime_seconds": 3600},
+    "server": {"metrics_auth": "token", "allowed_hosts": ["gateway.example:443"]},
+}  # fmt: skip
+
+
+def test_dev_defaults_are_refused_in_production_each_with_its_setting_named() -> None:
+    with pytest.raises(ConfigError) as refused:
+        enforce_production(_production())
+    for setting in ("auth.mode", "demo", "auth.max_token_lifetime_seconds", "server.metrics_auth"):
+        assert setting in str(refused.value)
+
+
+def test_safe_settings_start_in_production() -> None:
+    assert enforce_production(_production(**SAFE)) == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "change"),
+    [
+        ("auth.mode", {"auth": {**SAFE["auth"], "mode": "dev"}}),  # type: ignore[dict-item]
+        ("auth.issuer", {"auth": {**SAFE["auth"], "issuer": "castellan-dev"}}),  # type: ignore[dict-item]
+        ("auth.max_token_lifetime_seconds", {"auth": {**SAFE["auth"], "max_token_lifetime_seconds": 0}}),  # type: ignore[dict-item]
+        ("demo", {"demo": True}),
+        ("server.allowed_hosts", {"server": {"metrics_auth": "token", "allowed_hosts": ["*"]}}),
+        ("server.allowed_hosts", {"server": {"metrics_auth": "token", "allowed_hosts": ["*:443"]}}),
+        ("server.metrics_auth", {"server": {"metrics_auth": "open"}}),
+    ],
+)
+def test_one_unsafe_setting_is_refused_alone_and_accepted_only_by_its_own_override(
+    setting: str, change: dict[str, object]
+) -> None:
+    settings = {**SAFE, **change}
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        enforce_production(_production(**settings))
+    others = [name for name in CHECKS if name != setting]
+    with pytest.raises(ConfigError):
+        enforce_production(_production(**settings, production_overrides=others))
+    accepted = enforce_production(_production(**settings, production_overrides=[setting]))
+    assert [u.setting for u in accepted] == [setting]
+
+
+def test_an_override_naming_no_check_is_an_error_even_in_dev() -> None:
+    with pytest.raises(ConfigError, match="unknown checks"):
+        enforce_production(Settings(production_overrides=["auth.mod"]))
+
+
+def test_dev_mode_lists_what_production_would_refuse_without_refusing() -> None:
+    settings = Settings()
+    assert enforce_production(settings) == []
+    assert {u.setting for u in unsafe_settings(settings)} >= {"auth.mode", "demo", "server.metrics_auth"}
