@@ -73,7 +73,7 @@ class Agent:
         result = AgentResult(question, None, "max_steps", run.run_id)
         denied_before: set[str] = set()
         for _ in range(self._max_steps):
-            reply = await self._model.complete(messages, schemas)
+            reply = await self._model.complete(messages, schemas, run.run_id)
             if not reply.tool_calls:
                 result.answer, result.stop_reason = reply.content or "", "answer"
                 return result
@@ -88,6 +88,9 @@ class Agent:
                 }
             )
             for call in reply.tool_calls:
+                if call.error is not None:  # unusable as given: tell the model, do not call anything
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content": _json({"error": call.error})})
+                    continue
                 tool = by_function.get(call.name, call.name.replace("__", "."))
                 key = f"{tool}:{_json(call.arguments)}"
                 if key in denied_before:

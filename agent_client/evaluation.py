@@ -23,6 +23,8 @@ class Case:
     question: str
     expectations: dict[str, Any]
     script: dict[str, Any] | None
+    lowers: tuple[str, ...] = ()
+    """For a case that plays a deliberate mistake (golden/mistakes.jsonl): the metrics it must lower."""
 
 
 def load_cases(path: Path) -> list[Case]:
@@ -38,6 +40,7 @@ def load_cases(path: Path) -> list[Case]:
                     question=row["question"],
                     expectations={k: v for k, v in row.items() if k.startswith("expected_")},
                     script=row.get("script"),
+                    lowers=tuple(row.get("lowers") or ()),
                 )
             )
         except (ValueError, KeyError) as exc:
@@ -122,6 +125,17 @@ def score(outputs: Mapping[str, Any], expectations: Mapping[str, Any]) -> dict[s
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     names = [k for k in rows[0]["scores"]] if rows else list(METRICS)
     return {n: sum(r["scores"][n] for r in rows) / len(rows) for n in names} if rows else {}
+
+
+def uncaught_mistakes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For cases that play a deliberate mistake: each metric that should have dropped below 1 but did not.
+    An empty list means the scorers caught every mistake."""
+    return [
+        f"{r['id']}: {name} stayed {r['scores'][name]:.2f}"
+        for r in rows
+        for name in r.get("lowers") or ()
+        if r["scores"].get(name, 1.0) >= 1.0
+    ]
 
 
 def failures(means: Mapping[str, float], threshold: float) -> list[str]:

@@ -119,3 +119,39 @@ async def test_eval_passes_on_the_golden_set_and_fails_when_policy_denies_an_exp
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED" in done.stderr
     assert "answer_facts" in done.stderr
+
+
+async def test_eval_catches_each_deliberate_mistake_and_says_a_scripted_run_checks_only_the_harness(
+    tmp_path: Path, gateway: GatewayProcess
+) -> None:
+    mistakes = REPO_ROOT / "agent_client" / "golden" / "mistakes.jsonl"
+    token = gateway.token("eval-agent", ["analysts"])
+    out = tmp_path / "mistakes.json"
+    done = agent_cli(gateway, token, "eval", str(mistakes), "--no-mlflow", "--json", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checks the harness" in done.stdout
+    assert "every deliberate mistake lowered the metrics it should" in done.stdout
+    rows = {r["id"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"wrong-trajectory", "wrong-argument", "policy-violation"}
+    assert rows["wrong-trajectory"]["scores"]["tool_selection"] < 1.0
+    assert rows["wrong-argument"]["scores"]["argument_correctness"] < 1.0
+    assert rows["policy-violation"]["scores"]["decision_accuracy"] < 1.0
+    assert rows["policy-violation"]["calls"][0]["decision"] == "deny"
+
+
+async def test_ask_without_a_model_or_without_a_gateway_says_what_to_do_in_one_line(gateway: GatewayProcess) -> None:
+    token = gateway.token("lost-agent", ["analysts"])
+    done = agent_cli(gateway, token, "ask", "Which region had the highest revenue?")
+    assert done.returncode == 1
+    assert "CASTELLAN_AGENT_LLM_BASE_URL" in done.stderr
+    assert "--script" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+    env_gateway = GatewayProcess(gateway.data_dir, 9, gateway.process, gateway.log_path)  # nothing listens on :9
+    done = agent_cli(
+        env_gateway, token, "ask", "hi", "--script", str(REPO_ROOT / "agent_client/golden/revenue.plan.json")
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
