@@ -30,6 +30,10 @@ SECRET_PATTERNS = (
 )
 
 
+SERVING_FILE = "serving.json"
+"""In the data directory while `castellan serve` runs: the URL and audience it serves."""
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8750
@@ -45,8 +49,14 @@ class ServerSettings(BaseModel):
     json_response: bool = True
     session_idle_timeout_seconds: float = 1800.0
     tool_timeout_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float | None = Field(default=None, gt=0)
+    """On SIGTERM, how long running calls may finish (and be audited) before they are cut off.
+    Default: `tool_timeout_seconds` + 5."""
     metrics_auth: Literal["open", "token"] = "open"
     """`/metrics` for anyone (`open`), or only with a bearer token holding `castellan:metrics` or `castellan:admin`."""
+
+    def shutdown_grace(self) -> float:
+        return self.shutdown_grace_seconds or self.tool_timeout_seconds + 5.0
 
 
 class ClaimNames(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import click
 
 from server.cli._common import config_option, settings_from
 from server.errors import ConfigError
-from server.settings import load_settings
+from server.settings import SERVING_FILE, Settings, load_settings
 
 if TYPE_CHECKING:
     pass
@@ -39,16 +40,51 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
         app = create_app(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    uvicorn.run(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        limit_concurrency=2048,
-        server_header=False,
+    if settings.demo and settings.auth.mode == "dev":
+        click.echo(demo_banner(settings), err=True)
+    with serving_file(settings):
+        uvicorn.run(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            log_config=None,
+            access_log=False,
+            # SIGTERM: stop accepting, let running calls finish (and be audited) up to the grace period
+            timeout_graceful_shutdown=int(settings.server.shutdown_grace()),
+            limit_concurrency=2048,
+            server_header=False,
+        )
+
+
+def demo_banner(settings: Settings) -> str:
+    """What the demo prints first: the real endpoint, and how to get a token for it."""
+    castellan = "castellan" if not Path(".venv/bin/castellan").exists() else ".venv/bin/castellan"
+    return "\n".join(
+        [
+            f"Castellan demo: MCP endpoint {settings.resource_url}",
+            f"  token for an analyst:   {castellan} token --agent demo-agent --groups analysts",
+            f"  token for an admin:     {castellan} token --agent ops-agent --groups admins",
+            "  (run them from this directory, with the same CASTELLAN_* settings; they find this gateway's"
+            f" URL in {settings.data_dir / SERVING_FILE})",
+        ]
     )
+
+
+@contextlib.contextmanager
+def serving_file(settings: Settings) -> Iterator[None]:
+    """`<data_dir>/serving.json` names the URL this gateway serves while it runs, so `castellan token` in
+    another terminal mints for the right audience even when the port was given on the command line.
+    (Uvicorn re-raises SIGTERM after its graceful shutdown, so the file can outlive the process: readers
+    check that its pid is alive.)"""
+    path = settings.data_dir / SERVING_FILE
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "resource": settings.resource_url, "audience": settings.audience}))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
 
 
 @click.command("demo-data")

@@ -1,16 +1,25 @@
-"""`castellan token`: mint a dev token signed with the local key."""
+"""`castellan token`: mint a dev token signed with the local key, for the gateway that is running."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from server.cli._common import config_option, settings_from
+from server.settings import SERVING_FILE, Settings
 
-if TYPE_CHECKING:
-    pass
+
+def _running_audience(settings: Settings) -> str | None:
+    """The audience of the gateway serving from this data directory, if one is running."""
+    try:
+        serving = json.loads((settings.data_dir / SERVING_FILE).read_text())
+        os.kill(int(serving["pid"]), 0)
+        return str(serving["audience"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @click.command()
@@ -20,19 +29,38 @@ if TYPE_CHECKING:
 @click.option("--scopes", default="", help="Comma-separated scopes.")
 @click.option("--subject", default=None, help="The human or service the agent acts for (default: the agent).")
 @click.option("--ttl", type=int, default=None, help="Lifetime in seconds (default from settings: 3600).")
-def token(config: Path | None, agent: str, groups: str, scopes: str, subject: str | None, ttl: int | None) -> None:
-    """Mint a short-lived dev token for this gateway (dev mode only)."""
-    from server.auth.devkeys import mint_dev_token
+@click.option("--url", default=None, help="The gateway's MCP URL the token is for (default: the running gateway's).")
+@click.option("--audience", default=None, help="The exact audience (default: --url, else the settings' resource).")
+def token(
+    config: Path | None,
+    agent: str,
+    groups: str,
+    scopes: str,
+    subject: str | None,
+    ttl: int | None,
+    url: str | None,
+    audience: str | None,
+) -> None:
+    """Mint a short-lived dev token for this gateway (dev mode only).
+
+    Reads the same settings as `castellan serve` (CASTELLAN_* variables, --config); the audience is the
+    running gateway's URL when one serves from the same data directory."""
+    from server.auth.devkeys import KEY_FILE, mint_dev_token
 
     settings = settings_from(config)
     if settings.auth.mode != "dev":
         raise click.ClickException("castellan token works in dev mode only (auth.mode = 'dev')")
+    if not (settings.data_dir / KEY_FILE).is_file():
+        raise click.ClickException(
+            f"no dev signing key in {settings.data_dir.resolve()}: start the gateway first (./scripts/demo), "
+            "and run this with the same CASTELLAN_DATA_DIR / --config as the gateway"
+        )
     click.echo(
         mint_dev_token(
             settings.data_dir,
             agent=agent,
             issuer=settings.auth.issuer,
-            audience=settings.audience,
+            audience=audience or url or _running_audience(settings) or settings.audience,
             groups=[g.strip() for g in groups.split(",") if g.strip()],
             scopes=[s.strip() for s in scopes.split(",") if s.strip()],
             subject=subject,
