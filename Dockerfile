@@ -1,26 +1,33 @@
-# Castellan gateway: slim, non-root, with a health check.
+# Castellan gateway: slim, non-root, production mode by default, with a health check on the configured port.
+# Every backend's extra is installed (Databricks grants and functions, Redis meters); the reference agent
+# ships too (`castellan-agent`). Start it with real settings (see compose.yaml): production mode refuses
+# the dev defaults (dev auth, demo tools, open /metrics, unbounded token lifetimes), each by name.
 FROM python:3.11-slim AS build
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 RUN pip install --no-cache-dir "uv>=0.13"
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-install-project
+RUN uv sync --locked --no-dev --extra databricks --extra redis --no-install-project
 COPY server ./server
 COPY tools ./tools
+COPY agent_client ./agent_client
 COPY policies ./policies
-RUN uv sync --locked --no-dev
+RUN uv sync --locked --no-dev --extra databricks --extra redis
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 castellan
+RUN useradd --create-home --uid 10001 castellan && mkdir /data && chown castellan:castellan /data
 WORKDIR /app
 COPY --from=build --chown=castellan:castellan /app /app
 USER castellan
 ENV PATH=/app/.venv/bin:$PATH \
-    CASTELLAN_DATA_DIR=/home/castellan/data \
+    CASTELLAN_ENVIRONMENT=production \
+    CASTELLAN_DATA_DIR=/data \
     CASTELLAN_LOG_FORMAT=json \
     CASTELLAN_SERVER__HOST=0.0.0.0 \
-    CASTELLAN_SERVER__PUBLIC_URL=http://localhost:8750
+    CASTELLAN_SERVER__PORT=8750
+# The outbox, meters, catalog and keys live here: mount a volume, or every restart loses the audit trail.
+VOLUME ["/data"]
 EXPOSE 8750
-HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8750/healthz', timeout=2).status != 200)"]
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
+  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CASTELLAN_SERVER__PORT', '8750'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)"]
 CMD ["castellan", "serve"]

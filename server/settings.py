@@ -17,6 +17,14 @@ from pydantic_settings import (
 from server.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_POLICIES = Path(__file__).resolve().parent / "_bundled" / "policies"
+"""Where an installed wheel carries `policies/` (hatch force-include); a checkout uses the repository's."""
+
+
+def default_policies() -> Path:
+    """The repository's `policies/` in a checkout, else the copy packaged in the wheel."""
+    checkout = REPO_ROOT / "policies"
+    return checkout if checkout.is_dir() else BUNDLED_POLICIES
 
 
 SECRET_PATTERNS = (
@@ -93,7 +101,7 @@ class AuthSettings(BaseModel):
 class PolicySettings(BaseModel):
     engine: str = "auto"
     """`auto`: a managed local OPA when an `opa` binary is found, else `embedded`; or `opa`, `embedded`."""
-    path: Path = REPO_ROOT / "policies"
+    path: Path = Field(default_factory=default_policies)
     entrypoint: str = "data.castellan.gateway.decision"
     opa_url: str = ""
     """For `engine = "opa"`: the OPA server (a sidecar, or a remote OPA fed by bundles)."""
