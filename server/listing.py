@@ -20,6 +20,10 @@ class ToolLister:
         self._registry = registry
         self._pipeline = pipeline
 
+    def knows(self, name: str) -> bool:
+        """A tool of that name is served (whether or not a given caller may see it)."""
+        return self._registry.get(name) is not None
+
     async def visible(self, identity: Identity | None, request_id: str = "") -> list[ToolSpec]:
         tools = list(self._registry)
         run = RunInfo(run_id=f"list-{request_id}")

@@ -123,7 +123,9 @@ class McpHandlers:
         error = call.error
         decision = "allow" if error is None else error.verdict
         stage = error.stage if error else "invoke"
-        tool = call.tool_name if call.tool is not None else "(unknown)"
+        # a known tool keeps its name even when the call stopped before resolving it (bad arguments);
+        # only names that no tool has are folded, so a caller cannot mint label values
+        tool = call.tool_name if call.tool is not None or self._lister.knows(call.tool_name) else "(unknown)"
         self._metrics.calls.labels(tool, decision, stage).inc()
         self._metrics.call_seconds.labels(tool).observe(elapsed)
         log.info(
