@@ -34,6 +34,29 @@ async def test_openai_agents_sdk_lists_calls_and_sees_a_denial(gateway: GatewayP
     assert json.loads(denied.content[0].text)["stage"] == "grants"
 
 
+async def test_openai_agents_sdk_gives_the_model_function_names_openai_accepts(gateway: GatewayProcess) -> None:
+    """OpenAI function names allow only [A-Za-z0-9_-]: `sql.query` as a function name is refused by the API.
+    The SDK's `include_server_in_tool_names` maps every tool to such a name and calls it by its real one."""
+    import re
+
+    from agents import Agent, RunContextWrapper
+    from agents.mcp import MCPServerStreamableHttp
+    from agents.tool_context import ToolContext
+
+    token = gateway.token("openai-agent", ["analysts"])
+    params = {"url": gateway.mcp_url, "headers": {"Authorization": f"Bearer {token}"}}
+    async with MCPServerStreamableHttp(params=params, name="castellan") as server:  # type: ignore[arg-type]
+        agent = Agent(name="analyst", mcp_servers=[server], mcp_config={"include_server_in_tool_names": True})
+        tools = {t.name: t for t in await agent.get_all_tools(RunContextWrapper(context=None))}
+        assert len(tools) == len(ANALYST_TOOLS)
+        assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) for name in tools), sorted(tools)
+        sql = tools["mcp_castellan__sql_query"]
+        arguments = json.dumps({"query": "SELECT COUNT(*) AS n FROM main.sales.orders"})
+        context = ToolContext(context=None, tool_name=sql.name, tool_call_id="c1", tool_arguments=arguments)
+        answered = await sql.on_invoke_tool(context, arguments)  # type: ignore[attr-defined]
+    assert json.loads(answered["text"])["rows"] == [[60]]
+
+
 def test_an_mcp_1x_client_and_langchain_adapters(gateway: GatewayProcess) -> None:
     if not MCP1_PYTHON.exists():
         pytest.fail("the mcp 1.x environment is missing: run scripts/install-test-deps")
