@@ -65,11 +65,11 @@ async def test_a_policy_edit_is_hot_reloaded_and_a_broken_one_refused(tmp_path: 
         token = gw.token("reload-bot", ["analysts"])
         assert (await raw_call(gw, token, "echo", {"text": "four"}))["isError"] is False
         data = policies / "castellan" / "config" / "data.json"
-        data.write_text(data.read_text().replace('"max_length": {"text": 200}', '"max_length": {"text": 3}'))
+        data.write_text(data.read_text().replace('["drop table"]', '["drop table", "four"]'))
 
         async def tightened() -> None:
             body = deny_body(await raw_call(gw, token, "echo", {"text": "four"}))
-            assert body["reasons"] == ["argument text must be a string of at most 3 characters"]
+            assert body["reasons"] == ['argument text contains blocked text "four"']
 
         await eventually(tightened)
         rego = policies / "castellan" / "gateway.rego"
@@ -79,7 +79,7 @@ async def test_a_policy_edit_is_hot_reloaded_and_a_broken_one_refused(tmp_path: 
             assert "policy_edit_refused" in gw.log()
 
         await eventually(refused)
-        # the last good policy (max_length 3) still decides
+        # the last good policy ("four" blocked) still decides
         await tightened()
         assert (await raw_call(gw, token, "echo", {"text": "ok"}))["isError"] is False
 
