@@ -118,7 +118,8 @@ class OpaServerEngine:
         self._on_close = on_close
         self._remote_version = "opa"
         self.circuit = circuit or Circuit()
-        self.repushes = 0
+        self.repushes = 0  # pushes of the version in force to an OPA that had lost it
+        self._committed = False
 
     @property
     def policy_version(self) -> str:
@@ -265,7 +266,7 @@ class OpaServerEngine:
     async def _repush_now(self) -> None:
         async with self._exclusive():
             assert self._bundle is not None
-            self.repushes += 1
+            self.repushes += self._committed  # the first push is not a re-push
             errors = await self._stage(self._bundle) or await self._commit()
         if errors:
             raise _Unreachable("; ".join(errors))
@@ -293,7 +294,9 @@ class OpaServerEngine:
 
     async def _commit(self) -> list[str]:
         try:
-            return await self._put_modules({_RUNTIME_ID: runtime_module(self._entrypoint, self._staged)})
+            errors = await self._put_modules({_RUNTIME_ID: runtime_module(self._entrypoint, self._staged)})
+            self._committed = self._committed or not errors
+            return errors
         except (aiohttp.ClientError, TimeoutError) as exc:
             return [f"{UNAVAILABLE}: {exc!r}"]
 
