@@ -105,12 +105,13 @@ def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, 
 
     @app.get("/readyz", tags=["operations"], responses={503: {"description": "A backend cannot answer"}})
     async def readyz() -> JSONResponse:
-        """Every backend can answer: policy engine, grant source, meter store, audit outbox."""
+        """Every backend can answer: policy engine, grant source, meter store, audit outbox. `degraded`
+        (still 200) while a policy edit on disk was refused and the last good version decides."""
         checks = await gateway.readiness()
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-        )
+        policy = gateway.policy_status()
+        status = ("degraded" if "refused_edit" in policy else "ready") if ready else "not ready"
+        return JSONResponse({"status": status, "checks": checks, "policy": policy}, status_code=200 if ready else 503)
 
     @app.get(
         "/metrics",

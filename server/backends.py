@@ -16,6 +16,7 @@ from server.metering.meter import Meter
 from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
 from server.policy.bundle import PolicyBundle
+from server.policy.circuit import Circuit
 from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import PolicyEngine
 from server.policy.managed import ManagedOpa, find_opa
@@ -36,7 +37,11 @@ def _make_opa(s: Settings) -> PolicyEngine:
         raise ConfigError("policy.engine = 'opa' needs policy.opa_url")
     bundle = PolicyBundle.from_directory(s.policy.path) if s.policy.opa_push else None
     return OpaServerEngine(
-        s.policy.opa_url, entrypoint=s.policy.entrypoint, bundle=bundle, timeout=s.policy.timeout_seconds
+        s.policy.opa_url,
+        entrypoint=s.policy.entrypoint,
+        bundle=bundle,
+        timeout=s.policy.timeout_seconds,
+        circuit=Circuit(s.policy.circuit_failures, s.policy.circuit_open_seconds),
     )
 
 
@@ -53,6 +58,7 @@ def _make_auto(s: Settings) -> PolicyEngine:
         entrypoint=s.policy.entrypoint,
         bundle=bundle,
         timeout=s.policy.timeout_seconds,
+        circuit=Circuit(s.policy.circuit_failures, s.policy.circuit_open_seconds),
         on_unavailable=managed.revive,
         on_close=managed.stop,
     )

@@ -38,7 +38,7 @@ from server.policy.decision_log import DecisionLog
 from server.policy.engine import PolicyEngine
 from server.policy.obligations import ObligationsStage
 from server.policy.opa import data_path
-from server.policy.reload import PolicyWatcher
+from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
 from server.registry import Tool, ToolRegistry
@@ -100,6 +100,12 @@ class Gateway:
             except TimeoutError:
                 results[name] = "timed out"
         return results
+
+    def policy_status(self) -> dict[str, object]:
+        """The policy version in force and, when hot reload is on, the latest refused edit."""
+        if self.watcher is not None:
+            return self.watcher.status()
+        return {"version": self.engine.policy_version, "engine": self.engine.name}
 
     async def _shipping(self) -> None:
         assert self.shipper is not None
@@ -205,7 +211,10 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             engine,
             settings.policy.reload_interval_seconds,
             on_loaded=decision_log.use if decision_log else None,
+            quiet=settings.policy.reload_quiet_seconds,
+            verify=verifier_for(engine, settings.policy.entrypoint),
         )
+    metrics.registry.register(PolicyMetrics(engine, watcher))
 
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)

@@ -121,6 +121,14 @@ class PolicySettings(BaseModel):
     reload_interval_seconds: float = Field(default=1.0, gt=0)
     decision_log: bool = True
     """Emit every call decision in OPA's decision-log event format, masked by `data.system.log.mask`."""
+    reload_quiet_seconds: float = Field(default=1.0, ge=0)
+    """A changed policy directory is verified only once its content hash has read the same for this
+    long (so a file written in several chunks is not loaded half-way)."""
+    circuit_failures: int = Field(default=3, ge=1)
+    """OPA: consecutive failures (no answer within `timeout_seconds`, refused connection) that open
+    the circuit breaker; while open, calls are denied at once."""
+    circuit_open_seconds: float = Field(default=1.0, gt=0)
+    """OPA: how long an open circuit denies at once before one trial call is let through."""
 
 
 class GrantSettings(BaseModel):

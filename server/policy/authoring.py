@@ -31,30 +31,44 @@ class TestResult:
     detail: str = ""
 
 
+def test_rules(module: str) -> list[str]:
+    """The `test_*` rules a test module defines, each once, as `data.<package>.<rule>`."""
+    package = package_of(module)
+    return [f"data.{package}.{rule}" for rule in dict.fromkeys(_TEST_RULE.findall(module))] if package else []
+
+
 def run_tests_in_process(root: Path) -> list[TestResult]:
     """Every `test_*` rule of every `*_test.rego`, evaluated by regorus with the modules under `root`."""
+    return run_bundle_tests(PolicyBundle.from_directory(root))
+
+
+def run_bundle_tests(bundle: PolicyBundle) -> list[TestResult]:
+    """Every `test_*` rule of the bundle's tests, evaluated by regorus with its modules and data.
+    Raises `ConfigError` when a module or test does not compile. Call it from one thread: the
+    regorus engine is made and freed here."""
     import regorus
 
-    bundle = PolicyBundle.from_directory(root)
     engine = regorus.Engine()
+    problem = None
     for path, text in {**bundle.modules, **bundle.tests}.items():
         try:
             engine.add_policy(path, text)
         except Exception as exc:
-            raise ConfigError(f"policy {path} does not compile: {_clean(exc)}") from None
+            problem = f"policy {path} does not compile: {_clean(exc)}"
+            break
+    if problem is not None:
+        del engine  # freed on this thread, not later by garbage collection elsewhere
+        raise ConfigError(problem)
     engine.add_data_json(json.dumps(bundle.data))
     results = []
     for text in bundle.tests.values():
-        package = package_of(text)
-        if not package:
-            continue
-        for rule in dict.fromkeys(_TEST_RULE.findall(text)):
-            name = f"data.{package}.{rule}"
+        for name in test_rules(text):
             try:
                 value = engine.eval_rule_as_json(name)
                 results.append(TestResult(name, value == "true", "" if value == "true" else f"got {value}"))
             except Exception as exc:
                 results.append(TestResult(name, False, _clean(exc)))
+    del engine
     return results
 
 

@@ -39,19 +39,23 @@ class PolicyBundle:
     def from_directory(cls, root: Path) -> PolicyBundle:
         if not root.is_dir():
             raise ConfigError(f"policy directory {root} does not exist")
+        return cls.from_files(root, read_files(root))
+
+    @classmethod
+    def from_files(cls, root: Path, files: Mapping[str, str]) -> PolicyBundle:
+        """The bundle of `files` (relative path → text, as `read_files` returns them): a snapshot read
+        once, so what is verified is exactly what decides. `version` hashes what decides (modules and
+        data, not tests)."""
         modules: dict[str, str] = {}
         tests: dict[str, str] = {}
         data: dict[str, Any] = {}
         digest = hashlib.sha256()
-        for path in sorted(root.rglob("*")):
-            if not path.is_file() or path.suffix not in (".rego", ".json"):
-                continue
-            rel = path.relative_to(root).as_posix()
-            text = path.read_text(encoding="utf-8")
+        for rel in sorted(files):
+            text, path = files[rel], root / rel
             if path.suffix == ".rego":
                 (tests if path.name.endswith("_test.rego") else modules)[rel] = text
             elif path.name == "data.json":
-                _merge(data, list(path.parent.relative_to(root).parts), _load_json(path, text))
+                _merge(data, list(Path(rel).parent.parts), _load_json(path, text))
             else:
                 continue
             if not path.name.endswith("_test.rego"):
@@ -59,6 +63,23 @@ class PolicyBundle:
         if not modules:
             raise ConfigError(f"policy directory {root} holds no .rego modules")
         return cls(root=root, modules=modules, tests=tests, data=data, version=digest.hexdigest()[:16])
+
+
+def policy_files(root: Path) -> list[Path]:
+    """The files a bundle is made of: `.rego` modules and tests, and `.json` data, under `root`."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json"))
+
+
+def read_files(root: Path) -> dict[str, str]:
+    """Relative path → text of every policy file under `root`. Raises `ConfigError` for a file that is
+    not UTF-8, and `OSError` when one vanishes while being read."""
+    files: dict[str, str] = {}
+    for path in policy_files(root):
+        try:
+            files[path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    return files
 
 
 def _load_json(path: Path, text: str) -> Any:

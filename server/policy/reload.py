@@ -1,31 +1,100 @@
-"""Hot reload: a change under the policy directory is validated, then swapped in; a broken edit is refused."""
+"""Hot reload: a consistent snapshot of the policy directory is verified, then swapped in; an edit that
+is half-written, broken, failing its tests or ill-typed is refused and the last good version decides."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from server.errors import ConfigError
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import PolicyBundle, policy_files, read_files
 from server.policy.engine import LoadReport, PolicyEngine
+from server.policy.verify import verify_in_process
 
 log = structlog.get_logger("castellan.policy")
 
+Verifier = Callable[[PolicyBundle], Awaitable[tuple[str, ...]]]
 
-def fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
-    """What changes when any policy or data file is added, removed or edited."""
-    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json")]
-    return tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+def fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """What changes when any policy or data file is added, removed, replaced or edited."""
+    stats = []
+    for path in policy_files(root):
+        with contextlib.suppress(OSError):  # vanished since listed: the next read sees it gone
+            st = path.stat()
+            stats.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stats)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every policy file's text, read while no file changed, and a hash of all of them (tests too)."""
+
+    files: Mapping[str, str]
+    digest: str
+
+
+def read_snapshot(root: Path) -> Snapshot | None:
+    """The directory as it is now, or None when a file changed (or vanished) while it was being read."""
+    if not root.is_dir():
+        return None
+    before = fingerprint(root)
+    try:
+        files = read_files(root)
+    except (OSError, ConfigError):
+        return None  # mid-write (e.g. a torn UTF-8 sequence) or mid-rename: not a snapshot yet
+    if fingerprint(root) != before:
+        return None
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0" + files[rel].encode() + b"\0")
+    return Snapshot(files, digest.hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An edit that was not swapped in, and why."""
+
+    snapshot: str
+    reasons: tuple[str, ...]
+    at: float
+
+
+def in_process_verifier(entrypoint: str) -> Verifier:
+    """Verification in regorus (the embedded engine's compiler), on a worker thread."""
+
+    async def verify(bundle: PolicyBundle) -> tuple[str, ...]:
+        return await asyncio.to_thread(verify_in_process, bundle, entrypoint)
+
+    return verify
+
+
+def verifier_for(engine: PolicyEngine, entrypoint: str) -> Verifier | None:
+    """The checks to run before `engine.load`. An engine whose `load` verifies in the engine itself
+    (`verifies_on_load`, as the OPA engine does, in the OPA that will serve the version) needs none;
+    any other gets the in-process verification, so no engine is ever swapped unverified."""
+    return None if getattr(engine, "verifies_on_load", False) else in_process_verifier(entrypoint)
 
 
 class PolicyWatcher:
-    """Polls `root` every `interval` seconds (portable, no inotify needed). On a change it reads the
-    bundle and asks the engine to load it; a refused bundle is logged with its errors and the last
-    good policy keeps deciding. `last_report` says what happened last."""
+    """Polls `root` every `interval` seconds (portable, no inotify needed).
+
+    A version is a snapshot: all files read with no file changing meanwhile, and the same content
+    hash read again after `quiet` seconds without any change, so a file being written in several
+    chunks is not loaded half-way (as long as the writer pauses for less than `quiet`). The snapshot
+    is then verified (`verify`, and the engine's own `load`), and swapped in only when it passes; a
+    refusal keeps the last good version deciding and is kept in `refused` (for `/readyz`, metrics
+    and the log) until a later snapshot loads or the files match the version in force again.
+    """
 
     def __init__(
         self,
@@ -33,14 +102,26 @@ class PolicyWatcher:
         engine: PolicyEngine,
         interval: float = 1.0,
         on_loaded: Callable[[PolicyBundle], None] | None = None,
+        *,
+        quiet: float = 1.0,
+        verify: Verifier | None = None,
     ) -> None:
         self._root = root
         self._engine = engine
         self._interval = interval
-        self._seen = fingerprint(root) if root.is_dir() else ()
+        self._quiet = quiet
+        self._verify = verify
         self._task: asyncio.Task[None] | None = None
         self._on_loaded = on_loaded
+        first = read_snapshot(root)
+        self._seen = first.digest if first else ""  # the latest digest read, and since when
+        self._seen_since = time.monotonic()
+        self._settled = self._seen  # the latest digest acted on (loaded, refused or already in force)
         self.last_report: LoadReport | None = None
+        self.refused: Refusal | None = None
+        self.loaded_at = time.time()
+        self.reloads = 0
+        self.refusals = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -54,28 +135,122 @@ class PolicyWatcher:
                 log.error("policy_reload_failed", error=repr(exc))
 
     async def poll(self) -> LoadReport | None:
-        """Reload if anything changed; returns the report, or None when nothing changed."""
-        current = fingerprint(self._root) if self._root.is_dir() else ()
-        if current == self._seen:
+        """Act on the directory if a new snapshot has settled; the report, or None when nothing did."""
+        snapshot = await asyncio.to_thread(read_snapshot, self._root)
+        now = time.monotonic()
+        digest = snapshot.digest if snapshot else ""
+        if digest != self._seen:
+            self._seen, self._seen_since = digest, now
             return None
-        self._seen = current
+        if snapshot is None or digest == self._settled or now - self._seen_since < self._quiet:
+            return None
+        self._settled = digest
+        return await self._apply(snapshot)
+
+    async def _apply(self, snapshot: Snapshot) -> LoadReport | None:
+        started = time.perf_counter()
+        previous = self._engine.policy_version
         try:
-            bundle = PolicyBundle.from_directory(self._root)
+            bundle = PolicyBundle.from_files(self._root, snapshot.files)
         except ConfigError as exc:
-            report = LoadReport(loaded=False, policy_version=self._engine.policy_version, errors=(str(exc),))
-        else:
-            report = await self._engine.load(bundle)
-            if report.loaded and self._on_loaded is not None:
-                self._on_loaded(bundle)
-        self.last_report = report
-        if report.loaded:
-            log.info("policy_reloaded", policy_version=report.policy_version, engine=self._engine.name)
-        else:
-            log.error("policy_edit_refused", errors=list(report.errors), still_deciding=report.policy_version)
+            return self._refuse(snapshot, (str(exc),))
+        if bundle.version == previous:
+            self.refused = None  # back to the version in force (or only tests changed)
+            return None
+        problems = await self._verify(bundle) if self._verify is not None else ()
+        if problems:
+            return self._refuse(snapshot, problems)
+        report = await self._engine.load(bundle)
+        if not report.loaded:
+            return self._refuse(snapshot, report.errors)
+        if self._on_loaded is not None:
+            self._on_loaded(bundle)
+        self.last_report, self.refused, self.loaded_at = report, None, time.time()
+        self.reloads += 1
+        log.info(
+            "policy_reloaded",
+            policy_version=report.policy_version,
+            previous_version=previous,
+            snapshot=snapshot.digest[:16],
+            engine=self._engine.name,
+            verify_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         return report
+
+    def _refuse(self, snapshot: Snapshot, reasons: tuple[str, ...]) -> LoadReport:
+        report = LoadReport(loaded=False, policy_version=self._engine.policy_version, errors=reasons)
+        self.last_report, self.refused = report, Refusal(snapshot.digest[:16], reasons, time.time())
+        self.refusals += 1
+        log.error(
+            "policy_edit_refused",
+            snapshot=snapshot.digest[:16],
+            errors=list(reasons),
+            still_deciding=report.policy_version,
+            engine=self._engine.name,
+        )
+        return report
+
+    def status(self) -> dict[str, Any]:
+        """The version in force and the latest refused edit, for `/readyz`."""
+        status: dict[str, Any] = {
+            "version": self._engine.policy_version,
+            "engine": self._engine.name,
+            "loaded_at": self.loaded_at,
+            "reloads": self.reloads,
+            "refusals": self.refusals,
+        }
+        if self.refused is not None:
+            status["refused_edit"] = {
+                "snapshot": self.refused.snapshot,
+                "reasons": list(self.refused.reasons),
+                "at": self.refused.at,
+            }
+        return status
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class PolicyMetrics:
+    """A Prometheus collector read at scrape time: the version in force (`castellan_policy_version_info`),
+    reloads and refused edits, and whether the last edit was refused; with the OPA engine, its
+    circuit breaker (state, openings, re-pushes)."""
+
+    def __init__(self, engine: PolicyEngine, watcher: PolicyWatcher | None) -> None:
+        self._engine = engine
+        self._watcher = watcher
+
+    def collect(self) -> Iterator[Any]:
+        info = InfoMetricFamily("castellan_policy_version", "The policy version deciding calls.")
+        info.add_metric([], {"version": self._engine.policy_version, "engine": self._engine.name})
+        yield info
+        if self._watcher is not None:
+            reloads = CounterMetricFamily(
+                "castellan_policy_reloads", "Policy edits verified and swapped in, or refused.", labels=["result"]
+            )
+            reloads.add_metric(["loaded"], self._watcher.reloads)
+            reloads.add_metric(["refused"], self._watcher.refusals)
+            yield reloads
+            yield GaugeMetricFamily(
+                "castellan_policy_edit_refused",
+                "1 while the policy files on disk hold an edit that was refused (the last good version decides).",
+                value=int(self._watcher.refused is not None),
+            )
+        circuit = getattr(self._engine, "circuit", None)
+        if circuit is not None:
+            yield GaugeMetricFamily(
+                "castellan_policy_engine_circuit_open",
+                "1 while the policy engine's circuit breaker is open or half-open (calls denied fast).",
+                value=int(circuit.state != "closed"),
+            )
+            opens = CounterMetricFamily("castellan_policy_engine_circuit_opens", "Times the circuit breaker opened.")
+            opens.add_metric([], circuit.opens)
+            yield opens
+            pushes = CounterMetricFamily(
+                "castellan_policy_engine_repushes", "Policy re-pushes to an OPA that had lost it (restarted)."
+            )
+            pushes.add_metric([], getattr(self._engine, "repushes", 0))
+            yield pushes

@@ -97,10 +97,11 @@ async def test_a_broken_edit_is_refused_and_the_last_good_policy_keeps_deciding(
 
 
 async def test_a_good_edit_is_swapped_in(engine: PolicyEngine, policy_dir: Path) -> None:
+    # an edit its own tests accept (a loaded edit must pass the policy's *_test.rego tests)
     data = policy_dir / "castellan" / "config" / "data.json"
-    data.write_text(data.read_text().replace('"max_length": {"text": 200}', '"max_length": {"text": 3}'))
+    data.write_text(data.read_text().replace('["drop table"]', '["drop table", "four"]'))
     report = await engine.load(PolicyBundle.from_directory(policy_dir))
     assert report.loaded
     assert engine.policy_version == report.policy_version
     decision = await engine.decide(doc(arguments={"text": "four"}))
-    assert decision.reasons == ("argument text must be a string of at most 3 characters",)
+    assert decision.reasons == ('argument text contains blocked text "four"',)
