@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+import structlog
+
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.auth.devkeys import dev_public_keys
 from server.auth.keys import JwksKeys, KeySource, StaticKeys
@@ -17,19 +19,37 @@ from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
 from server.policy.bundle import PolicyBundle
 from server.policy.circuit import Circuit
-from server.policy.embedded import EmbeddedEngine
+from server.policy.embedded import EmbeddedEngine, default_evaluator
 from server.policy.engine import PolicyEngine
 from server.policy.managed import ManagedOpa, find_opa
 from server.policy.opa import OpaServerEngine
 from server.settings import Settings
 
 T = TypeVar("T")
+log = structlog.get_logger("castellan.policy")
 
 
 def _make_embedded(s: Settings) -> PolicyEngine:
-    return EmbeddedEngine(
-        PolicyBundle.from_directory(s.policy.path), s.policy.entrypoint, s.policy.workers, s.policy.inline_max_us
+    """In-process: OPA's own evaluator (the OPA library) when built, else regorus restricted to its
+    verified subset; either refuses a policy it cannot decide exactly as OPA, naming the builtin."""
+    evaluator = default_evaluator()
+    engine = EmbeddedEngine(
+        PolicyBundle.from_directory(s.policy.path),
+        s.policy.entrypoint,
+        s.policy.workers,
+        s.policy.inline_max_us,
+        evaluator=evaluator,
+        timeout_seconds=s.policy.timeout_seconds,
     )
+    if evaluator == "opa-library":
+        log.info("policy_engine_embedded", evaluator=evaluator, exact="OPA's own evaluator (OPA library)")
+    else:
+        log.warning(
+            "policy_engine_embedded",
+            evaluator=evaluator,
+            exact="verified subset only: the OPA library is not built (scripts/build-opa-library needs Go)",
+        )
+    return engine
 
 
 def _make_opa(s: Settings) -> PolicyEngine:
@@ -49,7 +69,10 @@ def _make_auto(s: Settings) -> PolicyEngine:
     """A managed local OPA when a binary is found (OPA is the reference), else the embedded engine."""
     binary = find_opa(s.policy.opa_binary)
     if binary is None:
-        return _make_embedded(s)
+        try:
+            return _make_embedded(s)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (policy.engine = 'auto' would use OPA for it: install opa)") from None
     bundle = PolicyBundle.from_directory(s.policy.path)
     managed = ManagedOpa(binary)
     managed.start()

@@ -1,4 +1,4 @@
-"""regorus engines owned by the thread that made them: they may not be freed on any other thread
+"""Engines owned by the thread that made them: they may not be freed on any other thread
 (regorus aborts the drop), and garbage collection runs on whichever thread allocates. So an object
 that uses an engine holds only a key; the engine lives in the making thread's local storage."""
 
@@ -7,14 +7,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-
-import regorus
+from typing import Any, TypeVar
 
 _local = threading.local()
+T = TypeVar("T")
 
 
-def _engines() -> dict[tuple[str, str], regorus.Engine]:
-    engines: dict[tuple[str, str], regorus.Engine] | None = getattr(_local, "engines", None)
+def _engines() -> dict[tuple[str, str], Any]:
+    engines: dict[tuple[str, str], Any] | None = getattr(_local, "engines", None)
     if engines is None:
         engines = _local.engines = {}
     return engines
@@ -24,7 +24,7 @@ def new_owner() -> str:
     return uuid.uuid4().hex
 
 
-def engine_for(owner: str, version: str, make: Callable[[], regorus.Engine]) -> regorus.Engine:
+def engine_for(owner: str, version: str, make: Callable[[], T]) -> T:
     """This thread's engine for (`owner`, `version`), made on first use; the owner's engines for other
     versions are dropped (here, on their own thread)."""
     engines = _engines()
@@ -33,7 +33,8 @@ def engine_for(owner: str, version: str, make: Callable[[], regorus.Engine]) -> 
         for key in [k for k in engines if k[0] == owner]:
             del engines[key]
         engine = engines[(owner, version)] = make()
-    return engine
+    made: T = engine
+    return made
 
 
 def drop(owner: str) -> None:

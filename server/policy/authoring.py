@@ -5,23 +5,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError
 from server.policy.bundle import PolicyBundle, package_of
-from server.policy.embedded import _clean
+from server.policy.decision_log import MASK_RULE
+from server.policy.embedded import compile_policy, default_evaluator
 from server.policy.managed import find_opa
+from server.policy.regorus_subset import _clean
 
 _TEST_RULE = re.compile(r"^(test_\w+)\s+(?:if\b|:=|=|\{)", re.MULTILINE)
-# Constructs on which the embedded engine is known to decide differently from OPA for some inputs
-# (tests/integration/engine_divergences.json; docs/policy-engines.md).
-_DIVERGENT = {
-    r"\bto_number\(": "to_number: OPA and the embedded engine accept different spellings ('+5', '.5', ' 5')",
-    r"sprintf\([^)]*%[vfge]": "sprintf %v/%f/%g/%e: non-integer numbers outside [1e-4, 1e6) and non-printable "
-    "characters inside composite values print differently in the two engines",
-}
 
 
 @dataclass
@@ -38,14 +33,30 @@ def test_rules(module: str) -> list[str]:
 
 
 def run_tests_in_process(root: Path) -> list[TestResult]:
-    """Every `test_*` rule of every `*_test.rego`, evaluated by regorus with the modules under `root`."""
+    """Every `test_*` rule of every `*_test.rego`, evaluated in-process with the modules under `root`."""
     return run_bundle_tests(PolicyBundle.from_directory(root))
 
 
 def run_bundle_tests(bundle: PolicyBundle) -> list[TestResult]:
-    """Every `test_*` rule of the bundle's tests, evaluated by regorus with its modules and data.
-    Raises `ConfigError` when a module or test does not compile. Call it from one thread: the
-    regorus engine is made and freed here."""
+    """Every `test_*` rule of the bundle's tests, evaluated in-process with its modules and data: by the OPA
+    library when it is built, else by regorus (all of Rego: tests are not decisions). Raises `ConfigError`
+    when a module or test does not compile. Call it from one thread: a regorus engine is made and freed here."""
+    if default_evaluator() != "opa-library":
+        return _run_tests_with_regorus(bundle)
+    with_tests = replace(bundle, modules={**bundle.modules, **bundle.tests})
+    rules = [name for text in bundle.tests.values() for name in test_rules(text)]
+    if not rules:
+        compile_policy(with_tests, "data")  # still compile everything
+    results = []
+    for name in rules:
+        ok, value = compile_policy(with_tests, name).evaluate("null")
+        passed = ok and value is True
+        shown = ('"<undefined>"' if value is None else json.dumps(value)) if ok else f"error: {value}"
+        results.append(TestResult(name, passed, "" if passed else f"got {shown}"))  # as regorus reports it
+    return results
+
+
+def _run_tests_with_regorus(bundle: PolicyBundle) -> list[TestResult]:
     import regorus
 
     engine = regorus.Engine()
@@ -81,7 +92,7 @@ def run_tests(root: Path, opa_binary: str = "") -> tuple[bool, str]:
     results = run_tests_in_process(root)
     lines = [f"{'PASS' if r.passed else 'FAIL'} {r.name}{': ' + r.detail if r.detail else ''}" for r in results]
     passed = sum(r.passed for r in results)
-    lines.append(f"(in-process regorus) PASS: {passed}/{len(results)}")
+    lines.append(f"(in-process {default_evaluator()}) PASS: {passed}/{len(results)}")
     return bool(results) and passed == len(results), "\n".join(lines)
 
 
@@ -91,13 +102,16 @@ class CheckReport:
     notices: list[str] = field(default_factory=list)
 
 
-def check_policies(root: Path, opa_binary: str = "") -> CheckReport:
-    """Compile everything; with OPA also `opa check --strict` and `opa fmt --fail`; and notices for
-    constructs that the two engines decide differently on some inputs."""
+def check_policies(
+    root: Path, opa_binary: str = "", entrypoint: str = "data.castellan.gateway.decision"
+) -> CheckReport:
+    """Compile everything; with OPA also `opa check --strict` and `opa fmt --fail`. An error when the
+    embedded engine would refuse the policy (naming the builtin or construct), since it then cannot
+    decide it exactly as OPA; a notice naming the evaluator, and what the regorus fallback would say."""
     report = CheckReport()
     try:
         bundle = PolicyBundle.from_directory(root)
-        run_tests_in_process(root)  # compiles modules and tests together with regorus
+        run_tests_in_process(root)  # compiles modules and tests together
     except ConfigError as exc:
         report.errors.append(str(exc))
         return report
@@ -109,11 +123,27 @@ def check_policies(root: Path, opa_binary: str = "") -> CheckReport:
                 report.errors.append(f"opa {args[0]}: {(done.stdout + done.stderr).strip()}")
     else:
         report.notices.append("no OPA binary found: checked with the embedded engine only")
-    for path, text in bundle.modules.items():
-        for pattern, why in _DIVERGENT.items():
-            for match in re.finditer(pattern, text):
-                line = text.count("\n", 0, match.start()) + 1
-                report.notices.append(f"{path}:{line}: {why}")
+    evaluator = default_evaluator()
+    entrypoints = [entrypoint] + (
+        [MASK_RULE] if any(package_of(t) == "system.log" for t in bundle.modules.values()) else []
+    )
+    for rule in entrypoints:
+        try:
+            compile_policy(bundle, rule, evaluator)
+        except ConfigError as exc:
+            report.errors.append(f"embedded engine ({evaluator}): {exc}")
+    if evaluator == "opa-library":
+        report.notices.append("embedded engine: OPA's own evaluator in-process (decides exactly as OPA)")
+        for rule in entrypoints:
+            try:
+                compile_policy(bundle, rule, "regorus")
+            except ConfigError as exc:
+                report.notices.append(f"where the OPA library is not built (regorus fallback) {rule} is refused: {exc}")
+    else:
+        report.notices.append(
+            "embedded engine: regorus restricted to its verified subset (the OPA library is not built: "
+            "scripts/build-opa-library needs Go)"
+        )
     return report
 
 

@@ -1,4 +1,14 @@
-"""The embedded policy engine: Rego decided in-process by regorus."""
+"""The embedded policy engine: Rego decided in this process, exactly as OPA decides it.
+
+Two evaluators, chosen at start-up and named in the start-up log and `castellan policy check`:
+
+- `opa-library`: OPA's own evaluator (server/policy/golib, OPA v1.22.2) as a shared library, built by
+  scripts/build-opa-library. Exact by construction; a few builtins are refused or bounded.
+- `regorus`: where the library is not built (no Go). Only policies within the verified subset are
+  accepted (server/policy/regorus_subset.py); any other is refused at load, naming the builtin.
+
+Neither can take the process down: evaluation errors and panics become denials with a reason.
+"""
 
 from __future__ import annotations
 
@@ -9,53 +19,50 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-import regorus
 import structlog
 
 from server.errors import BackendUnavailable, ConfigError
+from server.policy import inprocess_opa
 from server.policy._input import input_problem
 from server.policy._result import EVALUATION_FAILED, to_decision
 from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import PolicyBundle
 from server.policy.engine import Decision, LoadReport
+from server.policy.regorus_subset import RegorusPolicy, _clean, syntax_check
 
-_UNDEFINED = '"<undefined>"'
 log = structlog.get_logger("castellan.policy")
 _STOP = None
+EVALUATORS = ("opa-library", "regorus")
 
 # A job: the input document as JSON, the future to answer, and the loop that owns the future.
 _Job = tuple[str, "asyncio.Future[tuple[bool, Any, float]]", asyncio.AbstractEventLoop]
 
 
-def _clean(error: BaseException) -> str:
-    """regorus errors carry a Rust backtrace after the message; keep the message."""
-    return str(error).split("Stack backtrace:")[0].strip()
+class Compiled(Protocol):
+    """A bundle compiled for one entrypoint by one evaluator."""
+
+    def evaluate(self, document_json: str) -> tuple[bool, Any]: ...
 
 
-def compile_bundle(bundle: PolicyBundle) -> regorus.Engine:
-    """A regorus engine holding `bundle`. Raises `ConfigError` naming the file when a module does not compile."""
-    engine = regorus.Engine()
-    problem = None
-    for path, text in bundle.modules.items():
-        try:
-            engine.add_policy(path, text)
-        except Exception as exc:  # regorus raises RuntimeError with the parser's message
-            problem = f"policy {path} does not compile: {_clean(exc)}"
-            break
-    if problem is None:
-        try:
-            engine.add_data_json(json.dumps(bundle.data))
-        except Exception as exc:
-            problem = f"policy data does not load: {_clean(exc)}"
-    if problem is not None:
-        # Free the engine here, on this thread: a traceback would keep this frame (and the engine)
-        # alive until garbage collection, which may run on another thread, where regorus aborts.
-        del engine
-        raise ConfigError(problem)
-    return engine
+def default_evaluator() -> str:
+    """`opa-library` when the library is built, else `regorus`."""
+    return "opa-library" if inprocess_opa.available() else "regorus"
+
+
+def compile_policy(
+    bundle: PolicyBundle, entrypoint: str, evaluator: str = "", timeout_seconds: float = 1.0
+) -> Compiled:
+    """`bundle` compiled by `evaluator` (default: `default_evaluator()`). Raises `ConfigError` naming the
+    file, and the builtin or construct, when the evaluator refuses it."""
+    evaluator = evaluator or default_evaluator()
+    if evaluator == "opa-library":
+        return inprocess_opa.CompiledPolicy(bundle, entrypoint, timeout_seconds)
+    if evaluator == "regorus":
+        return RegorusPolicy(bundle, entrypoint)
+    raise ConfigError(f"unknown embedded evaluator {evaluator!r}; choose from {list(EVALUATORS)}")
 
 
 def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -67,36 +74,45 @@ def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
-def _evaluate(engine: regorus.Engine, entrypoint: str, document_json: str) -> tuple[bool, Any, float]:
-    """(ok, raw result or exception, seconds spent evaluating)."""
+def _evaluate(compiled: Compiled, document_json: str) -> tuple[bool, Any, float]:
+    """(ok, raw result or error message, seconds spent evaluating). Never raises."""
     started = time.perf_counter()
     try:
-        engine.set_input_json(document_json)
-        raw = engine.eval_rule_as_json(entrypoint)
-        return True, None if raw == _UNDEFINED else json.loads(raw), time.perf_counter() - started
-    except Exception as exc:
-        return False, exc, time.perf_counter() - started
+        ok, value = compiled.evaluate(document_json)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything at all is a deny, never a crash
+        ok, value = False, f"{type(exc).__name__}: {_clean(exc)}"
+    return ok, value, time.perf_counter() - started
 
 
-def _serve(jobs: queue.SimpleQueue[_Job | None], bundle: PolicyBundle, entrypoint: str) -> None:
-    """A worker thread's life: it owns its engine (regorus engines may not cross threads, not even
-    to be freed), decides jobs until told to stop, then drops the engine itself."""
-    engine = compile_bundle(bundle)
+def _poisoned(compiled: Compiled) -> bool:
+    return bool(getattr(compiled, "poisoned", False))
+
+
+def _serve(jobs: queue.SimpleQueue[_Job | None], make: Callable[[], Compiled]) -> None:
+    """A worker thread's life: it owns its compiled policy (regorus engines may not cross threads, not
+    even to be freed), decides jobs until told to stop, then drops it itself. A policy that panicked
+    is rebuilt before the next job."""
+    compiled = make()
     while (job := jobs.get()) is not _STOP:
         document_json, future, loop = job
-        loop.call_soon_threadsafe(_answer, future, True, _evaluate(engine, entrypoint, document_json))
-    del engine
+        loop.call_soon_threadsafe(_answer, future, True, _evaluate(compiled, document_json))
+        if _poisoned(compiled):
+            del compiled
+            compiled = make()
+    del compiled
 
 
 class _Workers:
     """Threads deciding with one bundle. Stopping lets queued jobs finish first (the queue is FIFO)."""
 
-    def __init__(self, bundle: PolicyBundle, entrypoint: str, count: int) -> None:
+    def __init__(self, bundle: PolicyBundle, make: Callable[[], Compiled], count: int) -> None:
         self.bundle = bundle
+        self.make = make
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.threads = [
-            threading.Thread(target=_serve, args=(self.jobs, bundle, entrypoint), name=f"rego-{i}", daemon=True)
-            for i in range(count)
+            threading.Thread(target=_serve, args=(self.jobs, make), name=f"rego-{i}", daemon=True) for i in range(count)
         ]
         for thread in self.threads:
             thread.start()
@@ -108,17 +124,18 @@ class _Workers:
 
 
 class EmbeddedEngine:
-    """Decides with regorus, in-process.
+    """Decides in-process with the `opa-library` evaluator, or `regorus` (verified subset) without it.
 
-    Where: regorus holds the GIL while it evaluates, so a worker thread cannot keep the event loop
-    running during an evaluation; it only adds a thread hop (~190 µs measured, against ~50 µs for
-    the default policy's evaluation). So decisions run on the event loop's thread while their running
-    average stays under `inline_max_us`, and on `workers` threads (one engine each) when the policy is
-    slower: a heavy policy then shares the interpreter in 5 ms slices instead of holding the loop.
+    Where: an evaluation is short (~50-150 µs for the default policy) and a thread hop costs more
+    (~190 µs measured), so decisions run on the event loop's thread while their running average stays
+    under `inline_max_us`, and on `workers` threads when the policy is slower (the OPA library
+    releases the GIL while it evaluates; regorus holds it and shares the interpreter in 5 ms slices).
 
     The input is validated against the decision-input schema first; an invalid input, an undefined
-    entrypoint or an evaluation error is a deny with the reason, never an exception. `load` compiles
-    the new bundle first and swaps only when it compiles: a broken edit leaves the last good policy.
+    entrypoint, an evaluation error, a bound exceeded, a deadline (`timeout_seconds`, OPA library) or
+    a panic is a deny with the reason, never an exception. `load` compiles the new bundle first and
+    swaps only when it compiles: a broken edit, or one outside what the evaluator accepts, leaves the
+    last good policy.
     """
 
     name = "embedded"
@@ -129,15 +146,29 @@ class EmbeddedEngine:
         entrypoint: str = "data.castellan.gateway.decision",
         workers: int = 1,
         inline_max_us: float = 250.0,
+        *,
+        evaluator: str = "",
+        timeout_seconds: float = 1.0,
     ) -> None:
-        compile_bundle(bundle)  # refuse a broken bundle at start-up, with the file named
+        self.evaluator = evaluator or default_evaluator()
         self._entrypoint = entrypoint
+        self._timeout = timeout_seconds
         self._count = workers
-        self._workers = _Workers(bundle, entrypoint, workers)
+        self._workers = self._start(bundle)  # refuses a bundle that does not compile, with the file named
         self._closed = False
         self._inline_max = inline_max_us / 1e6
         self._average = 0.0
-        self._owner = new_owner()  # inline engines live with the thread that used them (_thread_engines)
+        self._owner = new_owner()  # inline regorus engines live with the thread that used them
+
+    def _start(self, bundle: PolicyBundle) -> _Workers:
+        first: Compiled | None = compile_policy(bundle, self._entrypoint, self.evaluator, self._timeout)
+        shared = first if self.evaluator == "opa-library" else None  # one compiled policy for every thread
+        del first  # regorus: free it here, on this thread; each thread compiles its own
+
+        def make() -> Compiled:
+            return shared or compile_policy(bundle, self._entrypoint, self.evaluator, self._timeout)
+
+        return _Workers(bundle, make, self._count)
 
     @property
     def policy_version(self) -> str:
@@ -145,10 +176,10 @@ class EmbeddedEngine:
 
     async def load(self, bundle: PolicyBundle) -> LoadReport:
         try:
-            compile_bundle(bundle)
+            new = self._start(bundle)
         except ConfigError as exc:
             return LoadReport(loaded=False, policy_version=self.policy_version, errors=(str(exc),))
-        old, self._workers = self._workers, _Workers(bundle, self._entrypoint, self._count)
+        old, self._workers = self._workers, new
         old.stop()
         return LoadReport(loaded=True, policy_version=bundle.version)
 
@@ -169,17 +200,18 @@ class EmbeddedEngine:
             raise BackendUnavailable("policy", "policy engine unavailable (closed)")
         document_json = json.dumps(document)
         if self._inline_max > 0 and self._average <= self._inline_max:
-            bundle = workers.bundle
-            engine = engine_for(self._owner, bundle.version, lambda: compile_bundle(bundle))
-            ok, raw, seconds = _evaluate(engine, self._entrypoint, document_json)
+            compiled = engine_for(self._owner, version, workers.make)
+            ok, raw, seconds = _evaluate(compiled, document_json)
+            if _poisoned(compiled):
+                drop(self._owner)  # here, on the thread that made it; the next call builds a fresh one
         else:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[tuple[bool, Any, float]] = loop.create_future()
             workers.jobs.put((document_json, future, loop))
             ok, raw, seconds = await future
         self._average = 0.9 * self._average + 0.1 * seconds
-        if not ok:  # evaluation error (a builtin given a wrong type, conflicting values): deny
-            log.warning("policy_evaluation_failed", engine=self.name, error=_clean(raw))
+        if not ok:  # evaluation error (a builtin given a wrong type, a bound, a panic): deny
+            log.warning("policy_evaluation_failed", engine=self.name, evaluator=self.evaluator, error=str(raw))
             raw = {"allow": False, "reasons": [EVALUATION_FAILED]}
         eval_ms = (time.perf_counter() - started) * 1000
         return to_decision(raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms)
@@ -197,3 +229,38 @@ class EmbeddedEngine:
 def _stop_workers(jobs: queue.SimpleQueue[_Job | None], workers: int) -> None:
     for _ in range(workers):
         jobs.put(_STOP)
+
+
+class RuleEvaluator:
+    """A bundle that evaluates any rule with the embedded evaluator, in regorus's calling style
+    (`set_input_json`, then `eval_rule_as_json`): what the decision log's mask uses, so the mask is
+    exactly OPA's too. Each rule is compiled on first use; a rule that the evaluator refuses, or that
+    fails to evaluate, raises (`ConfigError`, `RuntimeError`)."""
+
+    def __init__(self, bundle: PolicyBundle, evaluator: str = "") -> None:
+        self._bundle = bundle
+        self._evaluator = evaluator or default_evaluator()
+        self._rules: dict[str, Compiled] = {}
+        self._input = "null"
+        if self._evaluator == "regorus":  # a syntax check now, as before (the OPA engine relies on it)
+            syntax_check(bundle)
+
+    def set_input_json(self, document_json: str) -> None:
+        self._input = document_json
+
+    def eval_rule_as_json(self, rule: str) -> str:
+        compiled = self._rules.get(rule)
+        if compiled is None:
+            compiled = self._rules[rule] = compile_policy(self._bundle, rule, self._evaluator)
+        ok, value, _ = _evaluate(compiled, self._input)
+        if not ok:
+            raise RuntimeError(f"{rule}: {value}")
+        if _poisoned(compiled):
+            del self._rules[rule]
+        return '"<undefined>"' if value is None else json.dumps(value)
+
+
+def compile_bundle(bundle: PolicyBundle) -> RuleEvaluator:
+    """`bundle` ready to evaluate any of its rules; raises `ConfigError` when it does not compile.
+    Like a regorus engine, keep it on the thread that made it (_thread_engines)."""
+    return RuleEvaluator(bundle)

@@ -12,7 +12,8 @@ from server.errors import ConfigError
 from server.policy._result import to_decision
 from server.policy.authoring import run_bundle_tests
 from server.policy.bundle import PolicyBundle
-from server.policy.embedded import _clean, compile_bundle
+from server.policy.embedded import compile_bundle, compile_policy
+from server.policy.regorus_subset import _clean
 
 _BASE: dict[str, Any] = {
     "identity": {"agent_id": "probe", "subject": "probe", "groups": ["analysts"], "scopes": []},
@@ -79,6 +80,7 @@ def verify_in_process(bundle: PolicyBundle, entrypoint: str) -> tuple[str, ...]:
     an ill-typed decision or an evaluation error. () when fit. Blocking: run it on a worker thread;
     every regorus engine it makes is freed on that thread before it returns."""
     try:
+        compile_policy(bundle, entrypoint)  # the embedded engine's compile, whichever evaluator it runs
         engine = compile_bundle(bundle)
     except ConfigError as exc:
         return (str(exc),)

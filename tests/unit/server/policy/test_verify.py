@@ -48,7 +48,13 @@ def test_a_deny_rule_that_yields_a_number_is_refused(policies: Path) -> None:
 def test_reasons_made_a_number_is_refused(policies: Path) -> None:
     problems = verify_in_process(edit(policies, '"reasons": deny,', '"reasons": count(deny),'), ENTRYPOINT)
     assert problems
-    assert all("'reasons' is not a set of strings" in p or p.startswith("test ") for p in problems)
+    # every problem is the ill-typed `reasons`, or the policy's own tests failing on it (OPA's type checker
+    # already refuses to compile a test that compares a number with a set)
+    assert any("'reasons' is not a set of strings" in p for p in problems)
+    assert all(
+        "'reasons' is not a set of strings" in p or p.startswith("test ") or "gateway_test.rego does not compile" in p
+        for p in problems
+    )
 
 
 def test_an_allow_that_is_not_a_boolean_is_refused(policies: Path) -> None:

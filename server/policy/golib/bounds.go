@@ -1,0 +1,154 @@
+package main
+
+import (
+	"fmt"
+	"math/big"
+	"net"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/topdown"
+)
+
+// Bounds on builtins whose allocation grows with the values of their arguments (not their size):
+// past a bound the evaluation halts with an error (the gateway denies the call) before anything is
+// allocated. In OPA they would allocate until the process dies; in the gateway's process that
+// would take every call down. Within the bounds the builtin is OPA's own, unchanged.
+const (
+	MaxRangeNumbers = 100_000           // numbers.range, numbers.range_step: elements
+	MaxCIDRHostBits = 16                // net.cidr_expand: at most 2^16 = 65,536 addresses
+	MaxShiftBits    = 65_536            // bits.lsh: shift
+	MaxReplacedLen  = 16 * 1024 * 1024  // replace, strings.replace_n: bytes of the result
+	MaxGlobPattern  = 4096              // regex.globs_match: bytes of each pattern
+)
+
+func halt(name, format string, args ...any) error {
+	return topdown.Halt{Err: &topdown.Error{
+		Code:    topdown.BuiltinErr,
+		Message: name + ": " + fmt.Sprintf(format, args...) + " (a bound of the embedded engine)",
+	}}
+}
+
+// bound runs check before OPA's own implementation; check returns nil to let OPA decide
+// (including OPA's own errors for wrongly typed operands).
+func bound(name string, check func(operands []*ast.Term) error) {
+	original := topdown.GetBuiltin(name)
+	if original == nil {
+		panic("no builtin " + name)
+	}
+	topdown.RegisterBuiltinFunc(name, func(bctx topdown.BuiltinContext, operands []*ast.Term, iter func(*ast.Term) error) error {
+		if err := check(operands); err != nil {
+			return err
+		}
+		return original(bctx, operands, iter)
+	})
+}
+
+func integer(t *ast.Term) (*big.Int, bool) {
+	n, ok := t.Value.(ast.Number)
+	if !ok {
+		return nil, false
+	}
+	r, ok := new(big.Rat).SetString(string(n))
+	if !ok || !r.IsInt() {
+		return nil, false
+	}
+	return r.Num(), true
+}
+
+func str(t *ast.Term) (string, bool) {
+	s, ok := t.Value.(ast.String)
+	return string(s), ok
+}
+
+func rangeCheck(name string, stepped bool) func([]*ast.Term) error {
+	return func(operands []*ast.Term) error {
+		x, ok1 := integer(operands[0])
+		y, ok2 := integer(operands[1])
+		step := big.NewInt(1)
+		ok3 := true
+		if stepped {
+			step, ok3 = integer(operands[2])
+		}
+		if !ok1 || !ok2 || !ok3 || step.Sign() <= 0 {
+			return nil
+		}
+		span := new(big.Int).Sub(y, x)
+		span.Abs(span).Quo(span, step)
+		if span.Cmp(big.NewInt(MaxRangeNumbers-1)) > 0 {
+			return halt(name, "more than %d numbers", MaxRangeNumbers)
+		}
+		return nil
+	}
+}
+
+func replacedLen(s, old, new string) int64 {
+	if old == "" {
+		return int64(len(s)) + int64(utf8.RuneCountInString(s)+1)*int64(len(new))
+	}
+	return int64(len(s)) + int64(strings.Count(s, old))*int64(len(new))
+}
+
+func init() {
+	bound("numbers.range", rangeCheck("numbers.range", false))
+	bound("numbers.range_step", rangeCheck("numbers.range_step", true))
+	bound("net.cidr_expand", func(operands []*ast.Term) error {
+		s, ok := str(operands[0])
+		if !ok {
+			return nil
+		}
+		_, network, err := net.ParseCIDR(s)
+		if err != nil {
+			return nil
+		}
+		ones, bits := network.Mask.Size()
+		if bits-ones > MaxCIDRHostBits {
+			return halt("net.cidr_expand", "more than 2^%d addresses", MaxCIDRHostBits)
+		}
+		return nil
+	})
+	bound("bits.lsh", func(operands []*ast.Term) error {
+		shift, ok := integer(operands[1])
+		if ok && shift.Cmp(big.NewInt(MaxShiftBits)) > 0 {
+			return halt("bits.lsh", "a shift of more than %d bits", MaxShiftBits)
+		}
+		return nil
+	})
+	bound("replace", func(operands []*ast.Term) error {
+		s, ok1 := str(operands[0])
+		old, ok2 := str(operands[1])
+		new, ok3 := str(operands[2])
+		if ok1 && ok2 && ok3 && replacedLen(s, old, new) > MaxReplacedLen {
+			return halt("replace", "a result of more than %d bytes", MaxReplacedLen)
+		}
+		return nil
+	})
+	bound("strings.replace_n", func(operands []*ast.Term) error {
+		patterns, ok1 := operands[0].Value.(ast.Object)
+		s, ok2 := str(operands[1])
+		if !ok1 || !ok2 {
+			return nil
+		}
+		total := int64(len(s))
+		for _, key := range patterns.Keys() {
+			old, ok3 := str(key)
+			new, ok4 := str(patterns.Get(key))
+			if ok3 && ok4 {
+				total += replacedLen(s, old, new) - int64(len(s))
+			}
+		}
+		if total > MaxReplacedLen {
+			return halt("strings.replace_n", "a result of more than %d bytes", MaxReplacedLen)
+		}
+		return nil
+	})
+	bound("regex.globs_match", func(operands []*ast.Term) error {
+		for _, t := range operands {
+			if s, ok := str(t); ok && len(s) > MaxGlobPattern {
+				return halt("regex.globs_match", "a pattern of more than %d bytes", MaxGlobPattern)
+			}
+		}
+		return nil
+	})
+}

@@ -1,0 +1,311 @@
+"""regorus restricted to the subset of Rego proved to decide exactly as OPA: the embedded engine's
+fallback where the in-process OPA library is not built (no Go toolchain).
+
+A policy is accepted only when every builtin it calls and every construct it uses is in the verified
+set below (tests/integration/test_engine_differential.py compares each against the real OPA on
+adversarial values). Some builtins are exact only on plain values (printable ASCII strings and
+integers within ±(2^53-1)): regorus counts strings in UTF-16 units, maps case with full Unicode
+mappings and formats non-integers differently. A policy that uses one is accepted, and an input (or
+data) holding anything else is denied with the reason instead of being decided inexactly.
+
+Evaluations never raise: a Rust panic (pyo3's PanicException derives from BaseException) becomes an
+error, and the engine that panicked is marked poisoned so that its owner builds a fresh one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import regorus
+
+from server.errors import ConfigError
+from server.policy.bundle import PolicyBundle, package_of
+
+_UNDEFINED = '"<undefined>"'
+
+# Exact on every value (the differential suite's per-builtin cases).
+EXACT_BUILTINS = frozenset(
+    {
+        "is_string",
+        "is_number",
+        "is_boolean",
+        "is_array",
+        "is_object",
+        "is_set",
+        "is_null",
+        "type_name",
+        "object.get",
+        "object.keys",
+        "startswith",
+        "endswith",
+        "contains",
+        "concat",
+        "array.concat",
+    }
+)
+# Exact on plain values only: the policy is accepted, and inputs outside the plain domain are denied.
+PLAIN_BUILTINS = frozenset({"count", "lower", "upper", "sprintf", "trim_space", "split"})
+VERIFIED_BUILTINS = EXACT_BUILTINS | PLAIN_BUILTINS
+
+# AST node kinds of regorus's parser that the differential suite covers. Not here: arithmetic
+# (`+ - * / %`: regorus computes in f64/i64, OPA in arbitrary precision) and `with`.
+VERIFIED_CONSTRUCTS = frozenset(
+    {
+        "Var",
+        "RefDot",
+        "RefBrack",
+        "Spec",
+        "Func",
+        "Compr",
+        "Expr",
+        "NotExpr",
+        "BoolExpr",
+        "AssignExpr",
+        "Membership",
+        "SomeIn",
+        "SomeVars",
+        "Every",
+        "Call",
+        "Object",
+        "Array",
+        "Set",
+        "ArrayCompr",
+        "SetCompr",
+        "ObjectCompr",
+        "String",
+        "RawString",
+        "Number",
+        "Bool",
+        "Null",
+    }
+)
+MAX_PLAIN_INTEGER = 2**53 - 1
+
+
+def _clean(error: BaseException) -> str:
+    """regorus errors carry a Rust backtrace after the message; keep the message."""
+    return str(error).split("Stack backtrace:")[0].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    """What a policy needs of regorus: whether inputs must be plain."""
+
+    plain_only: bool
+
+
+def _nodes(node: Any) -> Iterator[tuple[str, Any]]:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key[:1].isupper() or key == "with_mods":
+                    yield key, value
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _dotted(ref: Any) -> str | None:
+    """`a.b.c` for a Var/RefDot chain; None for anything else (a computed function name)."""
+    if not isinstance(ref, dict) or len(ref) != 1:
+        return None
+    ((kind, body),) = ref.items()
+    if kind == "Var":
+        return str(body["value"])
+    if kind == "RefDot":
+        head = _dotted(body["refr"])
+        return None if head is None else f"{head}.{body['field'][1]}"
+    return None
+
+
+def _functions(modules: list[dict[str, Any]]) -> set[str]:
+    """Full paths (data.pkg.name) of the policy's own functions."""
+    found = set()
+    for module in modules:
+        package = package_of(module["source"]["contents"])
+        for kind, body in _nodes(module["ast"]["rules"]):
+            if kind == "Func":
+                name = _dotted(body["refr"])
+                if name:
+                    found.add(f"data.{package}.{name}")
+    return found
+
+
+def _imports(module: dict[str, Any]) -> dict[str, str]:
+    aliases = {}
+    for item in module["ast"].get("imports", []):
+        path = _dotted(item.get("refr"))
+        if path and path.startswith("data."):
+            aliases[item.get("as") or path.rsplit(".", 1)[-1]] = path
+    return aliases
+
+
+def _where(module: dict[str, Any], body: Any) -> str:
+    line = body.get("span", {}).get("line", "?") if isinstance(body, dict) else "?"
+    return f"{module['source']['file']}:{line}"
+
+
+def check_subset(engine: regorus.Engine) -> Subset:
+    """Raise `ConfigError` naming the first builtin or construct outside the verified set."""
+    modules: list[dict[str, Any]] = json.loads(engine.get_ast_as_json())
+    own = _functions(modules)
+    plain = False
+    literals: list[tuple[dict[str, Any], Any]] = []
+    for module in modules:
+        package = package_of(module["source"]["contents"])
+        aliases = _imports(module)
+        source: str = module["source"]["contents"]
+        for kind, body in _nodes(module["ast"]["rules"]):
+            if kind == "with_mods":
+                if body:
+                    raise ConfigError(_refusal(module, body[0], "the `with` keyword"))
+                continue
+            if kind not in VERIFIED_CONSTRUCTS:
+                raise ConfigError(_refusal(module, body, f"the construct {kind}"))
+            if kind == "Number":
+                text = source.encode()[body["span"]["start"] : body["span"]["end"]].decode()
+                if not _exact_number(text):
+                    raise ConfigError(_refusal(module, body, f"the number literal {text}"))
+            if kind in ("String", "RawString") and isinstance(body.get("value"), str):
+                literals.append((module, body))
+            if kind != "Call":
+                continue
+            name = _dotted(body["fcn"])
+            if name is None:
+                raise ConfigError(_refusal(module, body, "a computed function reference"))
+            head, _, rest = name.partition(".")
+            candidates = {f"data.{package}.{name}", name}
+            if head in aliases:
+                candidates.add(f"{aliases[head]}.{rest}" if rest else aliases[head])
+            if candidates & own:
+                continue
+            if name not in VERIFIED_BUILTINS:
+                raise ConfigError(_refusal(module, body, f"builtin {name}"))
+            plain = plain or name in PLAIN_BUILTINS
+    for module, body in literals if plain else []:
+        if plain_problem(body["value"], "a string literal"):
+            what = f"the string literal {body['value']!r} (not printable ASCII) with builtins exact only on ASCII"
+            raise ConfigError(_refusal(module, body, what))
+    return Subset(plain_only=plain)
+
+
+def _refusal(module: dict[str, Any], body: Any, what: str) -> str:
+    return (
+        f"policy {_where(module, body)} uses {what}, which the embedded engine cannot decide exactly as OPA "
+        "without the in-process OPA library (regorus fallback: verified subset only; run "
+        "scripts/build-opa-library, which needs Go, or decide with OPA: policy.engine = 'auto' or 'opa')"
+    )
+
+
+def _exact_number(text: str) -> bool:
+    """A literal that regorus (f64) and OPA (exact decimal) read as the same number."""
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    if "." not in text and "e" not in text.lower():
+        return abs(int(text)) <= MAX_PLAIN_INTEGER
+    from decimal import Decimal
+
+    return Decimal(value) == Decimal(text)
+
+
+def plain_problem(value: Any, where: str = "input") -> str | None:
+    """Why `value` is outside the plain domain (printable ASCII strings, integers within ±(2^53-1))."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() or not item.isprintable():
+                return f"{path} is not a printable ASCII string"
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if abs(item) > MAX_PLAIN_INTEGER:
+                return f"{path} is an integer beyond 2^53"
+        elif isinstance(item, float):
+            return f"{path} is not an integer"
+        elif isinstance(item, Mapping):
+            for key, inner in item.items():
+                if not isinstance(key, str) or not key.isascii() or not key.isprintable():
+                    return f"a key in {path} is not a printable ASCII string"
+                stack.append((inner, f"{path}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((inner, f"{path}[{i}]") for i, inner in enumerate(item))
+    return None
+
+
+def syntax_check(bundle: PolicyBundle) -> None:
+    """Raise `ConfigError` naming the file when a module does not parse (no subset check)."""
+    engine = regorus.Engine()
+    problem = None
+    for path, text in bundle.modules.items():
+        try:
+            engine.add_policy(path, text)
+        except Exception as exc:
+            problem = f"policy {path} does not compile: {_clean(exc)}"
+            break
+    del engine  # on this thread (see RegorusPolicy)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+class RegorusPolicy:
+    """One regorus engine holding a bundle, for the thread that made it (regorus engines may not
+    cross threads, not even to be freed: see _thread_engines)."""
+
+    def __init__(self, bundle: PolicyBundle, entrypoint: str) -> None:
+        engine = regorus.Engine()
+        problem = None
+        for path, text in bundle.modules.items():
+            try:
+                engine.add_policy(path, text)
+            except Exception as exc:  # regorus raises RuntimeError with the parser's message
+                problem = f"policy {path} does not compile: {_clean(exc)}"
+                break
+        subset = Subset(plain_only=False)
+        if problem is None:
+            try:
+                engine.add_data_json(json.dumps(bundle.data))
+                subset = check_subset(engine)
+            except ConfigError as exc:
+                problem = str(exc)
+            except Exception as exc:
+                problem = f"policy data does not load: {_clean(exc)}"
+        if problem is None and subset.plain_only:
+            data_problem = plain_problem(bundle.data, "data")
+            if data_problem:
+                problem = (
+                    f"policy data: {data_problem}, and the policy uses builtins that regorus decides "
+                    "exactly as OPA only on printable ASCII strings and integers"
+                )
+        if problem is not None:
+            # Free the engine here, on this thread: a traceback would keep this frame (and the engine)
+            # alive until garbage collection, which may run on another thread, where regorus aborts.
+            del engine
+            raise ConfigError(problem)
+        self._engine = engine
+        self._entrypoint = entrypoint
+        self.plain_only = subset.plain_only
+        self.poisoned = False
+
+    def evaluate(self, document_json: str, document: Any = None) -> tuple[bool, Any]:
+        """(True, value or None when undefined) or (False, the error). Never raises."""
+        if self.plain_only:
+            problem = plain_problem(json.loads(document_json) if document is None else document)
+            if problem:
+                return False, f"outside the verified domain of the regorus fallback: {problem}"
+        try:
+            self._engine.set_input_json(document_json)
+            raw = self._engine.eval_rule_as_json(self._entrypoint)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a Rust panic is a BaseException (pyo3)
+            if not isinstance(exc, Exception):
+                self.poisoned = True
+            return False, _clean(exc)
+        return True, None if raw == _UNDEFINED else json.loads(raw)
