@@ -11,6 +11,7 @@ from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import KeySet
 
 from server.auth.keys import KeySource, KeyUnavailable
+from server.auth.strict_json import AmbiguousJson, compact_parts
 from server.errors import Unauthenticated
 from server.identity import Identity
 from server.settings import ClaimNames
@@ -52,7 +53,7 @@ class JwtVerifier:
     async def verify(self, token: str) -> Identity:
         if len(token) > _MAX_TOKEN_BYTES:
             raise Unauthenticated("token is too large")
-        header = _header(token)
+        header, payload = _parts(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise Unauthenticated(f"token algorithm {alg!r} is not allowed")
@@ -63,7 +64,9 @@ class JwtVerifier:
             raise Unauthenticated("token signature is invalid") from None
         except (JoseError, ValueError) as exc:
             raise Unauthenticated(f"token cannot be verified: {exc}") from None
-        claims = decoded.claims
+        if decoded.claims != payload:  # the library read the payload as we did, or we trust neither
+            raise Unauthenticated("token payload cannot be read unambiguously")
+        claims = payload
         self._check_claims(claims)
         return self._identity(claims)
 
@@ -123,11 +126,16 @@ class JwtVerifier:
         )
 
 
-def _header(token: str) -> dict[str, Any]:
+def _parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload, read strictly (`strict_json`) before anything in them is trusted."""
     try:
-        return dict(jws.extract_compact(token.encode("ascii")).protected)
+        header, payload = compact_parts(token)
+        jws.extract_compact(token.encode("ascii"))
+    except AmbiguousJson as exc:
+        raise Unauthenticated(f"{exc}: refused, since readers of the token could disagree on it") from None
     except (JoseError, ValueError, UnicodeEncodeError):
         raise Unauthenticated("token is not a well-formed JWT") from None
+    return header, payload
 
 
 def _has_kid(keys: KeySet, kid: str | None) -> bool:
