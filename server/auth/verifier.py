@@ -110,9 +110,11 @@ class JwtVerifier:
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
         names = self._claims
-        agent_id = _string(claims.get(names.agent_id))
-        for fallback in names.agent_id_fallbacks:
-            agent_id = agent_id or _string(claims.get(fallback))
+        agent_id, agent_claim = "", ""
+        for claim in (names.agent_id, *names.agent_id_fallbacks):
+            agent_id, agent_claim = _string(claims.get(claim)), claim
+            if agent_id:
+                break
         if not agent_id:
             raise Unauthenticated(f"token names no agent (claim {names.agent_id!r})")
         exp = claims.get("exp")
@@ -123,6 +125,9 @@ class JwtVerifier:
             groups=_strings(claims.get(names.groups)),
             scopes=_strings(claims.get(names.scopes)),
             expires_at=int(exp) if isinstance(exp, int | float) else None,
+            subject_kind=None if names.subject_kind == "auto" else names.subject_kind,
+            # Typed from the claim it came from: an agent named only by `sub` is its subject, not a client.
+            agent_is_subject=agent_claim == names.subject,
         )
 
 
