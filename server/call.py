@@ -23,6 +23,8 @@ class RunInfo:
     run_id: str
     depth: int = 0
     traceparent: str | None = None
+    ignored: tuple[str, ...] = ()
+    """Declared values that were malformed and so not used, each with where it came from (for the log)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,12 @@ DEMO_GRANTS: tuple[tuple[str, str, str], ...] = (
 
 
 def seed_demo_grants(catalog: LocalCatalog) -> None:
-    """Create the demo catalog's schemas and groups and grant the demo privileges; idempotent."""
+    """Create the demo catalog's groups and schemas and grant the demo privileges; idempotent."""
+    for group in ("analysts", "admins"):
+        catalog.add_principal(group, "group")
     catalog.add_securable("SCHEMA", "main.tools", owner="admins")
     catalog.add_securable("SCHEMA", "main.admin", owner="admins")
     for schema in ("main.sales", "main.support"):
         catalog.add_securable("SCHEMA", schema, owner="admins")
     catalog.set_owner("main", "admins")
-    for group in ("analysts", "admins"):
-        catalog.add_principal(group, "group")
     catalog.grant_many(DEMO_GRANTS)

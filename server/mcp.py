@@ -9,14 +9,16 @@ from typing import Any
 
 import mcp_types as types
 import structlog
-from mcp.server.context import ServerRequestContext
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.lowlevel import Server
+from mcp.shared.exceptions import MCPError
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from server import __version__
 from server.auth.middleware import identity_of
-from server.call import Call
-from server.errors import CastellanError
+from server.call import Call, RunInfo
+from server.errors import CastellanError, Denied, InternalError
 from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
@@ -103,21 +105,44 @@ class McpHandlers:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         request = ctx.request if isinstance(ctx.request, Request) else None
-        meta = _as_mapping(params.meta)
         call_id = uuid.uuid4().hex
-        call = Call(
-            tool_name=params.name,
-            arguments=params.arguments or {},
-            identity=identity_of(request.scope) if request else None,
-            run=run_info(meta, request.headers if request else None, fallback=call_id),
-            call_id=call_id,
-            request_id=request_id_of(request.scope) if request else "",
-        )
         started = time.perf_counter()
-        call = await self._pipeline.run(call)
-        elapsed = time.perf_counter() - started
-        self._observe(call, elapsed)
-        return call_result(call)
+        # Whatever the caller sent, and whatever fails while it is handled, the call ends as a recorded
+        # refusal: never a JSON-RPC internal error with no decision row.
+        try:
+            call = Call(
+                tool_name=params.name,
+                arguments=params.arguments or {},
+                identity=identity_of(request.scope) if request else None,
+                run=run_info(_as_mapping(params.meta), request.headers if request else None, fallback=call_id),
+                call_id=call_id,
+                request_id=request_id_of(request.scope) if request else "",
+            )
+        except Exception as exc:
+            log.exception("call_unreadable", call_id=call_id)
+            error = InternalError("request", f"internal error reading the call ({type(exc).__name__})")
+            call = await self._pipeline.refuse(_bare_call(ctx, call_id), error)
+        else:
+            try:
+                call = await self._pipeline.run(call)
+            except Exception as exc:
+                log.exception("pipeline_failed", call_id=call_id)
+                call = await self._pipeline.refuse(
+                    call, InternalError("pipeline", f"internal error ({type(exc).__name__})")
+                )
+        try:
+            self._observe(call, time.perf_counter() - started)
+            return call_result(call)
+        except Exception as exc:  # the call is recorded already; its caller still gets an answer
+            log.exception("call_result_failed", call_id=call_id)
+            return to_tool_result(
+                InternalError("result", f"internal error returning the result ({type(exc).__name__})")
+            )
+
+    async def refuse_unread(self, ctx: ServerRequestContext[Any, Any], error: CastellanError) -> None:
+        """Record a `tools/call` refused before it reached `call_tool` (its params failed validation)."""
+        call = await self._pipeline.refuse(_bare_call(ctx, uuid.uuid4().hex), error)
+        self._observe(call, 0.0)
 
     def _observe(self, call: Call, elapsed: float) -> None:
         error = call.error
@@ -138,10 +163,50 @@ class McpHandlers:
             decision=decision,
             stage=stage,
             reasons=list(error.reasons) if error else None,
+            ignored=list(call.run.ignored) or None,
             tool_error=call.output.is_error if call.output else None,
             policy_version=call.decision.policy_version if call.decision else None,
             ms=round(elapsed * 1000, 3),
         )
+
+
+class UnreadCallRecorder(ServerMiddleware[Any]):
+    """A `tools/call` whose params the SDK refuses before any handler runs (a progress token that is
+    an object, `_meta` that is a list, ...) is recorded as a denial too, and its error names the
+    offending fields (not their values: those are the caller's input)."""
+
+    def __init__(self, handlers: McpHandlers) -> None:
+        self._handlers = handlers
+
+    async def __call__(self, ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        if ctx.method != "tools/call" or ctx.request_id is None:
+            return await call_next(ctx)
+        try:
+            return await call_next(ctx)
+        except ValidationError as exc:
+            fields = sorted({".".join(str(p) for p in e["loc"][:3]) or "params" for e in exc.errors()})
+            reason = f"invalid tools/call params: {', '.join(fields[:5])}"[:300]
+            await self._handlers.refuse_unread(ctx, Denied("request", reason))
+            raise MCPError(code=types.INVALID_PARAMS, message="Invalid request parameters", data=reason) from None
+        except MCPError as exc:
+            await self._handlers.refuse_unread(ctx, Denied("request", f"refused by the MCP layer: {exc.error.message}"))
+            raise
+
+
+def _bare_call(ctx: ServerRequestContext[Any, Any], call_id: str) -> Call:
+    """What can be said for certain about a call whose request could not be read: who sent it, the
+    tool name if it is a string, the arguments if they are an object."""
+    request = ctx.request if isinstance(ctx.request, Request) else None
+    raw = ctx.params if isinstance(ctx.params, dict) else {}
+    name, arguments = raw.get("name"), raw.get("arguments")
+    return Call(
+        tool_name=name[:256] if isinstance(name, str) else "(unreadable)",
+        arguments=arguments if isinstance(arguments, dict) else {},
+        identity=identity_of(request.scope) if request else None,
+        run=RunInfo(run_id=call_id),
+        call_id=call_id,
+        request_id=request_id_of(request.scope) if request else "",
+    )
 
 
 def _as_mapping(meta: object) -> dict[str, Any] | None:
@@ -161,7 +226,7 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[An
         tool = registry.get(name)
         return dict(tool.spec.input_schema) if tool is not None else None
 
-    return Server(
+    server: Server[Any] = Server(
         "castellan",
         version=__version__,
         title="Castellan MCP gateway",
@@ -170,3 +235,5 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[An
         on_call_tool=handlers.call_tool,
         get_tool_input_schema=input_schema,
     )
+    server.middleware.append(UnreadCallRecorder(handlers))
+    return server

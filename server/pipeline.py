@@ -63,7 +63,16 @@ class Pipeline:
     async def _stop(self, call: Call, exc: CastellanError, stage: str, started: float) -> Call:
         elapsed = time.perf_counter() - started
         self._histograms[stage].observe(elapsed)
-        call = replace(call.timed(stage, elapsed), error=exc, decision=exc.decision or call.decision)
+        return await self.refuse(call.timed(stage, elapsed), exc)
+
+    async def refuse(self, call: Call, exc: CastellanError) -> Call:
+        """Stop `call` with `exc` without running (more) stages: also for a call refused before the
+        pipeline could start (a request the edge could not read), so that it is recorded like any
+        other. Every `on_stop` handler runs, even if one before it fails."""
+        call = replace(call, error=exc, decision=exc.decision or call.decision)
         for handler in self._on_stop:
-            await handler(call)
+            try:
+                await handler(call)
+            except Exception:
+                log.exception("on_stop_failed", call_id=call.call_id)
         return call

@@ -75,6 +75,9 @@ class ClaimNames(BaseModel):
     subject: str = "sub"
     groups: str = "groups"
     scopes: str = "scope"
+    subject_kind: Literal["auto", "user", "service_principal"] = "auto"
+    """The principal kind of the subject. `auto`: the agent itself (a service principal) when it has the
+    agent's id, otherwise a user the agent acts for. Groups are always groups (docs/grants.md)."""
 
 
 class AuthSettings(BaseModel):

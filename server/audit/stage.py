@@ -43,6 +43,25 @@ class AuditStage:
         return call
 
 
+def _bare_decision(call: Call) -> dict[str, object]:
+    """The decision row of a refused call whose full record could not be built: who, what, why."""
+    error = call.error
+    return {
+        "call_id": call.call_id,
+        "request_id": call.request_id,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(call.started_at)),
+        "action": call.action,
+        "agent_id": call.identity.agent_id if call.identity else None,
+        "tool": call.tool_name[:256],
+        "arguments": {"[unrecorded]": "the arguments could not be recorded"},
+        "run_id": call.run.run_id,
+        "decision": error.verdict if error else "error",
+        "stage": error.stage if error else None,
+        "code": error.code if error else None,
+        "reasons": list(error.reasons) if error else [],
+    }
+
+
 class DenialRecorder:
     """Records a call the pipeline stopped: its decision row (deny or error). The pipeline's `on_stop`."""
 
@@ -56,7 +75,12 @@ class DenialRecorder:
                 # Stopped after the decision row was written: record how it ended instead.
                 await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time(), self._redactor))
             else:
-                await self._outbox.write("decision", call.call_id, decision_record(call, self._redactor))
+                try:
+                    record = decision_record(call, self._redactor)
+                except Exception:  # whatever the call holds, its refusal is still recorded
+                    log.exception("decision_record_failed", call_id=call.call_id)
+                    record = _bare_decision(call)
+                await self._outbox.write("decision", call.call_id, record)
         except Exception as exc:
             # The call is already refused; nothing is lost that was allowed. Say so loudly.
             log.error("audit_write_failed", call_id=call.call_id, error=str(exc))

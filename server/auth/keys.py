@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +12,7 @@ import structlog
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from server.auth.strict_json import loads_strict
 from server.errors import ConfigError
 
 log = structlog.get_logger("castellan.auth")
@@ -33,7 +33,7 @@ class KeyUnavailable(Exception):
 
 def parse_jwks(document: str | bytes, origin: str) -> KeySet:
     try:
-        data = json.loads(document)
+        data = loads_strict(document)  # a key document read two ways is as bad as a token read two ways
         keys = KeySet.import_key_set(data)
     except (ValueError, JoseError, TypeError, KeyError) as exc:
         raise KeyUnavailable(f"{origin} is not a valid JWKS document: {exc}") from exc

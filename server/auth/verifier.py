@@ -11,6 +11,7 @@ from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import KeySet
 
 from server.auth.keys import KeySource, KeyUnavailable
+from server.auth.strict_json import AmbiguousJson, compact_parts
 from server.errors import Unauthenticated
 from server.identity import Identity
 from server.settings import ClaimNames
@@ -52,7 +53,7 @@ class JwtVerifier:
     async def verify(self, token: str) -> Identity:
         if len(token) > _MAX_TOKEN_BYTES:
             raise Unauthenticated("token is too large")
-        header = _header(token)
+        header, payload = _parts(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise Unauthenticated(f"token algorithm {alg!r} is not allowed")
@@ -63,7 +64,9 @@ class JwtVerifier:
             raise Unauthenticated("token signature is invalid") from None
         except (JoseError, ValueError) as exc:
             raise Unauthenticated(f"token cannot be verified: {exc}") from None
-        claims = decoded.claims
+        if decoded.claims != payload:  # the library read the payload as we did, or we trust neither
+            raise Unauthenticated("token payload cannot be read unambiguously")
+        claims = payload
         self._check_claims(claims)
         return self._identity(claims)
 
@@ -107,9 +110,11 @@ class JwtVerifier:
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
         names = self._claims
-        agent_id = _string(claims.get(names.agent_id))
-        for fallback in names.agent_id_fallbacks:
-            agent_id = agent_id or _string(claims.get(fallback))
+        agent_id, agent_claim = "", ""
+        for claim in (names.agent_id, *names.agent_id_fallbacks):
+            agent_id, agent_claim = _string(claims.get(claim)), claim
+            if agent_id:
+                break
         if not agent_id:
             raise Unauthenticated(f"token names no agent (claim {names.agent_id!r})")
         exp = claims.get("exp")
@@ -120,14 +125,22 @@ class JwtVerifier:
             groups=_strings(claims.get(names.groups)),
             scopes=_strings(claims.get(names.scopes)),
             expires_at=int(exp) if isinstance(exp, int | float) else None,
+            subject_kind=None if names.subject_kind == "auto" else names.subject_kind,
+            # Typed from the claim it came from: an agent named only by `sub` is its subject, not a client.
+            agent_is_subject=agent_claim == names.subject,
         )
 
 
-def _header(token: str) -> dict[str, Any]:
+def _parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload, read strictly (`strict_json`) before anything in them is trusted."""
     try:
-        return dict(jws.extract_compact(token.encode("ascii")).protected)
+        header, payload = compact_parts(token)
+        jws.extract_compact(token.encode("ascii"))
+    except AmbiguousJson as exc:
+        raise Unauthenticated(f"{exc}: refused, since readers of the token could disagree on it") from None
     except (JoseError, ValueError, UnicodeEncodeError):
         raise Unauthenticated("token is not a well-formed JWT") from None
+    return header, payload
 
 
 def _has_kid(keys: KeySet, kid: str | None) -> bool:

@@ -30,15 +30,21 @@ def grants() -> None:
     Changes reach a running gateway within its grants cache TTL (grants.cache_ttl_seconds)."""
 
 
+_KINDS = click.Choice(["user", "service_principal", "group"])
+
+
 @grants.command("grant", context_settings={"ignore_unknown_options": True})
 @config_option
+@click.option("--kind", type=_KINDS, default=None, help="Register PRINCIPAL with this kind if it is new.")
 @click.argument("statement", nargs=-1, required=True)
-def grants_grant(config: Path | None, statement: tuple[str, ...]) -> None:
-    """PRIVILEGE[, PRIVILEGE] ON TYPE NAME TO PRINCIPAL, e.g. EXECUTE ON FUNCTION main.tools.sql TO analysts."""
+def grants_grant(config: Path | None, kind: str | None, statement: tuple[str, ...]) -> None:
+    """PRIVILEGE[, PRIVILEGE] ON TYPE NAME TO PRINCIPAL, e.g. EXECUTE ON FUNCTION main.tools.sql TO analysts.
+
+    PRINCIPAL must be a registered user, service principal or group (`principal add`, or --kind)."""
     from server.grants import admin
 
     catalog = _catalog(config)
-    admin_action(lambda: admin.grant(catalog, admin.parse(statement, "TO")))
+    admin_action(lambda: admin.grant(catalog, admin.parse(statement, "TO"), kind))
 
 
 @grants.command("revoke", context_settings={"ignore_unknown_options": True})
@@ -57,20 +63,31 @@ def grants_revoke(config: Path | None, statement: tuple[str, ...]) -> None:
 @click.option("--principal", default=None, help="Grants made to this principal.")
 @click.option("--securable", default=None, help="Grants made on this securable.")
 @click.option("--effective", is_flag=True, help="With both: what the principal holds there, and from where.")
-def grants_show(config: Path | None, principal: str | None, securable: str | None, effective: bool) -> None:
+@click.option("--kind", type=_KINDS, default=None, help="With --effective: the principal's kind (default: its own).")
+def grants_show(
+    config: Path | None, principal: str | None, securable: str | None, effective: bool, kind: str | None
+) -> None:
     """List grants (direct by default; --effective adds inheritance, groups and ownership)."""
+    from server.identity import Principal
+
     catalog = _catalog(config)
     if effective:
         if not (principal and securable):
             raise click.ClickException("--effective needs --principal and --securable")
-        for held in catalog.effective_detail([principal], securable):
+        registered = catalog.kind_of(principal)
+        if registered is None and kind is None:
+            raise click.ClickException(f"no principal {principal!r}: give --kind, or register it (principal add)")
+        # What a caller of that kind and name holds: a service principal called like a group holds nothing of it.
+        typed = Principal(kind or registered, principal)  # type: ignore[arg-type]
+        click.echo(f"# as {typed}", err=True)
+        for held in catalog.effective_detail([typed], securable):
             source = (
                 f"inherited from {held.inherited_from_type} {held.inherited_from}" if held.inherited_from else "direct"
             )
             click.echo(f"{held.privilege}\t{securable}\t{source}")
         return
     for grant in catalog.grants(principal=principal, securable=securable):
-        click.echo(f"{grant.principal}\t{grant.privilege}\t{grant.securable}")
+        click.echo(f"{grant.principal}\t{grant.privilege}\t{grant.securable}\t{_kind_label(catalog, grant.principal)}")
 
 
 @grants.command("securable")
@@ -99,14 +116,29 @@ def grants_owner(config: Path | None, securable_type: str, name: str, to: str, p
     )
 
 
+def _kind_label(catalog: LocalCatalog, name: str) -> str:
+    kind = catalog.kind_of(name)
+    return kind.replace("_", " ") if kind else "unregistered: holds nothing"
+
+
 @grants.command("principal")
 @config_option
-@click.argument("action", type=click.Choice(["add"]))
-@click.argument("name")
-@click.option("--kind", type=click.Choice(["user", "group", "service_principal"]), required=True)
-def grants_principal(config: Path | None, action: str, name: str, kind: str) -> None:
-    """add NAME --kind user|group|service_principal."""
+@click.argument("action", type=click.Choice(["add", "list"]))
+@click.argument("name", required=False)
+@click.option("--kind", type=_KINDS, default=None)
+def grants_principal(config: Path | None, action: str, name: str | None, kind: str | None) -> None:
+    """add NAME --kind user|group|service_principal; list (with names grants refer to that are not registered).
+
+    A name has one kind: a token's agent or subject never receives a group's grants, nor a group a user's."""
     catalog = _catalog(config)
+    if action == "list":
+        for entry in catalog.export()["principals"]:
+            click.echo(f"{entry['name']}\t{entry['kind']}")
+        for stray in catalog.unregistered():
+            click.echo(f"{stray}\tunregistered: holds nothing until added with --kind")
+        return
+    if not name or not kind:
+        raise click.ClickException("principal add needs NAME and --kind user|service_principal|group")
     admin_action(lambda: catalog.add_principal(name, kind), f"principal {name} ({kind})")
 
 

@@ -36,9 +36,13 @@ def parse(words: Sequence[str], preposition: str) -> GrantStatement:
     return GrantStatement(privileges, securable_type, words[on + 2], principal)
 
 
-def grant(catalog: LocalCatalog, statement: GrantStatement) -> list[str]:
-    """Apply a GRANT; the securable must exist with the named type. Returns what was granted."""
+def grant(catalog: LocalCatalog, statement: GrantStatement, kind: str | None = None) -> list[str]:
+    """Apply a GRANT; the securable must exist with the named type, and the principal must be
+    registered (with `kind`, it is registered first, or must already be of that kind). Returns
+    what was granted."""
     _check_type(catalog, statement)
+    if kind is not None:
+        catalog.add_principal(statement.principal, kind)
     catalog.grant_many([(statement.principal, p, statement.securable) for p in statement.privileges])
     return [
         f"GRANT {p} ON {statement.securable_type} {statement.securable} TO {statement.principal}"

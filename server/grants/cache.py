@@ -9,12 +9,13 @@ import structlog
 
 from server.errors import BackendUnavailable
 from server.grants.source import GrantSource
+from server.identity import Principal
 
 log = structlog.get_logger("castellan.grants")
 
 
 class CachedGrants:
-    """Effective privileges cached per (principals, securable) for `ttl` seconds, so a revoke takes
+    """Effective privileges cached per (typed principals, securable) for `ttl` seconds, so a revoke takes
     effect within `ttl`. When the source cannot answer, an entry up to `max_stale` seconds old is
     still used (and said so in the log); an older one, or none, denies the call (fail closed).
     Errors are never cached. `invalidate()` drops everything (after an admin change)."""
@@ -24,9 +25,10 @@ class CachedGrants:
         self._ttl = ttl
         self._max_stale = max_stale
         self._max_entries = max_entries
-        self._entries: dict[tuple[tuple[str, ...], str, str], tuple[float, frozenset[str]]] = {}
+        self._entries: dict[tuple[tuple[Principal, ...], str, str], tuple[float, frozenset[str]]] = {}
 
-    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]:
+    async def privileges(self, principals: Sequence[Principal], securable_type: str, securable: str) -> frozenset[str]:
+        # Keyed on kind and name: the service principal `admins` and the group `admins` never share an entry.
         key = (tuple(principals), securable_type, securable)
         hit = self._entries.get(key)
         now = time.monotonic()

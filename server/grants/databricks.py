@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from server.errors import BackendUnavailable, ConfigError
 from server.grants.source import ACCOUNT_USERS, ALL_EXPANDS_TO, ALL_PRIVILEGES, normalize_privilege
+from server.identity import Principal, PrincipalKind
+
+# How Unity Catalog names each kind of principal in grants, and the SCIM resource that holds it:
+# users by `userName` (their email), service principals by `applicationId`, groups by `displayName`.
+_SCIM: dict[PrincipalKind, tuple[str, str, str]] = {
+    "user": ("users", "userName", "user_name"),
+    "service_principal": ("service_principals", "applicationId", "application_id"),
+    "group": ("groups", "displayName", "display_name"),
+}
 
 
 class DatabricksGrants:
@@ -17,14 +29,24 @@ class DatabricksGrants:
     parent securables come from Unity Catalog itself; ownership (all privileges on the owned object)
     from the securable's own endpoint (`functions.get`, `tables.get`, ...).
 
+    Unity Catalog's grant APIs name a principal by a bare string, whatever its kind, so asking for
+    `principal=admins` answers for the group `admins`. Each typed principal is therefore first
+    confirmed to exist with its kind, through the workspace's SCIM API (`users.list`,
+    `service_principals.list`, `groups.list` with an `eq` filter on the attribute Unity Catalog
+    names it by, the answer compared exactly); an unconfirmed principal is not asked about and
+    holds nothing. Confirmations are cached for `kind_ttl` seconds.
+
     The SDK is synchronous, so calls run in a thread; the grants cache keeps them off the hot path.
     An unknown securable holds nothing. Any other API error (403 for the gateway's own credentials,
     5xx, network) raises `BackendUnavailable`: the call is denied.
     """
 
-    def __init__(self, client: Any, timeout: float = 10.0) -> None:
+    def __init__(self, client: Any, timeout: float = 10.0, kind_ttl: float = 300.0) -> None:
         self._client = client
         self._timeout = timeout
+        self._kind_ttl = kind_ttl
+        self._kinds: dict[Principal, tuple[float, bool]] = {}
+        self._kinds_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, host: str, profile: str, timeout: float = 10.0) -> DatabricksGrants:
@@ -48,20 +70,21 @@ class DatabricksGrants:
         except Exception as exc:  # the SDK raises ValueError for missing or conflicting auth
             raise ConfigError(f"cannot configure the Databricks SDK: {exc}") from None
 
-    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]:
+    async def privileges(self, principals: Sequence[Principal], securable_type: str, securable: str) -> frozenset[str]:
         lookup = asyncio.to_thread(self._privileges, tuple(principals), securable_type, securable)
         try:
             return await asyncio.wait_for(lookup, self._timeout)
         except TimeoutError:
             raise BackendUnavailable("grants", f"grant source unavailable: no answer in {self._timeout:g}s") from None
 
-    def _privileges(self, principals: tuple[str, ...], securable_type: str, securable: str) -> frozenset[str]:
+    def _privileges(self, principals: tuple[Principal, ...], securable_type: str, securable: str) -> frozenset[str]:
         from databricks.sdk.errors.base import DatabricksError
         from databricks.sdk.errors.platform import NotFound
 
         held: set[str] = set()
-        who = list(dict.fromkeys([*principals, ACCOUNT_USERS]))
         try:
+            confirmed = [p.name for p in dict.fromkeys(principals) if p.name != ACCOUNT_USERS and self._exists(p)]
+            who = list(dict.fromkeys([*confirmed, ACCOUNT_USERS]))
             for principal in who:
                 held |= self._effective(securable_type, securable, principal)
             if self._owner(securable_type, securable) in who:
@@ -91,6 +114,24 @@ class DatabricksGrants:
             page_token = page.next_page_token
             if not page_token:
                 return held
+
+    def _exists(self, principal: Principal) -> bool:
+        """The workspace has a principal of this kind with exactly this name (cached `kind_ttl` s)."""
+        now = time.monotonic()
+        with self._kinds_lock:
+            hit = self._kinds.get(principal)
+        if hit is not None and now - hit[0] < self._kind_ttl:
+            return hit[1]
+        api_name, attribute, field = _SCIM[principal.kind]
+        api = getattr(self._client, api_name)
+        # RFC 7644 §3.4.2.2: the value is a JSON string, so quotes and backslashes in a name stay inside it.
+        found = api.list(filter=f"{attribute} eq {json.dumps(principal.name)}", attributes=f"id,{attribute}", count=10)
+        exists = any(getattr(item, field, None) == principal.name for item in found)
+        with self._kinds_lock:
+            if len(self._kinds) > 50_000:
+                self._kinds.clear()
+            self._kinds[principal] = (now, exists)
+        return exists
 
     def _owner(self, securable_type: str, securable: str) -> str | None:
         from databricks.sdk.errors.platform import NotFound

@@ -19,6 +19,7 @@ from server.grants.source import (
     SECURABLE_TYPES,
     normalize_privilege,
 )
+from server.identity import PRINCIPAL_KINDS, Principal
 from server.sqlite import SqliteDatabase, transaction
 
 _SCHEMA = """
@@ -77,7 +78,11 @@ class LocalCatalog:
     - the owner of a securable holds all privileges on that securable only (not on its children);
     - a grant to a group applies to its members, through nested groups too; every principal is in
       the implicit group `account users`;
-    - reaching an object also needs USE CATALOG and USE SCHEMA (the caller asks for those).
+    - reaching an object also needs USE CATALOG and USE SCHEMA (the caller asks for those);
+    - principals are typed: each name is registered once, as a user, a service principal or a group,
+      and a caller's principal matches it only with that kind. Grants, memberships and ownership
+      name registered principals only (as in Unity Catalog, where granting to an unknown principal
+      fails); a name left from before registration was required holds nothing (`unregistered()`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -85,7 +90,7 @@ class LocalCatalog:
 
     # -- the request path ----------------------------------------------------------------------
 
-    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]:
+    async def privileges(self, principals: Sequence[Principal], securable_type: str, securable: str) -> frozenset[str]:
         try:
             return await self._db.run(lambda c: _effective(c, principals, securable))
         except sqlite3.Error as exc:
@@ -123,6 +128,7 @@ class LocalCatalog:
                     )
                 conn.execute("INSERT OR IGNORE INTO securables (name, type) VALUES (?, ?)", (name, securable_type))
                 if owner is not None:
+                    _check_principal(conn, owner, "an owner")
                     conn.execute("UPDATE securables SET owner = ? WHERE name = ?", (owner, name))
 
         self._db.run_sync(write)
@@ -130,20 +136,62 @@ class LocalCatalog:
     def set_owner(self, name: str, owner: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
+                _check_principal(conn, owner, "an owner")
                 if conn.execute("UPDATE securables SET owner = ? WHERE name = ?", (owner, name)).rowcount == 0:
                     raise ConfigError(f"no securable {name!r}")
 
         self._db.run_sync(write)
 
     def add_principal(self, name: str, kind: str) -> None:
-        if kind not in ("user", "group", "service_principal"):
+        """Register `name` as a principal of `kind`; registering it again with the same kind is harmless.
+        A name has one kind: re-typing one (a group made a user) is refused, since its grants and
+        memberships were made to the old kind."""
+        if kind not in PRINCIPAL_KINDS:
             raise ConfigError(f"principal kind must be user, group or service_principal, not {kind!r}")
-        self._db.run_sync(lambda c: c.execute("INSERT OR REPLACE INTO principals VALUES (?, ?)", (name, kind)))
+        if not name.strip() or name != name.strip():
+            raise ConfigError(f"principal name {name!r} is empty or has surrounding spaces")
+        if name == ACCOUNT_USERS:
+            raise ConfigError(f"{ACCOUNT_USERS!r} is the implicit group of every principal; it cannot be added")
+
+        def write(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                existing = _kind_of(conn, name)
+                if existing is not None and existing != kind:
+                    raise ConfigError(f"{name!r} is already a {_label(existing)}; a name has one kind")
+                conn.execute("INSERT OR IGNORE INTO principals VALUES (?, ?)", (name, kind))
+
+        self._db.run_sync(write)
+
+    def kind_of(self, name: str) -> str | None:
+        """The registered kind of `name` (`group` for `account users`), or None."""
+        return self._db.run_sync(lambda c: _kind_of(c, name))
+
+    def unregistered(self) -> list[str]:
+        """Names that grants, memberships or owners refer to but that are not registered principals
+        (from a catalog made before registration was required): they hold nothing until added."""
+        return self._db.run_sync(
+            lambda c: [
+                r[0]
+                for r in c.execute(
+                    """SELECT principal FROM grants UNION SELECT member FROM members UNION SELECT grp FROM members
+                       UNION SELECT owner FROM securables WHERE owner != '' EXCEPT SELECT name FROM principals
+                       EXCEPT SELECT ? ORDER BY 1""",
+                    (ACCOUNT_USERS,),
+                )
+            ]
+        )
 
     def add_member(self, member: str, group: str) -> None:
+        """Put the principal `member` (a user, service principal or group) in the group `group`."""
         if member == group:
             raise ConfigError("a group cannot be a member of itself")
-        self._db.run_sync(lambda c: c.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (member, group)))
+
+        def write(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                _check_member(conn, member, group)
+                conn.execute("INSERT OR IGNORE INTO members VALUES (?, ?)", (member, group))
+
+        self._db.run_sync(write)
 
     def remove_member(self, member: str, group: str) -> int:
         return self._db.run_sync(
@@ -162,6 +210,7 @@ class LocalCatalog:
             with transaction(conn):
                 for principal, privilege, securable in items:
                     _check_applicable(conn, privilege, securable)
+                    _check_principal(conn, principal, "a grantee", implicit=True)
                     conn.execute("INSERT OR IGNORE INTO grants VALUES (?, ?, ?)", (principal, privilege, securable))
 
         self._db.run_sync(write)
@@ -186,12 +235,12 @@ class LocalCatalog:
         rows = self._db.run_sync(lambda c: c.execute(sql + " ORDER BY 3, 1, 2", args).fetchall())
         return [Grant(*row) for row in rows]
 
-    def effective_detail(self, principals: Sequence[str], securable: str) -> list[Inherited]:
+    def effective_detail(self, principals: Sequence[Principal], securable: str) -> list[Inherited]:
         """Each privilege held on `securable` and the ancestor it is inherited from (None: granted
         directly or by ownership); `ALL PRIVILEGES` expanded. For `castellan grants show`."""
         return self._db.run_sync(lambda c: _detail(c, principals, securable))
 
-    def granted_detail(self, principals: Sequence[str], securable: str) -> list[Inherited]:
+    def granted_detail(self, principals: Sequence[Principal], securable: str) -> list[Inherited]:
         """Only what grants give (no ownership), as granted (`ALL PRIVILEGES` not expanded), with the
         ancestor each is inherited from: the shape of Unity Catalog's effective-permissions API."""
         return self._db.run_sync(lambda c: _detail(c, principals, securable, ownership=False, expand=False))
@@ -238,17 +287,23 @@ class LocalCatalog:
             with transaction(conn):
                 for table in ("grants", "members", "principals", "securables"):
                     conn.execute(f"DELETE FROM {table}")
+                for p in document.get("principals", []):
+                    if p["kind"] not in PRINCIPAL_KINDS or p["name"] == ACCOUNT_USERS:
+                        raise ConfigError(f"catalog document is not valid: principal {p!r}")
+                    conn.execute("INSERT INTO principals VALUES (?, ?)", (p["name"], p["kind"]))
                 for s in sorted(document.get("securables", []), key=lambda s: len(s["name"].split("."))):
+                    if s.get("owner"):
+                        _check_principal(conn, s["owner"], "an owner")
                     conn.execute(
                         "INSERT INTO securables VALUES (?, ?, ?)", (s["name"], s["type"].upper(), s.get("owner", ""))
                     )
-                for p in document.get("principals", []):
-                    conn.execute("INSERT INTO principals VALUES (?, ?)", (p["name"], p["kind"]))
                 for m in document.get("members", []):
+                    _check_member(conn, m["member"], m["group"])
                     conn.execute("INSERT INTO members VALUES (?, ?)", (m["member"], m["group"]))
                 for g in document.get("grants", []):
                     privilege = normalize_privilege(g["privilege"])
                     _check_applicable(conn, privilege, g["securable"])
+                    _check_principal(conn, g["principal"], "a grantee", implicit=True)
                     conn.execute("INSERT INTO grants VALUES (?, ?, ?)", (g["principal"], privilege, g["securable"]))
 
         try:
@@ -269,31 +324,71 @@ def _check_applicable(conn: sqlite3.Connection, privilege: str, securable: str) 
         raise ConfigError(f"{privilege} does not apply to {row[0]} {securable}")
 
 
-def _memberships(conn: sqlite3.Connection, principals: Sequence[str]) -> list[str]:
-    """The principals, every group they are in (transitively), and `account users`."""
-    names = [p for p in dict.fromkeys(principals) if p]
-    if not names:
-        return []
+def _label(kind: str | None) -> str:
+    return (kind or "unregistered name").replace("_", " ")
+
+
+def _kind_of(conn: sqlite3.Connection, name: str) -> str | None:
+    if name == ACCOUNT_USERS:
+        return "group"
+    row = conn.execute("SELECT kind FROM principals WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _check_principal(conn: sqlite3.Connection, name: str, role: str, *, implicit: bool = False) -> None:
+    """`name` is a registered principal (or, with `implicit`, `account users`): nothing is ever granted
+    to, owned by or a member of a name of unknown kind."""
+    if name == ACCOUNT_USERS and not implicit:
+        raise ConfigError(f"{ACCOUNT_USERS!r} (every principal) cannot be {role}")
+    if _kind_of(conn, name) is None:
+        raise ConfigError(
+            f"no principal {name!r} to be {role}: register it first with "
+            f"`castellan grants principal add {name} --kind user|service_principal|group`"
+        )
+
+
+def _check_member(conn: sqlite3.Connection, member: str, group: str) -> None:
+    _check_principal(conn, member, "a member")
+    kind = _kind_of(conn, group)
+    if group == ACCOUNT_USERS:
+        raise ConfigError(f"every principal is in {ACCOUNT_USERS!r} already")
+    if kind != "group":
+        what = f"a {_label(kind)}, not a group" if kind else "not a registered group"
+        raise ConfigError(
+            f"{group!r} is {what}: members go into groups (castellan grants principal add {group} --kind group)"
+        )
+
+
+def _memberships(conn: sqlite3.Connection, principals: Sequence[Principal]) -> list[str]:
+    """The catalog names the caller is: each of its principals registered with the same kind, every
+    group those are in (transitively), and `account users`. A name registered as another kind, or
+    not registered at all, is not the caller. Names are unique across kinds, so from here on a name
+    stands for one principal."""
+    typed = [[p.kind, p.name] for p in dict.fromkeys(principals) if p.name]
     rows = conn.execute(
         """WITH RECURSIVE closure(name) AS (
-              SELECT value FROM json_each(?)
+              SELECT p.name FROM principals p JOIN json_each(?) j
+                ON p.kind = json_extract(j.value, '$[0]') AND p.name = json_extract(j.value, '$[1]')
               UNION SELECT m.grp FROM members m JOIN closure c ON m.member = c.name
             ) SELECT name FROM closure""",
-        (json.dumps(names),),
+        (json.dumps(typed),),
     ).fetchall()
-    return list(dict.fromkeys([*names, *(r[0] for r in rows), ACCOUNT_USERS]))
+    return list(dict.fromkeys([*(r[0] for r in rows), ACCOUNT_USERS]))
 
 
-def _effective(conn: sqlite3.Connection, principals: Sequence[str], securable: str) -> frozenset[str]:
+def _effective(conn: sqlite3.Connection, principals: Sequence[Principal], securable: str) -> frozenset[str]:
     return frozenset(d.privilege for d in _detail(conn, principals, securable))
 
 
 def _detail(
-    conn: sqlite3.Connection, principals: Sequence[str], securable: str, *, ownership: bool = True, expand: bool = True
+    conn: sqlite3.Connection,
+    principals: Sequence[Principal],
+    securable: str,
+    *,
+    ownership: bool = True,
+    expand: bool = True,
 ) -> list[Inherited]:
     who = _memberships(conn, principals)
-    if not who:
-        return []
     chain = ancestors(securable)
     types = dict(
         conn.execute(

@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.identity import ACCOUNT_USERS as ACCOUNT_USERS
+from server.identity import Principal
+
 ALL_PRIVILEGES = "ALL PRIVILEGES"
-ACCOUNT_USERS = "account users"
 SECURABLE_TYPES = ("CATALOG", "SCHEMA", "FUNCTION", "TABLE")
 
 # Which privileges apply to which securable type (a subset of Unity Catalog's reference: the ones a
@@ -93,12 +95,19 @@ def holds(requirement: Requirement, privileges: frozenset[str]) -> bool:
 class GrantSource(Protocol):
     """Effective privileges: what any of `principals` holds on the securable, counting privileges
     inherited from its parents, group membership (nested groups included) and ownership (all
-    privileges on the owned object itself). `ALL PRIVILEGES` comes back expanded.
+    privileges on the owned object itself). `ALL PRIVILEGES` comes back expanded. Every caller is
+    also in `account users`.
+
+    Principals are typed: a principal counts only as the kind it is given with, so a service
+    principal or user named like a group gets nothing of that group's, and a group named like a
+    user nothing of that user's. A principal the source does not know with that kind holds nothing.
 
     Raises `BackendUnavailable` when it cannot answer; never guesses.
     """
 
-    async def privileges(self, principals: Sequence[str], securable_type: str, securable: str) -> frozenset[str]: ...
+    async def privileges(
+        self, principals: Sequence[Principal], securable_type: str, securable: str
+    ) -> frozenset[str]: ...
 
     async def check(self) -> None: ...
 

@@ -9,6 +9,14 @@ backed by a `LocalCatalog` holding the test's grants. Paths and shapes come from
 and `inherited_from_name`), `FunctionInfo` / `TableInfo` / `SchemaInfo` / `CatalogInfo` (`owner`), and
 the SDK's error mapping (`{"error_code": "NOT_FOUND", "message": ...}` with HTTP 404).
 
+Principals, from the SCIM 2.0 API of the workspace (`GET /api/2.0/preview/scim/v2/Users`,
+`/ServicePrincipals`, `/Groups` with `filter`, `attributes`, `startIndex`, `count`; a SCIM `ListResponse`
+with `Resources`, `totalResults`, `startIndex`, `itemsPerPage`, as databricks-sdk 0.156's `UsersAPI.list`
+and friends page through it until an empty page): users by `userName`, service principals by
+`applicationId`, groups by `displayName`, from the catalog's registered principals. Only the simple
+filter `attribute eq "value"` (the value a JSON string, RFC 7644 §3.4.2.2) is understood. As in Unity
+Catalog, the grant endpoints take a principal as a bare name, resolved to whichever principal has it.
+
 Behaviour it assumes of Unity Catalog: effective permissions include privileges inherited from parent
 securables and from the principal's group memberships, and do not include ownership (the client
 reads `owner` itself). With `max_results=0` the first page is empty with a `next_page_token`, which
@@ -26,6 +34,7 @@ bodies, answering a `StatementResponse` (`status.state`, `manifest.schema.column
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -35,10 +44,17 @@ from typing import Any
 from aiohttp import web
 
 from server.grants.local import LocalCatalog
+from server.identity import Principal
 from tests.fakes.loopback import serve_app
 
 TOKEN = "dapi-castellan-test"
 _PLURAL = {"catalogs": "CATALOG", "schemas": "SCHEMA", "functions": "FUNCTION", "tables": "TABLE"}
+_SCIM = {
+    "Users": ("user", "userName"),
+    "ServicePrincipals": ("service_principal", "applicationId"),
+    "Groups": ("group", "displayName"),
+}
+_FILTER = re.compile(r'^(\w+) eq ("(?:[^"\\]|\\.)*")$')
 
 
 @dataclass
@@ -84,7 +100,8 @@ class FakeWorkspace:
         principal = request.query.get("principal")
         if request.query.get("max_results") == "0" and "page_token" not in request.query:
             return web.json_response({"privilege_assignments": [], "next_page_token": "page-2"})
-        principals = [principal] if principal else []
+        kind = self.catalog.kind_of(principal) if principal else None  # a bare name, as Unity Catalog takes it
+        principals = [Principal(kind, principal)] if principal and kind else []  # type: ignore[arg-type]
         privileges = [
             {
                 "privilege": d.privilege.replace(" ", "_"),
@@ -156,6 +173,31 @@ class FakeWorkspace:
             }
         )  # fmt: skip
 
+    async def scim_list(self, request: web.Request) -> web.Response:
+        if (refused := self._guard(request)) is not None:
+            return refused
+        kind, attribute = _SCIM[request.match_info["resource"]]
+        names = [p["name"] for p in self.catalog.export()["principals"] if p["kind"] == kind]
+        if "filter" in request.query:
+            match = _FILTER.match(request.query["filter"])
+            if match is None or match.group(1) != attribute:
+                return self._error(400, "INVALID_PARAMETER_VALUE", f"unsupported filter {request.query['filter']!r}")
+            value = json.loads(match.group(2))
+            names = [n for n in names if n == value]
+        start = int(request.query.get("startIndex", "1"))
+        count = int(request.query.get("count", "10000"))
+        page = names[start - 1 : start - 1 + count]
+        resources = [{"id": f"{kind}-{i + start}", attribute: name, "displayName": name} for i, name in enumerate(page)]
+        return web.json_response(
+            {
+                "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],
+                "totalResults": len(names),
+                "startIndex": start,
+                "itemsPerPage": len(resources),
+                "Resources": resources,
+            }
+        )
+
     async def list_catalogs(self, request: web.Request) -> web.Response:
         if (refused := self._guard(request)) is not None:
             return refused
@@ -177,5 +219,6 @@ async def serve(catalog: LocalCatalog) -> AsyncIterator[tuple[FakeWorkspace, str
     app.router.add_get("/api/2.1/unity-catalog/catalogs", workspace.list_catalogs)
     app.router.add_get("/api/2.1/unity-catalog/{kind:catalogs|schemas|functions|tables}/{name}", workspace.info)
     app.router.add_post("/api/2.0/sql/statements", workspace.statement)
+    app.router.add_get("/api/2.0/preview/scim/v2/{resource:Users|ServicePrincipals|Groups}", workspace.scim_list)
     async with serve_app(app) as url:
         yield workspace, url

@@ -46,8 +46,9 @@ async def test_sql_reads_what_the_grants_allow_and_refuses_anything_else(gateway
     assert denied["reasons"] == ["missing privilege SELECT on main.sales.customers"]
 
     done = run_cli(
-        gateway, "grants", "grant", "SELECT", "ON", "TABLE", "main.sales.customers", "TO", "account-managers"
-    )
+        gateway, "grants", "grant", "--kind", "group", "SELECT", "ON", "TABLE", "main.sales.customers", "TO",
+        "account-managers",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     await invalidate_grants(gateway)
     joined = await raw_call(gateway, token, "sql.query", {"query": JOIN})

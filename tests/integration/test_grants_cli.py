@@ -61,6 +61,7 @@ async def test_an_admin_can_invalidate_the_grants_cache_at_once(tmp_path: Path) 
 
     env = {"CASTELLAN_GRANTS__CACHE_TTL_SECONDS": "3600"}
     with run_gateway(tmp_path / "gw", env) as gw:
+        grants_cli(gw, "principal", "add", "bot-8", "--kind", "service_principal")
         grants_cli(gw, "grant", "USE", "CATALOG", "ON", "CATALOG", "main", "TO", "bot-8")
         grants_cli(gw, "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "bot-8")
         token = gw.token("bot-8")
@@ -78,3 +79,44 @@ async def test_an_admin_can_invalidate_the_grants_cache_at_once(tmp_path: Path) 
                 assert resp.status == 401
         body = deny_body(await raw_call(gw, token, "echo", {"text": "after invalidate"}))
         assert body["reasons"] == ["missing privilege EXECUTE on main.tools.echo"]
+
+
+async def test_an_agent_or_subject_named_like_a_group_gets_none_of_its_grants(tmp_path: Path) -> None:
+    """The demo group `admins` holds ALL PRIVILEGES on `main`. A token whose agent id, or whose subject,
+    is `admins` is a service principal or a user called that, not the group: it is refused; a token
+    that names the group in its `groups` claim is let in."""
+    with run_gateway(tmp_path / "gw") as gw:
+        for token in (gw.token("admins"), gw.token("bot-3", subject="admins")):
+            body = deny_body(await raw_call(gw, token, "echo", {"text": "as admins?"}))
+            assert body["stage"] == "grants"
+            assert body["reasons"] == [
+                "missing privilege USE CATALOG on main",
+                "missing privilege USE SCHEMA on main.tools",
+                "missing privilege EXECUTE on main.tools.echo",
+            ]
+        member = await raw_call(gw, gw.token("bot-3", ["admins"]), "echo", {"text": "as a member"})
+        assert member["isError"] is False
+        # The admin CLI types principals the same way: what each kind called `admins` holds.
+        as_group = grants_cli(gw, "show", "--principal", "admins", "--securable", "main.tools.echo", "--effective")
+        assert "EXECUTE\tmain.tools.echo" in as_group
+        as_agent = grants_cli(
+            gw, "show", "--principal", "admins", "--kind", "service_principal", "--securable", "main.tools.echo",
+            "--effective",
+        )  # fmt: skip
+        assert "EXECUTE" not in as_agent
+        listed = grants_cli(gw, "principal", "list")
+        assert "admins\tgroup" in listed.splitlines()
+
+
+def test_a_grant_to_an_unknown_principal_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with run_gateway(tmp_path / "gw") as gw:
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "grants", "grant", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "ghost"],
+            env=gw.env(), capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "no principal 'ghost'" in done.stderr
+        assert "castellan grants principal add ghost --kind" in done.stderr
+        out = grants_cli(gw, "grant", "--kind", "group", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "ghost")
+        assert out.strip() == "GRANT EXECUTE ON SCHEMA main.tools TO ghost"
+        assert "ghost\tgroup" in grants_cli(gw, "principal", "list").splitlines()

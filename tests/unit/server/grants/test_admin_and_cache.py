@@ -10,6 +10,7 @@ from server.errors import BackendUnavailable, ConfigError
 from server.grants import admin
 from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
+from server.identity import service_principal
 from tests.fakes import databricks_uc
 
 pytestmark = pytest.mark.anyio
@@ -38,6 +39,8 @@ def test_malformed_statements_say_what_is_expected(words: str) -> None:
 
 def test_export_then_import_reproduces_the_catalog(tmp_path: Path) -> None:
     first = LocalCatalog(tmp_path / "a.db")
+    first.add_principal("alice", "user")
+    first.add_principal("bot", "service_principal")
     first.add_securable("FUNCTION", "main.tools.x", owner="alice")
     first.add_principal("analysts", "group")
     first.add_member("bot", "analysts")
@@ -52,6 +55,7 @@ def test_export_then_import_reproduces_the_catalog(tmp_path: Path) -> None:
 def test_an_invalid_import_changes_nothing(tmp_path: Path) -> None:
     catalog = LocalCatalog(tmp_path / "a.db")
     catalog.add_securable("FUNCTION", "main.tools.x")
+    catalog.add_principal("analysts", "group")
     catalog.grant("EXECUTE", "main.tools.x", "analysts")
     before = catalog.export()
     bad = {
@@ -144,6 +148,6 @@ async def test_databricks_errors_fail_closed(tmp_path: Path, failure: str) -> No
         workspace.down = failure == "down"
         grants = DatabricksGrants(client, timeout=5)
         with pytest.raises(BackendUnavailable, match="grant source unavailable"):
-            await grants.privileges(["bot"], "FUNCTION", "main.tools.x")
+            await grants.privileges([service_principal("bot")], "FUNCTION", "main.tools.x")
         with pytest.raises(BackendUnavailable):
             await grants.check()

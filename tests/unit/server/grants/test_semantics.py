@@ -3,7 +3,9 @@ and for Databricks (through databricks-sdk against a fake that speaks the real R
 
 Each case names who calls (principals: agent, subject, token groups), what they reach (a function
 call or table reads), extra changes to the base catalog (grant, revoke, membership, owner), and the
-exact privileges reported missing (empty: allowed)."""
+exact privileges reported missing (empty: allowed). Each name the caller gives takes the kind the
+catalog registers it with (`identity_for`), as a token would carry it: a user as the subject, a
+service principal as the agent, a group in `groups`."""
 
 from __future__ import annotations
 
@@ -26,7 +28,32 @@ pytestmark = pytest.mark.anyio
 
 def base_catalog(catalog: LocalCatalog) -> None:
     """main (owner platform-admins): tools (owner tools-owner: echo owned by alice, sql) and sales
-    (owner sales-lead: orders, customers); hr (owner hr-admins): people (salaries, lookup)."""
+    (owner sales-lead: orders, customers); hr (owner hr-admins): people (salaries, lookup). Every
+    principal the cases name is registered with its kind (Unity Catalog grants only to principals
+    that exist)."""
+    for name, kind in [
+        ("alice", "user"),
+        ("bob", "user"),
+        ("carol", "user"),
+        ("dave", "user"),
+        ("erin", "user"),
+        ("nina", "user"),
+        ("tools-owner", "user"),
+        ("sales-lead", "user"),
+        ("analysts", "group"),
+        ("data-users", "group"),
+        ("sales", "group"),
+        ("hr-team", "group"),
+        ("platform-admins", "group"),
+        ("hr-admins", "group"),
+        ("g1", "group"),
+        ("g2", "group"),
+        ("g3", "group"),
+        ("bot-1", "service_principal"),
+        ("bot-2", "service_principal"),
+        ("zed", "service_principal"),
+    ]:
+        catalog.add_principal(name, kind)
     for kind, name, owner in [
         ("CATALOG", "main", "platform-admins"),
         ("SCHEMA", "main.tools", "tools-owner"),
@@ -41,20 +68,6 @@ def base_catalog(catalog: LocalCatalog) -> None:
         ("FUNCTION", "hr.people.lookup", None),
     ]:
         catalog.add_securable(kind, name, owner)
-    for name, kind in [
-        ("alice", "user"),
-        ("bob", "user"),
-        ("carol", "user"),
-        ("dave", "user"),
-        ("erin", "user"),
-        ("analysts", "group"),
-        ("data-users", "group"),
-        ("sales", "group"),
-        ("hr-team", "group"),
-        ("bot-1", "service_principal"),
-        ("bot-2", "service_principal"),
-    ]:
-        catalog.add_principal(name, kind)
     for member, group in [("analysts", "data-users"), ("bot-1", "analysts"), ("carol", "sales")]:
         catalog.add_member(member, group)
     catalog.grant_many(
@@ -357,10 +370,27 @@ def apply(catalog: LocalCatalog, ops: Sequence[tuple[str, ...]]) -> None:
             raise AssertionError(op)
 
 
-async def missing(source: GrantSource, case: Case) -> list[str]:
+def identity_for(catalog: LocalCatalog, who: Sequence[str]) -> Identity:
+    """The identity a token for `who` gives: each name as the kind the catalog has it (unregistered
+    names as the agent, a service principal). A user is the subject; with no service principal named,
+    the agent is an unregistered client acting for that user."""
+    kinds = {name: catalog.kind_of(name) or "service_principal" for name in who}
+    agents = [n for n in who if kinds[n] == "service_principal"]
+    users = [n for n in who if kinds[n] == "user"]
+    agent = agents[0] if agents else f"client-of-{users[0] if users else 'nobody'}"
+    return Identity(
+        agent_id=agent,
+        subject=users[0] if users else agent,
+        issuer="t",
+        groups=tuple(n for n in who if kinds[n] == "group"),
+        subject_kind="user" if users else "service_principal",
+    )
+
+
+async def missing(source: GrantSource, case: Case, catalog: LocalCatalog) -> list[str]:
     """What the grants stage checks: each requirement against the effective privileges of the
     identity's principals (agent, subject, token groups), through the cache."""
-    identity = Identity(agent_id=case.who[0], subject=case.who[0], issuer="t", groups=tuple(case.who[1:]))
+    identity = identity_for(catalog, case.who)
     needed = function_requirements(case.function) if case.function else table_requirements(case.tables)
     cache = CachedGrants(source, ttl=0)
     held = [await cache.privileges(identity.principals, r.securable_type, r.securable) for r in needed]
@@ -393,7 +423,7 @@ def test_the_table_has_at_least_40_cases() -> None:
 async def test_unity_catalog_semantics(source_for: Any, case: Case) -> None:
     catalog, source = source_for
     apply(catalog, case.ops)
-    assert await missing(source, case) == list(case.missing)
+    assert await missing(source, case, catalog) == list(case.missing)
 
 
 async def test_the_stage_adds_what_the_tool_derives_from_its_arguments(tmp_path: Path) -> None:
