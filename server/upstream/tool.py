@@ -34,11 +34,23 @@ def _dump(value: Any) -> Any:
 
 
 class UpstreamTool:
-    def __init__(self, connection: UpstreamConnection, definition: dict[str, Any], status: Status) -> None:
+    """Blocked (hidden from tools/list, denied on tools/call with the reason) while its pin is
+    quarantined or its definition is refused (`refused`: an input schema that cannot be validated
+    safely). Raises `ConfigError` for a name or securable the gateway cannot serve."""
+
+    def __init__(
+        self,
+        connection: UpstreamConnection,
+        definition: dict[str, Any],
+        status: Status = "quarantined",
+        refused: str | None = None,
+    ) -> None:
         settings = connection.settings
         self._connection = connection
         self.upstream_name = definition["name"]
+        self.definition = definition
         self.status = status
+        self.refused = refused
         local = re.sub(r"[^A-Za-z0-9_]", "_", self.upstream_name)
         annotations = dict(definition.get("annotations") or {})
         for key in ("title",):
@@ -55,6 +67,8 @@ class UpstreamTool:
         )
 
     def blocked_reason(self) -> str | None:
+        if self.refused:
+            return f"upstream tool {self.spec.name} is refused: {self.refused}"
         if self.status == "quarantined":
             return (
                 f"upstream tool {self.spec.name} is quarantined: its definition changed (or was never approved); "
