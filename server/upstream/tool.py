@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from server.content import as_text, block_parts
 from server.registry import ToolOutput, ToolSpec
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import Status
@@ -80,7 +81,7 @@ class UpstreamTool:
         result = await self._connection.call_tool(self.upstream_name, dict(arguments))
         blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
-        text = "\n".join(_as_text(b) for b in blocks)
+        text = as_text(tuple(block_parts(blocks)))
         if not text and structured is not None:
             text = json.dumps(structured)
         is_error = bool(getattr(result, "isError", None) or getattr(result, "is_error", False))
@@ -91,18 +92,3 @@ class UpstreamTool:
             is_error=is_error,
             content=tuple(blocks) if rich else (),
         )
-
-
-def _as_text(block: dict[str, Any]) -> str:
-    """A content block as text (for metering, audit and policy): text as it is, binary as a note."""
-    kind = block.get("type")
-    if kind == "text":
-        return str(block.get("text", ""))
-    if kind in ("image", "audio"):
-        return f"[{kind} {block.get('mimeType', '?')}, {len(str(block.get('data', ''))) * 3 // 4} bytes]"
-    if kind == "resource":
-        resource = block.get("resource") or {}
-        return str(resource.get("text") or f"[resource {resource.get('uri', '?')}]")
-    if kind == "resource_link":
-        return f"[resource link {block.get('uri', '?')}]"
-    return f"[{kind} content]"
