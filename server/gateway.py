@@ -46,6 +46,7 @@ from server.resolve import ResolveStage
 from server.settings import Settings
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
+from server.validate import ValidateStage
 
 log = structlog.get_logger("castellan")
 
@@ -225,6 +226,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             authenticate,
             resolve,
             AdmitStage(meter, settings.metering, counter),
+            GrantsStage(grants, function_only=True),  # cheap refusals before argument validation
+            ValidateStage(registry, settings.tools.max_validation_steps),
             grants_stage,
             policy,
             RecordStage(outbox, redactor),

@@ -272,6 +272,9 @@ class ToolSettings(BaseModel):
     """The SQL warehouse that runs them (statement execution API)."""
     upstream_refresh_seconds: float = Field(default=30.0, gt=0)
     """How often upstream tool lists are re-read (changed definitions are quarantined then)."""
+    max_validation_steps: int = Field(default=100_000, ge=1_000)
+    """Keyword evaluations one call's argument validation may take (about 0.3 s of a worker thread);
+    a call that needs more is refused. See docs/tools.md."""
 
 
 class AuditSettings(BaseModel):

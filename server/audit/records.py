@@ -6,7 +6,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from server.audit.injection import scan
+from server import content
+from server.audit.injection import scan_output
 from server.audit.redaction import Redactor
 from server.call import Call
 
@@ -57,18 +58,21 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
     """What came back: written after the tool ran and obligations applied; the preview stored redacted."""
     output = call.output
     redact = _redactor_for(call, redactor or Redactor())
+    found = content.parts(output) if output else ()  # every kind of content, not only the text
+    preview = "\n".join(_redacted_text(p.describe(), redact) for p in found)[: RESULT_PREVIEW_CHARS * 2]
     return {
         "call_id": call.call_id,
         "is_error": output.is_error if output else call.error is not None,
         "error": "; ".join(call.error.reasons) if call.error else None,
-        "result_preview": redact.apply(_redacted_text(output.text, redact))[:RESULT_PREVIEW_CHARS] if output else None,
-        "result_chars": len(output.text) if output else 0,
+        "result_preview": redact.apply(preview)[:RESULT_PREVIEW_CHARS] if output else None,
+        "result_chars": content.total_chars(found),
+        "content": content.summary(found) if output else None,
         "tokens_in": call.tokens_in,
         "tokens_out": call.tokens_out,
         "latency_ms": round((finished_at - call.started_at) * 1000, 3),
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
         # Passed to the agent unchanged; flagged here for auditors.
-        "flags": ["prompt_injection"] if (markers := scan(output.text) if output else []) else [],
+        "flags": ["prompt_injection"] if (markers := scan_output(output) if output else []) else [],
         "injection_markers": markers,
     }
 

@@ -29,13 +29,19 @@ class GrantsStage:
 
     name = "grants"
 
-    def __init__(self, grants: CachedGrants) -> None:
+    def __init__(self, grants: CachedGrants, *, function_only: bool = False) -> None:
         self._grants = grants
+        self._function_only = function_only
+        """Only the tool's function privileges: checked before the arguments are validated (cheap
+        refusals first); what the tool derives from the arguments needs them valid."""
 
     async def run(self, call: Call) -> Call:
         assert call.identity is not None
         principals = call.identity.principals
-        needed = requirements(call)
+        assert call.tool is not None
+        needed = function_requirements(call.tool.spec.securable) if self._function_only else requirements(call)
+        checked = call.grants.has if call.grants else ()  # by the function-only pass
+        needed = tuple(r for r in needed if str(r) not in checked)
         held = await asyncio.gather(
             *(self._grants.privileges(principals, r.securable_type, r.securable) for r in needed)
         )
@@ -43,4 +49,4 @@ class GrantsStage:
         missing = [str(r) for r, privs in zip(needed, held, strict=True) if not holds(r, privs)]
         if missing:
             raise Denied(self.name, *(f"missing privilege {m}" for m in missing))
-        return replace(call, grants=GrantCheck(has=tuple(has), missing=()))
+        return replace(call, grants=GrantCheck(has=(*checked, *has), missing=()))

@@ -70,7 +70,7 @@ class ChargeStage:
     async def run(self, call: Call) -> Call:
         assert call.identity is not None
         output = call.output
-        tokens_out = self._counter.count(output.text) if output else 0
+        tokens_out = self._counter.count_output(output) if output else 0
         budget = call.budget
         if budget is not None and budget.reserved_tokens and output is not None:
             room = max(0, budget.reserved_tokens - call.tokens_in)

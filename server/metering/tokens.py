@@ -8,7 +8,9 @@ from typing import Any
 import structlog
 import tiktoken
 
+from server import content
 from server.errors import ConfigError
+from server.registry import ToolOutput
 
 log = structlog.get_logger("castellan.metering")
 
@@ -38,6 +40,12 @@ class TokenCounter:
     def count(self, value: Any) -> int:
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
         return len(self._encoding.encode(text, disallowed_special=()))
+
+    def count_output(self, output: ToolOutput) -> int:
+        """A tool result's tokens, every kind of content (`server.content`): its texts tokenised,
+        binary payloads and blocks' other members by size."""
+        found = content.parts(output)
+        return sum(self.count(p.text) for p in found if p.text) + content.size_tokens(found)
 
     def truncate(self, text: str, max_tokens: int) -> str:
         tokens = self._encoding.encode(text, disallowed_special=())

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from server import content
 from server.call import Call
 from server.registry import ToolOutput
 
@@ -42,15 +43,26 @@ class ObligationsStage:
         elif fields:
             output = replace(output, text=_redact_text(output.text, fields), content=())
         limit = obligations.get("max_result_chars")
-        if limit is not None and len(output.text) > int(limit):
-            # A truncated result cannot be valid structured content any more: keep the text only.
-            cut = int(limit)
-            output = ToolOutput(
-                text=output.text[:cut] + f"\n[truncated by policy at {cut} characters]",
-                structured=None,
-                is_error=output.is_error,
-            )
+        if limit is not None:
+            output = _capped(output, int(limit))
         return replace(call, output=output)
+
+
+def _capped(output: ToolOutput, cut: int) -> ToolOutput:
+    """`output` if all of its content (`server.content`: text, structured content, binary payloads as
+    their base64, blocks' other members) fits in `cut` characters; else its text, cut there, with
+    binary parts as notes of what they were. A truncated result cannot be valid structured content
+    or carry its blocks any more: the text only, saying so."""
+    found = content.parts(output)
+    size = content.total_chars(found)
+    if size <= cut:
+        return output
+    text = content.as_text(found)
+    dropped = [p.kind for p in found if p.binary]
+    why = f" (the result had {size:,}; {', '.join(dropped)} content dropped)" if dropped else ""
+    return ToolOutput(
+        text=text[:cut] + f"\n[truncated by policy at {cut} characters{why}]", structured=None, is_error=output.is_error
+    )
 
 
 def _redact_text(text: str, fields: frozenset[str]) -> str:

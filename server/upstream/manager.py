@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from server.registry import Tool, ToolRegistry
 from server.settings import UpstreamSettings
+from server.tool_schema import SchemaRefused, compile_arguments
 from server.upstream.connection import UpstreamConnection
-from server.upstream.pins import PinStore
+from server.upstream.pins import PinStore, Refusal
 from server.upstream.tool import UpstreamTool, definition_of
 
 log = structlog.get_logger("castellan.upstream")
@@ -50,31 +52,58 @@ class UpstreamManager:
             except Exception as exc:
                 log.warning("upstream_list_failed", upstream=connection.name, error=str(exc)[:300])
                 continue
-            served: set[str] = set()
-            for upstream_tool in listed:
-                definition = definition_of(upstream_tool)
-                status = self.pins.observe(
-                    f"{connection.settings.tool_prefix}{upstream_tool.name}",
-                    connection.name,
-                    definition,
-                    trust_first=connection.settings.pin == "first-use",
+            self._serve(connection, listed)
+
+    def _serve(self, connection: UpstreamConnection, listed: list[Any]) -> None:
+        """Serves what `connection` lists now. Refused, each with its reason (logged once, recorded for
+        `castellan tools list`): a tool whose name or securable collides with a built-in tool or one
+        registered earlier (which keeps serving), and one the gateway cannot name. A tool whose input
+        schema cannot be validated safely is served blocked. Collisions are checked before the pin is
+        touched, so a colliding definition never becomes the one pinned under that name."""
+        batch: list[UpstreamTool] = []
+        refusals: list[Refusal] = []
+        for upstream_tool in listed:
+            definition = definition_of(upstream_tool)
+            name = f"{connection.settings.tool_prefix}{upstream_tool.name}"
+            try:
+                tool = UpstreamTool(connection, definition)
+            except Exception as exc:  # a name or securable we cannot serve
+                refusals.append(
+                    Refusal(name, connection.name, str(upstream_tool.name), "name", str(exc)[:300], definition)
                 )
-                try:
-                    tool = UpstreamTool(connection, definition, status)
-                except Exception as exc:  # a name or schema we cannot serve
-                    log.warning("upstream_tool_skipped", upstream=connection.name, tool=upstream_tool.name,
-                                error=str(exc)[:200])  # fmt: skip
-                    continue
-                previous = self._registry.get(tool.spec.name)
-                if status == "quarantined" and (previous is None or getattr(previous, "status", "") != status):
-                    log.warning("upstream_tool_quarantined", tool=tool.spec.name, upstream=connection.name)
-                if previous is None and self._on_new_tool is not None:
-                    self._on_new_tool(tool)  # e.g. create its function in the local catalog
-                self._registry.put(tool)
-                served.add(tool.spec.name)
-            for stale in [t for t in self._registry if t.spec.upstream == connection.name]:
-                if stale.spec.name not in served:
-                    self._registry.remove(stale.spec.name)
+                continue
+            clash = self._registry.collision(tool.spec, [t.spec for t in batch])
+            if clash:
+                refusals.append(
+                    Refusal(tool.spec.name, connection.name, tool.upstream_name, "collision", clash, definition)
+                )
+                continue
+            try:
+                compile_arguments(tool.spec.input_schema)
+            except SchemaRefused as exc:
+                tool.refused = f"its input schema cannot be validated safely: {exc.reason}"
+                refusals.append(
+                    Refusal(tool.spec.name, connection.name, tool.upstream_name, "schema", tool.refused, definition)
+                )
+            else:
+                tool.status = self.pins.observe(
+                    tool.spec.name, connection.name, definition, trust_first=connection.settings.pin == "first-use"
+                )
+            previous = self._registry.get(tool.spec.name)
+            if tool.status == "quarantined" and not tool.refused and getattr(previous, "status", "") != "quarantined":
+                log.warning("upstream_tool_quarantined", tool=tool.spec.name, upstream=connection.name)
+            if previous is None and self._on_new_tool is not None:
+                self._on_new_tool(tool)  # e.g. create its function in the local catalog
+            batch.append(tool)
+        self._registry.sync(connection.name, batch)
+        for refusal in self.pins.record_refusals(connection.name, refusals):
+            log.warning(
+                "upstream_tool_refused",
+                tool=refusal.tool,
+                upstream=connection.name,
+                kind=refusal.kind,
+                reason=refusal.reason,
+            )
 
     async def close(self) -> None:
         if self._task is not None:

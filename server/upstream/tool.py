@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from server.content import as_text, block_parts
 from server.registry import ToolOutput, ToolSpec
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import Status
@@ -34,11 +35,23 @@ def _dump(value: Any) -> Any:
 
 
 class UpstreamTool:
-    def __init__(self, connection: UpstreamConnection, definition: dict[str, Any], status: Status) -> None:
+    """Blocked (hidden from tools/list, denied on tools/call with the reason) while its pin is
+    quarantined or its definition is refused (`refused`: an input schema that cannot be validated
+    safely). Raises `ConfigError` for a name or securable the gateway cannot serve."""
+
+    def __init__(
+        self,
+        connection: UpstreamConnection,
+        definition: dict[str, Any],
+        status: Status = "quarantined",
+        refused: str | None = None,
+    ) -> None:
         settings = connection.settings
         self._connection = connection
         self.upstream_name = definition["name"]
+        self.definition = definition
         self.status = status
+        self.refused = refused
         local = re.sub(r"[^A-Za-z0-9_]", "_", self.upstream_name)
         annotations = dict(definition.get("annotations") or {})
         for key in ("title",):
@@ -55,6 +68,8 @@ class UpstreamTool:
         )
 
     def blocked_reason(self) -> str | None:
+        if self.refused:
+            return f"upstream tool {self.spec.name} is refused: {self.refused}"
         if self.status == "quarantined":
             return (
                 f"upstream tool {self.spec.name} is quarantined: its definition changed (or was never approved); "
@@ -66,7 +81,7 @@ class UpstreamTool:
         result = await self._connection.call_tool(self.upstream_name, dict(arguments))
         blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
-        text = "\n".join(_as_text(b) for b in blocks)
+        text = as_text(tuple(block_parts(blocks)))
         if not text and structured is not None:
             text = json.dumps(structured)
         is_error = bool(getattr(result, "isError", None) or getattr(result, "is_error", False))
@@ -77,18 +92,3 @@ class UpstreamTool:
             is_error=is_error,
             content=tuple(blocks) if rich else (),
         )
-
-
-def _as_text(block: dict[str, Any]) -> str:
-    """A content block as text (for metering, audit and policy): text as it is, binary as a note."""
-    kind = block.get("type")
-    if kind == "text":
-        return str(block.get("text", ""))
-    if kind in ("image", "audio"):
-        return f"[{kind} {block.get('mimeType', '?')}, {len(str(block.get('data', ''))) * 3 // 4} bytes]"
-    if kind == "resource":
-        resource = block.get("resource") or {}
-        return str(resource.get("text") or f"[resource {resource.get('uri', '?')}]")
-    if kind == "resource_link":
-        return f"[resource link {block.get('uri', '?')}]"
-    return f"[{kind} content]"

@@ -11,6 +11,7 @@ from server.invoke import InvokeStage
 from server.registry import ToolOutput, ToolRegistry
 from server.resolve import ResolveStage
 from server.testing import FakeTool, make_call
+from server.validate import ValidateStage
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +28,9 @@ async def test_an_unknown_tool_is_denied() -> None:
 
 
 async def test_arguments_that_break_the_schema_stop_the_call_with_the_path() -> None:
+    tool = FakeTool()
     with pytest.raises(InvalidArguments, match="q: 5 is not of type 'string'"):
-        await ResolveStage(ToolRegistry([FakeTool()])).run(make_call(tool=None, arguments={"q": 5}))
+        await ValidateStage(ToolRegistry([tool])).run(make_call(tool=tool, arguments={"q": 5}))
 
 
 async def test_a_tool_that_raises_gives_an_error_result_not_a_crash() -> None:
@@ -50,5 +52,6 @@ async def test_a_tool_that_hangs_times_out_as_an_error_result() -> None:
 
 @pytest.mark.parametrize("number", [float("nan"), float("inf"), 2**53, -(2**63)])
 async def test_numbers_outside_i_json_are_refused(number: float) -> None:
+    tool = FakeTool()
     with pytest.raises(InvalidArguments, match=r"I-JSON, RFC 7493"):
-        await ResolveStage(ToolRegistry([FakeTool()])).run(make_call(tool=None, arguments={"q": [{"n": number}]}))
+        await ValidateStage(ToolRegistry([tool])).run(make_call(tool=tool, arguments={"q": [{"n": number}]}))
