@@ -35,7 +35,7 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[GatewayProcess, openai_ap
             "CASTELLAN_METERING__AGENTS": json.dumps({"thrifty-bot": {"tokens_per_day": 100}}),
             "CASTELLAN_LLM__MODELS": MODELS,
         }
-        with run_gateway(tmp_path / "gw", env) as gw:
+        with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
             yield gw, fake
 
 
@@ -142,7 +142,7 @@ async def test_bad_requests_are_clear_errors(setup: tuple[GatewayProcess, openai
 
 async def test_an_unreachable_upstream_is_a_502_and_charges_nothing(tmp_path: Path) -> None:
     env = {"CASTELLAN_LLM__UPSTREAM_URL": f"http://127.0.0.1:{free_port()}/v1", "CASTELLAN_LLM__MODELS": MODELS}
-    with run_gateway(tmp_path / "gw", env) as gw:
+    with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
         status, _, text = await post(gw, gw.token("lonely-bot", ANALYSTS), chat())
         assert status == 502
         assert "upstream unavailable" in json.loads(text)["error"]["message"]
@@ -172,7 +172,7 @@ async def test_concurrent_requests_with_n_or_two_limits_never_pass_a_10000_token
         }
         if store == "redis":
             env |= {"CASTELLAN_METERING__BACKEND": "redis", "CASTELLAN_METERING__REDIS_URL": redis.url}
-        with run_gateway(tmp_path / "gw", env) as gw:
+        with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
             token = gw.token("spender", ANALYSTS)
             shapes: list[dict[str, object]] = [
                 {"n": 8, "max_tokens": 150},  # 8 choices of 150: 1,200 completion tokens
@@ -279,7 +279,7 @@ async def test_policy_decides_llm_calls_with_action_llm(tmp_path: Path, engine: 
             env["CASTELLAN_POLICY__OPA_URL"] = opa.url
         async with openai_api.serve() as (fake, url):
             env |= {"CASTELLAN_LLM__UPSTREAM_URL": url, "CASTELLAN_LLM__MODELS": models}
-            with run_gateway(tmp_path / "gw", env) as gw:
+            with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
                 analyst, admin = gw.token("analyst-bot", ANALYSTS), gw.token("admin-bot", ["admins"])
                 assert (await post(gw, analyst, chat()))[0] == 200
                 status, _, text = await post(gw, analyst, chat(model="gpt-fake-large"))
@@ -300,7 +300,7 @@ async def test_a_chunked_body_is_held_to_the_same_size_limit(tmp_path: Path) -> 
             "CASTELLAN_LLM__MODELS": MODELS,
             "CASTELLAN_SERVER__MAX_BODY_BYTES": "4096",
         }
-        with run_gateway(tmp_path / "gw", env) as gw:
+        with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
             token = gw.token("chunky-bot", ANALYSTS)
             big = json.dumps(chat(messages=[{"role": "user", "content": "y" * 8000}])).encode()
 
