@@ -156,7 +156,9 @@ class LlmProxy:
         async def record_denial(call: Call) -> None:
             await denials(self._summarise(call))
 
-        admit = AdmitStage(meter, metering, counter, output_tokens=_completion_tokens)
+        # A reservation outlives the longest upstream call, so it cannot lapse while the model writes.
+        ttl = metering.reservation_ttl_seconds + settings.timeout_seconds
+        admit = AdmitStage(meter, metering, counter, output_tokens=_completion_tokens, ttl_seconds=ttl)
         self._pipeline = Pipeline(
             [authenticate, admit, grants, policy, _RecordStage(outbox, redactor, self._summarise)],
             metrics or Metrics(),

@@ -313,6 +313,8 @@ class RedisMeter:
             limits.tool_calls_window_seconds,
         ]
         if agent not in self._agents:  # before the reservation exists, so a crash cannot orphan it
+            if not self._agents:
+                await self.reconcile()  # registers this instance (and its heartbeat) first
             await self._run("admit", self._sadd, [_agents_key(self.instance.id)], [agent])
             self._agents.add(agent)
         verdict = await self._run("admit", self._admit, keys, args)

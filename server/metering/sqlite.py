@@ -106,6 +106,7 @@ class SqliteMeter:
         self._instance_timeout = instance_timeout
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
+        self._registered = False
 
     async def start(self) -> None:
         """Register this instance, release what dead instances held, and keep the heartbeat."""
@@ -150,6 +151,7 @@ class SqliteMeter:
             return count, tokens, gone
 
         count, tokens, gone = await self._db.transact(write)
+        self._registered = True
         if count or gone:
             log.warning(
                 "meter_reconciled",
@@ -171,6 +173,8 @@ class SqliteMeter:
     async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget:
         instance = self.instance.id
         try:
+            if not self._registered:  # before its first reservation: never mistaken for an orphan's
+                await self.reconcile()
             await self._sweep()
             return await self._db.transact(
                 lambda c: _admit(c, identity.agent_id, run, admission, time.time(), instance)

@@ -43,11 +43,13 @@ class AdmitStage:
         settings: MeterSettings,
         counter: TokenCounter,
         output_tokens: Callable[[Call], int] | None = None,
+        ttl_seconds: float | None = None,
     ) -> None:
         self._meter = meter
         self._settings = settings
         self._counter = counter
         self._output_tokens = output_tokens or (lambda _call: settings.reserve_output_tokens)
+        self._ttl = ttl_seconds if ttl_seconds is not None else settings.reservation_ttl_seconds
         self._limits: dict[tuple[str, tuple[str, ...]], Limits] = {}  # settings are fixed for the process
 
     def _limits_for(self, identity: Identity) -> Limits:
@@ -68,7 +70,7 @@ class AdmitStage:
             limits=self._limits_for(call.identity),
             estimate=tokens_in + self._output_tokens(call),
             reservation=call.call_id,
-            ttl=self._settings.reservation_ttl_seconds,
+            ttl=self._ttl,
         )
         limits = admission.limits
         budget = replace(
