@@ -25,7 +25,15 @@ from server.testing import make_identity
 from tests.redis_server import run_redis
 
 RESULTS = Path(__file__).parent / "results"
-LIMITS = Limits(calls_per_minute=0, tokens_per_day=10**12, concurrent_calls=0, max_run_calls=0, max_repeats=0)
+LIMITS = Limits(
+    calls_per_minute=0,
+    tokens_per_day=10**12,
+    concurrent_calls=0,
+    max_run_calls=0,
+    max_repeats=0,
+    max_identical_calls=0,
+    max_calls_per_tool=0,
+)
 
 
 async def one(meter: Meter, agent: str) -> float:

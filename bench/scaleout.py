@@ -68,6 +68,8 @@ async def run(calls: int, concurrency: int) -> dict[str, Any]:
             "CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
             "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0",
             "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
+            "CASTELLAN_METERING__LIMITS__MAX_IDENTICAL_CALLS": "0",
+            "CASTELLAN_METERING__LIMITS__MAX_CALLS_PER_TOOL": "0",
             "CASTELLAN_METERING__LIMITS__TOKENS_PER_DAY": "0",
             "CASTELLAN_METERING__AGENTS": json.dumps({"limited": {"calls_per_minute": limited}}),
         }

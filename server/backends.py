@@ -114,8 +114,16 @@ GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
 }
 
 METERS: dict[str, Callable[[Settings], Meter]] = {
-    "sqlite": lambda s: SqliteMeter(s.data_file(s.metering.path, "meters.db")),
-    "redis": lambda s: RedisMeter(s.metering.redis_url),
+    "sqlite": lambda s: SqliteMeter(
+        s.data_file(s.metering.path, "meters.db"),
+        heartbeat_seconds=s.metering.instance_heartbeat_seconds,
+        instance_timeout=s.metering.instance_timeout_seconds,
+    ),
+    "redis": lambda s: RedisMeter(
+        s.metering.redis_url,
+        heartbeat_seconds=s.metering.instance_heartbeat_seconds,
+        instance_timeout=s.metering.instance_timeout_seconds,
+    ),
 }
 
 OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {

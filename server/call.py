@@ -13,7 +13,7 @@ from server.identity import Identity
 from server.policy.engine import Decision
 from server.registry import Tool, ToolOutput
 
-Action = Literal["call", "list"]
+Action = Literal["call", "list", "llm"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,17 @@ class Budget:
     reservation: str = ""
     """The admission's reservation, settled by the charge stage or released if the call stops."""
     reserved_tokens: int = 0
+    identical_calls: int = 0
+    """This tool with these arguments by this identity in the sliding window, this call included
+    (whatever run the caller declares)."""
+    tool_calls: int = 0
+    """Calls of this tool by this identity in the sliding window, this call included."""
+    identical_calls_limit: int = 0
+    identical_calls_window_seconds: int = 0
+    tool_calls_limit: int = 0
+    tool_calls_window_seconds: int = 0
+    charged: bool = False
+    """The charge stage settled the tokens (or queued the settle as owed): nothing left to release."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,19 @@ class InvalidArguments(CastellanError):
     code = "invalid_arguments"
 
 
+class AfterInvoke(CastellanError):
+    """The tool ran (the call was allowed), then a later stage failed: charging, obligations or the
+    outcome write. Never reported as a denial: the agent gets the tool's result, or, when the result
+    could not be made safe to return (`withheld`), a clear error saying the tool ran."""
+
+    code = "post_processing_failed"
+    verdict = "allow"
+
+    def __init__(self, stage: str, *reasons: str, withheld: bool, decision: Decision | None = None) -> None:
+        super().__init__(stage, *reasons, decision=decision)
+        self.withheld = withheld
+
+
 class InternalError(CastellanError):
     """A bug. Never an allow; the details stay in the server log."""
 

@@ -26,9 +26,11 @@ from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
 from server.invoke import InvokeStage
 from server.listing import ToolLister
+from server.llm.model import register_models
 from server.llm.proxy import LlmProxy
 from server.mcp import McpHandlers
 from server.metering.meter import Meter
+from server.metering.retry import MeterRetries
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
 from server.metering.tokens import TokenCounter
 from server.metrics import Metrics
@@ -71,9 +73,14 @@ class Gateway:
     shipper: Shipper | ShipperProcess | None = None
     upstreams: UpstreamManager | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
+    meter_retries: MeterRetries | None = None
 
     async def start(self) -> None:
-        """Start background work (the policy watcher, the audit shipper); needs the running event loop."""
+        """Start background work (the policy watcher, the audit shipper); needs the running event loop.
+        The meter first releases what a previous, dead gateway process held."""
+        await self.meter.start()
+        if self.meter_retries is not None:
+            self.meter_retries.start()
         if self.watcher is not None:
             self.watcher.start()
         if self.shipper is not None:
@@ -130,6 +137,8 @@ class Gateway:
             self.decision_log.close()
         if self.llm is not None:
             await self.llm.close()
+        if self.meter_retries is not None:
+            await self.meter_retries.close()
         for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
             try:
                 await closer()
@@ -170,6 +179,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             grant_source.add_securable("TABLE", table)
         if settings.demo:
             seed_demo_grants(grant_source)
+        if settings.llm.upstream_url:
+            register_models(grant_source, settings.llm, settings.demo)
     upstreams = None
     if settings.upstreams:
         upstreams = UpstreamManager(
@@ -185,6 +196,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
+    retries = MeterRetries(meter, metrics.registry)
     counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
     redactor = Redactor(settings.audit.redact_fields, settings.audit.redact_patterns)
@@ -233,11 +245,11 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
-            ChargeStage(meter, counter),
+            ChargeStage(meter, counter, retries),
             AuditStage(outbox, redactor),
         ],
         metrics,
-        on_stop=[ReleaseReservation(meter), DenialRecorder(outbox, redactor)],
+        on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
     handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
@@ -272,5 +284,20 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         shipper=shipper,
         upstreams=upstreams,
         closers=closers,
-        llm=LlmProxy(settings.llm, settings.metering, meter, outbox, counter) if settings.llm.upstream_url else None,
+        meter_retries=retries,
+        llm=LlmProxy(
+            settings.llm,
+            settings.metering,
+            meter,
+            outbox,
+            counter,
+            authenticate=authenticate,
+            grants=grants_stage,
+            policy=policy,
+            metrics=metrics,
+            retries=retries,
+            redactor=redactor,
+        )
+        if settings.llm.upstream_url
+        else None,
     )

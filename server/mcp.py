@@ -18,7 +18,7 @@ from starlette.requests import Request
 from server import __version__
 from server.auth.middleware import identity_of
 from server.call import Call, RunInfo
-from server.errors import CastellanError, Denied, InternalError
+from server.errors import AfterInvoke, CastellanError, Denied, InternalError
 from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
@@ -48,6 +48,8 @@ def to_tool_result(exc: CastellanError, *, structured: bool = True) -> types.Cal
         "code": exc.code,
         "reasons": list(exc.reasons),
     }
+    if isinstance(exc, AfterInvoke):
+        body["tool_ran"] = True  # not a refusal: the call was allowed and the tool executed
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=json.dumps(body))],
         structured_content=body if structured else None,
@@ -67,7 +69,10 @@ def to_mcp_tool(spec: ToolSpec) -> types.Tool:
 
 
 def call_result(call: Call) -> types.CallToolResult:
-    if call.error is not None:
+    """The tool's result; a refusal's body; or, for a failure after the tool ran, its result when it
+    is final (only the outcome write or the charge failed) and a clear error when it is withheld."""
+    returnable = isinstance(call.error, AfterInvoke) and not call.error.withheld and call.output is not None
+    if call.error is not None and not returnable:
         has_output_schema = call.tool is not None and call.tool.spec.output_schema is not None
         return to_tool_result(call.error, structured=not has_output_schema)
     output = call.output

@@ -10,7 +10,7 @@ from typing import Protocol
 import structlog
 
 from server.call import Call
-from server.errors import CastellanError, InternalError
+from server.errors import AfterInvoke, CastellanError, InternalError
 from server.metrics import Metrics
 
 log = structlog.get_logger("castellan.pipeline")
@@ -36,6 +36,11 @@ class Pipeline:
     the call comes back with `error` set.
 
     Any exception that is not a `CastellanError` is a bug and becomes an `InternalError`: never an allow.
+
+    Once the `invoke` stage has completed the tool has run, so a later failure is never a denial: it
+    becomes `AfterInvoke` (the result is returned when only the last stage failed, the outcome write,
+    and withheld when a stage that shapes the result did not finish), and the stop handlers settle
+    the tokens instead of releasing them.
     """
 
     def __init__(self, stages: Sequence[Stage], metrics: Metrics, on_stop: Sequence[OnStop] = ()) -> None:
@@ -45,20 +50,33 @@ class Pipeline:
         self._histograms = {s.name: metrics.stage_seconds.labels(s.name) for s in self.stages}
 
     async def run(self, call: Call) -> Call:
+        invoked = False
         for stage in self.stages:
             started = time.perf_counter()
             try:
                 call = await stage.run(call)
             except CastellanError as exc:
-                return await self._stop(call, exc, stage.name, started)
+                error: CastellanError = self._after_invoke(stage, exc) if invoked else exc
+                return await self._stop(call, error, stage.name, started)
             except Exception as exc:
                 log.exception("stage_failed", stage=stage.name, call_id=call.call_id)
                 error = InternalError(stage.name, f"internal error in {stage.name} ({type(exc).__name__})")
-                return await self._stop(call, error, stage.name, started)
+                return await self._stop(
+                    call, self._after_invoke(stage, error) if invoked else error, stage.name, started
+                )
+            invoked = invoked or stage.name == "invoke"
             elapsed = time.perf_counter() - started
             self._histograms[stage.name].observe(elapsed)
             call = call.timed(stage.name, elapsed)
         return call
+
+    def _after_invoke(self, stage: Stage, exc: CastellanError) -> CastellanError:
+        if isinstance(exc, AfterInvoke):
+            return exc
+        withheld = stage is not self.stages[-1]
+        what = "its result is withheld" if withheld else "its result is returned"
+        reasons = [f"the tool ran, then {stage.name} failed ({'; '.join(exc.reasons)}): {what}"]
+        return AfterInvoke(stage.name, *reasons, withheld=withheld, decision=exc.decision)
 
     async def _stop(self, call: Call, exc: CastellanError, stage: str, started: float) -> Call:
         elapsed = time.perf_counter() - started

@@ -167,6 +167,13 @@ class Limits(BaseModel):
     """The same tool with the same arguments this many times in one run is a loop."""
     max_depth: int = Field(default=8, ge=0)
     """Nesting: an agent called through a tool, calling tools again, adds one."""
+    max_identical_calls: int = Field(default=30, ge=0)
+    """The same tool with the same (canonical) arguments this many times by one identity within
+    `identical_calls_window_seconds` is a loop, whatever run ids the caller declares."""
+    identical_calls_window_seconds: int = Field(default=300, ge=1)
+    max_calls_per_tool: int = Field(default=300, ge=0)
+    """Calls of one tool by one identity within `tool_calls_window_seconds` (a sliding window)."""
+    tool_calls_window_seconds: int = Field(default=60, ge=1)
 
 
 class LimitOverrides(BaseModel):
@@ -185,6 +192,10 @@ class LimitOverrides(BaseModel):
     max_run_calls: int | None = Field(default=None, ge=0)
     max_repeats: int | None = Field(default=None, ge=0)
     max_depth: int | None = Field(default=None, ge=0)
+    max_identical_calls: int | None = Field(default=None, ge=0)
+    identical_calls_window_seconds: int | None = Field(default=None, ge=1)
+    max_calls_per_tool: int | None = Field(default=None, ge=0)
+    tool_calls_window_seconds: int | None = Field(default=None, ge=1)
 
 
 class MeterSettings(BaseModel):
@@ -203,8 +214,26 @@ class MeterSettings(BaseModel):
     reservation is truncated, so concurrent calls can never overrun a token budget."""
     reservation_ttl_seconds: float = Field(default=300.0, gt=0)
     """A reservation of a call that never settles (a crashed replica) expires after this."""
+    instance_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    """Each gateway's meter marks itself alive this often, and releases what dead instances held."""
+    instance_timeout_seconds: float = Field(default=20.0, gt=0)
+    """An instance whose heartbeat is older than this is dead: its reservations are released (on the
+    same machine a dead process is recognised at once, by its pid, right after a restart)."""
     token_encoding: str = "cl100k_base"
     """tiktoken encoding for tool arguments and results (a bundled offline copy is used when there is one)."""
+
+
+class LlmModel(BaseModel):
+    """One model (or serving endpoint) behind the LLM route: the securable callers need EXECUTE on,
+    and the most tokens one completion of it can produce."""
+
+    model_config = {"extra": "forbid"}
+
+    securable: str = ""
+    """`catalog.schema.name` of the model (a registered model is a FUNCTION securable in Unity
+    Catalog). Default: `<llm.models_schema>.<model name>`."""
+    max_completion_tokens: int = Field(default=0, ge=0)
+    """The model's own output limit per choice (0: only the route's cap applies)."""
 
 
 class LlmSettings(BaseModel):
@@ -219,6 +248,15 @@ class LlmSettings(BaseModel):
     """Put the messages (redacted) in the audit record; off by default."""
     redact_patterns: list[str] = Field(default_factory=lambda: list(SECRET_PATTERNS))
     """Secret-looking text replaced by [REDACTED] in logged payloads."""
+    models: dict[str, LlmModel] = Field(default_factory=dict)
+    """The models the route serves; a model not listed maps to `<models_schema>.<name>`, which must
+    exist in the catalog (and be granted) to be called."""
+    models_schema: str = Field(default="main.llm", pattern=r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
+    max_completion_tokens: int = Field(default=16_384, gt=0)
+    """The route's cap on one choice's completion: a larger `max_tokens`/`max_completion_tokens` is
+    lowered to it (the request is rewritten), so the reservation bounds what the provider can produce."""
+    max_choices: int = Field(default=16, ge=1)
+    """The largest `n` a request may ask for (each choice is reserved in full)."""
 
 
 class UpstreamSettings(BaseModel):

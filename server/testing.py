@@ -154,6 +154,9 @@ class MemoryMeter:
     async def usage(self, agent_id: str, limits: Any) -> Any:
         raise NotImplementedError
 
+    async def start(self) -> None:
+        return None
+
     async def check(self) -> None:
         if self.down:
             raise BackendUnavailable("admit", "meter store unavailable")

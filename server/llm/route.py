@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Any
@@ -10,9 +11,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.auth.middleware import bearer_token
-from server.errors import BackendUnavailable, Denied, Unauthenticated
+from server.errors import BackendUnavailable, CastellanError, Denied, Unauthenticated
 from server.gateway import Gateway
 from server.llm.proxy import BadRequest, UpstreamFailed
+from server.request_id import request_id_of
 from server.runs import run_info
 
 router = APIRouter(tags=["llm"])
@@ -28,12 +30,42 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
 _ERROR_STATUSES = {
     400: "The body is not a valid chat completion request",
     401: "No valid bearer token",
+    403: "Grants or policy refused the request (the model is a catalog securable)",
     404: "The LLM route is not configured (llm.upstream_url)",
     413: "The body is too large",
     429: "A rate limit or token budget refused the request (Retry-After says when to retry)",
+    500: "An internal error (never an allow)",
     502: "The upstream model endpoint failed",
-    503: "A backend (the meter store, the audit log) cannot answer",
+    503: "A backend (the meter store, the grant source, the policy engine, the audit log) cannot answer",
 }
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, chunked or not, refused past `limit` bytes as soon as it gets there."""
+    size, parts = 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _refusal(exc: CastellanError) -> JSONResponse:
+    reason = "; ".join(exc.reasons)
+    if isinstance(exc, BackendUnavailable):
+        return _error(503, reason, "service_unavailable")
+    if isinstance(exc, Denied) and exc.stage == "admit":
+        retry = _RETRY.search(reason)
+        kind = "insufficient_quota" if "token budget" in reason else "rate_limit_exceeded"
+        return _error(429, reason, kind, {"Retry-After": retry.group(1)} if retry else None)
+    if isinstance(exc, Denied):
+        return _error(403, f"{exc.stage}: {reason}", "permission_denied")
+    return _error(500, reason, "internal_error")
 
 
 @router.post(
@@ -46,7 +78,11 @@ async def chat_completions(request: Request) -> Response:
     proxy = gateway.llm
     if proxy is None:
         return _error(404, "the LLM route is not configured (llm.upstream_url)", "not_found")
-    if int(request.headers.get("content-length") or 0) > gateway.settings.server.max_body_bytes:
+    limit = gateway.settings.server.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isascii() or not length.isdigit()):
+        return _error(400, "invalid Content-Length", "invalid_request_error")
+    if length is not None and int(length) > limit:
         return _error(413, "request body too large", "invalid_request_error")
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
@@ -61,21 +97,19 @@ async def chat_completions(request: Request) -> Response:
             {"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     try:
-        body: Any = await request.json()
+        body: Any = json.loads(await _read_body(request, limit))
+    except _TooLarge:
+        return _error(413, "request body too large", "invalid_request_error")
     except ValueError:
         return _error(400, "the body is not JSON", "invalid_request_error")
     try:
-        prepared = await proxy.prepare(identity, body, run_info(None, request.headers, fallback=uuid.uuid4().hex))
+        run = run_info(None, request.headers, fallback=uuid.uuid4().hex)
+        prepared = await proxy.prepare(identity, body, run, request_id_of(request.scope))
     except BadRequest as exc:
         return _error(400, str(exc), "invalid_request_error")
-    except Denied as exc:
-        reason = "; ".join(exc.reasons)
-        retry = _RETRY.search(reason)
-        kind = "insufficient_quota" if "token budget" in reason else "rate_limit_exceeded"
-        return _error(429, reason, kind, {"Retry-After": retry.group(1)} if retry else None)
-    except BackendUnavailable as exc:
-        return _error(503, "; ".join(exc.reasons), "service_unavailable")
-    if prepared.body.get("stream"):
+    if prepared.call.error is not None:
+        return _refusal(prepared.call.error)
+    if prepared.request.stream:
         return StreamingResponse(proxy.stream(prepared), media_type="text/event-stream")
     try:
         return JSONResponse(await proxy.complete(prepared))

@@ -102,3 +102,23 @@ def repeat_denied(run_id: str, repeats: int, maximum: int) -> Denied:
 
 def depth_denied(depth: int, maximum: int) -> Denied:
     return Denied("admit", f"nesting depth: run depth {depth} exceeds the maximum of {maximum}")
+
+
+def identical_denied(count: int, maximum: int, window: int, retry_after: int) -> Denied:
+    return Denied(
+        "admit",
+        f"loop detected: the same tool and arguments {count} times in the last {window}s by this identity "
+        f"(max {maximum}, whatever the run; retry_after={retry_after}s)",
+    )
+
+
+def tool_rate_denied(tool: str, used: int, maximum: int, window: int, retry_after: int) -> Denied:
+    return Denied(
+        "admit",
+        f"tool rate limit: {used} of {maximum} calls of {tool} in the last {window}s used (retry_after={retry_after}s)",
+    )
+
+
+def sliding_retry_after(oldest: float, window: int, now: float) -> int:
+    """Seconds until the oldest call in a sliding window leaves it."""
+    return max(1, int(oldest + window - now + 0.999))

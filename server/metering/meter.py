@@ -12,13 +12,15 @@ from server.settings import Limits
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """What to admit: the call's repeat key, the limits that apply, and the tokens to reserve."""
+    """What to admit: the call's repeat key (tool + canonical arguments), the tool, the limits that
+    apply, and the tokens to reserve."""
 
     call_key: str
     limits: Limits
     estimate: int
     reservation: str
     ttl: float
+    tool: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,13 @@ class Meter(Protocol):
 
     `admit` raises `Denied("admit", reason)` naming the limit, window, usage and `retry_after`, or
     `BackendUnavailable` when the store cannot answer (fail closed). It never admits on error.
+
+    Each reservation carries the meter instance (one per gateway process) that made it. `start`
+    releases what instances that are gone held (a crashed process's in-flight calls) and keeps this
+    instance's heartbeat; `close` releases what this instance still holds.
     """
+
+    async def start(self) -> None: ...
 
     async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget: ...
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import sqlite3
 import time
 from pathlib import Path
+
+import structlog
 
 from server.call import Budget, RunInfo
 from server.errors import BackendUnavailable
 from server.identity import Identity
 from server.metering import limits as L
+from server.metering.instances import Instance, dead
 from server.metering.meter import Admission, Usage, WindowUsage
 from server.settings import Limits
 from server.sqlite import SqliteDatabase
@@ -26,11 +32,32 @@ CREATE TABLE IF NOT EXISTS reservations (
   id TEXT PRIMARY KEY,
   agent TEXT NOT NULL,
   tokens INTEGER NOT NULL,
-  expires_at REAL NOT NULL
+  expires_at REAL NOT NULL,
+  instance TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS reservations_by_agent ON reservations (agent, expires_at);
+CREATE TABLE IF NOT EXISTS recent_calls (
+  agent TEXT NOT NULL,
+  key TEXT NOT NULL,
+  at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recent_calls_by_key ON recent_calls (agent, key, at);
+CREATE TABLE IF NOT EXISTS meter_instances (
+  id TEXT PRIMARY KEY,
+  info TEXT NOT NULL,
+  heartbeat REAL NOT NULL
+);
 """
 _RUN_TTL_SECONDS = 86_400
+log = structlog.get_logger("castellan.metering")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Meters files from before reservations carried their instance get the column (and its index)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(reservations)")}
+    if "instance" not in columns:
+        conn.execute("ALTER TABLE reservations ADD COLUMN instance TEXT NOT NULL DEFAULT ''")
+    conn.execute("CREATE INDEX IF NOT EXISTS reservations_by_instance ON reservations (instance)")
 
 
 class _Counters:
@@ -62,16 +89,96 @@ def _in_flight(conn: sqlite3.Connection, agent: str, now: float) -> tuple[int, i
 
 
 class SqliteMeter:
-    """Counters per agent and window, calls and repeats per run, and in-flight reservations."""
+    """Counters per agent and window, calls and repeats per run, sliding windows of recent calls per
+    agent, and in-flight reservations, each tagged with this process's meter instance.
 
-    def __init__(self, path: Path) -> None:
+    One gateway process serves a meters file; at `start` it releases every reservation of instances
+    that are gone (a crashed predecessor's in-flight calls), at once when it sees the process is
+    gone (same machine), else once the instance's heartbeat is older than `instance_timeout`.
+    """
+
+    def __init__(self, path: Path, *, heartbeat_seconds: float = 5.0, instance_timeout: float = 20.0) -> None:
         self._db = SqliteDatabase(path, schema=_SCHEMA)
+        self._db.run_sync(_migrate)
         self._swept_at = 0.0
+        self.instance = Instance.this_process()
+        self._heartbeat_seconds = heartbeat_seconds
+        self._instance_timeout = instance_timeout
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        self._registered = False
+
+    async def start(self) -> None:
+        """Register this instance, release what dead instances held, and keep the heartbeat."""
+        try:
+            await self.reconcile()
+        except sqlite3.Error as exc:  # the store is not answering: admit denies until it does
+            log.error("meter_reconcile_failed", error=str(exc))
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def reconcile(self) -> tuple[int, int]:
+        """Mark this instance alive; release reservations of dead instances (and of reservations from
+        before instances were recorded). Returns (reservations, tokens) released."""
+        me = self.instance
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
+            now = time.time()
+            conn.execute(
+                "INSERT INTO meter_instances VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET heartbeat = excluded.heartbeat",
+                (me.id, json.dumps(me.as_dict()), now),
+            )
+            gone = []
+            for instance_id, info, heartbeat in conn.execute("SELECT id, info, heartbeat FROM meter_instances"):
+                other = Instance.from_dict({**json.loads(info), "id": instance_id})
+                if dead(other, me, now - heartbeat, self._instance_timeout):
+                    gone.append(instance_id)
+            known = {row[0] for row in conn.execute("SELECT id FROM meter_instances")} - set(gone)
+            held = conn.execute(
+                "SELECT instance, count(*), coalesce(sum(tokens), 0) FROM reservations GROUP BY instance"
+            )
+            count = tokens = 0
+            orphans = []
+            for instance_id, n, t in held.fetchall():
+                if instance_id not in known:
+                    orphans.append(instance_id)
+                    count, tokens = count + int(n), tokens + int(t)
+            for instance_id in orphans:
+                conn.execute("DELETE FROM reservations WHERE instance = ?", (instance_id,))
+            for instance_id in gone:
+                conn.execute("DELETE FROM meter_instances WHERE id = ?", (instance_id,))
+            return count, tokens, gone
+
+        count, tokens, gone = await self._db.transact(write)
+        self._registered = True
+        if count or gone:
+            log.warning(
+                "meter_reconciled",
+                released_reservations=count,
+                released_tokens=tokens,
+                dead_instances=gone,
+                instance=me.id,
+            )
+        return count, tokens
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_seconds)
+            try:
+                await self.reconcile()
+            except sqlite3.Error as exc:
+                log.warning("meter_heartbeat_failed", error=str(exc))
 
     async def admit(self, identity: Identity, run: RunInfo, admission: Admission) -> Budget:
+        instance = self.instance.id
         try:
+            if not self._registered:  # before its first reservation: never mistaken for an orphan's
+                await self.reconcile()
             await self._sweep()
-            return await self._db.transact(lambda c: _admit(c, identity.agent_id, run, admission, time.time()))
+            return await self._db.transact(
+                lambda c: _admit(c, identity.agent_id, run, admission, time.time(), instance)
+            )
         except sqlite3.Error as exc:
             raise BackendUnavailable("admit", f"meter store unavailable: {exc}") from exc
 
@@ -123,15 +230,19 @@ class SqliteMeter:
             raise BackendUnavailable("usage", f"meter store unavailable: {exc}") from exc
 
     async def _sweep(self) -> None:
-        """Forget run and repeat counters of runs idle for a day; at most once a minute."""
+        """Forget run and repeat counters of runs idle for a day, and recent calls older than any
+        window can be (a day); at most once a minute."""
         now = time.time()
         if now - self._swept_at < 60:
             return
         self._swept_at = now
         cutoff = now - _RUN_TTL_SECONDS
-        await self._db.transact(
-            lambda c: c.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,))
-        )
+
+        def sweep(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,))
+            conn.execute("DELETE FROM recent_calls WHERE at < ?", (cutoff,))
+
+        await self._db.transact(sweep)
 
     async def check(self) -> None:
         try:
@@ -140,10 +251,36 @@ class SqliteMeter:
             raise BackendUnavailable("admit", f"meter store unavailable: {exc}") from exc
 
     async def close(self) -> None:
+        """Stop the heartbeat and release what this instance still holds (its process is leaving)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        me = self.instance.id
+
+        def leave(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM reservations WHERE instance = ?", (me,))
+            conn.execute("DELETE FROM meter_instances WHERE id = ?", (me,))
+
+        with contextlib.suppress(sqlite3.Error, RuntimeError):
+            await self._db.transact(leave)
         self._db.close()
 
 
-def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now: float) -> Budget:
+def _window(conn: sqlite3.Connection, agent: str, key: str, window: int, now: float) -> tuple[int, float]:
+    """Calls of `key` by `agent` in the last `window` seconds, and when the oldest of them was."""
+    conn.execute("DELETE FROM recent_calls WHERE agent = ? AND key = ? AND at <= ?", (agent, key, now - window))
+    row = conn.execute(
+        "SELECT count(*), coalesce(min(at), ?) FROM recent_calls WHERE agent = ? AND key = ?", (now, agent, key)
+    ).fetchone()
+    return int(row[0]), float(row[1])
+
+
+def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now: float, instance: str = "") -> Budget:
     """Every limit checked, then everything counted, inside the caller's savepoint: raising a denial
     rolls back its writes (SqliteDatabase.transact)."""
     limits, c = a.limits, _Counters(conn, now)
@@ -174,11 +311,26 @@ def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now
     repeats = c.get(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0) + 1
     if limits.max_repeats and repeats > limits.max_repeats:
         raise L.repeat_denied(run.run_id, repeats, limits.max_repeats)
+    same_key, tool_key = f"same:{a.call_key}", f"tool:{a.tool}"
+    identical, oldest = _window(conn, agent, same_key, limits.identical_calls_window_seconds, now)
+    identical += 1
+    if limits.max_identical_calls and identical > limits.max_identical_calls:
+        span = limits.identical_calls_window_seconds
+        raise L.identical_denied(identical, limits.max_identical_calls, span, L.sliding_retry_after(oldest, span, now))
+    tool_calls, oldest = _window(conn, agent, tool_key, limits.tool_calls_window_seconds, now)
+    if limits.max_calls_per_tool and tool_calls + 1 > limits.max_calls_per_tool:
+        span = limits.tool_calls_window_seconds
+        retry = L.sliding_retry_after(oldest, span, now)
+        raise L.tool_rate_denied(a.tool, tool_calls, limits.max_calls_per_tool, span, retry)
+    conn.executemany("INSERT INTO recent_calls VALUES (?, ?, ?)", [(agent, same_key, now), (agent, tool_key, now)])
     for window, (b, used) in calls.items():
         c.put(f"calls:{agent}:{window}", b.bucket, used + 1)
     c.put(f"run:{agent}:{run.run_id}", 0, run_calls)
     c.put(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0, repeats)
-    conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?)", (a.reservation, agent, a.estimate, now + a.ttl))
+    conn.execute(
+        "INSERT INTO reservations (id, agent, tokens, expires_at, instance) VALUES (?, ?, ?, ?, ?)",
+        (a.reservation, agent, a.estimate, now + a.ttl, instance),
+    )
     return Budget(
         tokens_used=day_tokens,
         tokens_limit=limits.tokens_per_day,
@@ -187,4 +339,6 @@ def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now
         repeats=repeats,
         reservation=a.reservation,
         reserved_tokens=a.estimate,
+        identical_calls=identical,
+        tool_calls=tool_calls + 1,
     )

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 
+import structlog
+
 from server.call import Call
+from server.errors import AfterInvoke
 from server.identity import Identity
 from server.metering.limits import resolve_limits
 from server.metering.meter import Admission, Meter
+from server.metering.retry import MeterRetries
 from server.metering.tokens import TokenCounter
 from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
@@ -22,16 +27,29 @@ def call_key(tool: str, arguments: object) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+log = structlog.get_logger("castellan.metering")
+
+
 class AdmitStage:
     """Admits the call against the identity's limits (agent, then groups, then defaults) and reserves
-    its arguments' tokens plus `reserve_output_tokens` for the result."""
+    its arguments' tokens plus the most output it can produce: `reserve_output_tokens` for a tool
+    result, or what `output_tokens(call)` says (the LLM route: choices x the completion cap)."""
 
     name = "admit"
 
-    def __init__(self, meter: Meter, settings: MeterSettings, counter: TokenCounter) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        settings: MeterSettings,
+        counter: TokenCounter,
+        output_tokens: Callable[[Call], int] | None = None,
+        ttl_seconds: float | None = None,
+    ) -> None:
         self._meter = meter
         self._settings = settings
         self._counter = counter
+        self._output_tokens = output_tokens or (lambda _call: settings.reserve_output_tokens)
+        self._ttl = ttl_seconds if ttl_seconds is not None else settings.reservation_ttl_seconds
         self._limits: dict[tuple[str, tuple[str, ...]], Limits] = {}  # settings are fixed for the process
 
     def _limits_for(self, identity: Identity) -> Limits:
@@ -48,24 +66,38 @@ class AdmitStage:
         tokens_in = self._counter.count(dict(call.arguments))
         admission = Admission(
             call_key=call_key(call.tool_name, call.arguments),
+            tool=call.tool_name,
             limits=self._limits_for(call.identity),
-            estimate=tokens_in + self._settings.reserve_output_tokens,
+            estimate=tokens_in + self._output_tokens(call),
             reservation=call.call_id,
-            ttl=self._settings.reservation_ttl_seconds,
+            ttl=self._ttl,
         )
-        budget = await self._meter.admit(call.identity, call.run, admission)
+        limits = admission.limits
+        budget = replace(
+            await self._meter.admit(call.identity, call.run, admission),
+            identical_calls_limit=limits.max_identical_calls,
+            identical_calls_window_seconds=limits.identical_calls_window_seconds,
+            tool_calls_limit=limits.max_calls_per_tool,
+            tool_calls_window_seconds=limits.tool_calls_window_seconds,
+        )
         return replace(call, budget=budget, tokens_in=tokens_in)
 
 
 class ChargeStage:
     """Counts the result's tokens and settles the reservation with what was used. A result larger than
-    its reservation is truncated to fit (and says so): a token budget is never overrun."""
+    its reservation is truncated to fit (and says so): a token budget is never overrun.
+
+    The tool has run, so a settle the store refuses (locked, full, down) does not refuse the call:
+    the tokens are owed, queued in `retries` (the reservation stays held until they are charged),
+    and the call carries an `AfterInvoke` error saying so, which the outcome record keeps; the agent
+    still gets the result."""
 
     name = "charge"
 
-    def __init__(self, meter: Meter, counter: TokenCounter) -> None:
+    def __init__(self, meter: Meter, counter: TokenCounter, retries: MeterRetries | None = None) -> None:
         self._meter = meter
         self._counter = counter
+        self._retries = retries if retries is not None else MeterRetries(meter)
 
     async def run(self, call: Call) -> Call:
         assert call.identity is not None
@@ -80,19 +112,39 @@ class ChargeStage:
                 output = ToolOutput(text=text, structured=None, is_error=output.is_error)
                 tokens_out = self._counter.count(text)
         reservation = budget.reservation if budget else call.call_id
-        await self._meter.settle(call.identity, reservation, call.tokens_in + tokens_out)
-        return replace(call, output=output, tokens_out=tokens_out)
+        tokens = call.tokens_in + tokens_out
+        error = call.error
+        if not await self._retries.settle(call.identity, reservation, tokens):
+            error = AfterInvoke(
+                self.name,
+                f"the tool ran, then charging its {tokens} tokens failed (the meter store did not answer): "
+                "they are owed and retried in the background; its result is returned",
+                withheld=False,
+            )
+        charged = replace(budget, charged=True) if budget is not None else None
+        return replace(call, output=output, tokens_out=tokens_out, budget=charged, error=error)
 
 
 class ReleaseReservation:
-    """The pipeline's `on_stop` for metering: a call stopped after admission gives its tokens back."""
+    """The pipeline's `on_stop` for metering. A call stopped before its tool ran gives its reserved
+    tokens back; one stopped after (its charge or outcome failed) is charged what it used. Either
+    write, if the store refuses it, is queued in `retries` rather than dropped."""
 
-    def __init__(self, meter: Meter) -> None:
-        self._meter = meter
+    def __init__(self, meter: Meter, retries: MeterRetries | None = None, counter: TokenCounter | None = None) -> None:
+        self._retries = retries if retries is not None else MeterRetries(meter)
+        self._counter = counter
 
     async def __call__(self, call: Call) -> None:
-        if call.identity is not None and call.budget is not None and call.budget.reservation:
-            try:
-                await self._meter.release(call.identity, call.budget.reservation)
-            except Exception:  # the reservation expires by itself; the call is already refused
+        identity, budget = call.identity, call.budget
+        if identity is None or budget is None or not budget.reservation or budget.charged:
+            return
+        try:
+            if call.output is None:
+                await self._retries.release(identity, budget.reservation)
                 return
+            tokens_out = call.tokens_out
+            if not tokens_out and self._counter is not None:
+                tokens_out = self._counter.count(call.output.text)
+            await self._retries.settle(identity, budget.reservation, call.tokens_in + tokens_out)
+        except Exception as exc:  # never let the meter change how a stopped call is reported
+            log.error("meter_release_failed", call_id=call.call_id, error=repr(exc))

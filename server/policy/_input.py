@@ -45,6 +45,13 @@ def build_input(call: Call) -> dict[str, Any]:
             "tokens_used": budget.tokens_used,
             "tokens_limit": budget.tokens_limit,
             "calls_this_minute": budget.calls_this_minute,
+            # Counted per identity over sliding windows, whatever run the caller declares.
+            "identical_calls": budget.identical_calls,
+            "identical_calls_limit": budget.identical_calls_limit,
+            "identical_calls_window_seconds": budget.identical_calls_window_seconds,
+            "tool_calls": budget.tool_calls,
+            "tool_calls_limit": budget.tool_calls_limit,
+            "tool_calls_window_seconds": budget.tool_calls_window_seconds,
         },
         "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }

@@ -66,7 +66,8 @@ def proxied_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         wait_port(upstream)
         # The suite repeats identical calls quickly: the per-agent call limits are lifted for it
         # (they have tests of their own); grants, policy and audit stay on.
-        limits = {"calls_per_minute": 0, "max_repeats": 0, "max_run_calls": 0, "concurrent_calls": 0}
+        limits = {"calls_per_minute": 0, "max_repeats": 0, "max_run_calls": 0, "concurrent_calls": 0,
+                  "max_identical_calls": 0, "max_calls_per_tool": 0}  # fmt: skip
         env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams)}
         env |= {f"CASTELLAN_METERING__LIMITS__{k.upper()}": str(v) for k, v in limits.items()}
         with run_gateway(root / "gw", env) as gw:

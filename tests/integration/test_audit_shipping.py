@@ -27,6 +27,7 @@ def shipping_env(tracking_uri: str) -> dict[str, str]:
         "CASTELLAN_AUDIT__SHIP_BACKOFF_MAX_SECONDS": "2",
         "CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
         "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0",
+        "CASTELLAN_METERING__LIMITS__MAX_CALLS_PER_TOOL": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
 

@@ -28,7 +28,8 @@ LEGAL_STATUSES = {200, 202, 400, 401, 403, 404, 405, 406, 413, 415, 421, 422}
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProcess, requests.Session]]:
     env = {"CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0", "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
-           "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0"}  # fmt: skip
+           "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0", "CASTELLAN_METERING__LIMITS__MAX_IDENTICAL_CALLS": "0",
+           "CASTELLAN_METERING__LIMITS__MAX_CALLS_PER_TOOL": "0"}  # fmt: skip
     with run_gateway(tmp_path_factory.mktemp("fuzz"), env) as gw, requests.Session() as session:
         session.headers["authorization"] = f"Bearer {gw.token('fuzzer', ['analysts'])}"
         yield gw, session

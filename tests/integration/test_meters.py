@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +24,31 @@ from tests.redis_server import RedisProcess, run_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 AGENT = make_identity(agent_id="metered-bot")
-OPEN = {"calls_per_minute": 0, "concurrent_calls": 0, "max_run_calls": 0, "max_repeats": 0, "tokens_per_day": 0}
+OPEN = {
+    "calls_per_minute": 0,
+    "concurrent_calls": 0,
+    "max_run_calls": 0,
+    "max_repeats": 0,
+    "tokens_per_day": 0,
+    "max_identical_calls": 0,
+    "max_calls_per_tool": 0,
+}
 
 
 def limits(**values: int) -> Limits:
     return Limits(**{**OPEN, **values})
 
 
-def admission(lim: Limits, estimate: int = 10, key: str | None = None, ttl: float = 60) -> Admission:
+def admission(
+    lim: Limits, estimate: int = 10, key: str | None = None, ttl: float = 60, tool: str = "echo"
+) -> Admission:
     return Admission(
-        call_key=key or uuid.uuid4().hex, limits=lim, estimate=estimate, reservation=uuid.uuid4().hex, ttl=ttl
+        call_key=key or uuid.uuid4().hex,
+        limits=lim,
+        estimate=estimate,
+        reservation=uuid.uuid4().hex,
+        ttl=ttl,
+        tool=tool,
     )
 
 
@@ -41,15 +59,35 @@ def redis() -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-async def meter(request: pytest.FixtureRequest, tmp_path: Path, redis: RedisProcess) -> AsyncIterator[Meter]:
-    if request.param == "redis":
+def store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def make_meter(store: str, tmp_path: Path, redis: RedisProcess) -> AsyncIterator[Callable[..., Meter]]:
+    """Meters on one store, as several gateway processes would have (each its own instance)."""
+    if store == "redis":
         import redis.asyncio as aioredis
 
         async with aioredis.Redis.from_url(redis.url) as client:
             await client.flushdb()  # one redis-server for the module: each test starts empty
-    store: Meter = SqliteMeter(tmp_path / "meters.db") if request.param == "sqlite" else RedisMeter(redis.url)
-    yield store
-    await store.close()
+    made: list[Meter] = []
+
+    def make(**options: float) -> Meter:
+        meter: Meter = (
+            SqliteMeter(tmp_path / "meters.db", **options) if store == "sqlite" else RedisMeter(redis.url, **options)
+        )
+        made.append(meter)
+        return meter
+
+    yield make
+    for meter in made:
+        await meter.close()
+
+
+@pytest.fixture
+async def meter(make_meter: Callable[..., Meter]) -> Meter:
+    return make_meter()
 
 
 async def test_a_run_is_cut_off_at_exactly_the_maximum(meter: Meter) -> None:
@@ -179,3 +217,97 @@ async def test_redis_down_denies_with_a_clear_reason_and_recovers(redis: RedisPr
         redis.start()
     await meter.admit(AGENT, RunInfo(run_id="c"), admission(limits()))
     await meter.close()
+
+
+# Limits that do not depend on anything the caller declares: a fresh run id per call evades nothing.
+
+
+async def test_identical_calls_are_a_loop_whatever_run_the_caller_declares(meter: Meter) -> None:
+    lim = limits(max_identical_calls=4)
+    for i in range(4):
+        budget = await meter.admit(AGENT, RunInfo(run_id=f"fresh-{i}"), admission(lim, key="same"))
+        assert budget.identical_calls == i + 1
+    with pytest.raises(Denied, match=r"loop detected: the same tool and arguments 5 times in the last 300s .*max 4"):
+        await meter.admit(AGENT, RunInfo(run_id="fresh-5"), admission(lim, key="same"))
+    await meter.admit(AGENT, RunInfo(run_id="fresh-6"), admission(lim, key="different"))
+    other = make_identity(agent_id="someone-else")
+    await meter.admit(other, RunInfo(run_id="fresh-7"), admission(lim, key="same"))  # per identity
+
+
+async def test_calls_per_tool_over_a_sliding_window_are_exact_under_concurrency(meter: Meter) -> None:
+    lim = limits(max_calls_per_tool=10, tool_calls_window_seconds=60)
+
+    async def one(i: int) -> str:
+        try:
+            await meter.admit(AGENT, RunInfo(run_id=f"r{i}"), admission(lim, tool="sql.query"))
+            return "ok"
+        except Denied as exc:
+            return exc.reasons[0]
+
+    results = await asyncio.gather(*(one(i) for i in range(40)))
+    assert results.count("ok") == 10
+    refusals = [r for r in results if r != "ok"]
+    assert all(r.startswith("tool rate limit: 10 of 10 calls of sql.query in the last 60s used") for r in refusals)
+    await meter.admit(AGENT, RunInfo(run_id="x"), admission(lim, tool="echo"))  # another tool is separate
+
+
+async def test_a_sliding_window_frees_as_its_oldest_calls_leave_it(meter: Meter) -> None:
+    lim = limits(max_identical_calls=2, identical_calls_window_seconds=1)
+    await meter.admit(AGENT, RunInfo(run_id="a"), admission(lim, key="same"))
+    await meter.admit(AGENT, RunInfo(run_id="b"), admission(lim, key="same"))
+    with pytest.raises(Denied, match=r"retry_after=1s"):
+        await meter.admit(AGENT, RunInfo(run_id="c"), admission(lim, key="same"))
+    await asyncio.sleep(1.1)
+    await meter.admit(AGENT, RunInfo(run_id="d"), admission(lim, key="same"))
+
+
+# Reservations of a gateway process that is gone are released by the next one, not held until they expire.
+
+
+def _finished_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+async def test_a_dead_process_reservations_are_released_at_start(make_meter: Callable[..., Meter]) -> None:
+    lim = limits(concurrent_calls=12, tokens_per_day=100_000)
+    crashed = make_meter()
+    crashed.instance = dataclasses.replace(crashed.instance, pid=_finished_pid(), pid_start="1")  # type: ignore[attr-defined]
+    await crashed.start()
+    held = [admission(lim, estimate=4_000) for _ in range(7)]
+    for ticket in held:
+        await crashed.admit(AGENT, RunInfo(run_id=uuid.uuid4().hex), ticket)
+    survivor = make_meter()
+    before = await survivor.usage(AGENT.agent_id, lim)
+    assert (before.in_flight, before.reserved_tokens) == (7, 28_000)
+    await survivor.start()  # the restart: the process that held them is gone
+    after = await survivor.usage(AGENT.agent_id, lim)
+    assert (after.in_flight, after.reserved_tokens) == (0, 0)
+    for _ in range(12):
+        await survivor.admit(AGENT, RunInfo(run_id=uuid.uuid4().hex), admission(lim))
+
+
+async def test_a_live_replica_keeps_its_reservations_until_its_heartbeat_stops(
+    make_meter: Callable[..., Meter],
+) -> None:
+    lim = limits(concurrent_calls=0)
+    replica = make_meter(heartbeat_seconds=60, instance_timeout=1.0)  # same process: judged by heartbeat
+    await replica.start()
+    await replica.admit(AGENT, RunInfo(run_id="a"), admission(lim))
+    other = make_meter(heartbeat_seconds=60, instance_timeout=1.0)
+    await other.start()
+    assert (await other.usage(AGENT.agent_id, lim)).in_flight == 1  # alive: kept
+    await asyncio.sleep(1.3)  # no heartbeat from the replica since
+    assert await other.reconcile() == (1, 10)  # type: ignore[attr-defined]
+    assert (await other.usage(AGENT.agent_id, lim)).in_flight == 0
+
+
+async def test_a_meter_that_closes_releases_what_it_still_holds(make_meter: Callable[..., Meter]) -> None:
+    lim = limits()
+    first = make_meter()
+    await first.start()
+    await first.admit(AGENT, RunInfo(run_id="a"), admission(lim))
+    await first.close()
+    second = make_meter()
+    assert (await second.usage(AGENT.agent_id, lim)).in_flight == 0
