@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import percentile
+from server.audit.keys import ChainKey
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import SqliteOutbox
 from server.audit.shipper import Shipper
@@ -101,12 +102,12 @@ async def ship_rate(outbox: SqliteOutbox, tracking_uri: str, target_name: str) -
 async def run(calls: int, traces: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        outbox = SqliteOutbox(root / "audit.db")
+        outbox = SqliteOutbox(root / "audit.db", key=ChainKey.generate())
         writes = await write_costs(outbox, calls)
         await outbox.close()
         shipping = []
         for name in ("local", "server"):
-            source = SqliteOutbox(root / f"ship-{name}.db")
+            source = SqliteOutbox(root / f"ship-{name}.db", key=ChainKey.generate())
             for i in range(traces):
                 call_id = uuid.uuid4().hex
                 await source.write("decision", call_id, decision(call_id, i))

@@ -119,6 +119,7 @@ async def audit_search(
     policy_version: str | None = None,
     run_id: str | None = None,
     flag: str | None = None,
+    outcome: Annotated[str | None, Query(pattern="^(ok|error|interrupted|unfinished)$")] = None,
     since: Annotated[IsoTime | None, Query(description="ISO 8601 time, inclusive")] = None,
     until: Annotated[IsoTime | None, Query(description="ISO 8601 time, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
@@ -130,7 +131,7 @@ async def audit_search(
         raise HTTPException(501, "this audit backend has no search")
     filters = {
         "agent": agent, "subject": subject, "tool": tool, "decision": decision, "reason": reason,
-        "policy_version": policy_version, "run_id": run_id, "flag": flag,
+        "policy_version": policy_version, "run_id": run_id, "flag": flag, "outcome": outcome,
         "since": _iso(since), "until": _iso(until),
     }  # fmt: skip
     # An empty parameter (`?agent=`) filters nothing, as a form would mean it.

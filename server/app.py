@@ -108,9 +108,11 @@ def _add_operational_routes(app: FastAPI, gateway: Gateway, metadata: dict[str, 
         """Every backend can answer: policy engine, grant source, meter store, audit outbox. `degraded`
         (still 200) while a policy edit on disk was refused and the last good version decides."""
         checks = await gateway.readiness()
-        ready = all(v == "ok" for v in checks.values())
+        # degraded (still 200): a check that says so, or a refused policy edit (the last good one decides)
+        ready = all(v == "ok" or v.startswith("degraded") for v in checks.values())
         policy = gateway.policy_status()
-        status = ("degraded" if "refused_edit" in policy else "ready") if ready else "not ready"
+        degraded = "refused_edit" in policy or any(v != "ok" for v in checks.values())
+        status = "not ready" if not ready else "degraded" if degraded else "ready"
         return JSONResponse({"status": status, "checks": checks, "policy": policy}, status_code=200 if ready else 503)
 
     @app.get(

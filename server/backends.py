@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import structlog
 
+from server.audit.keys import chain_key_for
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.auth.devkeys import dev_public_keys
 from server.auth.keys import JwksKeys, KeySource, StaticKeys
@@ -127,7 +128,12 @@ METERS: dict[str, Callable[[Settings], Meter]] = {
 }
 
 OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {
-    "sqlite": lambda s: SqliteOutbox(s.data_file(s.audit.path, "audit.db")),
+    "sqlite": lambda s: SqliteOutbox(
+        s.data_file(s.audit.path, "audit.db"),
+        key=chain_key_for(s),
+        checkpoints=s.audit.checkpoint_path,
+        checkpoint_seconds=s.audit.checkpoint_interval_seconds,
+    ),
 }
 
 

@@ -12,6 +12,7 @@ from server import backends
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.redaction import Redactor
+from server.audit.retention import AuditHousekeeping
 from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import Shipper
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
@@ -74,6 +75,7 @@ class Gateway:
     upstreams: UpstreamManager | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
     meter_retries: MeterRetries | None = None
+    housekeeping: AuditHousekeeping | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -83,6 +85,10 @@ class Gateway:
             self.meter_retries.start()
         if self.watcher is not None:
             self.watcher.start()
+        if isinstance(self.outbox, SqliteOutbox):  # the writer: closes calls a crash cut off first
+            self.metrics.interrupted_calls.inc(len(await self.outbox.start()))
+        if self.housekeeping is not None:
+            self.housekeeping.start()
         if self.shipper is not None:
             self.shipper.start()
         if self.upstreams is not None:
@@ -98,6 +104,8 @@ class Gateway:
         }
         if self.shipper is not None:
             checks["audit_shipping"] = self._shipping()
+        if self.housekeeping is not None:
+            checks["disk"] = self.housekeeping.check()
         results: dict[str, str] = {}
         for name, check in checks.items():
             try:
@@ -128,6 +136,8 @@ class Gateway:
             close_tool()
         if self.shipper is not None:
             await self.shipper.stop()
+        if self.housekeeping is not None:
+            await self.housekeeping.stop()
         if isinstance(self.outbox, SqliteOutbox):
             seq, head = self.outbox.record_head()  # so verify can tell if the tail was cut off later
             log.info("audit_chain_head", seq=seq, hash=head)
@@ -285,6 +295,11 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstreams=upstreams,
         closers=closers,
         meter_retries=retries,
+        housekeeping=(
+            AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
+            if isinstance(outbox, SqliteOutbox)
+            else None
+        ),
         llm=LlmProxy(
             settings.llm,
             settings.metering,

@@ -71,6 +71,36 @@ class Metrics:
             "Age of the oldest audit record not yet shipped to MLflow.",
             registry=self.registry,
         )
+        self.shipper_errors = Counter(
+            "castellan_audit_shipper_errors",
+            "Errors the shipper survived outside shipping itself (status file, retention, ...), by where.",
+            ["where"],
+            registry=self.registry,
+        )
+        self.checkpoints_shipped = Counter(
+            "castellan_audit_checkpoints_shipped", "Signed chain checkpoints shipped to MLflow.", registry=self.registry
+        )
+        self.unfinished_calls = Gauge(
+            "castellan_audit_unfinished_calls",
+            "Allowed calls with no outcome for longer than audit.ship_incomplete_after_seconds.",
+            registry=self.registry,
+        )
+        self.interrupted_calls = Counter(
+            "castellan_audit_interrupted_calls",
+            "Calls of a previous gateway instance closed as interrupted at start-up.",
+            registry=self.registry,
+        )
+        self.audit_records_retired = Counter(
+            "castellan_audit_records_retired", "Shipped outbox records removed by retention.", registry=self.registry
+        )
+        self.mlflow_traces_retired = Counter(
+            "castellan_audit_mlflow_traces_retired",
+            "Traces removed from the local MLflow store by retention.",
+            registry=self.registry,
+        )
+        self.data_free_bytes = Gauge(
+            "castellan_data_dir_free_bytes", "Free space on the data directory's file system.", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -353,10 +353,32 @@ class AuditSettings(BaseModel):
     ship_backoff_max_seconds: float = Field(default=30.0, gt=0)
     """While MLflow is down, retries back off exponentially up to this."""
     ship_incomplete_after_seconds: float = Field(default=300.0, gt=0)
-    """An allowed call with no outcome after this long (a crash mid-call) is shipped as it is; its
-    outcome, if it ever comes, updates the same trace."""
+    """An allowed call with no outcome after this long is reported as unfinished (log, metric
+    `castellan_audit_unfinished_calls`). It is shipped once it has an outcome: its own, or
+    `interrupted`, appended at the next start when the gateway that ran it is gone."""
     max_ship_lag_seconds: float = Field(default=0.0, ge=0)
     """/readyz fails when the oldest unshipped record is older than this (0: lag is reported, never fails)."""
+    chain_key: SecretStr | None = None
+    """The secret the audit chain and its checkpoints are MACed with (at least 32 characters), e.g. from
+    `CASTELLAN_AUDIT__CHAIN_KEY`. Not in the audit database. Production requires this or `chain_key_file`."""
+    chain_key_file: Path | None = None
+    """A file holding the chain key (a mounted secret, outside the data directory). Neither set: in dev,
+    `<data_dir>/audit-chain-key` is created on first start (mode 0600)."""
+    checkpoint_path: Path | None = None
+    """The signed checkpoint file (append-only). Default: `<outbox stem>-checkpoints.jsonl` beside the outbox."""
+    checkpoint_interval_seconds: float = Field(default=2.0, gt=0, le=60)
+    """A checkpoint of the chain head at most this long after any write, and at shutdown."""
+    retention_days: float = Field(default=30.0, ge=0)
+    """Shipped outbox records older than this are removed (a `retained` checkpoint keeps the rest
+    verifiable). Unshipped records are never removed. 0: keep everything."""
+    local_mlflow_retention_days: float = Field(default=7.0, ge=0)
+    """Traces older than this are deleted from the local MLflow store (not from a tracking server). 0: keep."""
+    local_mlflow_max_traces: int = Field(default=200_000, ge=0)
+    """At most this many traces are kept in the local MLflow store (oldest deleted first). 0: no cap."""
+    retention_interval_seconds: float = Field(default=300.0, gt=0)
+    """How often retention runs."""
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    """Below this much free space on the data directory's disk, /readyz says degraded and a warning is logged."""
 
 
 class Settings(BaseSettings):

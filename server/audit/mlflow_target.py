@@ -6,8 +6,10 @@ from the request path. MLflow is imported lazily because importing it takes seco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Any
 
 import structlog
 
+from server.audit.checkpoints import Checkpoint, parse
 from server.audit.search import AuditQuery
-from server.audit.traces import TracePlan
+from server.audit.traces import SpanPlan, TracePlan, otel_trace_id
 
 log = structlog.get_logger("castellan.audit.mlflow")
 
@@ -37,6 +40,7 @@ class MlflowTarget:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self._experiment_id: str | None = None
+        self._checkpoint_id: str | None = None
         self._client: Any = None
         self._log_spans = True
 
@@ -57,6 +61,101 @@ class MlflowTarget:
                 experiment_id=self._experiment_id,
             )
         return self._experiment_id
+
+    @property
+    def is_local(self) -> bool:
+        """A store on this machine (an SQLite file) rather than a tracking server."""
+        return self.tracking_uri.startswith("sqlite:")
+
+    @property
+    def checkpoint_experiment(self) -> str:
+        return f"{self.experiment}-checkpoints"
+
+    def _checkpoint_experiment_id(self) -> str:
+        if self._checkpoint_id is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.tracking_uri)
+            found = client.get_experiment_by_name(self.checkpoint_experiment)
+            self._checkpoint_id = found.experiment_id if found else client.create_experiment(self.checkpoint_experiment)
+        return self._checkpoint_id
+
+    def write_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> None:
+        """One small trace per signed checkpoint, in the `<experiment>-checkpoints` experiment: a copy
+        of the chain's heads off the gateway's disk. Idempotent (the trace id derives from the MAC)."""
+        if not checkpoints:
+            return
+        experiment_id = self._checkpoint_experiment_id()
+        plans = [_checkpoint_plan(cp) for cp in checkpoints]
+        spans = [s for p in plans for s in _spans(p)]
+        client = self._tracing()
+        if self._log_spans:
+            try:
+                client.log_spans(experiment_id, spans)
+                return
+            except NotImplementedError:
+                self._log_spans = False
+        from mlflow.entities import TraceData
+
+        for plan in plans:
+            returned = client.start_trace(_trace_info(plan, experiment_id))
+            client._upload_trace_data(returned, TraceData(spans=_spans(plan)))
+
+    def read_checkpoints(self) -> list[Checkpoint]:
+        """The checkpoints shipped to MLflow (for `castellan audit verify --mlflow`)."""
+        from mlflow.tracking import MlflowClient
+
+        found = MlflowClient(self.tracking_uri).get_experiment_by_name(self.checkpoint_experiment)
+        if found is None:
+            return []
+        client, token, result = self._tracing(), None, []
+        while True:
+            page = client.search_traces(
+                locations=[found.experiment_id], max_results=500, page_token=token, include_spans=False
+            )
+            for trace in page:
+                doc = trace.info.tags.get("castellan.checkpoint")
+                if doc:
+                    with contextlib.suppress(ValueError):
+                        parsed, _ = parse(doc)
+                        result += parsed
+            token = page.token
+            if not token:
+                return result
+
+    def prune(self, max_age_seconds: float | None, max_traces: int | None) -> int:
+        """Deletes traces older than `max_age_seconds` and the oldest beyond `max_traces`, in both
+        experiments; returns how many. Freed pages of an SQLite store are reused, so it stops growing."""
+        client, deleted = self._tracing(), 0
+        ids = [self.experiment_id()]
+        with contextlib.suppress(Exception):
+            ids.append(self._checkpoint_experiment_id())
+        for experiment_id in ids:
+            if max_age_seconds:
+                cutoff = int((time.time() - max_age_seconds) * 1000)
+                deleted += int(client.delete_traces(experiment_id, max_timestamp_millis=cutoff) or 0)
+            if max_traces:
+                excess = self._count(experiment_id) - max_traces
+                if excess > 0:
+                    deleted += int(
+                        client.delete_traces(
+                            experiment_id, max_timestamp_millis=int(time.time() * 1000), max_traces=excess
+                        )
+                        or 0
+                    )
+        return deleted
+
+    def _count(self, experiment_id: str) -> int:
+        if not self.is_local:
+            return 0
+        import sqlite3
+
+        path = self.tracking_uri.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM trace_info WHERE experiment_id = ?", (int(experiment_id),)
+            ).fetchone()
+        return int(row[0])
 
     def _tracing(self) -> Any:
         if self._client is None:
@@ -91,6 +190,10 @@ class MlflowTarget:
         """Calls matching `query`, newest first, from the traces (the central store)."""
         client = self._tracing()
         clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in _tag_filters(query).items()]
+        if query.outcome == "unfinished":
+            raise ValueError("unfinished calls are not shipped until they end: search the outbox")
+        if query.outcome:
+            clauses.append(f"tags.`castellan.outcome` = '{_quote(query.outcome)}'")
         if query.flag:
             clauses.append(f"tags.`castellan.flags` LIKE '%{_quote(query.flag)}%'")
         if query.since:
@@ -220,3 +323,29 @@ def _spans(plan: TracePlan) -> list[Any]:
         )
         spans.append(Span(otel))
     return spans
+
+
+def _checkpoint_plan(cp: Checkpoint) -> TracePlan:
+    """A checkpoint as a one-span trace; the whole signed line is a tag, so it can be checked later."""
+    start = int(cp.time * 1e9)
+    tags = {
+        "castellan.checkpoint": cp.line(),
+        "castellan.checkpoint.kind": cp.kind,
+        "castellan.checkpoint.seq": str(cp.seq),
+        "castellan.checkpoint.head": cp.head,
+    }
+    root = SpanPlan(
+        name=f"audit checkpoint {cp.seq}", span_type="UNKNOWN", start_ns=start, end_ns=start + 1000, ok=True
+    )
+    return TracePlan(
+        call_id=f"checkpoint-{cp.mac}",
+        otel_trace_id=otel_trace_id(f"checkpoint-{cp.mac}"),
+        start_ns=start,
+        end_ns=start + 1000,
+        ok=True,
+        tags=tags,
+        metadata={"castellan.reasons": "[]", "castellan.traceparent": ""},
+        request_preview=f"{cp.kind} {cp.seq}",
+        response_preview=cp.head,
+        spans=(root,),
+    )

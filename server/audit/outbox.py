@@ -1,17 +1,25 @@
-"""The audit outbox: an append-only SQLite table, each record committed durably (WAL, synchronous=FULL)."""
+"""The audit outbox: an append-only SQLite table, each record committed durably (WAL, synchronous=FULL),
+chained with a key kept outside it and checkpointed to a signed file beside it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import structlog
 
-from server.audit.chain import GENESIS, Verification, record_hash, verify
+from server.audit.chain import GENESIS, Verification, legacy_heads, read_rows, record_mac, verify_rows
+from server.audit.checkpoints import CheckpointLog
+from server.audit.keys import ChainKey
 from server.audit.search import AuditQuery, search, show
 from server.errors import BackendUnavailable
 from server.sqlite import SqliteDatabase
@@ -30,6 +38,8 @@ CREATE TABLE IF NOT EXISTS outbox (
   prev_hash TEXT NOT NULL,
   hash TEXT NOT NULL,
   shipped_at REAL,
+  key_id TEXT,
+  instance TEXT,
   UNIQUE (call_id, kind)
 );
 CREATE INDEX IF NOT EXISTS outbox_unshipped ON outbox (shipped_at, seq);
@@ -38,14 +48,34 @@ CREATE TABLE IF NOT EXISTS chain_heads (
   hash TEXT NOT NULL,
   recorded_at REAL NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS outbox_no_delete BEFORE DELETE ON outbox
-BEGIN SELECT RAISE(ABORT, 'the audit outbox is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS outbox_no_update BEFORE UPDATE OF seq, call_id, kind, ts, record, prev_hash, hash
-ON outbox BEGIN SELECT RAISE(ABORT, 'audit records cannot be changed'); END;
+CREATE TABLE IF NOT EXISTS retention (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  through_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS probe (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ship_state (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
 """
-# A chain head every this many records, and in the log, so a copy of the chain's state exists
-# outside the database an intruder could rewrite whole.
-_HEAD_EVERY = 1000
+# Version 2: keyed records (`key_id`, `instance` covered by the MAC); retention may remove shipped
+# records below the retained mark, nothing else may delete or change a record.
+_GUARDS = """
+DROP TRIGGER IF EXISTS outbox_no_delete;
+DROP TRIGGER IF EXISTS outbox_no_update;
+CREATE TRIGGER outbox_no_delete BEFORE DELETE ON outbox
+WHEN OLD.shipped_at IS NULL OR OLD.seq > (SELECT COALESCE(MAX(through_seq), 0) FROM retention)
+BEGIN SELECT RAISE(ABORT, 'the audit outbox is append-only'); END;
+CREATE TRIGGER outbox_no_update BEFORE UPDATE OF seq, call_id, kind, ts, record, prev_hash, hash, key_id, instance
+ON outbox BEGIN SELECT RAISE(ABORT, 'audit records cannot be changed'); END;
+PRAGMA user_version = 2;
+"""
+_VERSION = 2
+# An allowed call with no outcome whose writer is gone: closed with this outcome at the next start.
+INTERRUPTED = "interrupted"
 
 
 @dataclass(slots=True)
@@ -59,6 +89,15 @@ class PendingCall:
     outcome: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """Allowed calls without an outcome for longer than asked: how many, the oldest's age, some ids."""
+
+    count: int
+    oldest_seconds: float
+    call_ids: tuple[str, ...]
+
+
 class Outbox(Protocol):
     """Where audit records are committed. `write` returns only once the record is durable;
     it raises `BackendUnavailable("audit", ...)` when it cannot write."""
@@ -70,35 +109,200 @@ class Outbox(Protocol):
     async def close(self) -> None: ...
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= _VERSION:
+        return
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for column in ("key_id", "instance"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} TEXT")
+        conn.execute("CREATE INDEX IF NOT EXISTS outbox_open ON outbox (kind, instance)")
+        for statement in _GUARDS.strip().split(";\n"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class SqliteOutbox:
     """Appends audit records; `write` returns only once the row is committed to disk.
+
+    Each record is MACed with `key` over its position, content, writer instance and the previous
+    record's MAC. A checkpoint of the head goes to `checkpoints` (default `<db stem>-checkpoints.jsonl`
+    beside it) at most `checkpoint_seconds` after any write, and on `close`.
 
     Raises `BackendUnavailable("audit", ...)` when it cannot write: the caller denies the call.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        key: ChainKey,
+        checkpoints: Path | None = None,
+        checkpoint_seconds: float = 2.0,
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.instance = uuid.uuid4().hex[:16]
+        self.checkpoints = CheckpointLog(checkpoints or path.with_name(f"{path.stem}-checkpoints.jsonl"), key)
+        self._checkpoint_seconds = checkpoint_seconds
+        self._checkpointed: int | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self.checkpoint_error: str | None = None
+        self._lock_fd: int | None = None
+        self._wrote = False
         self._db = SqliteDatabase(path, schema=_SCHEMA, synchronous="FULL")
+        self._db.run_sync(_migrate)
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}-instances")
+
+    # -- writing ------------------------------------------------------------------------------------
 
     async def write(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
         body = json.dumps(record, separators=(",", ":"), default=str)
+        key, instance = self.key, self.instance
 
         def insert(conn: sqlite3.Connection) -> None:
             last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:  # empty: the first record, or the one after what retention removed
+                kept = conn.execute("SELECT MAX(through_seq) FROM retention").fetchone()[0]
+                last = (kept, self._retained_head(kept)) if kept else None
             seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
             ts = time.time()
-            digest = record_hash(prev, seq, call_id, kind, ts, body)
+            digest = record_mac(key, prev, seq, call_id, kind, ts, body, instance)
             conn.execute(
-                "INSERT INTO outbox (seq, call_id, kind, ts, record, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, call_id, kind, ts, body, prev, digest),
+                "INSERT INTO outbox (seq, call_id, kind, ts, record, prev_hash, hash, key_id, instance)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, call_id, kind, ts, body, prev, digest, key.key_id, instance),
             )
-            if seq % _HEAD_EVERY == 0:
-                conn.execute("INSERT INTO chain_heads VALUES (?, ?, ?)", (seq, digest, ts))
-                log.info("audit_chain_head", seq=seq, hash=digest)
 
         try:
             await self._db.transact(insert)
         except sqlite3.Error as exc:
             raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
+        self._wrote = True
+        self._schedule_checkpoint()
+
+    def _retained_head(self, through: int) -> str:
+        found = [cp for cp in self.checkpoints.read()[0] if cp.kind == "retained" and cp.seq == through]
+        if not found:
+            raise sqlite3.DatabaseError(f"no retained checkpoint for record {through}: cannot continue the chain")
+        return found[-1].head
+
+    # -- lifecycle: the writer instance -------------------------------------------------------------
+
+    async def start(self) -> list[dict[str, Any]]:
+        """Become the writing instance: take its lock, seal an unkeyed chain with a `keyed`
+        checkpoint, and close as `interrupted` the unfinished calls of instances that are gone.
+        Returns the decision records of the calls it closed (what they held can be released)."""
+        if self._lock_fd is None:
+            self.instances_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.instances_dir / f"{self.instance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, str(os.getpid()).encode())
+            self._lock_fd = fd
+        await self._db.run(self._seal_unkeyed)
+        return await self.close_interrupted()
+
+    def _seal_unkeyed(self, conn: sqlite3.Connection) -> None:
+        last = conn.execute("SELECT seq, hash, key_id FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is None or last[2] is not None:
+            return
+        if any(cp.kind == "keyed" for cp in self.checkpoints.read()[0]):
+            return
+        self.checkpoints.append("keyed", int(last[0]), str(last[1]), self.instance)
+        log.info("audit_chain_keyed", unkeyed_records=int(last[0]), key_id=self.key.key_id)
+
+    def _alive(self, instance: str | None) -> bool:
+        """Whether the instance that wrote a record still runs: it holds its lock file."""
+        if instance is None or instance == self.instance:
+            return instance is not None
+        path = self.instances_dir / f"{instance}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        return False
+
+    async def close_interrupted(self) -> list[dict[str, Any]]:
+        """Appends an `interrupted` outcome to every allowed call of a gone instance that has none."""
+
+        def find(conn: sqlite3.Connection) -> list[tuple[str, str | None, str]]:
+            return [
+                (str(call_id), instance, str(record))
+                for call_id, instance, record in conn.execute(
+                    "SELECT d.call_id, d.instance, d.record FROM outbox d WHERE d.kind = 'decision'"
+                    " AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
+                    " (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id AND o.kind = 'outcome') ORDER BY d.seq"
+                )
+            ]
+
+        open_calls = await self._db.run(find)
+        alive: dict[str | None, bool] = {}
+        closed: list[dict[str, Any]] = []
+        for call_id, instance, record in open_calls:
+            if instance not in alive:
+                alive[instance] = self._alive(instance)
+            if alive[instance]:
+                continue
+            decision = json.loads(record)
+            await self.write("outcome", call_id, interrupted_outcome(call_id, instance, self.instance))
+            closed.append(decision)
+        if closed:
+            log.warning("audit_calls_interrupted", calls=len(closed), closed_by=self.instance)
+        return closed
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def _schedule_checkpoint(self) -> None:
+        if self._checkpoint_timer is not None or self._checkpoint_seconds <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._checkpoint_timer = loop.call_later(self._checkpoint_seconds, self._checkpoint_due)
+
+    def _checkpoint_due(self) -> None:
+        self._checkpoint_timer = None
+        self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_async())
+
+    async def _checkpoint_async(self) -> None:
+        try:
+            await self._db.run(self._checkpoint)
+        except Exception as exc:  # reported by check() and readiness; the next write retries
+            if self.checkpoint_error is None:
+                log.error("audit_checkpoint_failed", error=str(exc), path=str(self.checkpoints.path))
+            self.checkpoint_error = f"{type(exc).__name__}: {exc}"
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> tuple[int, str]:
+        last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+        if last is None:
+            return 0, GENESIS
+        seq, head = int(last[0]), str(last[1])
+        if seq != self._checkpointed:
+            self.checkpoints.append("head", seq, head, self.instance)
+            self._checkpointed = seq
+            self.checkpoint_error = None
+        return seq, head
+
+    def record_head(self) -> tuple[int, str]:
+        """Checkpoint the current chain head now (at shutdown, or on demand); returns it."""
+        return self._db.run_sync(self._checkpoint)
+
+    # -- reading ------------------------------------------------------------------------------------
 
     async def records(self, call_id: str) -> dict[str, dict[str, Any]]:
         """The records of one call, by kind."""
@@ -128,15 +332,20 @@ class SqliteOutbox:
     async def show_async(self, call_id: str) -> dict[str, Any] | None:
         return await self._db.run(lambda c: show(c, call_id))
 
-    async def pending(self, limit: int, incomplete_after: float) -> list[PendingCall]:
-        """Calls with records not yet shipped, oldest first, that are ready: finished (an outcome, or a
-        decision that stopped the call), or allowed but without an outcome for `incomplete_after` seconds."""
+    # -- shipping -----------------------------------------------------------------------------------
+
+    async def pending(self, limit: int) -> list[PendingCall]:
+        """Calls ready to ship, oldest first: finished (an outcome, or a decision that stopped the call).
+        An allowed call still running never holds back the ones behind it."""
 
         def read(conn: sqlite3.Connection) -> list[PendingCall]:
             ids = [
                 r[0]
                 for r in conn.execute(
-                    "SELECT call_id FROM outbox WHERE shipped_at IS NULL GROUP BY call_id ORDER BY MIN(seq) LIMIT ?",
+                    "SELECT u.call_id FROM outbox u WHERE u.shipped_at IS NULL AND (u.kind = 'outcome'"
+                    " OR json_extract(u.record, '$.decision') IS NOT 'allow' OR EXISTS (SELECT 1 FROM outbox o"
+                    " WHERE o.call_id = u.call_id AND o.kind = 'outcome'))"
+                    " GROUP BY u.call_id ORDER BY MIN(u.seq) LIMIT ?",
                     (limit,),
                 )
             ]
@@ -154,13 +363,22 @@ class SqliteOutbox:
                     call.decision, call.decided_at = json.loads(record), ts
                 else:
                     call.outcome = json.loads(record)
-            stale = time.time() - incomplete_after
-            return [
-                c
-                for c in calls.values()
-                if c.decision is not None
-                and (c.outcome is not None or c.decision.get("decision") != "allow" or c.decided_at < stale)
-            ]
+            return [c for c in calls.values() if c.decision is not None]
+
+        return await self._db.run(read)
+
+    async def unfinished(self, older_than: float) -> Unfinished:
+        """Allowed calls with no outcome for more than `older_than` seconds (still running, or cut off)."""
+
+        def read(conn: sqlite3.Connection) -> Unfinished:
+            rows = conn.execute(
+                "SELECT d.call_id, d.ts FROM outbox d WHERE d.kind = 'decision' AND d.shipped_at IS NULL"
+                " AND d.ts < ? AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
+                " (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id AND o.kind = 'outcome') ORDER BY d.seq",
+                (time.time() - older_than,),
+            ).fetchall()
+            oldest = time.time() - rows[0][1] if rows else 0.0
+            return Unfinished(len(rows), oldest, tuple(r[0] for r in rows[:20]))
 
         return await self._db.run(read)
 
@@ -174,34 +392,148 @@ class SqliteOutbox:
             lambda c: c.execute(f"UPDATE outbox SET shipped_at = ? WHERE seq IN ({marks})", [now, *seqs])
         )
 
-    async def backlog(self) -> tuple[int, float]:
-        """(records not yet shipped, seconds the oldest of them has waited; 0 when none)."""
-        row = await self._db.run(
-            lambda c: c.execute("SELECT COUNT(*), MIN(ts) FROM outbox WHERE shipped_at IS NULL").fetchone()
+    async def ship_state(self, name: str) -> str | None:
+        row = await self._db.run(lambda c: c.execute("SELECT value FROM ship_state WHERE name = ?", (name,)).fetchone())
+        return str(row[0]) if row else None
+
+    async def set_ship_state(self, name: str, value: str) -> None:
+        await self._db.transact(
+            lambda c: c.execute("INSERT OR REPLACE INTO ship_state (name, value) VALUES (?, ?)", (name, value))
         )
-        return int(row[0]), time.time() - row[1] if row[1] is not None else 0.0
 
-    def verify(self) -> Verification:
-        """Recompute the hash chain (synchronous: for the CLI)."""
-        return self._db.run_sync(verify)
+    async def backlog(self) -> tuple[int, float]:
+        """(records not yet shipped, seconds the oldest ready one has waited; 0 when none).
+        A call still running is not lag: it is reported by `unfinished`."""
 
-    def record_head(self) -> tuple[int, str]:
-        """Record the current chain head now (e.g. at shutdown or on a schedule); returns it."""
+        def read(conn: sqlite3.Connection) -> tuple[int, float]:
+            count = conn.execute("SELECT COUNT(*) FROM outbox WHERE shipped_at IS NULL").fetchone()[0]
+            oldest = conn.execute(
+                "SELECT MIN(u.ts) FROM outbox u WHERE u.shipped_at IS NULL AND (u.kind = 'outcome'"
+                " OR json_extract(u.record, '$.decision') IS NOT 'allow' OR EXISTS (SELECT 1 FROM outbox o"
+                " WHERE o.call_id = u.call_id AND o.kind = 'outcome'))"
+            ).fetchone()[0]
+            return int(count), time.time() - oldest if oldest is not None else 0.0
 
-        def write(conn: sqlite3.Connection) -> tuple[int, str]:
-            last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
-            if last is None:
-                return 0, GENESIS
-            conn.execute("INSERT OR IGNORE INTO chain_heads VALUES (?, ?, ?)", (last[0], last[1], time.time()))
-            return int(last[0]), str(last[1])
+        return await self._db.run(read)
 
-        return self._db.run_sync(write)
+    # -- retention ----------------------------------------------------------------------------------
+
+    async def prune(self, older_than_seconds: float, batch: int = 5_000) -> int:
+        """Removes shipped records older than `older_than_seconds`, oldest first, never an unshipped
+        one, nor anything of a call with a record still unshipped, nor the newest record (the chain
+        continues from it). A `retained` checkpoint of the last removed record is written first, so
+        `verify` still proves the kept part. Returns how many records it removed."""
+
+        def plan(conn: sqlite3.Connection) -> tuple[int, str] | None:
+            cutoff = time.time() - older_than_seconds
+            bounds = conn.execute(
+                "SELECT MIN(seq) FROM (SELECT MIN(seq) AS seq FROM outbox WHERE shipped_at IS NULL OR ts >= ?"
+                " UNION ALL SELECT MIN(d.seq) FROM outbox d JOIN outbox u ON u.call_id = d.call_id"
+                " WHERE u.shipped_at IS NULL UNION ALL SELECT MAX(seq) FROM outbox)",
+                (cutoff,),
+            ).fetchone()
+            first = conn.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
+            if bounds[0] is None or first is None or bounds[0] - 1 < first:
+                return None
+            through = min(int(bounds[0]) - 1, first + batch - 1)
+            head = conn.execute("SELECT hash FROM outbox WHERE seq = ?", (through,)).fetchone()
+            return (through, str(head[0])) if head else None
+
+        found = await self._db.run(plan)
+        if found is None:
+            return 0
+        through, head = found
+        await self._db.run(lambda _: self.checkpoints.append("retained", through, head, self.instance))
+
+        def remove(conn: sqlite3.Connection) -> int:
+            conn.execute("INSERT OR REPLACE INTO retention (id, through_seq) VALUES (1, ?)", (through,))
+            conn.execute("DELETE FROM chain_heads WHERE seq <= ?", (through,))
+            return int(conn.execute("DELETE FROM outbox WHERE seq <= ?", (through,)).rowcount)
+
+        removed = await self._db.transact(remove)
+        log.info("audit_records_retired", through_seq=through, removed=removed)
+        return removed
+
+    # -- verification and health --------------------------------------------------------------------
+
+    def verify(
+        self, expected_heads: list[tuple[int, str]] | None = None, extra: list[Any] | None = None
+    ) -> Verification:
+        """Recompute the chain and check it against the checkpoints (synchronous: for the CLI).
+        `extra`: more checkpoints (e.g. the copies shipped to MLflow); `expected_heads`: (seq, hash)
+        pairs the caller trusts."""
+        checkpoints, unreadable = self.checkpoints.read()
+
+        def run(conn: sqlite3.Connection) -> Verification:
+            result = verify_rows(
+                read_rows(conn),
+                self.key,
+                [*checkpoints, *(extra or [])],
+                unreadable,
+                expected_heads or [],
+                legacy_heads(conn),
+            )
+            interrupted = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT call_id FROM outbox WHERE kind = 'outcome' AND json_extract(record, '$.interrupted') = 1"
+                    " ORDER BY seq"
+                )
+            ]
+            unfinished = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT d.call_id FROM outbox d WHERE d.kind = 'decision' AND json_extract(d.record,"
+                    " '$.decision') = 'allow' AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id"
+                    " AND o.kind = 'outcome') ORDER BY d.seq"
+                )
+            ]
+            return replace(result, interrupted=tuple(interrupted), unfinished=tuple(unfinished))
+
+        return self._db.run_sync(run)
 
     async def check(self) -> None:
+        """A real write (a probe row, committed like a record): a full disk or a locked file fails here."""
         try:
-            await self._db.run(lambda c: c.execute("SELECT 1 FROM outbox LIMIT 1").fetchall())
+            await self._db.transact(
+                lambda c: c.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+            )
         except sqlite3.Error as exc:
-            raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
+            raise BackendUnavailable("audit", f"audit log cannot write: {exc}") from exc
+        if self.checkpoint_error is not None:
+            raise BackendUnavailable("audit", f"audit checkpoints cannot be written: {self.checkpoint_error}")
 
     async def close(self) -> None:
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
+        if self._checkpoint_task is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint_task
+        with contextlib.suppress(Exception):
+            if self._wrote:  # a writer: its last head, signed, outside the database
+                self._db.run_sync(self._checkpoint)
         self._db.close()
+        if self._lock_fd is not None:
+            (self.instances_dir / f"{self.instance}.lock").unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def interrupted_outcome(call_id: str, instance: str | None, closed_by: str) -> dict[str, Any]:
+    """The outcome of a call whose gateway stopped (killed, crashed) before it finished."""
+    return {
+        "call_id": call_id,
+        "is_error": True,
+        "interrupted": True,
+        "error": f"interrupted: gateway instance {instance or 'unknown'} stopped before the call finished",
+        "closed_by": closed_by,
+        "result_preview": None,
+        "result_chars": 0,
+        "tokens_in": 0,
+        "tokens_out": 0,
+        "latency_ms": None,
+        "timings_ms": {},
+        "flags": [INTERRUPTED],
+        "injection_markers": [],
+    }

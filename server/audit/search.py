@@ -24,6 +24,13 @@ _FILTERS = {
     "since": "d.ts >= ?",
     "until": "d.ts < ?",
 }
+# What became of an allowed call (no argument: one condition per value).
+OUTCOMES = {
+    "ok": "json_extract(o.record, '$.is_error') = 0",
+    "error": "json_extract(o.record, '$.is_error') = 1 AND json_extract(o.record, '$.interrupted') IS NULL",
+    "interrupted": "json_extract(o.record, '$.interrupted') = 1",
+    "unfinished": "o.record IS NULL AND json_extract(d.record, '$.decision') = 'allow'",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,8 @@ class AuditQuery:
     run_id: str | None = None
     flag: str | None = None
     """A flag on the outcome, e.g. `prompt_injection`."""
+    outcome: str | None = None
+    """ok, error, interrupted (cut off by a crash, closed at the next start) or unfinished (no outcome yet)."""
     since: str | None = None
     """ISO 8601 time, inclusive."""
     until: str | None = None
@@ -63,6 +72,10 @@ def search(conn: sqlite3.Connection, query: AuditQuery) -> list[dict[str, Any]]:
                 if f.name in ("since", "until")
                 else value
             )
+    if query.outcome is not None:
+        if query.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+        where.append(OUTCOMES[query.outcome])
     sql = (
         "SELECT d.seq, d.call_id, d.record, o.record FROM outbox d LEFT JOIN outbox o ON o.call_id = d.call_id "
         f"AND o.kind = 'outcome' WHERE {' AND '.join(where)} ORDER BY d.seq DESC LIMIT ? OFFSET ?"

@@ -15,11 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from server.audit.keys import KEY_ENV
 from server.audit.outbox import SqliteOutbox
 from server.audit.shipper import publish_backlog, shipping_status
 from server.children import spawn
@@ -28,12 +30,16 @@ from server.settings import AuditSettings
 
 log = structlog.get_logger("castellan.audit.shipper")
 SETTINGS_ENV = "CASTELLAN_SHIPPER_SETTINGS"
+BUSY_EXIT = 3
+"""`castellan ship`'s exit status when another shipper holds the outbox's lock."""
 
 
 class ShipperProcess:
     def __init__(
         self, outbox: SqliteOutbox, settings: AuditSettings, data_dir: Path, audit_db: Path, metrics: Metrics
     ) -> None:
+        # The chain key reaches the child in its environment (settings go as JSON, secrets masked).
+        self._key = outbox.key.secret.decode()
         self._outbox = outbox
         self._settings = settings
         self._metrics = metrics
@@ -49,7 +55,7 @@ class ShipperProcess:
     def _spawn(self) -> None:
         self.status_file.unlink(missing_ok=True)
         self._seen = {"shipped": 0, "failures": 0}
-        env = {**os.environ, SETTINGS_ENV: self._child_settings}
+        env = {**os.environ, SETTINGS_ENV: self._child_settings, KEY_ENV: self._key}
         self._process = spawn([sys.executable, "-m", "server", "ship"], env=env, stdin=None)
         log.info("audit_shipper_started", pid=self._process.pid, restarts=self._restarts)
 
@@ -63,7 +69,9 @@ class ShipperProcess:
             await asyncio.sleep(1.0)
             assert self._process is not None
             if self._process.poll() is not None:
-                log.warning("audit_shipper_exited", code=self._process.returncode, restart_in=backoff)
+                code = self._process.returncode
+                why = "another shipper holds the outbox's lock" if code == BUSY_EXIT else None
+                log.warning("audit_shipper_exited", code=code, reason=why, restart_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 self._restarts += 1
@@ -82,6 +90,7 @@ class ShipperProcess:
     async def _refresh_metrics(self) -> None:
         await publish_backlog(self._outbox, self._metrics)
         status = self._status()
+        self._metrics.unfinished_calls.set(int(status.get("unfinished", 0)))
         for key, counter in (("shipped", self._metrics.shipped), ("failures", self._metrics.ship_failures)):
             now = int(status.get(key, 0))
             if now > self._seen[key]:
@@ -89,7 +98,13 @@ class ShipperProcess:
                 self._seen[key] = now
 
     async def status(self) -> str:
-        return await shipping_status(self._outbox, self._settings, self._status().get("last_error"))
+        status = self._status()
+        fault = status.get("fault")
+        updated = float(status.get("updated") or 0)
+        stale = self._settings.ship_interval_seconds + self._settings.ship_backoff_max_seconds + 30
+        if updated and time.time() - updated > stale and not fault:
+            fault = f"its status is {time.time() - updated:.0f} s old (cannot write it? stuck?)"
+        return await shipping_status(self._outbox, self._settings, status.get("last_error"), fault)
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         if self._task is not None:

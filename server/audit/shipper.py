@@ -4,17 +4,24 @@ Never on the request path. Each batch is written synchronously (MLflow's own asy
 when full and swallows errors) in a worker thread, and its records are marked shipped only after
 MLflow confirmed the write; while MLflow is down it backs off and retries, so records wait in the
 durable outbox and nothing is lost. Shipping twice is harmless: trace ids derive from call ids.
+
+It also ships the chain's signed checkpoints (a copy outside the machine), applies retention to the
+local MLflow store, and reports calls that stay unfinished. It survives any exception: each is
+logged, counted (`castellan_audit_shipper_errors`) and put in its status; only one shipper may run
+per outbox (a lock held for its lifetime).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -25,6 +32,47 @@ from server.metrics import Metrics
 from server.settings import AuditSettings
 
 log = structlog.get_logger("castellan.audit.shipper")
+_CHECKPOINTS_SHIPPED = "checkpoints_shipped_through"
+
+
+class ShipperBusy(RuntimeError):
+    """Another shipper holds this outbox's lock."""
+
+
+class ShipperLock:
+    """An exclusive `flock` on `<outbox>.ship.lock`, held for the shipper's lifetime (released by the
+    kernel however the process ends), so two shippers never work the same outbox."""
+
+    def __init__(self, outbox_path: Path) -> None:
+        self.path = outbox_path.with_name(f"{outbox_path.name}.ship.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises `ShipperBusy` naming the holder's pid when another shipper runs."""
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ShipperBusy(
+                f"another shipper (pid {holder}) is shipping {self.path.name.removesuffix('.ship.lock')}; "
+                "only one may run per outbox"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Shipper:
@@ -41,15 +89,24 @@ class Shipper:
         self._settings = settings
         self._metrics = metrics
         self._status_file = status_file
+        self.lock = ShipperLock(outbox.path)
         self.failures = 0
+        self.errors = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="castellan-shipper")
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self.last_error: str | None = None
         self.shipped = 0
+        self.unfinished = 0
+        self.fault: str | None = None
+        """The last error outside shipping itself (status file, retention, ...): /readyz says degraded."""
+        self._fault_at = 0.0
+        self._next_housekeeping = 0.0
 
     def start(self) -> None:
+        """Ships in the background, once it holds the outbox's shipping lock (waiting for it while
+        another shipper holds it)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="castellan-audit-shipper")
 
     def poke(self) -> None:
@@ -57,23 +114,26 @@ class Shipper:
         self._wake.set()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         backoff = 0.0
         while not self._stopping:
+            delay = self._settings.ship_interval_seconds
             try:
-                await loop.run_in_executor(self._executor, self._target.experiment_id)
-                shipped = await self.ship_once()
+                if not self.lock.held:
+                    try:
+                        self.lock.acquire()
+                    except ShipperBusy as exc:
+                        self._error("lock", exc)
+                        await asyncio.sleep(self._settings.ship_backoff_max_seconds)
+                        continue
+                shipped = await self._cycle()
                 if self.last_error is not None:
                     log.info("audit_shipping_resumed", tracking_uri=self._target.tracking_uri)
                 self.last_error, backoff = None, 0.0
-                await self._update_backlog()
                 if shipped:
-                    self._write_status()
-                    continue
-                delay = self._settings.ship_interval_seconds
+                    delay = 0.0
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # MLflow down, disk full, a bug: reported, retried, never fatal
                 backoff = min(self._settings.ship_backoff_max_seconds, max(0.5, backoff * 2))
                 if self.last_error is None:
                     log.warning("audit_shipping_failed", error=_describe(exc), retry_in=backoff)
@@ -81,15 +141,47 @@ class Shipper:
                 self.failures += 1
                 self._metrics.ship_failures.inc()
                 delay = backoff
-                await self._update_backlog()
+            await self._guarded("backlog", self._update_backlog())
             self._write_status()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            if self.fault is not None and time.monotonic() - self._fault_at > 60:
+                log.info("audit_shipper_recovered", fault=self.fault)
+                self.fault = None
+            if delay:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def _cycle(self) -> int:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._target.experiment_id)
+        shipped = await self.ship_once()
+        await self.ship_checkpoints()
+        if time.monotonic() >= self._next_housekeeping:
+            self._next_housekeeping = time.monotonic() + self._settings.retention_interval_seconds
+            await self._guarded("retention", self.retain())
+            await self._guarded("unfinished", self._report_unfinished())
+        return shipped
+
+    async def _guarded(self, where: str, work: Any) -> None:
+        """Housekeeping that must not stop shipping: a failure is logged, counted and kept in the status."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._error(where, exc)
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._metrics.shipper_errors.labels(where).inc()
+        fault = f"{where}: {_describe(exc)}"
+        if fault != self.fault:  # once per distinct fault, not every cycle of a full disk
+            log.error("audit_shipper_error", where=where, error=_describe(exc))
+        self.fault, self._fault_at = fault, time.monotonic()
 
     async def ship_once(self) -> int:
         """Ships one batch; returns how many calls it shipped (0: nothing ready)."""
-        pending = await self._outbox.pending(self._settings.ship_batch, self._settings.ship_incomplete_after_seconds)
+        pending = await self._outbox.pending(self._settings.ship_batch)
         if not pending:
             return 0
         plans = [plan_trace(p) for p in pending]
@@ -101,27 +193,73 @@ class Shipper:
         self._metrics.shipped.inc(len(pending))
         return len(pending)
 
+    async def ship_checkpoints(self) -> int:
+        """Ships the signed checkpoints not shipped yet (a copy of the chain's heads off this disk)."""
+        through = float(await self._outbox.ship_state(_CHECKPOINTS_SHIPPED) or 0)
+        found, _ = await asyncio.to_thread(self._outbox.checkpoints.read)
+        new = [cp for cp in found if cp.time > through]
+        if not new:
+            return 0
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._target.write_checkpoints, new)
+        await self._outbox.set_ship_state(_CHECKPOINTS_SHIPPED, repr(max(cp.time for cp in new)))
+        self._metrics.checkpoints_shipped.inc(len(new))
+        return len(new)
+
+    async def retain(self) -> int:
+        """Retention of the local MLflow store (days and count); a tracking server keeps its own."""
+        if not self._target.is_local:
+            return 0
+        days, cap = self._settings.local_mlflow_retention_days, self._settings.local_mlflow_max_traces
+        if not days and not cap:
+            return 0
+        deleted = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._target.prune, days * 86_400 if days else None, cap or None
+        )
+        if deleted:
+            log.info("mlflow_traces_retired", deleted=deleted, tracking_uri=self._target.tracking_uri)
+            self._metrics.mlflow_traces_retired.inc(deleted)
+        return deleted
+
+    async def _report_unfinished(self) -> None:
+        found = await self._outbox.unfinished(self._settings.ship_incomplete_after_seconds)
+        self._metrics.unfinished_calls.set(found.count)
+        if found.count > self.unfinished:
+            log.warning(
+                "audit_calls_unfinished",
+                calls=found.count,
+                oldest_seconds=round(found.oldest_seconds),
+                call_ids=list(found.call_ids[:5]),
+            )
+        self.unfinished = found.count
+
     def _write_status(self) -> None:
-        """For a supervising gateway (the shipper in its own process): what this shipper has done."""
+        """For a supervising gateway (the shipper in its own process): what this shipper has done.
+        A failure here (disk full) is reported like any other and never stops shipping."""
         if self._status_file is None:
             return
         body = {
             "pid": os.getpid(),
             "shipped": self.shipped,
             "failures": self.failures,
+            "errors": self.errors,
+            "unfinished": self.unfinished,
             "last_error": self.last_error,
+            "fault": self.fault,
             "target": self._target.tracking_uri,
             "updated": time.time(),
         }
-        temporary = self._status_file.with_suffix(".tmp")
-        temporary.write_text(json.dumps(body))
-        temporary.replace(self._status_file)
+        try:
+            temporary = self._status_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(body))
+            temporary.replace(self._status_file)
+        except Exception as exc:
+            self._error("status", exc)
 
     async def _update_backlog(self) -> None:
         await publish_backlog(self._outbox, self._metrics)
 
     async def status(self) -> str:
-        return await shipping_status(self._outbox, self._settings, self.last_error)
+        return await shipping_status(self._outbox, self._settings, self.last_error, self.fault)
 
     async def lag(self) -> dict[str, object]:
         count, lag = await self._outbox.backlog()
@@ -140,14 +278,17 @@ class Shipper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if drain_seconds > 0 and self.last_error is None:
+        if drain_seconds > 0 and self.last_error is None and self.lock.held:
             deadline = time.monotonic() + drain_seconds
             with contextlib.suppress(Exception):
                 while time.monotonic() < deadline:
                     remaining = max(0.1, deadline - time.monotonic())
                     if not await asyncio.wait_for(self.ship_once(), timeout=remaining):
                         break
+                await asyncio.wait_for(self.ship_checkpoints(), timeout=max(0.1, deadline - time.monotonic()))
+        self._write_status()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.lock.release()
 
 
 async def publish_backlog(outbox: SqliteOutbox, metrics: Metrics) -> None:
@@ -157,15 +298,20 @@ async def publish_backlog(outbox: SqliteOutbox, metrics: Metrics) -> None:
     metrics.ship_lag.set(lag)
 
 
-async def shipping_status(outbox: SqliteOutbox, settings: AuditSettings, last_error: object) -> str:
-    """ "ok", or what is wrong: for /readyz. Lag fails readiness only beyond `max_ship_lag_seconds`."""
+async def shipping_status(
+    outbox: SqliteOutbox, settings: AuditSettings, last_error: object, fault: object = None
+) -> str:
+    """ "ok", "degraded: ..." (the shipper works around a fault), or what is wrong: for /readyz. Lag
+    fails readiness only beyond `max_ship_lag_seconds`; MLflow being down is lag, not a fault."""
     count, lag = await outbox.backlog()
     limit = settings.max_ship_lag_seconds
     if limit and lag > limit:
         return f"{count} audit records not shipped, oldest {lag:.0f} s (limit {limit:.0f} s): {last_error}"
+    if fault:
+        return f"degraded: shipper: {fault}"
     return "ok"
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}"[:300]

@@ -56,10 +56,10 @@ class TracePlan:
 
 
 def trace_id_for(call_id: str) -> str:
-    return f"tr-{_otel_trace_id(call_id):032x}"
+    return f"tr-{otel_trace_id(call_id):032x}"
 
 
-def _otel_trace_id(call_id: str) -> int:
+def otel_trace_id(call_id: str) -> int:
     return int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:16], "big") or 1
 
 
@@ -110,6 +110,16 @@ def plan_trace(pending: PendingCall) -> TracePlan:
     tags = {f"castellan.{key}": str(decision[key]) for key in TAGS if decision.get(key) is not None}
     if outcome and outcome.get("flags"):
         tags["castellan.flags"] = ",".join(outcome["flags"])
+    # What became of the call: ok, error, interrupted (its gateway died mid-call), or denied.
+    tags["castellan.outcome"] = (
+        verdict or "unknown"
+        if verdict != "allow"
+        else "interrupted"
+        if (outcome or {}).get("interrupted")
+        else "error"
+        if (outcome or {}).get("is_error")
+        else "ok"
+    )
     metadata = {
         "castellan.call_id": pending.call_id,
         "castellan.reasons": json.dumps(decision.get("reasons") or []),
@@ -139,7 +149,7 @@ def plan_trace(pending: PendingCall) -> TracePlan:
     reasons = "; ".join(decision.get("reasons") or [])
     return TracePlan(
         call_id=pending.call_id,
-        otel_trace_id=_otel_trace_id(pending.call_id),
+        otel_trace_id=otel_trace_id(pending.call_id),
         start_ns=start_ns,
         end_ns=end_ns,
         ok=ok,

@@ -10,16 +10,33 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from server.cli._common import config_option, settings_from
+from server.errors import ConfigError
 
 if TYPE_CHECKING:
+    from server.audit.checkpoints import Checkpoint
     from server.audit.outbox import SqliteOutbox
 
 
-def _outbox(config: Path | None) -> SqliteOutbox:
+def _outbox(config: Path | None, *, verifying: bool = False) -> SqliteOutbox:
+    from server.audit.keys import ChainKey, chain_key_for
     from server.audit.outbox import SqliteOutbox
 
     settings = settings_from(config)
-    return SqliteOutbox(settings.data_file(settings.audit.path, "audit.db"))
+    try:
+        key = chain_key_for(settings, create=False)
+    except ConfigError as exc:
+        if verifying:
+            raise click.ClickException(f"cannot verify without the chain key: {exc}") from None
+        key = ChainKey.generate()  # reading needs no key
+    return SqliteOutbox(settings.data_file(settings.audit.path, "audit.db"), key=key,
+                        checkpoints=settings.audit.checkpoint_path)  # fmt: skip
+
+
+def _expected_head(text: str) -> tuple[int, str]:
+    seq, _, head = text.partition(":")
+    if not seq.isdigit() or len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
+        raise click.BadParameter(f"{text!r}: expected SEQ:HASH as `audit verify` prints it (64 hex digits)")
+    return int(seq), head
 
 
 @click.group()
@@ -29,13 +46,45 @@ def audit() -> None:
 
 @audit.command("verify")
 @config_option
-def audit_verify(config: Path | None) -> None:
-    """Check the hash chain: any edited, deleted or reordered record is reported with its position."""
-    result = _outbox(config).verify()
-    for problem in result.breaks:
+@click.option(
+    "--expect-head", "expected", multiple=True, metavar="SEQ:HASH",
+    help="A chain head you recorded elsewhere (as printed here); the chain must still reach it. Repeatable.",
+)  # fmt: skip
+@click.option("--mlflow", "use_mlflow", is_flag=True, help="Also check against the checkpoints shipped to MLflow.")
+def audit_verify(config: Path | None, expected: tuple[str, ...], use_mlflow: bool) -> None:
+    """Check the keyed hash chain against its signed checkpoints: any edited, deleted, reordered,
+    renumbered or rewritten-and-rehashed record, and a cut-off tail, is reported with its position."""
+    heads = [_expected_head(text) for text in expected]
+    outbox = _outbox(config, verifying=True)
+    extra: list[Checkpoint] = []
+    if use_mlflow:
+        from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+
+        settings = settings_from(config)
+        uri = settings.audit.mlflow_tracking_uri or local_tracking_uri(settings.data_dir)
+        try:
+            extra = MlflowTarget(uri, settings.audit.mlflow_experiment).read_checkpoints()
+        except Exception as exc:
+            raise click.ClickException(f"cannot read checkpoints from MLflow: {type(exc).__name__}: {exc}") from None
+    result = outbox.verify(heads, extra)
+    for problem in result.breaks[:200]:
         click.echo(f"record {problem.seq}: {problem.problem}", err=True)
+    if len(result.breaks) > 200:
+        click.echo(f"… and {len(result.breaks) - 200} more", err=True)
+    if result.interrupted:
+        more = " …" if len(result.interrupted) > 10 else ""
+        click.echo(
+            f"{len(result.interrupted)} call(s) interrupted by a crash (closed at the next start): "
+            + ", ".join(result.interrupted[:10]) + more,
+            err=True,
+        )  # fmt: skip
+    if result.unfinished:
+        click.echo(f"{len(result.unfinished)} allowed call(s) without an outcome yet (running, or cut off)", err=True)
+    checked = f"{result.checkpoints} checkpoint(s)" + (f", {len(extra)} from MLflow" if use_mlflow else "")
+    if result.unkeyed:
+        checked += f"; {result.unkeyed} record(s) from before the chain key (SHA-256 only)"
     click.echo(
-        f"{result.records} records, chain head {result.head[:16]}…: "
+        f"{result.records} records, chain head {result.last_seq}:{result.head} ({checked}): "
         + ("intact" if result.intact else f"{len(result.breaks)} problem(s)")
     )
     sys.exit(0 if result.intact else 1)
@@ -51,6 +100,10 @@ def audit_verify(config: Path | None) -> None:
 @click.option("--policy-version")
 @click.option("--run-id")
 @click.option("--flag", help="A flag on the result, e.g. prompt_injection.")
+@click.option(
+    "--outcome", type=click.Choice(["ok", "error", "interrupted", "unfinished"]),
+    help="What became of the call: interrupted = cut off by a crash, closed at the next start.",
+)  # fmt: skip
 @click.option("--since", help="ISO 8601 time (inclusive).")
 @click.option("--until", help="ISO 8601 time (exclusive).")
 @click.option("--limit", type=int, default=100, show_default=True)

@@ -123,38 +123,50 @@ def connect(url: str, token_file: Path | None) -> None:
 @config_option
 def ship(config: Path | None) -> None:
     """Ship the audit outbox to MLflow until stopped (SIGTERM/SIGINT). The gateway runs this as a
-    supervised child process; run it yourself to ship from a host where no gateway runs."""
+    supervised child process; run it yourself to ship from a host where no gateway runs. Only one
+    shipper may run per outbox: a second one exits (status 3) naming the first."""
     import asyncio
     import signal
 
+    from server.audit.keys import KEY_ENV, ChainKey, chain_key_for
     from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
     from server.audit.outbox import SqliteOutbox
-    from server.audit.ship_process import SETTINGS_ENV
-    from server.audit.shipper import Shipper
+    from server.audit.ship_process import BUSY_EXIT, SETTINGS_ENV
+    from server.audit.shipper import Shipper, ShipperBusy
     from server.logs import configure_logging
     from server.metrics import Metrics
     from server.settings import AuditSettings
 
     given = os.environ.get(SETTINGS_ENV)
-    if given:  # from the supervising gateway
-        document = json.loads(given)
-        audit, data_dir, audit_db = (
-            AuditSettings(**document["audit"]),
-            Path(document["data_dir"]),
-            Path(document["audit_db"]),
-        )
-        configure_logging("json", "info")
-    else:
-        settings = settings_from(config)
-        audit, data_dir = settings.audit, settings.data_dir
-        audit_db = settings.data_file(audit.path, "audit.db")
-        configure_logging(settings.log_format, settings.log_level)
+    try:
+        if given:  # from the supervising gateway
+            document = json.loads(given)
+            audit, data_dir, audit_db = (
+                AuditSettings(**document["audit"]),
+                Path(document["data_dir"]),
+                Path(document["audit_db"]),
+            )
+            key = ChainKey.from_text(os.environ.get(KEY_ENV, ""), KEY_ENV)
+            configure_logging("json", "info")
+        else:
+            settings = settings_from(config)
+            audit, data_dir = settings.audit, settings.data_dir
+            audit_db = settings.data_file(audit.path, "audit.db")
+            key = chain_key_for(settings)
+            configure_logging(settings.log_format, settings.log_level)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     uri = audit.mlflow_tracking_uri or local_tracking_uri(data_dir)
+    outbox = SqliteOutbox(audit_db, key=key, checkpoints=audit.checkpoint_path)
+    shipper = Shipper(outbox, MlflowTarget(uri, audit.mlflow_experiment), audit, Metrics(),
+                      status_file=data_dir / "shipper-status.json")  # fmt: skip
+    try:
+        shipper.lock.acquire()
+    except ShipperBusy as exc:
+        click.echo(f"castellan ship: {exc}", err=True)
+        raise SystemExit(BUSY_EXIT) from None
 
     async def run() -> None:
-        outbox = SqliteOutbox(audit_db)
-        shipper = Shipper(outbox, MlflowTarget(uri, audit.mlflow_experiment), audit, Metrics(),
-                          status_file=data_dir / "shipper-status.json")  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,7 +26,7 @@ def audit_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str
         env=gw.env(),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=180,  # `--source mlflow` imports MLflow and opens its store: ~25 s on a loaded 2-core box
         check=False,
     )
 

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from server.audit.keys import ChainKey
 from server.audit.outbox import SqliteOutbox
 from server.audit.search import AuditQuery, render
 
 pytestmark = pytest.mark.anyio
+KEY = ChainKey.generate()
 
 
 async def filled(tmp_path: Path, n: int = 8) -> SqliteOutbox:
-    outbox = SqliteOutbox(tmp_path / "audit.db")
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await asyncio.gather(
         *(
             outbox.write(
@@ -89,8 +91,11 @@ async def test_a_cut_off_tail_is_caught_by_a_recorded_head(tmp_path: Path) -> No
     outbox = await filled(tmp_path)
     assert outbox.record_head()[0] == 8
     tamper(tmp_path, "DELETE FROM outbox WHERE seq >= 7")
-    problems = [b.problem for b in outbox.verify().breaks]
-    assert problems == ["a recorded chain head no longer matches the record at that position"]
+    problems = [(b.seq, b.problem) for b in outbox.verify().breaks]
+    assert len(problems) == 1
+    assert problems[0][0] == 7
+    assert problems[0][1].startswith("records 7..8 are missing: the chain ends before the head checkpoint at record 8")
+    assert problems[0][1].endswith("(tail cut off)")
 
 
 async def test_search_filters_and_formats(tmp_path: Path) -> None:

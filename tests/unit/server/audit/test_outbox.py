@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from server.audit.keys import ChainKey
 from server.audit.outbox import SqliteOutbox
+from server.audit.search import AuditQuery
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.errors import BackendUnavailable, Denied
 from server.invoke import InvokeStage
@@ -14,17 +17,18 @@ from server.pipeline import Pipeline
 from server.testing import FakeTool, MemoryOutbox, allowed, make_call
 
 pytestmark = pytest.mark.anyio
+KEY = ChainKey.generate()
 
 
 async def test_records_are_committed_and_read_back(tmp_path: Path) -> None:
-    outbox = SqliteOutbox(tmp_path / "audit.db")
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await outbox.write("decision", "c1", {"decision": "allow"})
     await outbox.write("outcome", "c1", {"is_error": False})
     assert await outbox.records("c1") == {"decision": {"decision": "allow"}, "outcome": {"is_error": False}}
 
 
 async def test_the_outbox_refuses_deletes(tmp_path: Path) -> None:
-    outbox = SqliteOutbox(tmp_path / "audit.db")
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await outbox.write("decision", "c1", {})
     conn = sqlite3.connect(tmp_path / "audit.db")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
@@ -32,7 +36,7 @@ async def test_the_outbox_refuses_deletes(tmp_path: Path) -> None:
 
 
 async def test_a_record_cannot_be_written_twice(tmp_path: Path) -> None:
-    outbox = SqliteOutbox(tmp_path / "audit.db")
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await outbox.write("decision", "c1", {})
     with pytest.raises(BackendUnavailable):
         await outbox.write("decision", "c1", {})
@@ -80,3 +84,54 @@ async def test_a_denial_is_recorded_with_stage_and_reasons() -> None:
     assert (record["decision"], record["stage"], record["reasons"]) == ("deny", "policy", ["not on Sundays"])
     assert record["agent_id"] == "agent-1"
     assert record["arguments"] == {"q": "hello"}
+
+
+async def crashed_instance(tmp_path: Path) -> SqliteOutbox:
+    """A writer that dies mid-call: its lock goes with the process (here: closed without `close()`)."""
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.start()
+    await outbox.write("decision", "cut-off", {"decision": "allow", "agent_id": "a1"})
+    await outbox.write("decision", "finished", {"decision": "allow"})
+    await outbox.write("outcome", "finished", {"is_error": False})
+    await outbox.write("decision", "denied", {"decision": "deny"})
+    assert outbox._lock_fd is not None
+    os.close(outbox._lock_fd)  # what the kernel does for a SIGKILLed process
+    outbox._lock_fd = None
+    return outbox
+
+
+async def test_calls_a_crash_cut_off_are_closed_as_interrupted_at_the_next_start(tmp_path: Path) -> None:
+    await crashed_instance(tmp_path)
+    restarted = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    closed = await restarted.start()
+    assert [d["agent_id"] for d in closed] == ["a1"]  # what it held can be released
+    outcome = (await restarted.records("cut-off"))["outcome"]
+    assert (outcome["is_error"], outcome["interrupted"], outcome["flags"]) == (True, True, ["interrupted"])
+    assert [r["call_id"] for r in restarted.search(AuditQuery(outcome="interrupted"))] == ["cut-off"]
+    assert [r["call_id"] for r in restarted.search(AuditQuery(outcome="ok"))] == ["finished"]
+    result = restarted.verify()
+    assert result.intact, result.breaks
+    assert result.interrupted == ("cut-off",)
+    assert await restarted.start() == []  # closed once
+    await restarted.close()
+
+
+async def test_calls_of_an_instance_that_still_runs_are_left_open(tmp_path: Path) -> None:
+    running = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await running.start()
+    await running.write("decision", "in-flight", {"decision": "allow"})
+    other = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    assert await other.start() == []
+    assert [r["call_id"] for r in other.search(AuditQuery(outcome="unfinished"))] == ["in-flight"]
+    assert other.verify().unfinished == ("in-flight",)
+    await running.close()
+    await other.close()
+
+
+async def test_readiness_writes_so_a_database_that_cannot_take_writes_is_not_ready(tmp_path: Path) -> None:
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.check()
+    outbox._db.run_sync(lambda c: c.execute("PRAGMA query_only = 1"))  # reads still work, writes do not
+    with pytest.raises(BackendUnavailable, match="audit log cannot write"):
+        await outbox.check()
+    await outbox.close()

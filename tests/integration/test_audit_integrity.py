@@ -1,0 +1,230 @@
+"""The audit trail after real faults: a SIGKILLed gateway (calls cut off mid-flight, then the tail of
+its outbox edited), a second shipper, and a full disk. Real gateway processes, a real `mlflow server`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.testing import GatewayProcess, gateway_env, run_gateway
+from tests.integration.conftest import raw_call, run_cli
+from tests.integration.test_audit_shipping import metric, shipping_env, until
+from tests.mlflow_server import run_mlflow
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+SLOW_TOOLS = {
+    "CASTELLAN_TOOLS__FUNCTION_MODULES": json.dumps(["tests.fixtures.functions"]),
+    "CASTELLAN_TOOLS__FUNCTION_TIMEOUT_SECONDS": "120",
+    "CASTELLAN_AUDIT__CHECKPOINT_INTERVAL_SECONDS": "0.5",
+    "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
+}
+
+
+def audit_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "audit", *args],
+        env=gw.env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def outbox_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'audit.db'}?mode=ro", uri=True)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def tamper(data_dir: Path, *sql: str) -> None:
+    conn = sqlite3.connect(data_dir / "audit.db", isolation_level=None)
+    conn.execute("DROP TRIGGER IF EXISTS outbox_no_update")
+    conn.execute("DROP TRIGGER IF EXISTS outbox_no_delete")
+    for statement in sql:
+        conn.execute(statement)
+    conn.close()
+
+
+def traces_by_call(tracking_uri: str) -> dict[str, Any]:
+    from mlflow.tracing.client import TracingClient
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name("castellan-audit")
+    found: dict[str, Any] = {}
+    if experiment is None:  # the shipper has not reached MLflow yet
+        return found
+    token = None
+    while True:
+        page = TracingClient(tracking_uri).search_traces(
+            locations=[experiment.experiment_id], max_results=500, page_token=token, include_spans=False
+        )
+        found.update({t.info.tags["castellan.call_id"]: t.info for t in page})
+        token = page.token
+        if not token:
+            return found
+
+
+async def start_and_kill(tmp_path: Path, env: dict[str, str]) -> tuple[Path, list[str]]:
+    data = tmp_path / "gw"
+    with run_gateway(data, {**SLOW_TOOLS, **env}, timeout=90) as gw:
+        granted = await asyncio.to_thread(
+            run_cli, gw, "grants", "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tests", "TO", "analysts"
+        )
+        assert granted.returncode == 0, granted.stderr
+        token = gw.token("cut-off-agent", ["analysts"])
+        for i in range(4):
+            assert (await raw_call(gw, token, "echo", {"text": f"before {i}"}))["isError"] is False
+        slow = [asyncio.ensure_future(raw_call(gw, token, "main.tests.sleep", {"seconds": 60})) for _ in range(3)]
+
+        async def all_decided() -> bool:
+            rows = outbox_rows(data, "SELECT COUNT(*) FROM outbox WHERE record LIKE '%main.tests.sleep%'")
+            return bool(rows[0][0] == 3)
+
+        await until(all_decided, 60)
+        assert await all_decided(), gw.log()[-3000:]
+        await asyncio.sleep(1.5)  # past the checkpoint interval: the head is signed, outside the database
+        gw.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(gw.process.wait)
+        for call in slow:
+            with contextlib.suppress(Exception):
+                await call
+    cut = [
+        row[0]
+        for row in outbox_rows(
+            data,
+            "SELECT d.call_id FROM outbox d WHERE d.kind = 'decision' AND d.record LIKE '%main.tests.sleep%' AND NOT "
+            "EXISTS (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id AND o.kind = 'outcome')",
+        )
+    ]
+    assert len(cut) == 3
+    return data, cut
+
+
+def cli(data: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` beside a gateway's data directory (the gateway itself may be gone)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env={**os.environ, **gateway_env(data, 0, {**SLOW_TOOLS, **env})},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(600)
+async def test_calls_cut_off_by_a_kill_are_closed_as_interrupted_and_reach_mlflow_as_errors(tmp_path: Path) -> None:
+    with run_mlflow(tmp_path / "mlflow") as mlflow:
+        env = shipping_env(mlflow.url)
+        data, cut = await start_and_kill(tmp_path, env)
+
+        after_kill = await asyncio.to_thread(cli, data, env, "audit", "verify")
+        assert after_kill.returncode == 0, after_kill.stderr
+        assert "intact" in after_kill.stdout
+        assert "3 allowed call(s) without an outcome yet" in after_kill.stderr
+
+        with run_gateway(data, {**SLOW_TOOLS, **env}, timeout=90) as gw:
+            assert await metric(gw, "castellan_audit_interrupted_calls") == 3
+
+            async def shipped_as_errors() -> bool:
+                traces = await asyncio.to_thread(traces_by_call, mlflow.url)
+                return all(
+                    c in traces
+                    and str(traces[c].state) == "ERROR"
+                    and traces[c].tags.get("castellan.outcome") == "interrupted"
+                    for c in cut
+                )
+
+            await until(shipped_as_errors, 120)
+            assert await shipped_as_errors(), gw.log()[-3000:]
+            traces = await asyncio.to_thread(traces_by_call, mlflow.url)
+            assert len(traces) == 7  # 4 finished calls and the 3 cut off, each once
+            assert all(str(t.state) == "OK" for c, t in traces.items() if c not in cut)
+
+            found = await asyncio.to_thread(audit_cli, gw, "search", "--outcome", "interrupted", "--format", "jsonl")
+            assert sorted(json.loads(line)["call_id"] for line in found.stdout.splitlines()) == sorted(cut)
+            verified = await asyncio.to_thread(audit_cli, gw, "verify")
+            assert verified.returncode == 0, verified.stderr
+            assert "3 call(s) interrupted by a crash" in verified.stderr
+
+            async def checkpoints_shipped() -> bool:
+                return await metric(gw, "castellan_audit_unshipped_records") == 0
+
+            await until(checkpoints_shipped, 60)
+            against_mlflow = await asyncio.to_thread(audit_cli, gw, "verify", "--mlflow")
+            assert against_mlflow.returncode == 0, against_mlflow.stderr
+            assert " from MLflow" in against_mlflow.stdout
+            assert " 0 from MLflow" not in against_mlflow.stdout
+
+
+@pytest.mark.timeout(300)
+async def test_edits_to_the_tail_after_a_kill_are_reported_at_their_position(tmp_path: Path) -> None:
+    data, _ = await start_and_kill(tmp_path, {})
+    (last,) = outbox_rows(data, "SELECT MAX(seq) FROM outbox")[0]
+
+    def attacked(name: str, *sql: str) -> subprocess.CompletedProcess[str]:
+        copy = tmp_path / name
+        shutil.copytree(data, copy, ignore=shutil.ignore_patterns("*.lock"))
+        tamper(copy, *sql)
+        return cli(copy, {}, "audit", "verify")
+
+    cut = await asyncio.to_thread(attacked, "cut", f"DELETE FROM outbox WHERE seq >= {last - 1}")
+    assert cut.returncode == 1
+    assert (
+        f"record {last - 1}: records {last - 1}..{last} are missing: the chain ends before the head checkpoint"
+        in cut.stderr
+    )
+
+    edited = await asyncio.to_thread(
+        attacked, "edited", f"UPDATE outbox SET record = replace(record, '60', '6') WHERE seq = {last}"
+    )
+    assert edited.returncode == 1
+    assert f"record {last}: its content does not match its hash (edited)" in edited.stderr
+
+    head = cli(data, {}, "audit", "verify").stdout.split("chain head ")[1].split(" ")[0]
+    assert head.startswith(f"{last}:")
+    shutil.copytree(data, tmp_path / "cut-both", ignore=shutil.ignore_patterns("*.lock"))
+    (tmp_path / "cut-both" / "audit-checkpoints.jsonl").write_text("")  # the checkpoints deleted too
+    tamper(tmp_path / "cut-both", f"DELETE FROM outbox WHERE seq = {last}")
+    unseen = cli(tmp_path / "cut-both", {}, "audit", "verify")
+    assert unseen.returncode == 0  # what is left agrees with itself...
+    seen = cli(tmp_path / "cut-both", {}, "audit", "verify", "--expect-head", head)
+    assert seen.returncode == 1  # ...but not with the head an operator kept
+    assert f"record {last}: records {last}..{last} are missing: the chain ends before the expected head" in seen.stderr
+
+
+@pytest.mark.timeout(300)
+async def test_a_second_shipper_on_the_same_outbox_exits_naming_the_first(tmp_path: Path) -> None:
+    env = {"CASTELLAN_AUDIT__SHIP": "true", "CASTELLAN_AUDIT__SHIP_INTERVAL_SECONDS": "0.2"}
+    with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
+        status = tmp_path / "gw" / "shipper-status.json"
+
+        async def running() -> bool:
+            return status.is_file()
+
+        await until(running, 90)
+        child = json.loads(status.read_text())["pid"]
+        second = await asyncio.to_thread(run_cli, gw, "ship")
+        assert second.returncode == 3
+        assert f"another shipper (pid {child}) is shipping audit.db; only one may run per outbox" in second.stderr
+        token = gw.token("shipped", ["analysts"])
+        await raw_call(gw, token, "echo", {"text": "still shipping"})
+
+        async def shipped() -> bool:
+            return await metric(gw, "castellan_audit_shipped_calls") >= 1
+
+        await until(shipped, 90)
+        assert await shipped()
+        assert json.loads(status.read_text())["pid"] == child  # the first one, untouched
