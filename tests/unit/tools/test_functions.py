@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -11,11 +11,11 @@ from tools.functions import FunctionTool, FunctionWorkers, load_functions
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def workers() -> Iterator[FunctionWorkers]:
+@pytest.fixture
+async def workers() -> AsyncIterator[FunctionWorkers]:
     pool = FunctionWorkers(workers=1, memory_mb=256)
     yield pool
-    pool.close()
+    await pool.aclose()
 
 
 def tool(name: str, workers: FunctionWorkers, **limits: float) -> FunctionTool:
@@ -23,8 +23,8 @@ def tool(name: str, workers: FunctionWorkers, **limits: float) -> FunctionTool:
     return FunctionTool(found[name], workers, **limits)  # type: ignore[arg-type]
 
 
-def test_the_schema_comes_from_the_signature_and_docstring(workers: FunctionWorkers) -> None:
-    spec = tool("main.tools.apply_discount", workers).spec
+def test_the_schema_comes_from_the_signature_and_docstring() -> None:
+    spec = tool("main.tools.apply_discount", FunctionWorkers()).spec
     assert spec.description == "Price after a percentage discount, rounded to cents."
     assert spec.input_schema["required"] == ["price"]
     assert spec.input_schema["properties"]["percent"] == {
