@@ -73,6 +73,8 @@ def main(module_name: str, path: str, qualname: str) -> None:
         failure = ""
     except BaseException as exc:  # reported on every call: the gateway shows why the function cannot run
         failure = f"cannot load {module_name}: {type(exc).__name__}: {str(exc)[:300]}"
+    channel.write('{"ready":true}\n')
+    channel.flush()
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("op") != "call":

@@ -119,6 +119,8 @@ def main(raw_config: str) -> None:
     channel = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     lock = threading.Lock()
+    channel.write('{"ready":true}\n')
+    channel.flush()
     current: _Query | None = None
     worker: threading.Thread | None = None
     for line in sys.stdin:

@@ -121,7 +121,10 @@ class SqlWorkers:
         async with self._share.slot(who):
             while self._idle and not self._idle[-1][0].alive:
                 await self._retire(self._idle.pop()[0])
-            worker, spill = self._idle.pop() if self._idle else await self._start()
+            try:
+                worker, spill = self._idle.pop() if self._idle else await self._start()
+            except (WorkerDied, OSError) as exc:
+                raise QueryFailed(f"query not run: its SQL worker could not start ({exc})") from None
             try:
                 answer = await worker.request(request, timeout, grace=self.limits.interrupt_grace_seconds)
             except WorkerTimeout:

@@ -36,9 +36,27 @@ class Worker:
 
     @classmethod
     async def start(
-        cls, mode: SandboxMode, profile: Profile, argv: Sequence[str], *, max_answer_bytes: int = 8 << 20
+        cls,
+        mode: SandboxMode,
+        profile: Profile,
+        argv: Sequence[str],
+        *,
+        max_answer_bytes: int = 8 << 20,
+        ready_seconds: float = 60.0,
     ) -> Worker:
-        return cls(await launch(mode, profile, argv, limit=max_answer_bytes))
+        """Starts the worker and waits for its first line, `{"ready": true}` (its imports done), so the
+        time a request may take never includes the sandbox's start-up. Raises WorkerDied if it fails."""
+        worker = cls(await launch(mode, profile, argv, limit=max_answer_bytes))
+        assert worker.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(worker.process.stdout.readline(), ready_seconds)
+        except (TimeoutError, ValueError):
+            await worker.kill()
+            raise WorkerDied(f"the worker did not start within {ready_seconds:g} s") from None
+        if not line:
+            code = await worker._reap()
+            raise WorkerDied(f"the worker did not start: {_exit_reason(code)}")
+        return worker
 
     @property
     def alive(self) -> bool:
