@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from server.errors import ConfigError
+from server.sandbox.profile import StdioProfile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,6 +201,9 @@ class UpstreamSettings(BaseModel):
     """Or a stdio server: the command and its arguments."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for a stdio server."""
+    sandbox: StdioProfile | None = None
+    """Run the stdio server sandboxed under this profile (no network, only the listed paths and
+    variables); unset: it runs as the gateway's own child with the gateway's environment."""
     headers: dict[str, str] = Field(default_factory=dict)
     """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
     token_env: str = ""

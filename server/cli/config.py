@@ -31,6 +31,11 @@ def check_config(config: Path | None) -> None:
         raise click.ClickException(str(exc)) from None
     checks = asyncio.run(gateway.readiness())
     asyncio.run(gateway.close())
-    click.echo(json.dumps({"settings": json.loads(settings.model_dump_json()), "checks": checks}, indent=2))
+    from server.sandbox import detect_mode
+
+    mode = detect_mode(settings.tools.sandbox)  # how tool code is isolated here (the weaker mode says why)
+    sandbox = {"mode": mode.name, "isolated": mode.isolated, "detail": mode.describe()}
+    output = {"settings": json.loads(settings.model_dump_json()), "checks": checks, "sandbox": sandbox}
+    click.echo(json.dumps(output, indent=2))
     if any(v != "ok" for v in checks.values()):
         sys.exit(1)

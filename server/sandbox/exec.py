@@ -25,6 +25,7 @@ def main(raw: str) -> None:
         writable=tuple(Path(x) for x in p["writable"]),
         env=p["env"],
         network=p["network"],
+        cwd=p["cwd"],
         limits=Limits(**p["limits"]),
     )
     argv: list[str] = spec["argv"]

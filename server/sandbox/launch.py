@@ -127,6 +127,7 @@ def wrap_command(mode: SandboxMode, profile: Profile, argv: Sequence[str]) -> li
             "writable": [str(p) for p in profile.writable],
             "env": dict(profile.env),
             "network": profile.network,
+            "cwd": profile.cwd,
             "limits": {"memory_bytes": profile.limits.memory_bytes, "processes": profile.limits.processes},
         },
         "argv": list(argv),

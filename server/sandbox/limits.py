@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -31,7 +32,8 @@ def preexec(limits: Limits, parent_pid: int) -> Callable[[], None]:
     libc = _libc()
 
     def step() -> None:
-        os.setsid()  # its own process group: a kill reaches everything it started
+        with contextlib.suppress(OSError):  # already a session leader when the spawner asked for one
+            os.setsid()  # its own process group: a kill reaches everything it started
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

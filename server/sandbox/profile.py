@@ -63,3 +63,5 @@ class StdioProfile(BaseModel):
     """Address-space ceiling of the server process (0: none)."""
     processes: int = Field(default=64, ge=0)
     """1: the server may not start other processes; more: a pids cgroup where one can be made."""
+    cwd: Path = Path("/tmp")
+    """Its working directory (inside the sandbox: /tmp, private, or one of the paths above)."""

@@ -8,17 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from server.sandbox import detect_mode
+from server.sandbox import StdioProfile, detect_mode
+from server.settings import UpstreamSettings
 from server.testing import GatewayProcess, run_gateway
+from server.upstream.connection import UpstreamConnection
 from tests.integration.conftest import raw_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 needs_bwrap = pytest.mark.skipif(not detect_mode("auto").isolated, reason=detect_mode("auto").reason)
+REPO = Path(__file__).resolve().parents[2]
 HEAVY = "SELECT count(*) FROM " + ", ".join(f"main.sales.orders t{i}" for i in range(7))
 
 
@@ -198,3 +203,49 @@ async def test_a_function_timeout_ends_only_that_call(function_gateway: GatewayP
     # the other agent's call on the same function was in flight when the first one was killed, and completes
     assert _result(await inflight) == "awake"
     assert _result(await raw_call(gw, other_token, "main.tools.nap", {"seconds": 0})) == "awake"
+
+
+async def _probe(connection: UpstreamConnection, tool: str, **arguments: object) -> str:
+    result = await connection.call_tool(tool, dict(arguments))
+    return "".join(getattr(block, "text", "") for block in result.content)
+
+
+@needs_bwrap
+async def test_a_stdio_upstream_runs_under_its_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the gateway's secret")
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    monkeypatch.setenv("CASTELLAN_LLM_API_KEY", "sk-test-must-not-leak")
+    monkeypatch.setenv("PROBE_PASSED", "yes")
+    repo = REPO
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    profile = StdioProfile(read_only=[repo], writable=[outbox], env=["PROBE_PASSED"], cwd=repo)
+    settings = UpstreamSettings(
+        name="probe", command=[sys.executable, "-m", "tests.fixtures.probe_server"], sandbox=profile
+    )
+    connection = UpstreamConnection(settings)
+    try:
+        assert await _probe(connection, "read", path=str(secret)) == "refused: FileNotFoundError"
+        assert await _probe(connection, "write", path=str(outbox / "x")) == "written"
+        assert (outbox / "x").read_text() == "probe"
+        assert await _probe(connection, "write", path=str(repo / "probe.txt")) == "refused: OSError"
+        names = (await _probe(connection, "env")).split(",")
+        assert "PROBE_PASSED" in names
+        assert "CASTELLAN_LLM_API_KEY" not in names
+        assert await _probe(connection, "connect", host="127.0.0.1", port=port) == "refused: ConnectionRefusedError"
+    finally:
+        await connection.close()
+        listener.close()
+    assert not (repo / "probe.txt").exists()
+
+    # the same server without a profile reaches what the profile kept from it (the test's premise holds)
+    bare = UpstreamConnection(UpstreamSettings(name="bare", command=settings.command))
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert (await _probe(bare, "read", path=str(secret))).startswith("read:")
+        assert await _probe(bare, "connect", host="127.0.0.1", port=listener.getsockname()[1]) == "connected"
+    finally:
+        await bare.close()
+        listener.close()
