@@ -218,6 +218,10 @@ class _FunctionPool:
             except (WorkerTimeout, WorkerDied):
                 self._all.discard(worker)
                 raise
+            except BaseException:
+                self._all.discard(worker)  # cancelled mid-call (the pipeline's own timeout): end that call too
+                await asyncio.shield(worker.kill())
+                raise
             if worker.alive and (self._per_worker == 0 or worker.requests < self._per_worker):
                 self._idle.append(worker)
             else:

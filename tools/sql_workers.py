@@ -136,7 +136,8 @@ class SqlWorkers:
                     f"query stopped: its worker {exc} (memory limit {self.limits.memory_mb} MB)"
                 ) from None
             except BaseException:
-                await self._retire(worker)  # cancelled mid-query: never hand a busy worker to another call
+                # cancelled mid-query (the pipeline's own timeout): stop it, never hand a busy worker on
+                await asyncio.shield(self._retire(worker))
                 raise
             await self._recycle(worker, spill)
         if "error" in answer:

@@ -53,6 +53,9 @@ class Worker:
         except (TimeoutError, ValueError):
             await worker.kill()
             raise WorkerDied(f"the worker did not start within {ready_seconds:g} s") from None
+        except BaseException:
+            await asyncio.shield(worker.kill())  # cancelled while it started: leave no process behind
+            raise
         if not line:
             code = await worker._reap()
             raise WorkerDied(f"the worker did not start: {_exit_reason(code)}")
