@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
+from server.errors import ConfigError
 from server.registry import Tool
 from server.sandbox import SandboxMode, detect_mode
 from server.settings import Settings
@@ -23,6 +24,11 @@ def table_catalog(settings: Settings) -> TableCatalog:
 def sandbox_mode(settings: Settings) -> SandboxMode:
     """The isolation tool code runs under here, logged (a warning when it is the weaker mode)."""
     mode = detect_mode(settings.tools.sandbox)
+    if not mode.isolated and settings.environment == "production" and settings.tools.sandbox == "auto":
+        raise ConfigError(
+            f"production: tool code would run without namespaces ({mode.reason}); install bubblewrap and allow "
+            "user namespaces, or accept the weaker mode explicitly with tools.sandbox = 'rlimits'"
+        )
     if mode.isolated:
         log.info("tool_sandbox", mode=mode.name, detail=mode.describe())
     else:
@@ -99,8 +105,6 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
 
 
 def _databricks_functions(settings: Settings) -> list[Tool]:
-    from server.errors import ConfigError
-
     if not settings.tools.databricks_warehouse_id:
         raise ConfigError("tools.databricks_functions needs tools.databricks_warehouse_id (the SQL warehouse)")
     try:
