@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from server.sandbox import cgroup, seccomp
-from server.sandbox.launch import bwrap_argv
+from server.sandbox.launch import bwrap_argv, weak_mode_filter
 from server.sandbox.limits import preexec
 from server.sandbox.mode import SandboxMode
 from server.sandbox.profile import Limits, Profile
@@ -33,7 +33,7 @@ def main(raw: str) -> None:
         group = cgroup.pids_group(profile.limits.processes)
         if group is not None:
             cgroup.join(group)
-    preexec(profile.limits, os.getppid())()
+    preexec(profile.limits, os.getppid(), weak_mode_filter(mode, profile))()
     if mode.isolated:
         fd = seccomp.filter_fd(profile.limits.processes == 1) if mode.seccomp else None
         if fd is not None:

@@ -87,7 +87,7 @@ async def launch(
     """Starts `argv` sandboxed with pipes on stdin/stdout. Spawn from the event loop's thread: the child
     gets SIGKILL when that thread's process dies, and bubblewrap's --die-with-parent takes the sandbox."""
     command, fds, group, cwd = _pieces(mode, profile, argv)
-    base = preexec(profile.limits, os.getpid())
+    base = preexec(profile.limits, os.getpid(), weak_mode_filter(mode, profile))
 
     def step() -> None:
         if group is not None:
@@ -115,6 +115,14 @@ async def launch(
     if not mode.isolated:
         launched.cleanups.append(lambda: shutil.rmtree(cwd, ignore_errors=True))
     return launched
+
+
+def weak_mode_filter(mode: SandboxMode, profile: Profile) -> Callable[[], None] | None:
+    """Without namespaces, the child installs the seccomp filter itself (and then it also refuses IPv4/IPv6
+    sockets when the profile has no network); under bubblewrap, bubblewrap installs it."""
+    if mode.isolated or not profile.seccomp or seccomp.unavailable():
+        return None
+    return seccomp.installer(seccomp.program(profile.limits.processes == 1, no_network=not profile.network))
 
 
 def wrap_command(mode: SandboxMode, profile: Profile, argv: Sequence[str]) -> list[str]:

@@ -24,8 +24,9 @@ def _libc() -> ctypes.CDLL | None:
     return ctypes.CDLL(name, use_errno=True) if name else None
 
 
-def preexec(limits: Limits, parent_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (async-signal-safe enough: prctl and setrlimit only).
+def preexec(limits: Limits, parent_pid: int, then: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Runs in the child between fork and exec (async-signal-safe enough: prctl and setrlimit only);
+    `then` runs last (installing a seccomp filter, which needs no-new-privs set here first).
 
     The parent-death signal fires when the spawning *thread* exits: spawn from the event loop's thread.
     """
@@ -48,5 +49,7 @@ def preexec(limits: Limits, parent_pid: int) -> Callable[[], None]:
         if limits.file_bytes:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if then is not None:
+            then()
 
     return step

@@ -18,8 +18,9 @@ Requested = Literal["auto", "bubblewrap", "rlimits"]
 class SandboxMode:
     """`bubblewrap`: no network, no filesystem but what a profile binds, no inherited environment, a
     private PID namespace, seccomp when libseccomp is present, plus the resource limits. `rlimits`: the
-    weaker mode where the kernel refuses namespaces: resource limits, a clean environment and a private
-    working directory only; the process sees the host's files and network."""
+    weaker mode where the kernel refuses namespaces: resource limits, a clean environment, a private
+    working directory and the seccomp filter (which then also refuses IP sockets to a profile without
+    network); the process sees the host's files."""
 
     name: Literal["bubblewrap", "rlimits"]
     reason: str
@@ -33,7 +34,8 @@ class SandboxMode:
     def describe(self) -> str:
         if self.isolated:
             return f"bubblewrap ({self.bwrap}; seccomp {'on' if self.seccomp else 'off: ' + seccomp.unavailable()})"
-        return f"rlimits only (weaker: {self.reason})"
+        filtered = "seccomp on (no network, no child processes)" if not seccomp.unavailable() else "no seccomp"
+        return f"rlimits, {filtered}; host files visible (weaker: {self.reason})"
 
 
 # the same namespaces a sandbox gets (launch.bwrap_argv), around `true`

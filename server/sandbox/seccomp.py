@@ -1,15 +1,22 @@
-"""The system-call filter of a bubblewrap sandbox, compiled to BPF by libseccomp (via pyseccomp).
+"""The system-call filter of a sandbox, compiled to BPF by libseccomp (via pyseccomp).
 
 Default allow, with the calls a tool never needs refused (EPERM): tracing other processes, mounting,
-namespaces, kernel keyrings, bpf, perf, io_uring, module loading, clock setting; and, when the profile
-allows no child processes, fork/vfork and clone without CLONE_THREAD (threads still work).
+namespaces, kernel keyrings, bpf, perf, io_uring, module loading, clock setting; when the profile
+allows no child processes, fork/vfork and clone without CLONE_THREAD (threads still work); and, in
+the weaker mode where there is no network namespace, IPv4/IPv6/packet sockets when the profile has no
+network. bubblewrap installs it (`--seccomp FD`); in the weaker mode the child installs it itself
+before exec (`install`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import functools
 import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 _DENIED = (
@@ -40,8 +47,9 @@ def unavailable() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=2)
-def _program(no_children: bool) -> bytes:
+@functools.lru_cache(maxsize=4)
+def program(no_children: bool, no_network: bool = False) -> bytes:
+    """The BPF program (struct sock_filter array) for these restrictions."""
     sc = _module()
     rules = sc.SyscallFilter(defaction=sc.ALLOW)
     for name in _DENIED:
@@ -54,6 +62,9 @@ def _program(no_children: bool) -> bytes:
         rules.add_rule(sc.ERRNO(errno.EPERM), "vfork")
         rules.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # libc falls back to clone, checked below
         rules.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))
+    if no_network:
+        for family in (socket.AF_INET, socket.AF_INET6, socket.AF_PACKET):
+            rules.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, int(family)))
     fd = os.memfd_create("castellan-seccomp-build", 0)
     try:
         with os.fdopen(fd, "w+b", closefd=False) as sink:
@@ -67,8 +78,31 @@ def _program(no_children: bool) -> bytes:
 
 def filter_fd(no_children: bool) -> int:
     """A readable file descriptor holding the BPF program (for `bwrap --seccomp FD`); the caller closes it."""
-    program = _program(no_children)
     fd = os.memfd_create("castellan-seccomp", 0)
-    os.write(fd, program)
+    os.write(fd, program(no_children))
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def installer(bpf: bytes) -> Callable[[], None]:
+    """A pre-exec step that installs `bpf` on the calling process (no-new-privs must be set first).
+    Everything is allocated here, in the parent; the child only calls prctl. It exits 126 if refused."""
+    buffer = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(len(bpf) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    def install() -> None:
+        _keep = buffer  # the program must outlive the fork
+        if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+            os._exit(126)
+        del _keep
+
+    return install

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import ConfigError
-from server.sandbox import Limits, Profile, SandboxMode, Worker, WorkerDied, detect_mode, mode
+from server.sandbox import Limits, Profile, SandboxMode, Worker, WorkerDied, detect_mode, mode, seccomp
 from server.sandbox.launch import bwrap_argv
 from server.settings import Settings
 
@@ -90,3 +90,26 @@ async def test_a_sandboxed_process_cannot_fork_see_the_host_or_the_network(tmp_p
 async def test_a_worker_that_dies_at_start_says_so() -> None:
     with pytest.raises(WorkerDied, match="did not start"):
         await Worker.start(detect_mode("auto"), Profile(), [sys.executable, "-I", "-c", "raise SystemExit(3)"])
+
+
+@pytest.mark.skipif(bool(seccomp.unavailable()), reason="libseccomp unavailable")
+async def test_the_weaker_mode_still_refuses_processes_and_network(tmp_path: Path) -> None:
+    script = (
+        "import json, os, socket, sys\n"
+        "out = {}\n"
+        "try:\n    os.fork(); out['fork'] = 'ok'\nexcept OSError as e:\n    out['fork'] = e.errno\n"
+        "try:\n    socket.socket(); out['net'] = 'ok'\nexcept OSError as e:\n    out['net'] = e.errno\n"
+        "out['env'] = sorted(os.environ)\n"
+        "print(json.dumps({'ready': True}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps(out), flush=True)\n"
+    )
+    profile = Profile(env={"GRANTED": "1"}, limits=Limits(memory_bytes=256 << 20, processes=1))
+    worker = await Worker.start(detect_mode("rlimits"), profile, [sys.executable, "-I", "-c", script])
+    try:
+        seen = await worker.request({"op": "report"}, 30)
+    finally:
+        await worker.kill()
+    assert seen["fork"] == 1  # EPERM
+    assert seen["net"] == 13  # EACCES
+    assert set(seen["env"]) <= {"GRANTED", "LC_CTYPE"}
