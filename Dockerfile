@@ -15,6 +15,10 @@ COPY policies ./policies
 RUN uv sync --locked --no-dev --extra databricks --extra redis
 
 FROM python:3.11-slim
+# bubblewrap: catalog functions and stdio upstreams run in its namespaces (see docs/tools.md); the
+# container needs unprivileged user namespaces (or --cap-add SYS_ADMIN) for them, else the gateway
+# logs the weaker mode it falls back to.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 castellan && mkdir /data && chown castellan:castellan /data
 WORKDIR /app
 COPY --from=build --chown=castellan:castellan /app /app

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import replace
 
 import anyio
 import structlog
 
 from server.call import Call
+from server.identity import Identity
 from server.registry import ToolOutput
 
 log = structlog.get_logger("castellan.invoke")
+
+caller: ContextVar[Identity | None] = ContextVar("castellan_caller", default=None)
+"""The identity whose call a tool is running (tools that share workers fairly between agents read it)."""
 
 
 class InvokeStage:
@@ -25,6 +30,7 @@ class InvokeStage:
     async def run(self, call: Call) -> Call:
         assert call.tool is not None
         spec = call.tool.spec
+        bound = caller.set(call.identity)
         try:
             with anyio.fail_after(self._timeout):
                 output = await call.tool.invoke(call.arguments)
@@ -33,4 +39,6 @@ class InvokeStage:
         except Exception as exc:
             log.warning("tool_failed", tool=spec.name, call_id=call.call_id, error=repr(exc))
             output = ToolOutput(text=f"tool {spec.name} failed: {type(exc).__name__}: {exc}"[:2000], is_error=True)
+        finally:
+            caller.reset(bound)
         return replace(call, output=output)

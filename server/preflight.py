@@ -10,6 +10,7 @@ from server import backends
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.errors import BackendUnavailable, ConfigError
 from server.production import unsafe_settings
+from server.sandbox import detect_mode
 from server.settings import Settings
 from server.upstream.connection import UpstreamConnection
 
@@ -95,6 +96,14 @@ async def preflight(settings: Settings) -> Preflight:
         report.checks.append(Check("settings", False, str(exc)))
         return report
     report.checks.append(Check("settings", True, f"environment {settings.environment}"))
+    try:
+        sandbox = detect_mode(settings.tools.sandbox)  # how tool code is isolated here (the weaker mode says why)
+    except ConfigError as exc:  # bubblewrap required and not usable here
+        report.checks.append(Check("sandbox", False, str(exc)))
+    else:
+        report.checks.append(Check("sandbox", True, sandbox.describe()))
+        if not sandbox.isolated:
+            report.warnings.append(f"tools.sandbox: tools run without namespaces: {sandbox.describe()}")
     try:
 
         async def keys() -> str:

@@ -15,6 +15,7 @@ from pydantic_settings import (
 )
 
 from server.errors import ConfigError
+from server.sandbox.profile import StdioProfile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_POLICIES = Path(__file__).resolve().parent / "_bundled" / "policies"
@@ -271,6 +272,9 @@ class UpstreamSettings(BaseModel):
     """Or a stdio server: the command and its arguments."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for a stdio server."""
+    sandbox: StdioProfile | None = None
+    """Run the stdio server sandboxed under this profile (no network, only the listed paths and
+    variables); unset: it runs as the gateway's own child with the gateway's environment."""
     headers: dict[str, str] = Field(default_factory=dict)
     """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
     token_env: str = ""
@@ -303,6 +307,27 @@ class ToolSettings(BaseModel):
     function_timeout_seconds: float = Field(default=10.0, gt=0)
     function_cpu_seconds: int = Field(default=5, ge=1)
     function_memory_mb: int = Field(default=512, ge=64)
+    function_workers: int = Field(default=2, ge=1)
+    """Sandboxed worker processes per catalog function (calls beyond that wait for one)."""
+    function_calls_per_worker: int = Field(default=0, ge=0)
+    """Calls a function worker serves before it is replaced: 1 gives every call a fresh sandbox (no state
+    shared between calls, at the cost measured in bench/isolation.py); 0 keeps workers."""
+    sandbox: Literal["auto", "bubblewrap", "rlimits"] = "auto"
+    """How tool code is isolated (catalog functions, SQL workers, sandboxed stdio upstreams): `bubblewrap`
+    (namespaces + seccomp; refuses to start without it), `rlimits` (resource limits and a clean
+    environment only), `auto` (bubblewrap where the kernel allows it, else rlimits, logged at start-up)."""
+    sql_workers: int = Field(default=2, ge=1)
+    """DuckDB worker processes that run `sql.query` (out of the gateway's process)."""
+    sql_workers_per_identity: int = Field(default=1, ge=1)
+    """How many of them one agent identity may hold at once: the rest stay free for other agents."""
+    sql_timeout_seconds: float = Field(default=20.0, gt=0)
+    """A query running longer is interrupted, and its worker killed if it does not stop."""
+    sql_memory_mb: int = Field(default=1024, ge=128)
+    """DuckDB's memory_limit in a SQL worker; the worker process's address space is capped at this plus
+    1 GB for the runtime (an operating-system limit: a query that allocates past it dies alone)."""
+    sql_threads: int = Field(default=2, ge=1)
+    sql_temp_mb: int = Field(default=512, ge=0)
+    """Spill space per SQL worker, in a private temporary directory removed with it (0: no spill)."""
     databricks_functions: list[str] = Field(default_factory=list)
     """Unity Catalog functions (`catalog.schema.fn`, or `catalog.schema` for all of a schema) on the
     Databricks workspace of `grants.databricks_host`/`databricks_profile`, served as tools."""

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import structlog
 
+from server.errors import ConfigError
 from server.registry import Tool
+from server.sandbox import SandboxMode, detect_mode
 from server.settings import Settings
 from tools.demo_data import create_demo_data
 from tools.tables import TableCatalog
@@ -17,6 +19,21 @@ log = structlog.get_logger("castellan.tools")
 
 def table_catalog(settings: Settings) -> TableCatalog:
     return TableCatalog(settings.tools.tables_root or settings.data_dir / "delta")
+
+
+def sandbox_mode(settings: Settings) -> SandboxMode:
+    """The isolation tool code runs under here, logged (a warning when it is the weaker mode)."""
+    mode = detect_mode(settings.tools.sandbox)
+    if not mode.isolated and settings.environment == "production" and settings.tools.sandbox == "auto":
+        raise ConfigError(
+            f"production: tool code would run without namespaces ({mode.reason}); install bubblewrap and allow "
+            "user namespaces, or accept the weaker mode explicitly with tools.sandbox = 'rlimits'"
+        )
+    if mode.isolated:
+        log.info("tool_sandbox", mode=mode.name, detail=mode.describe())
+    else:
+        log.warning("tool_sandbox_weaker", mode=mode.name, reason=mode.reason, detail=mode.describe())
+    return mode
 
 
 def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], None]]]:
@@ -33,10 +50,23 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
             log.info("demo_data_created", tables=created, root=str(tables.root))
         tools += demo_tools()
         modules.append("tools.demo_functions")
+    mode = sandbox_mode(settings) if settings.tools.sql or modules else None
     if settings.tools.sql:
         from tools.sql_query import SqlQueryTool
+        from tools.sql_workers import SqlLimits
 
-        tools.append(SqlQueryTool(tables))
+        t = settings.tools
+        limits = SqlLimits(
+            t.sql_workers,
+            t.sql_workers_per_identity,
+            t.sql_timeout_seconds,
+            t.sql_memory_mb,
+            t.sql_threads,
+            t.sql_temp_mb,
+        )
+        sql = SqlQueryTool(tables, settings.data_dir / "sql-spill", limits, mode=mode)
+        closers.append(sql.close)
+        tools.append(sql)
     if settings.tools.docs_table and tables.exists(settings.tools.docs_table):
         from tools.doc_index import DocIndex
         from tools.doc_search import DocSearchTool
@@ -58,7 +88,12 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
     if modules:
         from tools.functions import FunctionTool, FunctionWorkers, load_functions
 
-        workers = FunctionWorkers(memory_mb=settings.tools.function_memory_mb)
+        workers = FunctionWorkers(
+            settings.tools.function_workers,
+            settings.tools.function_memory_mb,
+            mode=mode,
+            calls_per_worker=settings.tools.function_calls_per_worker,
+        )
         closers.append(workers.close)
         tools += [
             FunctionTool(f, workers, settings.tools.function_timeout_seconds, settings.tools.function_cpu_seconds)
@@ -70,8 +105,6 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
 
 
 def _databricks_functions(settings: Settings) -> list[Tool]:
-    from server.errors import ConfigError
-
     if not settings.tools.databricks_warehouse_id:
         raise ConfigError("tools.databricks_functions needs tools.databricks_warehouse_id (the SQL warehouse)")
     try:

@@ -1,26 +1,26 @@
-"""`sql.query`: governed, read-only SQL over the Delta tables, run by DuckDB.
+"""`sql.query`: governed, read-only SQL over the Delta tables, run by DuckDB out of the gateway's process.
 
 The query is checked on its syntax tree (`tools.sql_guard`) during argument resolution, so a write,
-a second statement or a file read is refused before anything runs; the tables it reads become
-`SELECT` requirements for the grants stage. DuckDB then runs it in a fresh in-memory database with
-file access disabled and only the referenced Delta tables registered.
+a second statement, a file read or any function or relation outside the allow-list is refused before
+anything runs; the tables it reads become `SELECT` requirements for the grants stage. A sandboxed
+DuckDB worker (`tools.sql_workers`) then runs it in a fresh in-memory database with external access
+off, only the referenced Delta tables registered, and memory, time, spill and thread limits.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import datetime as dt
-import decimal
 import json
-import uuid
 from collections.abc import Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from server.grants.source import Requirement, table_requirements
+from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
+from server.sandbox import SandboxMode, detect_mode
 from tools.sql_guard import CheckedQuery, Rejected, check
+from tools.sql_workers import QueryFailed, SqlLimits, SqlWorkers
 from tools.tables import TableCatalog
 
 MAX_ROWS = 1000
@@ -28,10 +28,17 @@ MAX_BYTES = 1_000_000
 
 
 class SqlQueryTool:
-    def __init__(self, tables: TableCatalog, timeout_seconds: float = 20.0, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(
+        self,
+        tables: TableCatalog,
+        spill_root: Path,
+        limits: SqlLimits | None = None,
+        mode: SandboxMode | None = None,
+        max_bytes: int = MAX_BYTES,
+    ) -> None:
         self._tables = tables
-        self._timeout = timeout_seconds
         self._max_bytes = max_bytes
+        self._workers = SqlWorkers(mode or detect_mode("auto"), tables.root, spill_root, limits or SqlLimits())
         self._check = lru_cache(maxsize=512)(self._check_uncached)
         self.spec = ToolSpec(
             name="sql.query",
@@ -88,70 +95,17 @@ class SqlQueryTool:
     async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
         checked = self._check(str(arguments["query"]))
         max_rows = int(arguments.get("max_rows", 100))
-        import duckdb
-
-        con = duckdb.connect(
-            ":memory:",
-            config={
-                "enable_external_access": False,
-                "autoload_known_extensions": False,
-                "autoinstall_known_extensions": False,
-                "threads": 2,
-                "max_memory": "1GB",
-            },
-        )
+        identity = caller.get()
+        who = identity.agent_id if identity is not None else ""
+        tables = {f"__t{index}": self._tables.path(name) for index, name in enumerate(checked.tables)}
         try:
-            task = asyncio.get_running_loop().run_in_executor(None, self._run, con, checked, max_rows)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(task), timeout=self._timeout)
-            except TimeoutError:
-                con.interrupt()
-                await asyncio.gather(task, return_exceptions=True)
-                return ToolOutput(text=f"query timed out after {self._timeout:g} s", is_error=True)
-            except duckdb.Error as exc:
-                return ToolOutput(text=f"query failed: {str(exc).splitlines()[0][:500]}", is_error=True)
-        finally:
-            con.close()
+            result = await self._workers.query(who, checked.rewritten, tables, max_rows, self._max_bytes)
+        except QueryFailed as exc:
+            return ToolOutput(text=str(exc), is_error=True)
         return ToolOutput(text=json.dumps(result, separators=(",", ":")), structured=result)
 
-    def _run(self, con: Any, checked: CheckedQuery, max_rows: int) -> dict[str, Any]:
-        for index, name in enumerate(checked.tables):
-            con.register(f"__t{index}", self._tables.open(name).to_pyarrow_dataset())
-        con.execute("SET lock_configuration = true")
-        cursor = con.execute(checked.rewritten)
-        columns = [{"name": d[0], "type": str(d[1])} for d in cursor.description or []]
-        rows: list[list[Any]] = []
-        size, truncated = 2, False
-        for row in cursor.fetchmany(max_rows + 1):
-            if len(rows) == max_rows:
-                truncated = True
-                break
-            values = [_json_value(v) for v in row]
-            size += len(json.dumps(values, separators=(",", ":"))) + 1
-            if size > self._max_bytes:
-                truncated = True
-                break
-            rows.append(values)
-        return {"columns": columns, "rows": rows, "row_count": len(rows), "truncated": truncated}
+    def close(self) -> None:
+        self._workers.close()
 
-
-def _json_value(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return base64.b64encode(bytes(value)).decode()
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    return str(value)
+    async def aclose(self) -> None:
+        await self._workers.aclose()

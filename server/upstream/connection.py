@@ -43,8 +43,13 @@ class UpstreamConnection:
             return streamable_http_client(self.settings.url, http_client=http), http
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
-        command, *args = self.settings.command
-        params = StdioServerParameters(command=command, args=args, env={**os.environ, **self.settings.env})
+        argv, env = list(self.settings.command), {**os.environ, **self.settings.env}
+        if self.settings.sandbox is not None:  # least privilege: see docs/tools.md, "Sandboxed stdio upstreams"
+            from server.sandbox.stdio import sandboxed_command
+
+            argv, env = sandboxed_command(self.name, self.settings.sandbox, argv, self.settings.env)
+        command, *args = argv
+        params = StdioServerParameters(command=command, args=args, env=env)
         return stdio_client(params), None
 
     async def connect(self) -> None:

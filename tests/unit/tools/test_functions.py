@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +13,11 @@ from tools.functions import FunctionTool, FunctionWorkers, load_functions
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def workers() -> Iterator[FunctionWorkers]:
+@pytest.fixture
+async def workers() -> AsyncIterator[FunctionWorkers]:
     pool = FunctionWorkers(workers=1, memory_mb=256)
     yield pool
-    pool.close()
+    await pool.aclose()
 
 
 def tool(name: str, workers: FunctionWorkers, **limits: float) -> FunctionTool:
@@ -23,8 +25,8 @@ def tool(name: str, workers: FunctionWorkers, **limits: float) -> FunctionTool:
     return FunctionTool(found[name], workers, **limits)  # type: ignore[arg-type]
 
 
-def test_the_schema_comes_from_the_signature_and_docstring(workers: FunctionWorkers) -> None:
-    spec = tool("main.tools.apply_discount", workers).spec
+def test_the_schema_comes_from_the_signature_and_docstring() -> None:
+    spec = tool("main.tools.apply_discount", FunctionWorkers()).spec
     assert spec.description == "Price after a percentage discount, rounded to cents."
     assert spec.input_schema["required"] == ["price"]
     assert spec.input_schema["properties"]["percent"] == {
@@ -59,3 +61,29 @@ async def test_runaway_functions_are_stopped_and_the_next_call_works(workers: Fu
     assert hungry.is_error
     fine = await tool("main.tools.apply_discount", workers).invoke({"price": 200.0})
     assert fine.structured == {"result": 180.0}
+
+
+def _sleep_workers() -> int:
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"tests.fixtures.functions" in argv and b"sleep" in argv and b"-I" in argv:
+            count += 1
+    return count
+
+
+async def test_a_cancelled_call_ends_its_worker_and_leaves_the_others(workers: FunctionWorkers) -> None:
+    nap = tool("main.tests.sleep", workers, timeout_seconds=30)
+    call = asyncio.ensure_future(nap.invoke({"seconds": 30}))
+    await asyncio.sleep(3)  # the worker has started and is sleeping
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert _sleep_workers() == 0  # the cancelled call's sandbox is gone, not left sleeping
+    fine = await tool("main.tools.apply_discount", workers).invoke({"price": 100.0})
+    assert fine.structured == {"result": 90.0}
+    again = await tool("main.tests.sleep", workers).invoke({"seconds": 0})
+    assert again.structured == {"result": "awake"}

@@ -101,3 +101,33 @@ def test_queries_pass_with_the_tables_they_read(sql: str, tables: tuple[str, ...
     checked = check(sql, known)
     assert checked.tables == tables
     assert "main." not in checked.rewritten.lower()  # every table replaced by one the gateway registered
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT * FROM (WITH duckdb_settings AS (SELECT 1) SELECT 1), duckdb_settings",
+        "WITH x AS (SELECT * FROM duckdb_settings), duckdb_settings AS (SELECT 1) SELECT * FROM x",
+        "SELECT \"current_setting\"('home_directory')",
+        "SELECT main.getenv('HOME')",
+        "SELECT 'HOME'.getenv()",
+        "SELECT json_execute_serialized_sql('{}')",
+        "SELECT getvariable('x')",
+        "SELECT version()",
+        "SELECT pg_sleep(10)",
+        "SELECT * FROM pg_settings",
+    ],
+)
+def test_engine_state_is_refused_whatever_the_query_shape(query: str) -> None:
+    with pytest.raises(Rejected):
+        check(query, lambda name: name == "main.sales.orders")
+
+
+def test_pure_functions_and_in_scope_ctes_are_allowed() -> None:
+    query = (
+        "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 5), o AS "
+        "(SELECT * FROM main.sales.orders) SELECT CAST(n AS INT), COALESCE(NULL, n), list_sum(range(3)), "
+        "date_trunc('day', current_date), row_number() OVER (ORDER BY n), median(n), "
+        "EXTRACT(year FROM current_date), CASE WHEN n > 1 THEN 'x' END FROM t, o"
+    )
+    assert check(query, lambda name: name == "main.sales.orders").tables == ("main.sales.orders",)
