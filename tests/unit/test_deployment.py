@@ -47,6 +47,8 @@ def test_each_compose_gateway_passes_production_mode_and_points_at_its_sibling_s
     settings = load_settings()
     assert settings.environment == "production"
     assert enforce_production(settings) == []  # nothing unsafe, nothing overridden
+    assert settings.audit.chain_key_file == Path("/run/secrets/audit-chain-key")  # a secret, not the volume
+    assert "audit-chain-key" in COMPOSE["secrets"]
     hosts = {
         urlparse(settings.metering.redis_url).hostname,
         urlparse(settings.policy.opa_url).hostname,
