@@ -235,6 +235,7 @@ class OpaServerEngine:
     async def load(self, bundle: PolicyBundle) -> LoadReport:
         if not self._push:
             return LoadReport(False, self.policy_version, ("this OPA is fed by bundles; the gateway does not push",))
+        started = time.perf_counter()
         async with self._exclusive():
             errors = await self._stage(bundle)
             if not errors:
@@ -248,7 +249,8 @@ class OpaServerEngine:
                         log.error("opa_restore_failed", errors=restored)
                 return LoadReport(loaded=False, policy_version=self.policy_version, errors=tuple(errors))
             self._bundle = bundle
-        log.info("opa_policy_pushed", url=self._url, policy_version=bundle.version, revision=self._staged)
+        held_ms = round((time.perf_counter() - started) * 1000, 1)  # calls waited at most this long
+        log.info("opa_policy_pushed", url=self._url, version=bundle.version, revision=self._staged, held_ms=held_ms)
         return LoadReport(loaded=True, policy_version=bundle.version)
 
     async def _repush_once(self) -> None:
