@@ -325,32 +325,30 @@ class OpaServerEngine:
                 pass
 
     async def _verify_staged(self, bundle: PolicyBundle) -> list[str]:
-        """The staged version's own tests and the probe inputs, evaluated by this OPA."""
-        return await self._run_tests(bundle) + await self._run_probes()
-
-    async def _run_tests(self, bundle: PolicyBundle) -> list[str]:
+        """The staged version's own tests and the probe inputs, evaluated by this OPA (concurrently:
+        calls wait while this runs). The test modules are removed again whatever the outcome."""
         tests = {_TEST_PREFIX + p: t for p, t in bundle.tests.items()}
         try:
             errors = await self._put_modules(tests)
             if errors:
                 return errors
-            failed: list[str] = []
             packages: dict[str, list[str]] = {}
             for text in bundle.tests.values():
                 for name in test_rules(text):
                     package, rule = name.removeprefix("data.").rsplit(".", 1)
                     packages.setdefault(package, []).append(rule)
-            for package, rules in packages.items():
-                async with self._client().get(f"{self._url}/v1/data/{package.replace('.', '/')}") as resp:
-                    text = await resp.text()
-                if resp.status != 200:
-                    failed += [f"test data.{package}.{r} failed: {_opa_error(text)}" for r in rules]
-                    continue
-                values = json.loads(text).get("result") or {}
-                failed += [f"test data.{package}.{r} failed" for r in rules if values.get(r) is not True]
-            return failed
+            answers = await asyncio.gather(self._run_probes(), *(self._run_tests(p, r) for p, r in packages.items()))
+            return [problem for problems in answers for problem in problems]
         finally:
-            await self._delete_modules([m for m in await self._module_ids() if m.startswith(_TEST_PREFIX)])
+            await self._delete_modules(list(tests))
+
+    async def _run_tests(self, package: str, rules: list[str]) -> list[str]:
+        async with self._client().get(f"{self._url}/v1/data/{package.replace('.', '/')}") as resp:
+            status, text = resp.status, await resp.text()
+        if status != 200:
+            return [f"test data.{package}.{r} failed: {_opa_error(text)}" for r in rules]
+        values = json.loads(text).get("result") or {}
+        return [f"test data.{package}.{r} failed" for r in rules if values.get(r) is not True]
 
     async def _run_probes(self) -> list[str]:
         url = f"{self._url}/v1/data/{self._path}?strict-builtin-errors=true"
