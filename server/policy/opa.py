@@ -235,20 +235,23 @@ class OpaServerEngine:
     async def load(self, bundle: PolicyBundle) -> LoadReport:
         if not self._push:
             return LoadReport(False, self.policy_version, ("this OPA is fed by bundles; the gateway does not push",))
-        async with self._exclusive():
-            errors = await self._stage(bundle)
-            if not errors:
-                errors = await self._verify_staged(bundle)
-            if not errors:
-                errors = await self._commit()
-            if errors:
-                if self._bundle is not None:
-                    restored = await self._stage(self._bundle) or await self._commit()
-                    if restored:  # the next query finds the revisions apart and pushes again
-                        log.error("opa_restore_failed", errors=restored)
-                return LoadReport(loaded=False, policy_version=self.policy_version, errors=tuple(errors))
-            self._bundle = bundle
-        log.info("opa_policy_pushed", url=self._url, policy_version=bundle.version, revision=self._staged)
+        started = time.perf_counter()
+        try:
+            async with self._exclusive(), _reaching(self._url):
+                errors = await self._stage(bundle) or await self._verify_staged(bundle) or await self._commit()
+                if errors:
+                    if self._bundle is not None:
+                        restored = await self._stage(self._bundle) or await self._commit()
+                        if restored:  # the next query finds the revisions apart and pushes again
+                            log.error("opa_restore_failed", errors=restored)
+                    return LoadReport(loaded=False, policy_version=self.policy_version, errors=tuple(errors))
+                self._bundle = bundle
+        except _Unreachable as exc:
+            # Not a verdict on the version: the watcher tries it again. Queries meanwhile find the
+            # revisions apart (or none) and restore the version in force once OPA answers.
+            raise BackendUnavailable("policy", f"{UNAVAILABLE} while loading: {exc}") from None
+        held_ms = round((time.perf_counter() - started) * 1000, 1)  # calls waited at most this long
+        log.info("opa_policy_pushed", url=self._url, version=bundle.version, revision=self._staged, held_ms=held_ms)
         return LoadReport(loaded=True, policy_version=bundle.version)
 
     async def _repush_once(self) -> None:
@@ -264,7 +267,7 @@ class OpaServerEngine:
             raise _Unreachable(repr(exc)) from None
 
     async def _repush_now(self) -> None:
-        async with self._exclusive():
+        async with self._exclusive(), _reaching(self._url):
             assert self._bundle is not None
             self.repushes += self._committed  # the first push is not a re-push
             errors = await self._stage(self._bundle) or await self._commit()
@@ -278,27 +281,21 @@ class OpaServerEngine:
         self._pushes += 1
         self._staged = f"{bundle.version}.{self._pushes}"
         data = {**bundle.data, _REVISION_KEY: {"revision": self._staged}}
-        try:
-            async with self._client().put(f"{self._url}/v1/data", json=data) as resp:
-                if resp.status >= 300:
-                    return [f"OPA refused the data: {_opa_error(await resp.text())}"]
-            errors = await self._put_modules({_MODULE_PREFIX + p: t for p, t in bundle.modules.items()})
-            if errors:
-                return errors
-            wanted = {_MODULE_PREFIX + p for p in bundle.modules}
-            stale = [m for m in await self._module_ids() if m.startswith(_MODULE_PREFIX) and m not in wanted]
-            await self._delete_modules(stale)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [f"{UNAVAILABLE}: {exc!r}"]
+        async with self._client().put(f"{self._url}/v1/data", json=data) as resp:
+            if resp.status >= 300:
+                return [f"OPA refused the data: {_opa_error(await resp.text())}"]
+        errors = await self._put_modules({_MODULE_PREFIX + p: t for p, t in bundle.modules.items()})
+        if errors:
+            return errors
+        wanted = {_MODULE_PREFIX + p for p in bundle.modules}
+        stale = [m for m in await self._module_ids() if m.startswith(_MODULE_PREFIX) and m not in wanted]
+        await self._delete_modules(stale)
         return []
 
     async def _commit(self) -> list[str]:
-        try:
-            errors = await self._put_modules({_RUNTIME_ID: runtime_module(self._entrypoint, self._staged)})
-            self._committed = self._committed or not errors
-            return errors
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [f"{UNAVAILABLE}: {exc!r}"]
+        errors = await self._put_modules({_RUNTIME_ID: runtime_module(self._entrypoint, self._staged)})
+        self._committed = self._committed or not errors
+        return errors
 
     async def _put_modules(self, modules: Mapping[str, str]) -> list[str]:
         """PUT each module; one OPA refuses is retried after the others (it may call a function from a
@@ -328,35 +325,30 @@ class OpaServerEngine:
                 pass
 
     async def _verify_staged(self, bundle: PolicyBundle) -> list[str]:
-        """The staged version's own tests and the probe inputs, evaluated by this OPA."""
-        try:
-            return await self._run_tests(bundle) + await self._run_probes()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return [f"{UNAVAILABLE} while verifying: {exc!r}"]
-
-    async def _run_tests(self, bundle: PolicyBundle) -> list[str]:
+        """The staged version's own tests and the probe inputs, evaluated by this OPA (concurrently:
+        calls wait while this runs). The test modules are removed again whatever the outcome."""
         tests = {_TEST_PREFIX + p: t for p, t in bundle.tests.items()}
         try:
             errors = await self._put_modules(tests)
             if errors:
                 return errors
-            failed: list[str] = []
             packages: dict[str, list[str]] = {}
             for text in bundle.tests.values():
                 for name in test_rules(text):
                     package, rule = name.removeprefix("data.").rsplit(".", 1)
                     packages.setdefault(package, []).append(rule)
-            for package, rules in packages.items():
-                async with self._client().get(f"{self._url}/v1/data/{package.replace('.', '/')}") as resp:
-                    text = await resp.text()
-                if resp.status != 200:
-                    failed += [f"test data.{package}.{r} failed: {_opa_error(text)}" for r in rules]
-                    continue
-                values = json.loads(text).get("result") or {}
-                failed += [f"test data.{package}.{r} failed" for r in rules if values.get(r) is not True]
-            return failed
+            answers = await asyncio.gather(self._run_probes(), *(self._run_tests(p, r) for p, r in packages.items()))
+            return [problem for problems in answers for problem in problems]
         finally:
-            await self._delete_modules([m for m in await self._module_ids() if m.startswith(_TEST_PREFIX)])
+            await self._delete_modules(list(tests))
+
+    async def _run_tests(self, package: str, rules: list[str]) -> list[str]:
+        async with self._client().get(f"{self._url}/v1/data/{package.replace('.', '/')}") as resp:
+            status, text = resp.status, await resp.text()
+        if status != 200:
+            return [f"test data.{package}.{r} failed: {_opa_error(text)}" for r in rules]
+        values = json.loads(text).get("result") or {}
+        return [f"test data.{package}.{r} failed" for r in rules if values.get(r) is not True]
 
     async def _run_probes(self) -> list[str]:
         url = f"{self._url}/v1/data/{self._path}?strict-builtin-errors=true"
@@ -404,6 +396,15 @@ class OpaServerEngine:
             await self._session.close()
         if self._on_close is not None:
             self._on_close()
+
+
+@contextlib.asynccontextmanager
+async def _reaching(url: str) -> AsyncIterator[None]:
+    """A push step that got no answer from OPA (connection, timeout) raises `_Unreachable`."""
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _Unreachable(f"{url}: {exc!r}") from None
 
 
 def _consume(task: asyncio.Future[None]) -> None:

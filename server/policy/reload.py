@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from server.errors import ConfigError
+from server.errors import BackendUnavailable, ConfigError
 from server.policy.bundle import PolicyBundle, policy_files, read_files
 from server.policy.engine import LoadReport, PolicyEngine
 from server.policy.verify import verify_in_process
@@ -93,7 +93,9 @@ class PolicyWatcher:
     chunks is not loaded half-way (as long as the writer pauses for less than `quiet`). The snapshot
     is then verified (`verify`, and the engine's own `load`), and swapped in only when it passes; a
     refusal keeps the last good version deciding and is kept in `refused` (for `/readyz`, metrics
-    and the log) until a later snapshot loads or the files match the version in force again.
+    and the log) until a later snapshot loads or the files match the version in force again. An
+    engine that cannot be reached while loading (`BackendUnavailable`) is no verdict: the same
+    snapshot is tried again at the next poll.
     """
 
     def __init__(
@@ -144,8 +146,13 @@ class PolicyWatcher:
             return None
         if snapshot is None or digest == self._settled or now - self._seen_since < self._quiet:
             return None
+        try:
+            report = await self._apply(snapshot)
+        except BackendUnavailable as exc:  # the engine could not be reached: no verdict, try again
+            log.warning("policy_reload_deferred", snapshot=digest[:16], reason="; ".join(exc.reasons))
+            return None
         self._settled = digest
-        return await self._apply(snapshot)
+        return report
 
     async def _apply(self, snapshot: Snapshot) -> LoadReport | None:
         started = time.perf_counter()

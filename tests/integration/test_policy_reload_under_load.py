@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from server.policy.bundle import PolicyBundle, read_files
+from server.policy.bundle import PolicyBundle
 from server.settings import REPO_ROOT
 from server.testing import GatewayProcess, run_gateway
 from tests.opa import run_opa
@@ -49,13 +49,13 @@ EDITS = {
 DENIES = {"v0": {"alpha"}, "v1": {"alpha", "beta"}, "v2": {"alpha", "beta", "gamma"}}
 
 
-def version_of(policies: Path, name: str) -> str:
-    files = read_files(policies)
-    files["castellan/gateway.rego"] = "".join(EDITS[name])
-    return PolicyBundle.from_files(policies, files).version
+def version_of(policies: Path, name: str, scratch: Path) -> str:
+    shutil.copytree(policies, scratch / name)
+    (scratch / name / "castellan" / "gateway.rego").write_text("".join(EDITS[name]))
+    return PolicyBundle.from_directory(scratch / name).version
 
 
-async def write_in_chunks(path: Path, chunks: list[str], pause: float = 0.3) -> None:
+async def write_in_chunks(path: Path, chunks: list[str], pause: float = 0.2) -> None:
     with path.open("w") as f:
         for chunk in chunks:
             f.write(chunk)
@@ -119,11 +119,11 @@ async def test_chunked_policy_edits_under_load_decide_only_as_complete_versions(
     shutil.copytree(REPO_ROOT / "policies", policies)
     rego = policies / "castellan" / "gateway.rego"
     rego.write_text("".join(EDITS["v0"]))
-    versions = {version_of(policies, name): name for name in EDITS}
+    versions = {version_of(policies, name, tmp_path / "versions"): name for name in EDITS}
     env = {
         "CASTELLAN_POLICY__PATH": str(policies),
         "CASTELLAN_POLICY__RELOAD_INTERVAL_SECONDS": "0.1",
-        "CASTELLAN_POLICY__RELOAD_QUIET_SECONDS": "1.0",
+        "CASTELLAN_POLICY__RELOAD_QUIET_SECONDS": "2.0",  # 10x the pauses between chunks
         "CASTELLAN_POLICY__TIMEOUT_SECONDS": "10",  # a loaded 2-core CI box; the OPA stall test covers timeouts
         "CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
         "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0",

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from server.errors import BackendUnavailable
 from server.policy import reload
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
+from server.policy.engine import LoadReport
 from server.policy.reload import PolicyMetrics, PolicyWatcher, in_process_verifier, read_snapshot
 from server.settings import REPO_ROOT
 
@@ -133,3 +135,35 @@ async def test_the_version_and_refusals_are_in_the_metrics(
     assert 'castellan_policy_reloads_total{result="loaded"} 1.0' in text
     assert 'castellan_policy_reloads_total{result="refused"} 1.0' in text
     assert "castellan_policy_edit_refused 1.0" in text
+
+
+class FlakyEngine:
+    """An engine that cannot be reached for its first `outages` loads, then loads anything."""
+
+    name = "flaky"
+
+    def __init__(self, version: str, outages: int) -> None:
+        self.policy_version = version
+        self.outages = outages
+
+    async def load(self, bundle: PolicyBundle) -> LoadReport:
+        if self.outages:
+            self.outages -= 1
+            raise BackendUnavailable("policy", "policy engine unavailable")
+        self.policy_version = bundle.version
+        return LoadReport(loaded=True, policy_version=bundle.version)
+
+
+async def test_an_engine_that_cannot_be_reached_is_no_verdict_and_the_edit_is_tried_again(
+    policies: Path, clock: Clock
+) -> None:
+    engine = FlakyEngine(PolicyBundle.from_directory(policies).version, outages=2)
+    w = PolicyWatcher(policies, engine, quiet=1.0)  # type: ignore[arg-type]
+    data = policies / "castellan" / "config" / "data.json"
+    data.write_text(data.read_text().replace('["drop table"]', '["drop table", "four"]'))
+    await settle(w, clock)
+    assert (w.reloads, w.refusals, w.refused) == (0, 0, None)
+    await w.poll()
+    await w.poll()
+    assert engine.policy_version == PolicyBundle.from_directory(policies).version
+    assert (w.reloads, w.refusals) == (1, 0)
