@@ -63,6 +63,7 @@ def policy_eval(config: Path | None, input_file: Path) -> None:
         out: dict[str, object] = {}
         embedded = EmbeddedEngine(bundle, settings.policy.entrypoint)
         out["embedded"] = _decision_json(await embedded.decide(document))
+        out["embedded_evaluator"] = embedded.evaluator
         await embedded.close()
         binary = find_opa(settings.policy.opa_binary)
         if binary is not None:

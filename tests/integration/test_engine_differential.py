@@ -352,3 +352,52 @@ async def test_generated_inputs(
     action: str,
 ) -> None:
     await assert_agree(engines, document(args, tool_index, groups, depth, calls, repeats, used, limit, action))
+
+
+SECRET_NAMES = ["password", "PASSWORD", "Password", "pAsSwOrD", "api_key", "API_KEY", "ApiKey", "apikey", "token"]
+SECRET_NAMES += [
+    "TOKEN",
+    "Authorization",
+    "secret",
+    "SECRET",
+    "SECRET\u0130",
+    "pass\u200bword",
+    "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44",
+]
+SECRET_NAMES += ["pa\u017fsword", "\u212aey", "tok\u0435n", "", "text", "Straße", "ß", "İ"]
+
+
+async def test_the_decision_log_mask_masks_what_opa_masks() -> None:
+    """The mask (policies/system/log) under each evaluator against OPA, on secret-looking argument
+    names: the same pointers, or (regorus, outside its plain domain) an error, so the log line is
+    dropped instead of written unmasked."""
+    from dataclasses import replace
+
+    import aiohttp
+
+    from server.policy.bundle import package_of
+    from server.policy.decision_log import MASK_RULE
+    from server.policy.embedded import RuleEvaluator
+
+    bundle = PolicyBundle.from_directory(REPO_ROOT / "policies")
+    bundle = replace(bundle, modules={p: t for p, t in bundle.modules.items() if package_of(t) == "system.log"})
+    with run_opa() as server:  # the mask modules alone, as the decision log compiles them
+        async with aiohttp.ClientSession() as session:
+            for path, text in bundle.modules.items():
+                async with session.put(f"{server.url}/v1/policies/{path}", data=text) as resp:
+                    assert resp.status == 200
+            for evaluator in ("opa-library", "regorus"):
+                mask = RuleEvaluator(bundle, evaluator)
+                for name in SECRET_NAMES:
+                    document = {"input": {"arguments": {name: "s3cr3t", "other": 1.5}}, "result": {"allow": True}}
+                    url = f"{server.url}/v1/data/system/log/mask?strict-builtin-errors=true"
+                    async with session.post(url, data=json.dumps({"input": document})) as resp:
+                        reference = sorted((await resp.json())["result"])
+                    mask.set_input_json(json.dumps(document))
+                    try:
+                        mine = sorted(json.loads(mask.eval_rule_as_json(MASK_RULE)))
+                    except RuntimeError:
+                        assert evaluator == "regorus", name
+                        assert plain_problem(document, integers=False) is not None, name  # names only
+                        continue
+                    assert mine == reference, (evaluator, name)

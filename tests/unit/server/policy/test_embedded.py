@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from server.errors import ConfigError
+from server.policy import inprocess_opa
 from server.policy._input import build_input
 from server.policy._thread_engines import _engines
 from server.policy.bundle import PolicyBundle
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module", params=["opa-library", "regorus"])
 def engine(request: pytest.FixtureRequest) -> EmbeddedEngine:
     """Both evaluators of the embedded engine decide the default policy."""
+    if request.param == "opa-library" and not inprocess_opa.available():
+        pytest.skip("the OPA library is not built (scripts/build-opa-library needs Go)")
     return EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"), evaluator=request.param)
 
 
@@ -246,3 +249,18 @@ def test_the_opa_library_refuses_network_builtins_naming_them(tmp_path: Path) ->
     rego = 'package castellan.gateway\n\nimport rego.v1\n\ndecision := http.send({"method": "get", "url": "x"})\n'
     with pytest.raises(ConfigError, match=r"p.rego:5 uses builtin http.send, which the embedded engine refuses"):
         EmbeddedEngine(write_policy(tmp_path, rego), evaluator="opa-library")
+
+
+async def test_the_opa_library_decides_concurrently_on_worker_threads() -> None:
+    """ctypes releases the GIL: several threads evaluate in Go at once, each answer its own."""
+    if not inprocess_opa.available():
+        pytest.skip("the OPA library is not built (scripts/build-opa-library needs Go)")
+    import asyncio
+
+    engine = EmbeddedEngine(
+        PolicyBundle.from_directory(REPO_ROOT / "policies"), workers=4, inline_max_us=0, evaluator="opa-library"
+    )
+    texts = [("x" * (i % 300)) for i in range(400)]
+    decisions = await asyncio.gather(*(engine.decide(doc(arguments={"text": t})) for t in texts))
+    assert [d.allow for d in decisions] == [len(t) <= 200 for t in texts]
+    await engine.close()
