@@ -1,6 +1,7 @@
-"""Decision latency per policy engine, side by side in one run, for the default policy: the embedded
-engine (schema validation included) and a real OPA server over loopback (aiohttp, pooled).
-Writes bench/results/policy.{json,md}.
+"""Decision latency per policy engine option, side by side in one run, for the default policy: the
+embedded engine with each evaluator (the OPA library: OPA's own evaluator in-process; regorus, the
+fallback without Go), schema validation included, and a real OPA server over loopback (aiohttp,
+pooled). Writes bench/results/policy.{json,md}.
 
     .venv/bin/python -m bench.policy [--decisions 5000]
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.stats import percentile
+from server.policy import inprocess_opa
 from server.policy._input import build_input
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine
@@ -59,21 +62,25 @@ async def run(decisions: int) -> list[dict[str, Any]]:
     ]
     rows = []
     with run_opa() as opa:
-        engines: list[PolicyEngine] = [EmbeddedEngine(bundle), OpaServerEngine(opa.url, bundle=bundle)]
-        for engine in engines:
+        options: list[tuple[str, PolicyEngine]] = []
+        if inprocess_opa.available():
+            options.append(("embedded (opa-library)", EmbeddedEngine(bundle, evaluator="opa-library")))
+        options.append(("embedded (regorus)", EmbeddedEngine(bundle, evaluator="regorus")))
+        options.append(("opa (loopback)", OpaServerEngine(opa.url, bundle=bundle)))
+        for _, engine in options:
             await sequential(engine, docs[:500])  # warm-up (and the OPA push)
-        for engine in engines:
+        for label, engine in options:
             latencies = await sequential(engine, docs)
             rows.append(
                 {
-                    "engine": engine.name,
+                    "engine": label,
                     "decisions": len(latencies),
                     "p50_us": percentile(latencies, 0.5) * 1e6,
                     "p99_us": percentile(latencies, 0.99) * 1e6,
                     "per_second_c16": await concurrent(engine, docs, 16),
                 }
             )
-        for engine in engines:
+        for _, engine in options:
             await engine.close()
     return rows
 
@@ -88,7 +95,9 @@ def main() -> None:
         f"| {r['engine']} | {r['decisions']} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['per_second_c16']:.0f} |"
         for r in rows
     ]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     markdown = "# Policy decision latency, default policy, one run\n\n" + "\n".join(lines) + "\n"
+    markdown += f"\nLoad average after the run (1, 5, 15 min): {load} on {os.cpu_count()} cores.\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "policy.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / "policy.md").write_text(markdown)

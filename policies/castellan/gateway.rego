@@ -22,19 +22,22 @@ tool_config := object.get(object.get(data.castellan.config, "tools", {}), input.
 
 admin_groups := object.get(data.castellan.config, "admin_groups", ["admins"])
 
+# Reasons are formatted with %v only: the embedded engine's fallback without the OPA library
+# (regorus, verified subset) formats %s of a number, %d of a string and %q differently from OPA.
+
 # Belt and braces: the grants stage already denies a call with missing privileges.
-deny contains sprintf("missing privilege %s", [p]) if {
+deny contains sprintf("missing privilege %v", [p]) if {
 	some p in input.grants.missing
 }
 
 # A tool may be restricted to some groups.
-deny contains sprintf("tool %s is restricted to groups: %s", [input.tool.name, concat(", ", tool_config.groups)]) if {
+deny contains sprintf("tool %v is restricted to groups: %v", [input.tool.name, concat(", ", tool_config.groups)]) if {
 	is_array(tool_config.groups)
 	not in_any_group(tool_config.groups)
 }
 
 # Destructive tools (MCP annotation destructiveHint) only for admins.
-deny contains sprintf("tool %s is destructive: only groups %s may call it", [input.tool.name, concat(", ", admin_groups)]) if {
+deny contains sprintf("tool %v is destructive: only groups %v may call it", [input.tool.name, concat(", ", admin_groups)]) if {
 	input.tool.annotations.destructiveHint == true
 	not in_any_group(admin_groups)
 }
@@ -45,7 +48,7 @@ in_any_group(groups) if {
 }
 
 # Argument constraints, checked with explicit types: a wrongly typed value is denied, never coerced.
-deny contains sprintf("argument %s must be a string of at most %d characters", [name, limit]) if {
+deny contains sprintf("argument %v must be a string of at most %v characters", [name, limit]) if {
 	input.action == "call"
 	some name, limit in object.get(tool_config, "max_length", {})
 	value := object.get(input.arguments, name, "")
@@ -57,7 +60,7 @@ short_string(value, limit) if {
 	count(value) <= limit
 }
 
-deny contains sprintf("argument %s contains blocked text %q", [name, word]) if {
+deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) if {
 	input.action == "call"
 	some name, value in input.arguments
 	is_string(value)

@@ -63,6 +63,7 @@ def policy_eval(config: Path | None, input_file: Path) -> None:
         out: dict[str, object] = {}
         embedded = EmbeddedEngine(bundle, settings.policy.entrypoint)
         out["embedded"] = _decision_json(await embedded.decide(document))
+        out["embedded_evaluator"] = embedded.evaluator
         await embedded.close()
         binary = find_opa(settings.policy.opa_binary)
         if binary is not None:
@@ -98,12 +99,15 @@ def _decision_json(decision: object) -> dict[str, object]:
 @policy.command("check")
 @config_option
 def policy_check(config: Path | None) -> None:
-    """Compile the policies; with OPA, also opa check --strict and opa fmt; list constructs the engines
-    decide differently on some inputs."""
+    """Compile the policies; with OPA, also opa check --strict and opa fmt; an error when the embedded
+    engine would refuse them (a builtin or construct it cannot decide exactly as OPA)."""
     from server.policy.authoring import check_policies
 
     settings = settings_from(config)
-    report = check_policies(settings.policy.path, settings.policy.opa_binary)
+    report = check_policies(settings.policy.path, settings.policy.opa_binary, settings.policy.entrypoint)
+    exact = "OPA's own evaluator, in-process" if report.evaluator == "opa-library" else "verified subset only"
+    if report.evaluator:
+        click.echo(f"embedded engine: {report.evaluator} ({exact})")
     for notice in report.notices:
         click.echo(f"notice: {notice}")
     for error in report.errors:

@@ -100,6 +100,8 @@ def run_tests(root: Path, opa_binary: str = "") -> tuple[bool, str]:
 class CheckReport:
     errors: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    evaluator: str = ""
+    """The embedded engine's evaluator that checked: `opa-library` (exact by construction) or `regorus`."""
 
 
 def check_policies(
@@ -107,7 +109,7 @@ def check_policies(
 ) -> CheckReport:
     """Compile everything; with OPA also `opa check --strict` and `opa fmt --fail`. An error when the
     embedded engine would refuse the policy (naming the builtin or construct), since it then cannot
-    decide it exactly as OPA; a notice naming the evaluator, and what the regorus fallback would say."""
+    decide it exactly as OPA; notices when the regorus fallback serves, or would refuse the policy."""
     report = CheckReport()
     try:
         bundle = PolicyBundle.from_directory(root)
@@ -123,27 +125,27 @@ def check_policies(
                 report.errors.append(f"opa {args[0]}: {(done.stdout + done.stderr).strip()}")
     else:
         report.notices.append("no OPA binary found: checked with the embedded engine only")
-    evaluator = default_evaluator()
-    entrypoints = [entrypoint] + (
-        [MASK_RULE] if any(package_of(t) == "system.log" for t in bundle.modules.values()) else []
-    )
+    evaluator = report.evaluator = default_evaluator()
+    has_mask = any(package_of(t) == "system.log" for t in bundle.modules.values())
+    entrypoints = [entrypoint, MASK_RULE] if has_mask else [entrypoint]
     for rule in entrypoints:
         try:
             compile_policy(bundle, rule, evaluator)
         except ConfigError as exc:
             report.errors.append(f"embedded engine ({evaluator}): {exc}")
     if evaluator == "opa-library":
-        report.notices.append("embedded engine: OPA's own evaluator in-process (decides exactly as OPA)")
         for rule in entrypoints:
             try:
                 compile_policy(bundle, rule, "regorus")
             except ConfigError as exc:
-                report.notices.append(f"where the OPA library is not built (regorus fallback) {rule} is refused: {exc}")
+                report.notices.append(f"where the OPA library is not built (regorus fallback): {exc}")
     else:
         report.notices.append(
             "embedded engine: regorus restricted to its verified subset (the OPA library is not built: "
             "scripts/build-opa-library needs Go)"
         )
+    report.errors = list(dict.fromkeys(report.errors))
+    report.notices = list(dict.fromkeys(report.notices))
     return report
 
 

@@ -68,10 +68,14 @@ def _reply(lib: ctypes.CDLL, pointer: int | None) -> dict[str, Any]:
     if not pointer:
         return {"error": "the policy library returned nothing"}
     try:
-        reply: dict[str, Any] = json.loads(ctypes.string_at(pointer))
-        return reply
+        text = ctypes.string_at(pointer)
     finally:
         lib.castellan_free(pointer)
+    try:
+        reply: dict[str, Any] = json.loads(text)
+    except ValueError as exc:  # an integer of more than 4,300 digits, for one
+        return {"error": f"the policy's result cannot be read: {exc}"}
+    return reply
 
 
 @cache

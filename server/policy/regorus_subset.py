@@ -14,6 +14,7 @@ error, and the engine that panicked is marked poisoned so that its owner builds 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ EXACT_BUILTINS = frozenset(
     }
 )
 # Exact on plain values only: the policy is accepted, and inputs outside the plain domain are denied.
+# sprintf only with a literal format of `%v` verbs and a literal array of as many arguments.
 PLAIN_BUILTINS = frozenset({"count", "lower", "upper", "sprintf", "trim_space", "split"})
 VERIFIED_BUILTINS = EXACT_BUILTINS | PLAIN_BUILTINS
 
@@ -91,9 +93,10 @@ def _clean(error: BaseException) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Subset:
-    """What a policy needs of regorus: whether inputs must be plain."""
+    """What a policy needs of regorus: which inputs it can decide exactly."""
 
-    plain_only: bool
+    ascii_only: bool  # uses a builtin exact only on printable ASCII strings
+    integers_only: bool  # formats numbers (sprintf %v): exact only on integers
 
 
 def _nodes(node: Any) -> Iterator[tuple[str, Any]]:
@@ -150,11 +153,18 @@ def _where(module: dict[str, Any], body: Any) -> str:
 
 
 def check_subset(engine: regorus.Engine) -> Subset:
-    """Raise `ConfigError` naming the first builtin or construct outside the verified set."""
+    """Raise `ConfigError` naming every builtin and construct outside the verified set (with file:line)."""
     modules: list[dict[str, Any]] = json.loads(engine.get_ast_as_json())
     own = _functions(modules)
-    plain = False
+    plain = numbers = False
     literals: list[tuple[dict[str, Any], Any]] = []
+    outside: dict[str, str] = {}  # what → where it is first used
+
+    def refuse(module: dict[str, Any], body: Any, what: str) -> None:
+        where = _where(module, body)
+        if what not in outside or _line_key(where) < _line_key(outside[what]):
+            outside[what] = where
+
     for module in modules:
         package = package_of(module["source"]["contents"])
         aliases = _imports(module)
@@ -162,21 +172,23 @@ def check_subset(engine: regorus.Engine) -> Subset:
         for kind, body in _nodes(module["ast"]["rules"]):
             if kind == "with_mods":
                 if body:
-                    raise ConfigError(_refusal(module, body[0], "the `with` keyword"))
+                    refuse(module, body[0], "the `with` keyword")
                 continue
             if kind not in VERIFIED_CONSTRUCTS:
-                raise ConfigError(_refusal(module, body, f"the construct {kind}"))
+                refuse(module, body, f"the construct {kind}")
+                continue
             if kind == "Number":
                 text = source.encode()[body["span"]["start"] : body["span"]["end"]].decode()
                 if not _exact_number(text):
-                    raise ConfigError(_refusal(module, body, f"the number literal {text}"))
+                    refuse(module, body, f"the number literal {text}")
             if kind in ("String", "RawString") and isinstance(body.get("value"), str):
                 literals.append((module, body))
             if kind != "Call":
                 continue
             name = _dotted(body["fcn"])
             if name is None:
-                raise ConfigError(_refusal(module, body, "a computed function reference"))
+                refuse(module, body, "a computed function reference")
+                continue
             head, _, rest = name.partition(".")
             candidates = {f"data.{package}.{name}", name}
             if head in aliases:
@@ -184,21 +196,41 @@ def check_subset(engine: regorus.Engine) -> Subset:
             if candidates & own:
                 continue
             if name not in VERIFIED_BUILTINS:
-                raise ConfigError(_refusal(module, body, f"builtin {name}"))
+                refuse(module, body, f"builtin {name}")
+            elif name == "sprintf" and not _verified_sprintf(body["params"]):
+                refuse(module, body, "sprintf other than a literal format of %v verbs with as many arguments")
             plain = plain or name in PLAIN_BUILTINS
+            numbers = numbers or name == "sprintf"
     for module, body in literals if plain else []:
         if plain_problem(body["value"], "a string literal"):
-            what = f"the string literal {body['value']!r} (not printable ASCII) with builtins exact only on ASCII"
-            raise ConfigError(_refusal(module, body, what))
-    return Subset(plain_only=plain)
+            refuse(module, body, f"the string literal {body['value']!r} (not printable ASCII) with ASCII-only builtins")
+    if outside:
+        ordered = sorted(outside.items(), key=lambda item: _line_key(item[1]))
+        uses = ", ".join(f"{what} ({where})" for what, where in ordered)
+        raise ConfigError(
+            f"policy uses {uses}: outside what the embedded engine can decide exactly as OPA without the "
+            "in-process OPA library (regorus fallback: verified subset only; run scripts/build-opa-library, "
+            "which needs Go, or decide with OPA: policy.engine = 'auto' or 'opa')"
+        )
+    return Subset(ascii_only=plain, integers_only=numbers)
 
 
-def _refusal(module: dict[str, Any], body: Any, what: str) -> str:
-    return (
-        f"policy {_where(module, body)} uses {what}, which the embedded engine cannot decide exactly as OPA "
-        "without the in-process OPA library (regorus fallback: verified subset only; run "
-        "scripts/build-opa-library, which needs Go, or decide with OPA: policy.engine = 'auto' or 'opa')"
-    )
+def _verified_sprintf(params: list[Any]) -> bool:
+    """regorus formats `%s` of a number, `%d` of a string, `%q`, flags, widths and a wrong number
+    of arguments differently from OPA (Go's fmt); `%v` of plain values alike."""
+    if len(params) != 2 or not isinstance(params[0], dict) or not isinstance(params[1], dict):
+        return False
+    literal = params[0].get("String") or params[0].get("RawString")
+    items = params[1].get("Array", {}).get("items")
+    if literal is None or items is None:
+        return False
+    verbs = re.findall(r"%(.?)", str(literal["value"]).replace("%%", ""))
+    return all(v == "v" for v in verbs) and len(verbs) == len(items)
+
+
+def _line_key(where: str) -> tuple[str, int]:
+    path, _, line = where.rpartition(":")
+    return path, int(line) if line.isdigit() else 0
 
 
 def _exact_number(text: str) -> bool:
@@ -214,8 +246,9 @@ def _exact_number(text: str) -> bool:
     return Decimal(value) == Decimal(text)
 
 
-def plain_problem(value: Any, where: str = "input") -> str | None:
-    """Why `value` is outside the plain domain (printable ASCII strings, integers within ±(2^53-1))."""
+def plain_problem(value: Any, where: str = "input", integers: bool = True) -> str | None:
+    """Why `value` is outside the plain domain: printable ASCII strings (and keys) and, with
+    `integers`, integers within ±(2^53-1) as its only numbers."""
     stack: list[tuple[Any, str]] = [(value, where)]
     while stack:
         item, path = stack.pop()
@@ -225,10 +258,11 @@ def plain_problem(value: Any, where: str = "input") -> str | None:
         elif isinstance(item, bool) or item is None:
             continue
         elif isinstance(item, int):
-            if abs(item) > MAX_PLAIN_INTEGER:
+            if integers and abs(item) > MAX_PLAIN_INTEGER:
                 return f"{path} is an integer beyond 2^53"
         elif isinstance(item, float):
-            return f"{path} is not an integer"
+            if integers:
+                return f"{path} is not an integer"
         elif isinstance(item, Mapping):
             for key, inner in item.items():
                 if not isinstance(key, str) or not key.isascii() or not key.isprintable():
@@ -267,7 +301,7 @@ class RegorusPolicy:
             except Exception as exc:  # regorus raises RuntimeError with the parser's message
                 problem = f"policy {path} does not compile: {_clean(exc)}"
                 break
-        subset = Subset(plain_only=False)
+        subset = Subset(ascii_only=False, integers_only=False)
         if problem is None:
             try:
                 engine.add_data_json(json.dumps(bundle.data))
@@ -276,8 +310,8 @@ class RegorusPolicy:
                 problem = str(exc)
             except Exception as exc:
                 problem = f"policy data does not load: {_clean(exc)}"
-        if problem is None and subset.plain_only:
-            data_problem = plain_problem(bundle.data, "data")
+        if problem is None and subset.ascii_only:
+            data_problem = plain_problem(bundle.data, "data", subset.integers_only)
             if data_problem:
                 problem = (
                     f"policy data: {data_problem}, and the policy uses builtins that regorus decides "
@@ -290,13 +324,19 @@ class RegorusPolicy:
             raise ConfigError(problem)
         self._engine = engine
         self._entrypoint = entrypoint
-        self.plain_only = subset.plain_only
+        self.subset = subset
         self.poisoned = False
+
+    def outside_domain(self, document: Any) -> str | None:
+        """Why this policy cannot decide `document` exactly as OPA (None: it can)."""
+        if not self.subset.ascii_only:
+            return None
+        return plain_problem(document, "input", self.subset.integers_only)
 
     def evaluate(self, document_json: str, document: Any = None) -> tuple[bool, Any]:
         """(True, value or None when undefined) or (False, the error). Never raises."""
-        if self.plain_only:
-            problem = plain_problem(json.loads(document_json) if document is None else document)
+        if self.subset.ascii_only:
+            problem = self.outside_domain(json.loads(document_json) if document is None else document)
             if problem:
                 return False, f"outside the verified domain of the regorus fallback: {problem}"
         try:
@@ -307,5 +347,6 @@ class RegorusPolicy:
         except BaseException as exc:  # a Rust panic is a BaseException (pyo3)
             if not isinstance(exc, Exception):
                 self.poisoned = True
+                return False, f"panic in regorus: {_clean(exc)}"
             return False, _clean(exc)
         return True, None if raw == _UNDEFINED else json.loads(raw)

@@ -11,7 +11,7 @@ secret_argument_names := {"password", "secret", "token", "api_key", "apikey", "a
 
 # METADATA
 # entrypoint: true
-mask contains sprintf("/input/arguments/%s", [name]) if {
+mask contains concat("", ["/input/arguments/", name]) if {
 	some name, _ in input.input.arguments
 	lower(name) in secret_argument_names
 }

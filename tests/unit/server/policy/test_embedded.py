@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from server.errors import ConfigError
+from server.policy import inprocess_opa
 from server.policy._input import build_input
 from server.policy._thread_engines import _engines
 from server.policy.bundle import PolicyBundle
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(scope="module", params=["opa-library", "regorus"])
 def engine(request: pytest.FixtureRequest) -> EmbeddedEngine:
     """Both evaluators of the embedded engine decide the default policy."""
+    if request.param == "opa-library" and not inprocess_opa.available():
+        pytest.skip("the OPA library is not built (scripts/build-opa-library needs Go)")
     return EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"), evaluator=request.param)
 
 
@@ -206,3 +209,58 @@ def test_a_broken_bundle_refused_on_a_worker_thread_leaves_no_engine_to_other_th
     assert "does not compile" in str(errors[0])
     errors.clear()
     gc.collect()  # here, on the main thread: no engine may be left in the collected frames
+
+
+HOSTILE_COUNT = (
+    "package castellan.gateway\n\nimport rego.v1\n\n"
+    'decision := {"allow": strings.count(input.arguments.text, input.arguments.text) >= 0, "reasons": set()}\n'
+)
+
+
+@pytest.mark.parametrize("inline_max_us", [250.0, 0.0])
+async def test_a_regorus_panic_is_a_denial_and_the_engine_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max_us: float
+) -> None:
+    """strings.count(s, "") panics inside regorus (pyo3's PanicException is a BaseException). Outside
+    the verified subset, so refused at load; let it through here to prove the panic is contained."""
+    from server.policy import regorus_subset
+
+    anything = regorus_subset.Subset(ascii_only=False, integers_only=False)
+    monkeypatch.setattr(regorus_subset, "check_subset", lambda engine: anything)
+    engine = EmbeddedEngine(write_policy(tmp_path, HOSTILE_COUNT), evaluator="regorus", inline_max_us=inline_max_us)
+    for _ in range(3):
+        hostile = await engine.decide(doc(arguments={"text": ""}))
+        assert (hostile.allow, hostile.reasons) == (False, ("policy evaluation failed",))
+        for _ in range(40):  # a poisoned engine denied about 1 call in 32 afterwards
+            assert (await engine.decide(doc(arguments={"text": "ab"}))).allow
+    await engine.check()
+    await engine.close()
+
+
+def test_regorus_refuses_a_builtin_outside_the_verified_subset_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"policy uses builtin strings.count \(p.rego:5\): outside what the embedded engine can decide",
+    ):
+        EmbeddedEngine(write_policy(tmp_path, HOSTILE_COUNT), evaluator="regorus")
+
+
+def test_the_opa_library_refuses_network_builtins_naming_them(tmp_path: Path) -> None:
+    rego = 'package castellan.gateway\n\nimport rego.v1\n\ndecision := http.send({"method": "get", "url": "x"})\n'
+    with pytest.raises(ConfigError, match=r"p.rego:5 uses builtin http.send, which the embedded engine refuses"):
+        EmbeddedEngine(write_policy(tmp_path, rego), evaluator="opa-library")
+
+
+async def test_the_opa_library_decides_concurrently_on_worker_threads() -> None:
+    """ctypes releases the GIL: several threads evaluate in Go at once, each answer its own."""
+    if not inprocess_opa.available():
+        pytest.skip("the OPA library is not built (scripts/build-opa-library needs Go)")
+    import asyncio
+
+    engine = EmbeddedEngine(
+        PolicyBundle.from_directory(REPO_ROOT / "policies"), workers=4, inline_max_us=0, evaluator="opa-library"
+    )
+    texts = [("x" * (i % 300)) for i in range(400)]
+    decisions = await asyncio.gather(*(engine.decide(doc(arguments={"text": t})) for t in texts))
+    assert [d.allow for d in decisions] == [len(t) <= 200 for t in texts]
+    await engine.close()
