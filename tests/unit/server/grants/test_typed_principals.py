@@ -143,3 +143,19 @@ def test_names_left_unregistered_by_an_older_catalog_hold_nothing_and_are_listed
     assert catalog.unregistered() == ["legacy-bot"]
     held = catalog.effective_detail([service_principal("legacy-bot")], "main.tools.echo")
     assert "EXECUTE" not in {h.privilege for h in held}
+
+
+async def test_a_name_with_quotes_and_spaces_is_looked_up_exactly(source_for: Any) -> None:
+    """The SCIM filter carries the name as a JSON string: quotes cannot end it early or widen it."""
+    catalog, source = source_for
+    name = 'on-call "night" \\ team'
+    catalog.add_principal(name, "group")
+    catalog.add_principal("on-call", "group")
+    for privilege, securable in [("USE CATALOG", "main"), ("USE SCHEMA", "main.tools"), ("EXECUTE", "main.tools")]:
+        catalog.grant(privilege, securable, name)
+    member = Identity(agent_id="bot-9", subject="bot-9", issuer="t", groups=(name,))
+    assert await missing(source, member, "main.tools.echo") == []
+    near = Identity(agent_id="bot-9", subject="bot-9", issuer="t", groups=("on-call",))
+    assert await missing(source, near, "main.tools.echo") == list(ALL3)
+    agent = Identity(agent_id=name, subject=name, issuer="t")
+    assert await missing(source, agent, "main.tools.echo") == list(ALL3)
