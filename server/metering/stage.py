@@ -8,11 +8,11 @@ import json
 from dataclasses import replace
 
 from server.call import Call
+from server.content import rewritten
 from server.identity import Identity
 from server.metering.limits import resolve_limits
 from server.metering.meter import Admission, Meter
 from server.metering.tokens import TokenCounter
-from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
 
 
@@ -77,7 +77,7 @@ class ChargeStage:
             if tokens_out > room:
                 note = f"\n[truncated: the result exceeded the {room} tokens reserved for it]"
                 text = self._counter.truncate(output.text, max(0, room - self._counter.count(note))) + note
-                output = ToolOutput(text=text, structured=None, is_error=output.is_error)
+                output = rewritten(output, text)
                 tokens_out = self._counter.count(text)
         reservation = budget.reservation if budget else call.call_id
         await self._meter.settle(call.identity, reservation, call.tokens_in + tokens_out)
