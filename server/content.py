@@ -194,6 +194,12 @@ def readable(found: tuple[Part, ...]) -> Iterator[str]:
             yield text
 
 
+def rewritten(output: ToolOutput, text: str) -> ToolOutput:
+    """`output` replaced by `text` alone (a truncation): its blocks and structured content dropped,
+    the summary of what the tool returned kept for the audit record."""
+    return ToolOutput(text=text, is_error=output.is_error, returned=output.returned or summary(parts(output)))
+
+
 def summary(found: tuple[Part, ...], limit: int = 50) -> dict[str, Any]:
     """The audit record's account of the content: each part's kind, size and hash (the first
     `limit`), and the totals."""

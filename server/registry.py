@@ -58,8 +58,12 @@ class ToolOutput:
     is_error: bool = False
     content: tuple[Mapping[str, Any], ...] = ()
     """MCP content blocks (images, audio, embedded resources…) from a tool that returns more than text,
-    sent as they are. `text` is still what is metered, audited and decided on; anything that rewrites
-    the result (an obligation, a truncation) drops these blocks and sends the rewritten text."""
+    sent as they are. Every kind of content is metered, capped, audited and scanned (`server.content`);
+    anything that rewrites the result (an obligation, a truncation) drops these blocks and sends the
+    rewritten text."""
+    returned: Mapping[str, Any] | None = None
+    """When the result was rewritten: what the tool had returned, summarised (kinds, sizes, hashes),
+    for the audit record."""
 
 
 class Tool(Protocol):
@@ -170,13 +174,14 @@ def name_keys(name: str) -> tuple[str, str]:
 
 
 def _clash(spec: ToolSpec, other: ToolSpec) -> str | None:
+    why = []
     if spec.name == other.name:
-        return "the same name"
-    if any(a == b for a, b in zip(name_keys(spec.name), name_keys(other.name), strict=True)):
-        return "names that differ only in case, separators or look-alike characters"
+        why.append("the same name")
+    elif any(a == b for a, b in zip(name_keys(spec.name), name_keys(other.name), strict=True)):
+        why.append("names that differ only in case, separators or look-alike characters")
     if spec.securable.casefold() == other.securable.casefold():
-        return "the same securable"
-    return None
+        why.append("the same securable")
+    return " and ".join(why) or None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -67,6 +67,7 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         "result_preview": redact.apply(preview)[:RESULT_PREVIEW_CHARS] if output else None,
         "result_chars": content.total_chars(found),
         "content": content.summary(found) if output else None,
+        "content_returned": output.returned if output else None,  # before an obligation or truncation
         "tokens_in": call.tokens_in,
         "tokens_out": call.tokens_out,
         "latency_ms": round((finished_at - call.started_at) * 1000, 3),

@@ -11,13 +11,13 @@ from dataclasses import replace
 import structlog
 
 from server.call import Call
+from server.content import rewritten
 from server.errors import AfterInvoke
 from server.identity import Identity
 from server.metering.limits import resolve_limits
 from server.metering.meter import Admission, Meter
 from server.metering.retry import MeterRetries
 from server.metering.tokens import TokenCounter
-from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
 
 
@@ -109,7 +109,7 @@ class ChargeStage:
             if tokens_out > room:
                 note = f"\n[truncated: the result exceeded the {room} tokens reserved for it]"
                 text = self._counter.truncate(output.text, max(0, room - self._counter.count(note))) + note
-                output = ToolOutput(text=text, structured=None, is_error=output.is_error)
+                output = rewritten(output, text)
                 tokens_out = self._counter.count(text)
         reservation = budget.reservation if budget else call.call_id
         tokens = call.tokens_in + tokens_out

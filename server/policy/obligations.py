@@ -30,9 +30,9 @@ class ObligationsStage:
     name = "obligations"
 
     async def run(self, call: Call) -> Call:
-        output = call.output
+        output = original = call.output
         obligations = call.decision.obligations if call.decision else {}
-        if output is None or not obligations:
+        if output is None or original is None or not obligations:
             return call
         fields = frozenset(obligations.get("redact_fields", ()))
         if fields and output.structured is not None:
@@ -45,6 +45,8 @@ class ObligationsStage:
         limit = obligations.get("max_result_chars")
         if limit is not None:
             output = _capped(output, int(limit))
+        if output is not original and output.returned is None:  # what the tool returned, for the audit
+            output = replace(output, returned=content.summary(content.parts(original)))
         return replace(call, output=output)
 
 
@@ -60,9 +62,7 @@ def _capped(output: ToolOutput, cut: int) -> ToolOutput:
     text = content.as_text(found)
     dropped = [p.kind for p in found if p.binary]
     why = f" (the result had {size:,}; {', '.join(dropped)} content dropped)" if dropped else ""
-    return ToolOutput(
-        text=text[:cut] + f"\n[truncated by policy at {cut} characters{why}]", structured=None, is_error=output.is_error
-    )
+    return content.rewritten(output, text[:cut] + f"\n[truncated by policy at {cut} characters{why}]")
 
 
 def _redact_text(text: str, fields: frozenset[str]) -> str:

@@ -56,7 +56,7 @@ async def test_sql_reads_what_the_grants_allow_and_refuses_anything_else(gateway
     assert len(joined["structuredContent"]["rows"]) == 3
 
     refused = deny_body(await raw_call(gateway, token, "sql.query", {"query": "DROP TABLE main.sales.orders"}))
-    assert refused["stage"] == "resolve"
+    assert refused["stage"] == "validate"  # after the function grants, before the table grants
     assert refused["reasons"] == ["query refused: only queries (SELECT) are allowed, not DROP"]
     sneaky = "SELECT * FROM main.sales.orders; DELETE FROM main.sales.orders"
     assert (

@@ -90,3 +90,14 @@ def test_injection_markers_are_found_in_every_kind_of_text(output: ToolOutput) -
 
 def test_binary_that_is_not_text_is_not_scanned_as_text() -> None:
     assert scan_output(rich(IMAGE)) == []
+
+
+async def test_a_rewritten_result_keeps_a_summary_of_what_the_tool_returned() -> None:
+    decision = Decision(allow=True, obligations={"max_result_chars": 100})
+    call = await ObligationsStage().run(
+        make_call(output=rich({"type": "text", "text": "ok"}, IMAGE), decision=decision)
+    )
+    record = outcome_record(call, 0.0)
+    assert record["content"]["kinds"] == ["text"]
+    assert record["content_returned"]["kinds"] == ["image", "text"]
+    assert record["content_returned"]["parts"][1]["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
