@@ -57,13 +57,22 @@ short_string(value, limit) if {
 	count(value) <= limit
 }
 
+# Blocked text, at any depth of the arguments. Matched in the gateway's normalised view too
+# (input.normalized.arguments: NFKC, case-folded, zero-width and control characters removed,
+# whitespace collapsed), so spacing, invisible or full-width characters do not hide a word.
+# Write blocked_words as the view has them: lower case, single spaces.
 deny contains sprintf("argument %s contains blocked text %q", [name, word]) if {
 	input.action == "call"
-	some name, value in input.arguments
+	some view in [input.arguments, object.get(input, ["normalized", "arguments"], {})]
+	walk(view, [path, value])
 	is_string(value)
-	some word in object.get(data.castellan.config, "blocked_words", [])
+	count(path) > 0
+	name := path[0]
+	some word in blocked_words
 	contains(lower(value), word)
 }
+
+blocked_words := {lower(w) | some w in object.get(data.castellan.config, "blocked_words", [])}
 
 # The meter enforces budgets too; policy can be stricter for some tools.
 deny contains "token budget exhausted" if {

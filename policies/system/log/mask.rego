@@ -15,3 +15,9 @@ mask contains sprintf("/input/arguments/%s", [name]) if {
 	some name, _ in input.input.arguments
 	lower(name) in secret_argument_names
 }
+
+# The normalised view (input.normalized.arguments) holds the same values.
+mask contains sprintf("/input/normalized/arguments/%s", [name]) if {
+	some name, _ in input.input.normalized.arguments
+	lower(name) in secret_argument_names
+}
