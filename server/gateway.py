@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
+from prometheus_client import Gauge
 
 from server import backends
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
@@ -29,6 +30,7 @@ from server.invoke import InvokeStage
 from server.listing import ToolLister
 from server.llm.model import register_models
 from server.llm.proxy import LlmProxy
+from server.logs import dropped_lines, use_redactor
 from server.mcp import McpHandlers
 from server.metering.meter import Meter
 from server.metering.retry import MeterRetries
@@ -209,7 +211,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     retries = MeterRetries(meter, metrics.registry)
     counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
-    redactor = Redactor(settings.audit.redact_fields, settings.audit.redact_patterns)
+    redactor = Redactor.from_settings(settings.audit)
+    use_redactor(redactor)  # the logs redact as the audit log does
     shipper: Shipper | ShipperProcess | None = None
     uri = ""
     if settings.audit.ship and isinstance(outbox, SqliteOutbox):
@@ -223,10 +226,19 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
 
     bundle = PolicyBundle.from_directory(settings.policy.path)
     decision_log = (
-        DecisionLog(settings.data_dir / "decisions.jsonl", bundle, data_path(settings.policy.entrypoint))
+        DecisionLog(
+            settings.data_dir / "decisions.jsonl",
+            bundle,
+            data_path(settings.policy.entrypoint),
+            redactor,
+            settings.policy.decision_log_max_bytes,
+            settings.policy.decision_log_keep,
+        )
         if settings.policy.decision_log
         else None
     )
+    Gauge("castellan_log_lines_dropped", "Log lines lost to a failed write (calls are unaffected).",
+          registry=metrics.registry).set_function(dropped_lines)  # fmt: skip
     watcher = None
     if settings.policy.reload:
         watcher = PolicyWatcher(

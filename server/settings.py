@@ -133,6 +133,10 @@ class PolicySettings(BaseModel):
     the circuit breaker; while open, calls are denied at once."""
     circuit_open_seconds: float = Field(default=1.0, gt=0)
     """OPA: how long an open circuit denies at once before one trial call is let through."""
+    decision_log_max_bytes: int = Field(default=100 * 1024 * 1024, ge=0)
+    """`<data_dir>/decisions.jsonl` is rotated when it would grow past this (0: never rotated)."""
+    decision_log_keep: int = Field(default=5, ge=0)
+    """Rotated decision logs kept (`decisions.jsonl.1` newest ... `.5` oldest); older ones are deleted."""
 
 
 class GrantSettings(BaseModel):

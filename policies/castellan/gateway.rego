@@ -60,13 +60,27 @@ short_string(value, limit) if {
 	count(value) <= limit
 }
 
+# Blocked text in the arguments as given (top level), and at any depth in the gateway's normalised view
+# (input.normalized.strings: every string, NFKC, case-folded, zero-width and control characters removed,
+# whitespace collapsed), so nesting, spacing, invisible or full-width characters do not hide a word.
+# Write blocked_words as the view has them: lower case, single spaces.
 deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) if {
 	input.action == "call"
 	some name, value in input.arguments
 	is_string(value)
-	some word in object.get(data.castellan.config, "blocked_words", [])
+	some word in blocked_words
 	contains(lower(value), word)
 }
+
+deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) if {
+	input.action == "call"
+	some entry in object.get(input, ["normalized", "strings"], [])
+	name := entry[0]
+	some word in blocked_words
+	contains(entry[1], word)
+}
+
+blocked_words := {lower(w) | some w in object.get(data.castellan.config, "blocked_words", [])}
 
 # The meter enforces budgets too; policy can be stricter for some tools.
 deny contains "token budget exhausted" if {

@@ -67,3 +67,30 @@ test_profile_obligations if {
 	d := gateway.decision with input as profile
 	d.obligations == {"redact_fields": ["email"], "max_result_chars": 2000}
 }
+
+# The gateway puts a normalised view of the arguments in input.normalized (NFKC, case-folded,
+# zero-width and control characters removed, whitespace collapsed): `arguments` with the same structure,
+# `strings` every string at any depth as [argument name, text].
+test_blocked_words_are_denied_in_the_normalized_view if {
+	hidden := "please DR\u200dOP\u00ad\t\tT\uff21BLE users"
+	d := gateway.decision with input as object.union(base, {
+		"arguments": {"text": hidden},
+		"normalized": {"arguments": {"text": "please drop table users"}, "strings": [["text", "please drop table users"]]},
+	})
+	d.reasons == {`argument text contains blocked text "drop table"`}
+}
+
+test_blocked_words_are_denied_at_any_depth if {
+	d := gateway.decision with input as object.union(base, {
+		"arguments": {"queries": ["select 1", {"sql": "DROP TABLE x"}]},
+		"normalized": {"strings": [["queries", "select 1"], ["queries", "sql"], ["queries", "drop table x"]]},
+	})
+	`argument queries contains blocked text "drop table"` in d.reasons
+}
+
+test_the_normalized_view_alone_is_not_denied_for_harmless_text if {
+	gateway.decision.allow with input as object.union(base, {
+		"arguments": {"text": "a table for two"},
+		"normalized": {"arguments": {"text": "a table for two"}, "strings": [["text", "a table for two"]]},
+	})
+}

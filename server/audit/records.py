@@ -22,11 +22,13 @@ def _redactor_for(call: Call, redactor: Redactor) -> Redactor:
 
 def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, Any]:
     """Who called what, with which arguments, and what was decided: written before the tool runs.
-    Arguments are stored redacted."""
+    Stored redacted: arguments also of the fields the decision named, and every member (reasons,
+    the tool name a caller chose) of the secrets the redactor finds."""
     identity, decision, error = call.identity, call.decision, call.error
-    redact = _redactor_for(call, redactor or Redactor())
+    base = redactor or Redactor()
+    redact = _redactor_for(call, base)
     verdict = "allow" if error is None else error.verdict
-    return {
+    record = {
         "call_id": call.call_id,
         "request_id": call.request_id,
         "time": datetime.fromtimestamp(call.started_at, UTC).isoformat(),
@@ -52,15 +54,17 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         "grants": list(call.grants.has) if call.grants else [],
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
     }
+    return base.apply(record)  # type: ignore[no-any-return]
 
 
 def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = None) -> dict[str, Any]:
     """What came back: written after the tool ran and obligations applied; the preview stored redacted."""
     output = call.output
-    redact = _redactor_for(call, redactor or Redactor())
+    base = redactor or Redactor()
+    redact = _redactor_for(call, base)
     found = content.parts(output) if output else ()  # every kind of content, not only the text
     preview = "\n".join(_redacted_text(p.describe(), redact) for p in found)[: RESULT_PREVIEW_CHARS * 2]
-    return {
+    record = {
         "call_id": call.call_id,
         "is_error": output.is_error if output else call.error is not None,
         "error": "; ".join(call.error.reasons) if call.error else None,
@@ -76,6 +80,7 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         "flags": ["prompt_injection"] if (markers := scan_output(output) if output else []) else [],
         "injection_markers": markers,
     }
+    return base.apply(record)  # type: ignore[no-any-return]
 
 
 def _redacted_text(text: str, redact: Redactor) -> str:

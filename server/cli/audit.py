@@ -147,6 +147,9 @@ def audit_search(config: Path | None, fmt: str, output: Path | None, source: str
         if source != "mlflow":
             raise
         raise click.ClickException(f"MLflow search failed: {type(exc).__name__}: {str(exc)[:300]}") from None
+    from server.audit.redaction import Redactor  # exports redact too: records kept from before a detector existed
+
+    results = Redactor.from_settings(settings_from(config).audit).apply(results)
     if fmt == "parquet":
         assert output is not None
         write_parquet(results, output)

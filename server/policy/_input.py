@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import unicodedata
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
 import fastjsonschema
+import regex  # type: ignore[import-untyped]
 from jsonschema import Draft202012Validator
 
 from server.call import Budget, Call, GrantCheck
@@ -29,11 +32,13 @@ def build_input(call: Call) -> dict[str, Any]:
         raise ValueError("a decision input needs an identity and a tool")
     budget = call.budget or Budget()
     grants = call.grants or GrantCheck()
+    arguments = canonical(dict(call.arguments))
     return {
         "identity": call.identity.as_input(),
         "tool": call.tool.spec.as_input(),
         "action": call.action,
-        "arguments": canonical(dict(call.arguments)),
+        "arguments": arguments,
+        "normalized": {"arguments": normalized(arguments), "strings": normalized_strings(arguments)},
         "run": {
             "run_id": call.run.run_id,
             "depth": call.run.depth,
@@ -70,6 +75,57 @@ def canonical(value: Any) -> Any:
         return {k: canonical(v) for k, v in value.items()}
     if isinstance(value, list):
         return [canonical(v) for v in value]
+    return value
+
+
+# What renders as nothing or is not text: controls, format characters (zero-width space and joiners,
+# soft hyphen, bidi marks, BOM), private use, surrogates, unassigned code points and the other
+# default-ignorable ones (variation selectors, Hangul fillers...). Whitespace is made spaces first.
+_ASCII_INVISIBLE = dict.fromkeys(
+    c for c in range(128) if chr(c).isascii() and not chr(c).isprintable() and not chr(c).isspace()
+)
+_INVISIBLE = regex.compile(r"[\p{Cc}\p{Cf}\p{Co}\p{Cs}\p{Cn}\p{Default_Ignorable_Code_Point}]+")
+
+
+def normalized_text(text: str) -> str:
+    """`text` as a matching rule should see it: NFKC, case-folded (NFKC again, since folding can
+    un-normalise), invisible characters removed, whitespace runs (Unicode's) made one space, ends trimmed.
+    Full-width "DROP", a zero-width joiner, a tab and a soft hyphen in "Ta-ble" give "drop table"."""
+    if text.isascii():  # NFKC leaves ASCII as it is, and folding it is lower-casing: the fast path
+        return " ".join(text.lower().translate(_ASCII_INVISIBLE).split())
+    text = " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+    return " ".join(_INVISIBLE.sub("", text).split())
+
+
+def normalized_strings(arguments: Mapping[str, Any]) -> list[list[str]]:
+    """Every string at any depth of `arguments` (keys too), normalised, as `[argument name, text]` pairs:
+    a rule can match text wherever it sits without `walk` (outside the regorus fallback's verified set)."""
+    found: list[list[str]] = []
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, str):
+            found.append([name, normalized_text(value)])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                found.append([name, normalized_text(key)])
+                visit(name, item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(name, item)
+
+    for name, value in arguments.items():
+        visit(name, value)
+    return found
+
+
+def normalized(value: Any) -> Any:
+    """`value` with every string in it `normalized_text`; keys, numbers and structure unchanged."""
+    if isinstance(value, str):
+        return normalized_text(value)
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalized(v) for v in value]
     return value
 
 

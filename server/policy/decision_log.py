@@ -1,9 +1,11 @@
 """Decision logs in OPA's event format, masked by the bundle's `data.system.log.mask` rules,
-whichever engine decided (the mask is evaluated here, in-process, for both)."""
+whichever engine decided (the mask is evaluated here, in-process, for both), then redacted like
+every other sink; rotated by size."""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import uuid
 from dataclasses import replace
@@ -14,6 +16,7 @@ from typing import IO, Any
 import structlog
 
 from server import __version__
+from server.audit.redaction import Redactor
 from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import PolicyBundle, package_of
 from server.policy.embedded import compile_bundle
@@ -86,11 +89,32 @@ def _pointer_upsert(doc: Any, pointer: str, value: Any) -> bool:
 
 class DecisionLog:
     """Writes one JSON line per decision to `path`. The mask engine is compiled from the bundle in use
-    (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread."""
+    (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread.
 
-    def __init__(self, path: Path, bundle: PolicyBundle, decision_path: str) -> None:
+    After masking, `redactor` removes any secret the mask rules missed (in the input and the reasons).
+    When `max_bytes` > 0, a line that would take the file past it first rotates the file: `path` becomes
+    `path.1`, `path.1` becomes `path.2`..., and only `keep` rotated files are kept. A failed write (a full
+    disk) is logged and counted in `failures`; it never reaches the caller.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        bundle: PolicyBundle,
+        decision_path: str,
+        redactor: Redactor | None = None,
+        max_bytes: int = 0,
+        keep: int = 5,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the app
+        self._path = path
+        self._max_bytes = max_bytes
+        self._keep = keep
+        self._redactor = redactor or Redactor()
+        self._file: IO[str] | None = None
+        self._size = 0
+        self.failures = 0
+        self._open()
         self._decision_path = decision_path
         self._instance = uuid.uuid4().hex
         self._lock = threading.Lock()
@@ -125,16 +149,47 @@ class DecisionLog:
             raw = mask.eval_rule_as_json(MASK_RULE)
             if raw != _UNDEFINED:
                 apply_mask(event, json.loads(raw))
+        event["input"] = self._redactor.apply(event["input"])
+        event["result"] = self._redactor.apply(event["result"])
         return event
 
     def emit(self, document: dict[str, Any], decision: Decision) -> None:
         try:
-            line = json.dumps(self.event(document, decision), separators=(",", ":"), default=str)
+            line = json.dumps(self.event(document, decision), separators=(",", ":"), default=str) + "\n"
             with self._lock:
-                self._file.write(line + "\n")
+                self._write(line)
         except Exception as exc:  # the decision stands; a log line is not worth failing a call over
+            self.failures += 1
             log.error("decision_log_failed", error=repr(exc))
 
-    def close(self) -> None:
+    def _write(self, line: str) -> None:
+        if self._file is None:  # the last rotation could not reopen the file
+            self._open()
+        if self._max_bytes and self._size and self._size + len(line) > self._max_bytes:
+            self._rotate()
+            self._open()
+        assert self._file is not None
+        self._file.write(line)
+        self._size += len(line)  # JSON is written ASCII-only, so characters are bytes
+
+    def _open(self) -> None:
+        self._file = open(self._path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the app
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        assert self._file is not None
         self._file.close()
+        self._file = None
+        rotated = [self._path.with_name(f"{self._path.name}.{n}") for n in range(1, self._keep + 1)]
+        for older, newer in zip(reversed(rotated[1:]), reversed(rotated[:-1]), strict=True):
+            if newer.exists():
+                os.replace(newer, older)
+        if rotated:
+            os.replace(self._path, rotated[0])
+        else:
+            self._path.unlink()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
         drop(self._owner)

@@ -15,3 +15,15 @@ mask contains concat("", ["/input/arguments/", name]) if {
 	some name, _ in input.input.arguments
 	lower(name) in secret_argument_names
 }
+
+# The normalised views hold the same values: `arguments` by name, and `strings` (every string at any
+# depth) as a whole, since any of its entries may come from a secret argument.
+mask contains concat("", ["/input/normalized/arguments/", name]) if {
+	some name, _ in input.input.normalized.arguments
+	lower(name) in secret_argument_names
+}
+
+mask contains "/input/normalized/strings" if {
+	some entry in input.input.normalized.strings
+	lower(entry[0]) in secret_argument_names
+}
