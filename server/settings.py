@@ -175,10 +175,10 @@ class Limits(BaseModel):
     max_identical_calls: int = Field(default=30, ge=0)
     """The same tool with the same (canonical) arguments this many times by one identity within
     `identical_calls_window_seconds` is a loop, whatever run ids the caller declares."""
-    identical_calls_window_seconds: int = Field(default=300, ge=1)
+    identical_calls_window_seconds: int = Field(default=300, ge=1, le=86_400)
     max_calls_per_tool: int = Field(default=300, ge=0)
     """Calls of one tool by one identity within `tool_calls_window_seconds` (a sliding window)."""
-    tool_calls_window_seconds: int = Field(default=60, ge=1)
+    tool_calls_window_seconds: int = Field(default=60, ge=1, le=86_400)
 
 
 class LimitOverrides(BaseModel):
@@ -198,9 +198,9 @@ class LimitOverrides(BaseModel):
     max_repeats: int | None = Field(default=None, ge=0)
     max_depth: int | None = Field(default=None, ge=0)
     max_identical_calls: int | None = Field(default=None, ge=0)
-    identical_calls_window_seconds: int | None = Field(default=None, ge=1)
+    identical_calls_window_seconds: int | None = Field(default=None, ge=1, le=86_400)
     max_calls_per_tool: int | None = Field(default=None, ge=0)
-    tool_calls_window_seconds: int | None = Field(default=None, ge=1)
+    tool_calls_window_seconds: int | None = Field(default=None, ge=1, le=86_400)
 
 
 class MeterSettings(BaseModel):

@@ -65,16 +65,24 @@ local function window(key, seconds)
   local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   return redis.call('ZCARD', key), tonumber(oldest[2] or now)
 end
+-- Sliding windows are kept only while their limit is on (each then holds at most `limit` members).
 local max_identical, identical_window = tonumber(ARGV[22]), tonumber(ARGV[23])
-local identical, identical_oldest = window(KEYS[13], identical_window)
-identical = identical + 1
-if max_identical > 0 and identical > max_identical then
-  return {'identical', identical, max_identical, identical_window, tostring(identical_oldest)}
+local identical = 0
+if max_identical > 0 then
+  local oldest
+  identical, oldest = window(KEYS[13], identical_window)
+  identical = identical + 1
+  if identical > max_identical then
+    return {'identical', identical, max_identical, identical_window, tostring(oldest)}
+  end
 end
 local max_tool, tool_window = tonumber(ARGV[24]), tonumber(ARGV[25])
-local tool_calls, tool_oldest = window(KEYS[14], tool_window)
-if max_tool > 0 and tool_calls + 1 > max_tool then
-  return {'tool', tool_calls, max_tool, tool_window, tostring(tool_oldest)}
+local tool_calls = 0
+if max_tool > 0 then
+  local oldest
+  tool_calls, oldest = window(KEYS[14], tool_window)
+  if tool_calls + 1 > max_tool then return {'tool', tool_calls, max_tool, tool_window, tostring(oldest)} end
+  tool_calls = tool_calls + 1
 end
 for i = 1, 3 do
   redis.call('INCR', KEYS[i])
@@ -85,11 +93,15 @@ redis.call('SET', KEYS[11], repeats, 'EX', tonumber(ARGV[20]))
 redis.call('ZADD', KEYS[8], tonumber(ARGV[11]), ARGV[10])
 redis.call('HSET', KEYS[9], ARGV[10], estimate)
 redis.call('HSET', KEYS[12], ARGV[10], ARGV[21])
-redis.call('ZADD', KEYS[13], now, ARGV[10])
-redis.call('EXPIRE', KEYS[13], identical_window + 1)
-redis.call('ZADD', KEYS[14], now, ARGV[10])
-redis.call('EXPIRE', KEYS[14], tool_window + 1)
-return {'ok', calls[1] + 1, run_calls, repeats, day_tokens, identical, tool_calls + 1}
+if max_identical > 0 then
+  redis.call('ZADD', KEYS[13], now, ARGV[10])
+  redis.call('EXPIRE', KEYS[13], identical_window + 1)
+end
+if max_tool > 0 then
+  redis.call('ZADD', KEYS[14], now, ARGV[10])
+  redis.call('EXPIRE', KEYS[14], tool_window + 1)
+end
+return {'ok', calls[1] + 1, run_calls, repeats, day_tokens, identical, tool_calls}
 """
 
 # KEYS: 1-4 tokens (minute, hour, day, month), 5 reservation expiries, 6 reservation sizes, 7 owners.
@@ -191,6 +203,7 @@ class RedisMeter:
         self._instance_timeout = instance_timeout
         self._heartbeat: asyncio.Task[None] | None = None
         self._agents: set[str] = set()
+        self._registered = False
 
     async def start(self) -> None:
         """Register this instance, release what dead instances held, and keep the heartbeat."""
@@ -218,6 +231,7 @@ class RedisMeter:
             if self._agents:
                 pipe.sadd(_agents_key(me.id), *self._agents)
             await pipe.execute()
+        self._registered = True
 
     async def reconcile(self) -> tuple[int, int]:
         """Renew this instance's heartbeat; release every reservation of dead instances. Returns
@@ -408,6 +422,8 @@ class RedisMeter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
             self._heartbeat = None
+        if self._registered:
+            self._registered = False
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await self._release_instance(self.instance.id)
         await self._client.aclose()

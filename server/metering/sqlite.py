@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS recent_calls (
   at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS recent_calls_by_key ON recent_calls (agent, key, at);
+CREATE INDEX IF NOT EXISTS recent_calls_by_age ON recent_calls (at);
 CREATE TABLE IF NOT EXISTS meter_instances (
   id TEXT PRIMARY KEY,
   info TEXT NOT NULL,
@@ -107,6 +108,7 @@ class SqliteMeter:
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         self._registered = False
+        self._window = 0  # the longest sliding window admissions have used: older recent calls are swept
 
     async def start(self) -> None:
         """Register this instance, release what dead instances held, and keep the heartbeat."""
@@ -175,6 +177,8 @@ class SqliteMeter:
         try:
             if not self._registered:  # before its first reservation: never mistaken for an orphan's
                 await self.reconcile()
+            limits = admission.limits
+            self._window = max(self._window, limits.identical_calls_window_seconds, limits.tool_calls_window_seconds)
             await self._sweep()
             return await self._db.transact(
                 lambda c: _admit(c, identity.agent_id, run, admission, time.time(), instance)
@@ -230,17 +234,19 @@ class SqliteMeter:
             raise BackendUnavailable("usage", f"meter store unavailable: {exc}") from exc
 
     async def _sweep(self) -> None:
-        """Forget run and repeat counters of runs idle for a day, and recent calls older than any
-        window can be (a day); at most once a minute."""
+        """Forget run and repeat counters of runs idle for a day, and recent calls older than the
+        longest sliding window in use (one-off argument sets would otherwise pile up); at most once
+        a minute."""
         now = time.time()
         if now - self._swept_at < 60:
             return
         self._swept_at = now
         cutoff = now - _RUN_TTL_SECONDS
+        recent = now - max(self._window, 60)
 
         def sweep(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM counters WHERE updated < ? AND key LIKE 'r%'", (cutoff,))
-            conn.execute("DELETE FROM recent_calls WHERE at < ?", (cutoff,))
+            conn.execute("DELETE FROM recent_calls WHERE at < ?", (recent,))
 
         await self._db.transact(sweep)
 
@@ -311,18 +317,30 @@ def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now
     repeats = c.get(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0) + 1
     if limits.max_repeats and repeats > limits.max_repeats:
         raise L.repeat_denied(run.run_id, repeats, limits.max_repeats)
+    # Sliding windows are kept only while their limit is on: each key then holds at most `limit`
+    # rows (refused calls are not logged), so counting stays cheap.
     same_key, tool_key = f"same:{a.call_key}", f"tool:{a.tool}"
-    identical, oldest = _window(conn, agent, same_key, limits.identical_calls_window_seconds, now)
-    identical += 1
-    if limits.max_identical_calls and identical > limits.max_identical_calls:
+    logged: list[tuple[str, str, float]] = []
+    identical = tool_calls = 0
+    if limits.max_identical_calls:
         span = limits.identical_calls_window_seconds
-        raise L.identical_denied(identical, limits.max_identical_calls, span, L.sliding_retry_after(oldest, span, now))
-    tool_calls, oldest = _window(conn, agent, tool_key, limits.tool_calls_window_seconds, now)
-    if limits.max_calls_per_tool and tool_calls + 1 > limits.max_calls_per_tool:
+        identical, oldest = _window(conn, agent, same_key, span, now)
+        identical += 1
+        if identical > limits.max_identical_calls:
+            raise L.identical_denied(
+                identical, limits.max_identical_calls, span, L.sliding_retry_after(oldest, span, now)
+            )
+        logged.append((agent, same_key, now))
+    if limits.max_calls_per_tool:
         span = limits.tool_calls_window_seconds
-        retry = L.sliding_retry_after(oldest, span, now)
-        raise L.tool_rate_denied(a.tool, tool_calls, limits.max_calls_per_tool, span, retry)
-    conn.executemany("INSERT INTO recent_calls VALUES (?, ?, ?)", [(agent, same_key, now), (agent, tool_key, now)])
+        tool_calls, oldest = _window(conn, agent, tool_key, span, now)
+        if tool_calls + 1 > limits.max_calls_per_tool:
+            retry = L.sliding_retry_after(oldest, span, now)
+            raise L.tool_rate_denied(a.tool, tool_calls, limits.max_calls_per_tool, span, retry)
+        tool_calls += 1
+        logged.append((agent, tool_key, now))
+    if logged:
+        conn.executemany("INSERT INTO recent_calls VALUES (?, ?, ?)", logged)
     for window, (b, used) in calls.items():
         c.put(f"calls:{agent}:{window}", b.bucket, used + 1)
     c.put(f"run:{agent}:{run.run_id}", 0, run_calls)
@@ -340,5 +358,5 @@ def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now
         reservation=a.reservation,
         reserved_tokens=a.estimate,
         identical_calls=identical,
-        tool_calls=tool_calls + 1,
+        tool_calls=tool_calls,
     )

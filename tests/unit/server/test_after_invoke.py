@@ -163,3 +163,39 @@ async def test_a_release_that_fails_is_retried_when_the_store_returns() -> None:
     meter.release = release  # type: ignore[method-assign]
     assert await retries.drain() == 0
     assert meter.reserved == {}
+
+
+class LockThenDeny:
+    """A policy stage that refuses the call while another process holds the meters' write lock."""
+
+    name = "policy"
+
+    def __init__(self, locker: sqlite3.Connection) -> None:
+        self.locker = locker
+
+    async def run(self, call: Call) -> Call:
+        from server.errors import Denied
+
+        self.locker.execute("BEGIN EXCLUSIVE")
+        raise Denied("policy", "no")
+
+
+async def test_a_release_refused_by_a_locked_meter_is_retried_not_leaked(tmp_path: Path) -> None:
+    meter = SqliteMeter(tmp_path / "meters.db")
+    retries = MeterRetries(meter, backoff_seconds=3600)
+    locker = sqlite3.connect(tmp_path / "meters.db", isolation_level=None, timeout=0)
+    stopped = Pipeline(
+        [AdmitStage(meter, SETTINGS, COUNTER), LockThenDeny(locker)],
+        Metrics(),
+        on_stop=[ReleaseReservation(meter, retries, COUNTER)],
+    )
+    call = await stopped.run(make_call())
+    assert call.error is not None
+    assert call.error.verdict == "deny"
+    locker.execute("ROLLBACK")
+    assert len(retries) == 1  # kept, not dropped: before, it stayed held for the reservation's lifetime
+    assert (await meter.usage("agent-1", SETTINGS.limits)).in_flight == 1
+    assert await retries.drain() == 0
+    assert (await meter.usage("agent-1", SETTINGS.limits)).in_flight == 0
+    await retries.close()
+    await meter.close()
