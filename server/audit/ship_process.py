@@ -49,12 +49,12 @@ class ShipperProcess:
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._seen = {"shipped": 0, "failures": 0}
+        self._seen = {"shipped": 0, "failures": 0, "errors": 0}
         self._restarts = 0
 
     def _spawn(self) -> None:
         self.status_file.unlink(missing_ok=True)
-        self._seen = {"shipped": 0, "failures": 0}
+        self._seen = {"shipped": 0, "failures": 0, "errors": 0}
         env = {**os.environ, SETTINGS_ENV: self._child_settings, KEY_ENV: self._key}
         self._process = spawn([sys.executable, "-m", "server", "ship"], env=env, stdin=None)
         log.info("audit_shipper_started", pid=self._process.pid, restarts=self._restarts)
@@ -91,7 +91,12 @@ class ShipperProcess:
         await publish_backlog(self._outbox, self._metrics)
         status = self._status()
         self._metrics.unfinished_calls.set(int(status.get("unfinished", 0)))
-        for key, counter in (("shipped", self._metrics.shipped), ("failures", self._metrics.ship_failures)):
+        counters = (
+            ("shipped", self._metrics.shipped),
+            ("failures", self._metrics.ship_failures),
+            ("errors", self._metrics.shipper_errors.labels("process")),
+        )
+        for key, counter in counters:
             now = int(status.get(key, 0))
             if now > self._seen[key]:
                 counter.inc(now - self._seen[key])
