@@ -12,13 +12,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from server.audit.search import AuditQuery
 from server.testing import GatewayProcess, gateway_env, run_gateway
 from tests.integration.conftest import raw_call, run_cli
 from tests.integration.test_audit_shipping import metric, shipping_env, until
@@ -315,3 +318,31 @@ async def test_a_full_disk_is_reported_and_the_shipper_survives_it_and_ships_eve
 
             await until(recovered, 60)
             assert (await ready())["status"] == "ready"
+
+
+@pytest.mark.timeout(300)
+def test_retention_keeps_the_local_mlflow_store_within_its_cap(tmp_path: Path) -> None:
+    from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+    from server.audit.outbox import PendingCall
+    from server.audit.traces import plan_trace
+
+    target = MlflowTarget(local_tracking_uri(tmp_path), "castellan-audit")
+    old = time.time() - 10 * 86_400
+    plans = []
+    for i in range(30):
+        at = old + i if i < 5 else time.time() - 30 + i  # distinct times: "oldest" is well defined
+        record = {"call_id": f"c{i}", "time": datetime.fromtimestamp(at, UTC).isoformat(), "tool": "echo",
+                  "decision": "deny", "stage": "policy", "reasons": ["no"], "timings_ms": {"policy": 0.2}}  # fmt: skip
+        plans.append(plan_trace(PendingCall(f"c{i}", [i + 1], record, at, None)))
+    target.write(plans)
+
+    def count(table: str) -> int:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    assert (count("trace_info"), count("spans")) == (30, 60)
+    assert target.prune(7 * 86_400, None) == 5  # older than 7 days
+    assert target.prune(None, 10) == 15  # the oldest beyond the cap
+    assert (count("trace_info"), count("spans")) == (10, 20)
+    kept = {t["call_id"] for t in target.search(AuditQuery(limit=100))}
+    assert kept == {f"c{i}" for i in range(20, 30)}  # the newest
