@@ -246,8 +246,8 @@ class SqliteOutbox:
             return [
                 (str(call_id), instance, str(record))
                 for call_id, instance, record in conn.execute(
-                    "SELECT d.call_id, d.instance, d.record FROM outbox d WHERE d.kind = 'decision'"
-                    " AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
+                    "SELECT d.call_id, d.instance, d.record FROM outbox d WHERE d.shipped_at IS NULL"
+                    " AND d.kind = 'decision' AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
                     " (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id AND o.kind = 'outcome') ORDER BY d.seq"
                 )
             ]
@@ -451,7 +451,8 @@ class SqliteOutbox:
             return int(conn.execute("DELETE FROM outbox WHERE seq <= ?", (through,)).rowcount)
 
         removed = await self._db.transact(remove)
-        log.info("audit_records_retired", through_seq=through, removed=removed)
+        compacted = await self._db.run(lambda _: self.checkpoints.compact(through))
+        log.info("audit_records_retired", through_seq=through, removed=removed, checkpoints_dropped=compacted)
         return removed
 
     # -- verification and health --------------------------------------------------------------------
