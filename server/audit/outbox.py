@@ -423,9 +423,16 @@ class SqliteOutbox:
             return int(conn.execute("DELETE FROM outbox WHERE seq <= ?", (through,)).rowcount)
 
         removed = await self._db.transact(remove)
-        compacted = await self._db.run(lambda _: self.checkpoints.compact(through))
-        log.info("audit_records_retired", through_seq=through, removed=removed, checkpoints_dropped=compacted)
+        log.info("audit_records_retired", through_seq=through, removed=removed)
         return removed
+
+    async def compact_checkpoints(self) -> int:
+        """Drops the checkpoints retention made moot (see `CheckpointLog.compact`), off the database
+        thread: appends wait for it on the log's lock, writes do not."""
+        through = await self._db.run(lambda c: c.execute("SELECT MAX(through_seq) FROM retention").fetchone()[0])
+        if not through:
+            return 0
+        return await asyncio.to_thread(self.checkpoints.compact, int(through))
 
     # -- verification and health --------------------------------------------------------------------
 

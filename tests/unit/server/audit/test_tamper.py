@@ -209,6 +209,7 @@ async def test_retention_compacts_the_checkpoint_file_and_keeps_what_is_not_a_va
         fh.write("an intruder's line\n")
     await outbox.mark_shipped(list(range(1, 13)))
     assert await outbox.prune(older_than_seconds=-1) == 11
+    assert await outbox.compact_checkpoints() == 5  # the heads at 2, 4, 6, 8 and 10
     lines = outbox.checkpoints.path.read_text().splitlines()
     kinds = [json.loads(line)["kind"] if line.startswith("{") else line for line in lines]
     assert kinds == ["head", "an intruder's line", "retained"]  # the head at 12, the evidence, the mark
