@@ -75,7 +75,11 @@ class ShipperProcess:
                 await asyncio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 self._restarts += 1
-                self._spawn()
+                try:
+                    self._spawn()
+                except Exception as exc:  # out of memory or processes: the next round tries again
+                    log.error("audit_shipper_spawn_failed", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+                    self._metrics.shipper_errors.labels("spawn").inc()
                 continue
             backoff = 1.0
             with contextlib.suppress(Exception):
