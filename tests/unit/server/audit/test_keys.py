@@ -25,6 +25,10 @@ def test_production_refuses_to_start_without_a_configured_key(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="needs an audit chain key kept outside the data directory"):
         chain_key_for(load_settings(None, environment="production", data_dir=tmp_path))
     assert not (tmp_path / DEV_KEY_FILE).exists()
+    accepted = load_settings(
+        None, environment="production", data_dir=tmp_path, production_overrides=["audit.chain_key"]
+    )
+    assert chain_key_for(accepted).source == str(tmp_path / DEV_KEY_FILE)  # only when overridden by name
 
 
 def test_a_key_from_a_file_or_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
