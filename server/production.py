@@ -54,7 +54,20 @@ def _open_metrics(s: Settings) -> str | None:
     return None
 
 
+def _audit_chain_key(s: Settings) -> str | None:
+    if s.audit.chain_key is None and s.audit.chain_key_file is None:
+        return (
+            "the audit chain key would be generated in the data directory, where whoever can rewrite the "
+            "outbox can read it; set audit.chain_key_file (a mounted secret) or CASTELLAN_AUDIT__CHAIN_KEY"
+        )
+    data_dir = s.data_dir.resolve()
+    if s.audit.chain_key_file is not None and s.audit.chain_key_file.resolve().is_relative_to(data_dir):
+        return f"audit.chain_key_file {s.audit.chain_key_file} is inside the data directory; keep it outside"
+    return None
+
+
 CHECKS: dict[str, Callable[[Settings], str | None]] = {
+    "audit.chain_key": _audit_chain_key,
     "auth.mode": _dev_auth,
     "auth.issuer": _dev_issuer,
     "auth.max_token_lifetime_seconds": _token_lifetime,

@@ -113,3 +113,64 @@ class CheckpointLog:
             return parse(self.path.read_text(errors="replace"))
         except FileNotFoundError:
             return [], []
+
+    def read_new(self, position: tuple[int, int]) -> tuple[list[Checkpoint], tuple[int, int]]:
+        """The checkpoints appended since `position` (inode, offset; `(0, 0)` for all), and the new
+        position. A file that was compacted (another inode, or shorter) is read again from the start."""
+        try:
+            with self.path.open("rb") as fh:
+                stat = os.fstat(fh.fileno())
+                inode, offset = position
+                if inode != stat.st_ino or offset > stat.st_size:
+                    offset = 0
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return [], (0, 0)
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        found, _ = parse(complete.decode(errors="replace"))
+        return found, (stat.st_ino, offset + len(complete))
+
+    def compact(self, retained_through: int, thin_after_seconds: float = 86_400, thin_to_seconds: float = 3_600) -> int:
+        """Rewrites the file (atomically) without what retention made moot: valid checkpoints at or
+        below the latest `retained` one (that one is kept), and valid head checkpoints older than
+        `thin_after_seconds` thinned to one per `thin_to_seconds`. Anything that is not a valid
+        checkpoint is kept as it is (evidence). Returns how many lines it dropped. Call it from the
+        thread that appends (the outbox's database thread)."""
+        with self._lock:
+            try:
+                lines = self.path.read_text(errors="replace").splitlines()
+            except FileNotFoundError:
+                return 0
+            kept: list[str] = []
+            cutoff, last_head, retained_kept = time.time() - thin_after_seconds, 0.0, False
+            for line in reversed(lines):  # newest first: the latest `retained` line is the one kept
+                if not line.strip():
+                    continue
+                found, _ = parse(line)
+                cp = found[0] if found else None
+                if cp is None or not cp.valid(self._key):
+                    kept.append(line)
+                elif cp.kind == "retained" and cp.seq == retained_through and not retained_kept:
+                    kept.append(line)
+                    retained_kept = True
+                elif cp.seq <= retained_through or (
+                    cp.kind == "head" and cp.time < cutoff and last_head and last_head - cp.time < thin_to_seconds
+                ):
+                    continue
+                else:
+                    kept.append(line)
+                    if cp.kind == "head" and cp.time < cutoff:
+                        last_head = cp.time
+            dropped = len(lines) - len(kept)
+            if not dropped:
+                return 0
+            temporary = self.path.with_suffix(".compacting")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, "".join(line + "\n" for line in reversed(kept)).encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+            return dropped

@@ -56,10 +56,17 @@ class ChainKey:
 
 
 def load_chain_key(
-    *, key: str | None, key_file: Path | None, data_dir: Path, environment: str, create: bool = True
+    *,
+    key: str | None,
+    key_file: Path | None,
+    data_dir: Path,
+    environment: str,
+    create: bool = True,
+    allow_dev_key: bool = False,
 ) -> ChainKey:
-    """The configured key. Raises `ConfigError` when none is configured in production, or when the
-    configured file is missing or too short."""
+    """The configured key. Raises `ConfigError` when none is configured in production (unless
+    `allow_dev_key`: `audit.chain_key` listed in `production_overrides`), or when the configured file is
+    missing or too short."""
     if key:
         return ChainKey.from_text(key, "audit.chain_key")
     if key_file is not None:
@@ -67,7 +74,7 @@ def load_chain_key(
             return ChainKey.from_text(key_file.read_text(), str(key_file))
         except OSError as exc:
             raise ConfigError(f"audit.chain_key_file {key_file}: {exc.strerror or exc}") from None
-    if environment == "production":
+    if environment == "production" and not allow_dev_key:
         raise ConfigError(
             "environment = 'production' needs an audit chain key kept outside the data directory: "
             "set audit.chain_key_file (a mounted secret) or CASTELLAN_AUDIT__CHAIN_KEY"
@@ -103,4 +110,5 @@ def chain_key_for(settings: Settings, *, create: bool = True) -> ChainKey:
         data_dir=settings.data_dir,
         environment=settings.environment,
         create=create,
+        allow_dev_key="audit.chain_key" in settings.production_overrides,
     )

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import os
 import sqlite3
 import time
 import uuid
@@ -19,6 +17,7 @@ import structlog
 
 from server.audit.chain import GENESIS, Verification, legacy_heads, read_rows, record_mac, verify_rows
 from server.audit.checkpoints import CheckpointLog
+from server.audit.instances import InstanceLocks
 from server.audit.keys import ChainKey
 from server.audit.search import AuditQuery, search, show
 from server.errors import BackendUnavailable
@@ -155,14 +154,10 @@ class SqliteOutbox:
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
         self.checkpoint_error: str | None = None
-        self._lock_fd: int | None = None
+        self.instances = InstanceLocks(path.with_name(f"{path.stem}-instances"), self.instance)
         self._wrote = False
         self._db = SqliteDatabase(path, schema=_SCHEMA, synchronous="FULL")
         self._db.run_sync(_migrate)
-
-    @property
-    def instances_dir(self) -> Path:
-        return self.path.with_name(f"{self.path.stem}-instances")
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -203,12 +198,7 @@ class SqliteOutbox:
         """Become the writing instance: take its lock, seal an unkeyed chain with a `keyed`
         checkpoint, and close as `interrupted` the unfinished calls of instances that are gone.
         Returns the decision records of the calls it closed (what they held can be released)."""
-        if self._lock_fd is None:
-            self.instances_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.instances_dir / f"{self.instance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, str(os.getpid()).encode())
-            self._lock_fd = fd
+        self.instances.acquire()
         await self._db.run(self._seal_unkeyed)
         return await self.close_interrupted()
 
@@ -221,24 +211,6 @@ class SqliteOutbox:
         self.checkpoints.append("keyed", int(last[0]), str(last[1]), self.instance)
         log.info("audit_chain_keyed", unkeyed_records=int(last[0]), key_id=self.key.key_id)
 
-    def _alive(self, instance: str | None) -> bool:
-        """Whether the instance that wrote a record still runs: it holds its lock file."""
-        if instance is None or instance == self.instance:
-            return instance is not None
-        path = self.instances_dir / f"{instance}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        path.unlink(missing_ok=True)
-        return False
-
     async def close_interrupted(self) -> list[dict[str, Any]]:
         """Appends an `interrupted` outcome to every allowed call of a gone instance that has none."""
 
@@ -246,8 +218,8 @@ class SqliteOutbox:
             return [
                 (str(call_id), instance, str(record))
                 for call_id, instance, record in conn.execute(
-                    "SELECT d.call_id, d.instance, d.record FROM outbox d WHERE d.kind = 'decision'"
-                    " AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
+                    "SELECT d.call_id, d.instance, d.record FROM outbox d WHERE d.shipped_at IS NULL"
+                    " AND d.kind = 'decision' AND json_extract(d.record, '$.decision') = 'allow' AND NOT EXISTS"
                     " (SELECT 1 FROM outbox o WHERE o.call_id = d.call_id AND o.kind = 'outcome') ORDER BY d.seq"
                 )
             ]
@@ -257,7 +229,7 @@ class SqliteOutbox:
         closed: list[dict[str, Any]] = []
         for call_id, instance, record in open_calls:
             if instance not in alive:
-                alive[instance] = self._alive(instance)
+                alive[instance] = self.instances.alive(instance)
             if alive[instance]:
                 continue
             decision = json.loads(record)
@@ -454,6 +426,14 @@ class SqliteOutbox:
         log.info("audit_records_retired", through_seq=through, removed=removed)
         return removed
 
+    async def compact_checkpoints(self) -> int:
+        """Drops the checkpoints retention made moot (see `CheckpointLog.compact`), off the database
+        thread: appends wait for it on the log's lock, writes do not."""
+        through = await self._db.run(lambda c: c.execute("SELECT MAX(through_seq) FROM retention").fetchone()[0])
+        if not through:
+            return 0
+        return await asyncio.to_thread(self.checkpoints.compact, int(through))
+
     # -- verification and health --------------------------------------------------------------------
 
     def verify(
@@ -514,10 +494,7 @@ class SqliteOutbox:
             if self._wrote:  # a writer: its last head, signed, outside the database
                 self._db.run_sync(self._checkpoint)
         self._db.close()
-        if self._lock_fd is not None:
-            (self.instances_dir / f"{self.instance}.lock").unlink(missing_ok=True)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.instances.release()
 
 
 def interrupted_outcome(call_id: str, instance: str | None, closed_by: str) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class AuditHousekeeping:
         while removed := await self._outbox.prune(days * 86_400):
             total += removed
             self._metrics.audit_records_retired.inc(removed)
+            await asyncio.sleep(0.05)  # batches, so calls' writes get the database in between
+        if total:
+            await self._outbox.compact_checkpoints()
         return total
 
     def free_bytes(self) -> int:

@@ -49,12 +49,12 @@ class ShipperProcess:
         )
         self._process: subprocess.Popen[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._seen = {"shipped": 0, "failures": 0}
+        self._seen = {"shipped": 0, "failures": 0, "errors": 0}
         self._restarts = 0
 
     def _spawn(self) -> None:
         self.status_file.unlink(missing_ok=True)
-        self._seen = {"shipped": 0, "failures": 0}
+        self._seen = {"shipped": 0, "failures": 0, "errors": 0}
         env = {**os.environ, SETTINGS_ENV: self._child_settings, KEY_ENV: self._key}
         self._process = spawn([sys.executable, "-m", "server", "ship"], env=env, stdin=None)
         log.info("audit_shipper_started", pid=self._process.pid, restarts=self._restarts)
@@ -75,7 +75,11 @@ class ShipperProcess:
                 await asyncio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 self._restarts += 1
-                self._spawn()
+                try:
+                    self._spawn()
+                except Exception as exc:  # out of memory or processes: the next round tries again
+                    log.error("audit_shipper_spawn_failed", error=f"{type(exc).__name__}: {exc}", retry_in=backoff)
+                    self._metrics.shipper_errors.labels("spawn").inc()
                 continue
             backoff = 1.0
             with contextlib.suppress(Exception):
@@ -91,7 +95,12 @@ class ShipperProcess:
         await publish_backlog(self._outbox, self._metrics)
         status = self._status()
         self._metrics.unfinished_calls.set(int(status.get("unfinished", 0)))
-        for key, counter in (("shipped", self._metrics.shipped), ("failures", self._metrics.ship_failures)):
+        counters = (
+            ("shipped", self._metrics.shipped),
+            ("failures", self._metrics.ship_failures),
+            ("errors", self._metrics.shipper_errors.labels("process")),
+        )
+        for key, counter in counters:
             now = int(status.get(key, 0))
             if now > self._seen[key]:
                 counter.inc(now - self._seen[key])

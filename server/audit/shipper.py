@@ -103,6 +103,7 @@ class Shipper:
         """The last error outside shipping itself (status file, retention, ...): /readyz says degraded."""
         self._fault_at = 0.0
         self._next_housekeeping = 0.0
+        self._checkpoint_position = (0, 0)
 
     def start(self) -> None:
         """Ships in the background, once it holds the outbox's shipping lock (waiting for it while
@@ -196,13 +197,13 @@ class Shipper:
     async def ship_checkpoints(self) -> int:
         """Ships the signed checkpoints not shipped yet (a copy of the chain's heads off this disk)."""
         through = float(await self._outbox.ship_state(_CHECKPOINTS_SHIPPED) or 0)
-        found, _ = await asyncio.to_thread(self._outbox.checkpoints.read)
+        found, position = await asyncio.to_thread(self._outbox.checkpoints.read_new, self._checkpoint_position)
         new = [cp for cp in found if cp.time > through]
-        if not new:
-            return 0
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._target.write_checkpoints, new)
-        await self._outbox.set_ship_state(_CHECKPOINTS_SHIPPED, repr(max(cp.time for cp in new)))
-        self._metrics.checkpoints_shipped.inc(len(new))
+        if new:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._target.write_checkpoints, new)
+            await self._outbox.set_ship_state(_CHECKPOINTS_SHIPPED, repr(max(cp.time for cp in new)))
+            self._metrics.checkpoints_shipped.inc(len(new))
+        self._checkpoint_position = position  # only once shipped: a failure reads them again
         return len(new)
 
     async def retain(self) -> int:

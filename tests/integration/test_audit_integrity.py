@@ -12,11 +12,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from server.audit.search import AuditQuery
 from server.testing import GatewayProcess, gateway_env, run_gateway
 from tests.integration.conftest import raw_call, run_cli
 from tests.integration.test_audit_shipping import metric, shipping_env, until
@@ -228,3 +233,116 @@ async def test_a_second_shipper_on_the_same_outbox_exits_naming_the_first(tmp_pa
         await until(shipped, 90)
         assert await shipped()
         assert json.loads(status.read_text())["pid"] == child  # the first one, untouched
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
+    """A tmpfs of `megabytes` at `path` (root only; the test is skipped where mounting is not allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    return filler
+
+
+@pytest.mark.timeout(600)
+async def test_a_full_disk_is_reported_and_the_shipper_survives_it_and_ships_everything_after(tmp_path: Path) -> None:
+    from server.auth.devkeys import mint_dev_token
+
+    with run_mlflow(tmp_path / "mlflow") as mlflow, small_disk(tmp_path / "disk", 48) as disk:
+        env = {
+            **shipping_env(mlflow.url),
+            "CASTELLAN_DATA_DIR": str(disk),  # the gateway's files on the small disk; its log beside it
+            "CASTELLAN_AUDIT__MIN_FREE_DISK_MB": "4",
+        }
+        with run_gateway(tmp_path / "gw", env, timeout=120) as gw:
+            token = mint_dev_token(disk, agent="disk", issuer="castellan-dev", audience=gw.mcp_url, groups=["analysts"])
+
+            async def ready() -> dict[str, Any]:
+                async with aiohttp.ClientSession() as s, s.get(f"{gw.base_url}/readyz") as resp:
+                    return {"code": resp.status, **(await resp.json())}
+
+            async def calls(n: int, first: int) -> list[dict[str, object]]:
+                return [await raw_call(gw, token, "echo", {"text": f"call {first + i}"}) for i in range(n)]
+
+            await calls(10, 0)
+            assert (await ready())["status"] == "ready"
+
+            async def child() -> bool:
+                return (disk / "shipper-status.json").is_file()
+
+            await until(child, 90)
+            shipper_pid = json.loads((disk / "shipper-status.json").read_text())["pid"]
+            filler = await asyncio.to_thread(fill, disk)
+            during = await calls(20, 10)
+            assert all("isError" in r for r in during)  # each a tool result (allowed, or refused): no crash
+            full = await ready()
+            assert full["checks"]["disk"].startswith("degraded: 0 MB free"), full
+            refused = [r for r in during if r["isError"]]
+            if refused:  # an outbox that cannot write is not ready, and calls fail closed
+                assert full["code"] == 503, full
+                assert "cannot write" in full["checks"]["audit"], full
+
+            filler.unlink()
+            await calls(10, 30)
+            audited = outbox_rows(disk, "SELECT COUNT(*) FROM outbox WHERE kind = 'decision'")[0][0]
+
+            async def drained() -> bool:
+                return (
+                    await metric(gw, "castellan_audit_unshipped_records") == 0
+                    and await metric(gw, "castellan_audit_shipped_calls") >= audited
+                )
+
+            await until(drained, 240)
+            assert await drained(), gw.log()[-3000:]
+            traces = await asyncio.to_thread(traces_by_call, mlflow.url)
+            assert len(traces) == audited  # every audited call, once
+            assert json.loads((disk / "shipper-status.json").read_text())["pid"] == shipper_pid  # it survived
+
+            async def recovered() -> bool:
+                return (await ready())["status"] == "ready"
+
+            await until(recovered, 60)
+            assert (await ready())["status"] == "ready"
+
+
+@pytest.mark.timeout(300)
+def test_retention_keeps_the_local_mlflow_store_within_its_cap(tmp_path: Path) -> None:
+    from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+    from server.audit.outbox import PendingCall
+    from server.audit.traces import plan_trace
+
+    target = MlflowTarget(local_tracking_uri(tmp_path), "castellan-audit")
+    old = time.time() - 10 * 86_400
+    plans = []
+    for i in range(30):
+        at = old + i if i < 5 else time.time() - 30 + i  # distinct times: "oldest" is well defined
+        record = {"call_id": f"c{i}", "time": datetime.fromtimestamp(at, UTC).isoformat(), "tool": "echo",
+                  "decision": "deny", "stage": "policy", "reasons": ["no"], "timings_ms": {"policy": 0.2}}  # fmt: skip
+        plans.append(plan_trace(PendingCall(f"c{i}", [i + 1], record, at, None)))
+    target.write(plans)
+
+    def count(table: str) -> int:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+    assert (count("trace_info"), count("spans")) == (30, 60)
+    assert target.prune(7 * 86_400, None) == 5  # older than 7 days
+    assert target.prune(None, 10) == 15  # the oldest beyond the cap
+    assert (count("trace_info"), count("spans")) == (10, 20)
+    kept = {t["call_id"] for t in target.search(AuditQuery(limit=100))}
+    assert kept == {f"c{i}" for i in range(20, 30)}  # the newest

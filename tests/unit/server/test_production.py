@@ -18,6 +18,7 @@ SAFE: dict[str, object] = {
     "auth": {"mode": "jwt", "issuer": "https://idp.example", "jwks_url": "https://idp.example/jwks",
              "max_token_lifetime_seconds": 3600},
     "server": {"metrics_auth": "token", "allowed_hosts": ["gateway.example:443"]},
+    "audit": {"chain_key_file": "/run/secrets/audit-chain-key"},
 }  # fmt: skip
 
 
@@ -42,6 +43,8 @@ def test_safe_settings_start_in_production() -> None:
         ("server.allowed_hosts", {"server": {"metrics_auth": "token", "allowed_hosts": ["*"]}}),
         ("server.allowed_hosts", {"server": {"metrics_auth": "token", "allowed_hosts": ["*:443"]}}),
         ("server.metrics_auth", {"server": {"metrics_auth": "open"}}),
+        ("audit.chain_key", {"audit": {}}),
+        ("audit.chain_key", {"data_dir": "/data", "audit": {"chain_key_file": "/data/audit-chain-key"}}),
     ],
 )
 def test_one_unsafe_setting_is_refused_alone_and_accepted_only_by_its_own_override(

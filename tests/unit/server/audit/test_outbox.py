@@ -94,9 +94,9 @@ async def crashed_instance(tmp_path: Path) -> SqliteOutbox:
     await outbox.write("decision", "finished", {"decision": "allow"})
     await outbox.write("outcome", "finished", {"is_error": False})
     await outbox.write("decision", "denied", {"decision": "deny"})
-    assert outbox._lock_fd is not None
-    os.close(outbox._lock_fd)  # what the kernel does for a SIGKILLed process
-    outbox._lock_fd = None
+    assert outbox.instances._fd is not None
+    os.close(outbox.instances._fd)  # what the kernel does for a SIGKILLed process
+    outbox.instances._fd = None
     return outbox
 
 

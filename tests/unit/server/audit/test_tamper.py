@@ -201,3 +201,20 @@ async def test_the_guards_still_refuse_deleting_unshipped_records(tmp_path: Path
     conn.execute("INSERT INTO retention (id, through_seq) VALUES (1, 2)")
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         conn.execute("DELETE FROM outbox WHERE seq = 1")
+
+
+async def test_retention_compacts_the_checkpoint_file_and_keeps_what_is_not_a_valid_checkpoint(tmp_path: Path) -> None:
+    outbox = await written(tmp_path, 12, checkpoint_every=2)
+    with outbox.checkpoints.path.open("a") as fh:
+        fh.write("an intruder's line\n")
+    await outbox.mark_shipped(list(range(1, 13)))
+    assert await outbox.prune(older_than_seconds=-1) == 11
+    assert await outbox.compact_checkpoints() == 5  # the heads at 2, 4, 6, 8 and 10
+    lines = outbox.checkpoints.path.read_text().splitlines()
+    kinds = [json.loads(line)["kind"] if line.startswith("{") else line for line in lines]
+    assert kinds == ["head", "an intruder's line", "retained"]  # the head at 12, the evidence, the mark
+    result = outbox.verify()
+    assert [b.problem for b in result.breaks] == [
+        'checkpoint file line 2 is not a checkpoint (edited?): "an intruder\'s line"'
+    ]
+    assert result.records == 1
