@@ -153,7 +153,7 @@ async def test_a_stalled_then_killed_opa_is_not_hammered_and_the_gateway_recover
             "CASTELLAN_POLICY__TIMEOUT_SECONDS": str(timeout),
             **NO_LIMITS,
         }
-        with run_gateway(tmp_path / "gw", env) as gw:
+        with run_gateway(tmp_path / "gw", env, timeout=60) as gw:  # start-up on a loaded 2-core box
             stop = asyncio.Event()
             load = asyncio.create_task(calling(gw, gw.token("stall-bot", ["analysts"]), stop))
             marks = {"start": time.monotonic()}
