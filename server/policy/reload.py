@@ -69,11 +69,12 @@ class Refusal:
     at: float
 
 
-def in_process_verifier(entrypoint: str) -> Verifier:
-    """Verification in regorus (the embedded engine's compiler), on a worker thread."""
+def in_process_verifier(entrypoint: str, evaluator: str = "") -> Verifier:
+    """Verification by the embedded engine's evaluator (`evaluator`: its name, default the one the
+    embedded engine picks), on a worker thread."""
 
     async def verify(bundle: PolicyBundle) -> tuple[str, ...]:
-        return await asyncio.to_thread(verify_in_process, bundle, entrypoint)
+        return await asyncio.to_thread(verify_in_process, bundle, entrypoint, evaluator)
 
     return verify
 
@@ -82,7 +83,9 @@ def verifier_for(engine: PolicyEngine, entrypoint: str) -> Verifier | None:
     """The checks to run before `engine.load`. An engine whose `load` verifies in the engine itself
     (`verifies_on_load`, as the OPA engine does, in the OPA that will serve the version) needs none;
     any other gets the in-process verification, so no engine is ever swapped unverified."""
-    return None if getattr(engine, "verifies_on_load", False) else in_process_verifier(entrypoint)
+    if getattr(engine, "verifies_on_load", False):
+        return None
+    return in_process_verifier(entrypoint, getattr(engine, "evaluator", ""))
 
 
 class PolicyWatcher:

@@ -12,7 +12,7 @@ from server.errors import ConfigError
 from server.policy._result import to_decision
 from server.policy.authoring import run_bundle_tests
 from server.policy.bundle import PolicyBundle
-from server.policy.embedded import compile_bundle, compile_policy
+from server.policy.embedded import compile_policy
 from server.policy.regorus_subset import _clean
 
 _BASE: dict[str, Any] = {
@@ -47,7 +47,7 @@ PROBES: Mapping[str, Mapping[str, Any]] = {
         arguments={},
     ),
     "upstream tool": _probe(tool={"name": "files.read", "securable": "main.upstream.files_read", "upstream": "files"}),
-    "odd arguments": _probe(arguments={"text": 42, "n": None, "list": [1, "a"], "obj": {"k": 1.5}}),
+    "odd arguments": _probe(arguments={"text": 42, "n": None, "list": [1, "a"], "obj": {"k": True}}),
     "budget exhausted": _probe(budget={"tokens_used": 1000, "tokens_limit": 1000}),
 }
 
@@ -74,26 +74,27 @@ def probe_problems(results: Mapping[str, Any]) -> list[str]:
     return [f"probe '{name}': {problem}" for name, raw in results.items() if (problem := decision_problem(raw))]
 
 
-def verify_in_process(bundle: PolicyBundle, entrypoint: str) -> tuple[str, ...]:
-    """What makes `bundle` unfit to decide in the embedded engine: a module that does not compile
-    (regorus, as the embedded engine compiles it), a failing `*_test.rego` test, a probe answered with
-    an ill-typed decision or an evaluation error. () when fit. Blocking: run it on a worker thread;
-    every regorus engine it makes is freed on that thread before it returns."""
+def verify_in_process(bundle: PolicyBundle, entrypoint: str, evaluator: str = "") -> tuple[str, ...]:
+    """What makes `bundle` unfit to decide in the embedded engine: a module that its evaluator
+    (`evaluator`, default the embedded engine's) refuses, a failing `*_test.rego` test, a probe answered
+    with an ill-typed decision or an evaluation error. () when fit. Blocking: run it on a worker thread;
+    what it compiles is freed on that thread before it returns (regorus engines may not cross threads)."""
     try:
-        compile_policy(bundle, entrypoint)  # the embedded engine's compile, whichever evaluator it runs
-        engine = compile_bundle(bundle)
+        compiled = compile_policy(bundle, entrypoint, evaluator)
     except ConfigError as exc:
         return (str(exc),)
     results: dict[str, Any] = {}
     problems: list[str] = []
     for name, document in PROBES.items():
         try:
-            engine.set_input_json(json.dumps(document))
-            value = engine.eval_rule_as_json(entrypoint)
-            results[name] = None if value == '"<undefined>"' else json.loads(value)
-        except Exception as exc:  # regorus raises RuntimeError for evaluation errors
-            problems.append(f"probe '{name}': evaluation failed: {_clean(exc)}")
-    del engine
+            ok, value = compiled.evaluate(json.dumps(document))
+        except Exception as exc:  # as the engine treats it: an error, never a decision
+            ok, value = False, f"{type(exc).__name__}: {_clean(exc)}"
+        if ok:
+            results[name] = value
+        else:
+            problems.append(f"probe '{name}': evaluation failed: {value}")
+    del compiled
     problems += probe_problems(results)
     try:
         tests = run_bundle_tests(bundle)

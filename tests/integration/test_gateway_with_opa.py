@@ -119,6 +119,8 @@ NO_LIMITS = {
     "CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
     "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0",
     "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
+    "CASTELLAN_METERING__LIMITS__MAX_IDENTICAL_CALLS": "0",
+    "CASTELLAN_METERING__LIMITS__MAX_CALLS_PER_TOOL": "0",
 }
 
 
@@ -151,7 +153,7 @@ async def test_a_stalled_then_killed_opa_is_not_hammered_and_the_gateway_recover
             "CASTELLAN_POLICY__TIMEOUT_SECONDS": str(timeout),
             **NO_LIMITS,
         }
-        with run_gateway(tmp_path / "gw", env) as gw:
+        with run_gateway(tmp_path / "gw", env, timeout=60) as gw:  # start-up on a loaded 2-core box
             stop = asyncio.Event()
             load = asyncio.create_task(calling(gw, gw.token("stall-bot", ["analysts"]), stop))
             marks = {"start": time.monotonic()}

@@ -128,8 +128,13 @@ async def test_chunked_policy_edits_under_load_decide_only_as_complete_versions(
         "CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
         "CASTELLAN_METERING__LIMITS__MAX_RUN_CALLS": "0",
         "CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0",
+        "CASTELLAN_METERING__LIMITS__MAX_IDENTICAL_CALLS": "0",
+        "CASTELLAN_METERING__LIMITS__MAX_CALLS_PER_TOOL": "0",
     }
-    with engine_env(engine) as engine_settings, run_gateway(tmp_path / "gw", {**env, **engine_settings}) as gw:
+    with (
+        engine_env(engine) as engine_settings,
+        run_gateway(tmp_path / "gw", {**env, **engine_settings}, timeout=60) as gw,  # start-up on a loaded box
+    ):
         stop = asyncio.Event()
         load = asyncio.create_task(clients(gw, gw.token("reload-load", ["analysts"]), stop))
         await asyncio.sleep(1.0)
