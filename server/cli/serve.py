@@ -41,7 +41,8 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if settings.demo and settings.auth.mode == "dev":
-        click.echo(demo_banner(settings), err=True)
+        with contextlib.suppress(OSError):  # a full disk under stderr must not stop the gateway
+            click.echo(demo_banner(settings), err=True)
     with serving_file(settings):
         uvicorn.run(
             app,

@@ -101,8 +101,21 @@ def test_the_view_is_nfkc_case_folded_and_without_invisible_characters() -> None
     assert normalized_text("\uff24\uff32\uff2f\uff30\u200d\t\n TA\u00adBLE\u202e ") == "drop table"
     assert normalized_text("Straße") == "strasse"
     document = echo_input("A\u200bB")
-    assert document["normalized"] == {"arguments": {"text": "ab"}}
+    assert document["normalized"] == {"arguments": {"text": "ab"}, "strings": [["text", "ab"]]}
     assert document["arguments"] == {"text": "A\u200bB"}  # the arguments themselves are unchanged
-    assert build_input(make_call(tool=EchoTool(), arguments={"n": 1.0, "x": [{"y": "\uff39"}]}))["normalized"] == {
-        "arguments": {"n": 1, "x": [{"y": "y"}]}
+    nested = build_input(make_call(tool=EchoTool(), arguments={"n": 1.0, "x": [{"Key": "\uff39"}]}))["normalized"]
+    assert nested["arguments"] == {"n": 1, "x": [{"Key": "y"}]}  # keys and structure unchanged
+    assert nested["strings"] == [["x", "key"], ["x", "y"]]  # every string at any depth, keys too
+
+
+async def test_a_disguised_drop_table_nested_anywhere_is_denied(engine: PolicyEngine) -> None:
+    hidden = everything("drop table")
+    arguments = {"text": "hi", "batch": [{"sql": f"select 1; {hidden} x"}], "opts": {hidden: True}}
+    document = build_input(make_call(tool=EchoTool(), tool_name="echo", arguments=arguments))
+    assert input_problem(document) is None
+    decision = await engine.decide(document)
+    assert not decision.allow, repr(hidden)
+    assert set(decision.reasons) == {
+        'argument batch contains blocked text "drop table"',
+        'argument opts contains blocked text "drop table"',
     }
