@@ -26,8 +26,10 @@ REDACTED = "[REDACTED]"
 # its own keywords whose value starts with a symbol (its rules want a word character first, to keep
 # code scanning quiet); and the `token`/`credential` family of names, which its keywords leave out
 # (a value there needs a letter: `max_tokens: 100000` is no secret).
-_ASSIGNED = r"""[\w.\-]*["'\]]{0,2}\s*(?::=|=>|[:=])\s*["'`]?"""
-_VALUE = r"""[^\s"'`,;&]"""
+# Quotes may arrive escaped, once or many times over (`db_pass=\\'v\\'` in a repr'd reason, then JSON):
+# backslashes before a quote belong to the quoting, never to the value.
+_ASSIGNED = r"""[\w.\-]*(?:\\*["'\]]){0,2}\s*(?::=|=>|[:=])\s*(?:\\*["'`])?"""
+_VALUE = r"""[^\s"'`,;&\\]"""
 GATEWAY_RULES = (
     r"(?i)\bbearer\s+([A-Za-z0-9\-._~+/]{8,}=*)",
     r"(?i)\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token|digest|negotiate)\s+)?([^\s\"',;]{6,})",

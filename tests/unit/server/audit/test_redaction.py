@@ -30,6 +30,16 @@ def test_secrets_in_non_ascii_text_are_redacted(redactor: Redactor, secret: Secr
     assert redacted.startswith("Schlüssel für café — ")
 
 
+@pytest.mark.parametrize("secret", SECRETS, ids=[f"{s.shape}-{SEED}-{i}" for i, s in enumerate(SECRETS)])
+def test_secrets_quoted_again_by_repr_or_json_are_redacted(redactor: Redactor, secret: Secret) -> None:
+    # A reason like f"text: {value!r} is too long" escapes the value's quotes (`db_pass=\\'v\\'`), and a
+    # JSON document escapes them once more: the quoting must not hide the value from the detectors.
+    import json
+
+    for escaped in (repr(secret.text), json.dumps(repr(secret.text)), json.dumps(json.dumps(secret.text))):
+        assert not leaks(redactor.text(f"text: {escaped} is too long"), [secret]), escaped
+
+
 def test_the_rest_of_the_text_is_kept(redactor: Redactor) -> None:
     assert redactor.text("connect to postgres://app:Xk29dLq8rTz@db:5432/x now") == (
         "connect to postgres://app:[REDACTED]@db:5432/x now"
