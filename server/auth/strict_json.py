@@ -4,8 +4,10 @@ JSON (RFC 8259 §4) leaves duplicated member names to the parser: Python keeps t
 libraries the first or refuse. A token with `"aud"` twice (or `"alg"`, `"exp"`, `"groups"`) would then
 mean one thing to the gateway and another to an audit tool or an upstream that reads the same token.
 RFC 7515 §5.2 and RFC 7519 §7.2 say to reject it, or use the last member only if the parser keeps the
-last; we reject it, at every depth, before trusting anything in the token. NaN and Infinity, which are
-not JSON but Python accepts, are refused for the same reason.
+last; we reject it, at every depth, before trusting anything in the token. For the same reason the
+other things I-JSON (RFC 7493) rules out are refused: NaN and Infinity (not JSON, but Python takes
+them), numbers that overflow a double (`1e400` is infinity to Python: an `exp` that never comes) or
+an int64, and strings with unpaired surrogates (which other readers replace with U+FFFD).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any
 
 _BASE64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -35,11 +38,46 @@ def _no_constant(name: str) -> Any:
     raise AmbiguousJson(f"{name} is not JSON")
 
 
-def loads_strict(text: str | bytes) -> Any:
-    """`json.loads`, but a member name repeated in any object, or NaN/Infinity, raises `AmbiguousJson`.
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise AmbiguousJson(f"number {text[:20]} overflows")
+    return value
 
-    Other malformed JSON raises `ValueError` as usual."""
-    return json.loads(text, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+
+def _int64(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or not -(2**63) <= (value := int(text)) < 2**63:
+        raise AmbiguousJson(f"number {text[:20]} is out of range")
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AmbiguousJson("string with an unpaired surrogate") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """`json.loads`, but a member name repeated in any object, NaN/Infinity, a number out of range or
+    an unpaired surrogate raises `AmbiguousJson`. Other malformed JSON raises `ValueError` as usual."""
+    value = json.loads(
+        text,
+        object_pairs_hook=_unique_members,
+        parse_constant=_no_constant,
+        parse_float=_finite_float,
+        parse_int=_int64,
+    )
+    _check_strings(value)
+    return value
 
 
 def b64url_decode(segment: str) -> bytes:

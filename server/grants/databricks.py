@@ -33,8 +33,10 @@ class DatabricksGrants:
     `principal=admins` answers for the group `admins`. Each typed principal is therefore first
     confirmed to exist with its kind, through the workspace's SCIM API (`users.list`,
     `service_principals.list`, `groups.list` with an `eq` filter on the attribute Unity Catalog
-    names it by, the answer compared exactly); an unconfirmed principal is not asked about and
-    holds nothing. Confirmations are cached for `kind_ttl` seconds.
+    names it by; the answer compared exactly, user names (emails) without regard to case, or, when
+    the workspace shows non-admins entries without that attribute, a single entry as the filter's
+    answer); an unconfirmed principal is not asked about and holds nothing. Confirmations are
+    cached for `kind_ttl` seconds.
 
     The SDK is synchronous, so calls run in a thread; the grants cache keeps them off the hot path.
     An unknown securable holds nothing. Any other API error (403 for the gateway's own credentials,
@@ -125,8 +127,15 @@ class DatabricksGrants:
         api_name, attribute, field = _SCIM[principal.kind]
         api = getattr(self._client, api_name)
         # RFC 7644 §3.4.2.2: the value is a JSON string, so quotes and backslashes in a name stay inside it.
-        found = api.list(filter=f"{attribute} eq {json.dumps(principal.name)}", attributes=f"id,{attribute}", count=10)
-        exists = any(getattr(item, field, None) == principal.name for item in found)
+        found = list(
+            api.list(filter=f"{attribute} eq {json.dumps(principal.name)}", attributes=f"id,{attribute}", count=10)
+        )
+        named = [getattr(item, field, None) for item in found]
+        wanted = principal.name.casefold() if principal.kind == "user" else principal.name
+        exists = any(n is not None and (n.casefold() if principal.kind == "user" else n) == wanted for n in named)
+        # Non-admin credentials may see entries without the attribute: then only one entry, the filter's
+        # whole answer, confirms (a filter the server ignored would list everyone).
+        exists = exists or (len(found) == 1 and named == [None])
         with self._kinds_lock:
             if len(self._kinds) > 50_000:
                 self._kinds.clear()

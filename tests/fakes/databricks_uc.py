@@ -78,6 +78,8 @@ class FakeWorkspace:
     requests: list[str] = field(default_factory=list)
     functions: dict[str, FakeFunction] = field(default_factory=dict)
     statements: list[dict[str, Any]] = field(default_factory=list)
+    scim_restricted: bool = False
+    """Answer SCIM lists as Databricks does for non-admin callers: entries without their names."""
 
     def _error(self, status: int, code: str, message: str) -> web.Response:
         return web.json_response({"error_code": code, "message": message}, status=status)
@@ -187,7 +189,10 @@ class FakeWorkspace:
         start = int(request.query.get("startIndex", "1"))
         count = int(request.query.get("count", "10000"))
         page = names[start - 1 : start - 1 + count]
-        resources = [{"id": f"{kind}-{i + start}", attribute: name, "displayName": name} for i, name in enumerate(page)]
+        resources = [
+            {"id": f"{kind}-{i + start}", **({} if self.scim_restricted else {attribute: name, "displayName": name})}
+            for i, name in enumerate(page)
+        ]
         return web.json_response(
             {
                 "schemas": ["urn:ietf:params:scim:api:messages:2.0:ListResponse"],

@@ -102,10 +102,27 @@ async def test_the_refusal_is_a_401_with_the_reason(monkeypatch: pytest.MonkeyPa
     assert "duplicated member 'groups'" in response.headers["www-authenticate"]
 
 
-@pytest.mark.parametrize("text", ['{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}'])
-def test_numbers_that_are_not_json_are_refused(text: str) -> None:
+@pytest.mark.parametrize(
+    "text",
+    ['{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}', '{"exp":1e400}', '{"exp":-1e400}',
+     '{"n":9223372036854775808}', '{"n":-9223372036854775809}', '{"sub":"admins\\ud800"}', '{"\\udfff":1}',
+     '{"g":["a",{"b":"\\ud83d"}]}'],
+)  # fmt: skip
+def test_what_readers_would_read_differently_is_refused(text: str) -> None:
     with pytest.raises(AmbiguousJson):
         loads_strict(text)
+
+
+def test_ordinary_json_reads_as_usual() -> None:
+    text = '{"exp":1796117642,"f":1.5e3,"n":-9223372036854775808,"s":"\\ud83d\\ude00 caf\\u00e9","l":[{}]}'
+    assert loads_strict(text) == {"exp": 1796117642, "f": 1500.0, "n": -(2**63), "s": "\U0001f600 caf\u00e9", "l": [{}]}
+
+
+async def test_an_expiry_that_overflows_to_infinity_is_refused() -> None:
+    """`1e400` is infinity to Python: without the check this token would never expire."""
+    claims = f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","agent_id":"bot-1","exp":1e400}}'
+    with pytest.raises(Unauthenticated, match="number 1e400 overflows"):
+        await verifier().verify(signed(HEADER, claims))
 
 
 def test_a_jwks_with_a_duplicated_member_is_refused() -> None:

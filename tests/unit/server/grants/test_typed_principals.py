@@ -159,3 +159,24 @@ async def test_a_name_with_quotes_and_spaces_is_looked_up_exactly(source_for: An
     assert await missing(source, near, "main.tools.echo") == list(ALL3)
     agent = Identity(agent_id=name, subject=name, issuer="t")
     assert await missing(source, agent, "main.tools.echo") == list(ALL3)
+
+
+async def test_databricks_confirms_kinds_for_a_non_admin_view_too(tmp_path: Path) -> None:
+    """A gateway whose credentials are not a workspace admin sees SCIM entries without their names:
+    the filter's single answer still confirms a principal, and a name of another kind still gets nothing."""
+    import asyncio
+
+    from databricks.sdk import WorkspaceClient
+
+    from server.grants.databricks import DatabricksGrants
+    from tests.fakes import databricks_uc
+
+    catalog = LocalCatalog(tmp_path / "c.db")
+    base_catalog(catalog)
+    async with databricks_uc.serve(catalog) as (workspace, host):
+        workspace.scim_restricted = True
+        client = await asyncio.to_thread(WorkspaceClient, host=host, token=databricks_uc.TOKEN)
+        source = DatabricksGrants(client)
+        assert await missing(source, Identity("bot-9", "bot-9", "t", groups=("analysts",)), "main.tools.echo") == []
+        assert await missing(source, Identity("analysts", "analysts", "t"), "main.tools.echo") == list(ALL3)
+        assert await missing(source, Identity("bot-9", "bob", "t"), tables=("hr.people.salaries",)) == []
