@@ -34,6 +34,8 @@ HOSTILE = [
     "width:999999",
     "shift:1099511627776",
     "replace:" + "y" * 150,
+    "template:" + "{{range .x}}" * 5 + "x" + "{{end}}" * 5,  # 99^5 x's: took the process down (Go OOM)
+    "template:{{range .x}}{{.}}{{end}}",
 ]
 
 
@@ -71,7 +73,9 @@ async def test_hostile_builtin_arguments_are_denied_audited_and_survived(tmp_pat
         assert denied["count:" + "x" * 150] == ["count=151"]
         assert denied["width:999999"] == ["width=999999"]
         assert denied["width:1000000000"] == ["width=13"]  # Go's fmt refuses widths over 1e6: %!(BADWIDTH)1
-        for text in ("range:1000000000000", "range:1e400", "step:100000000000", "cidr:0.0.0.0/0", "cidr:::/0"):
+        assert denied["template:{{range .x}}{{.}}{{end}}"] == ["template=189"]
+        bounded = ["range:1000000000000", "range:1e400", "step:100000000000", "cidr:0.0.0.0/0", "cidr:::/0"]
+        for text in [*bounded, "shift:1099511627776", "template:" + "{{range .x}}" * 5 + "x" + "{{end}}" * 5]:
             assert denied[text] == ["policy evaluation failed"], text
         assert "a bound of the embedded engine" in gw.log()
         records = decisions(gw)
