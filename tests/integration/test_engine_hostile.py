@@ -84,3 +84,21 @@ async def test_hostile_builtin_arguments_are_denied_audited_and_survived(tmp_pat
     audited = {r["arguments"]["text"]: r for r in records if r.get("arguments", {}).get("text") in denied}
     assert set(audited) == set(denied), "a denied call has no audit record"
     assert all(r["decision"] == "deny" and r["reasons"] == denied[t] for t, r in audited.items())
+
+
+async def test_without_the_library_the_gateway_says_so_and_denies_what_regorus_cannot_decide(tmp_path: Path) -> None:
+    """The regorus fallback: named in the start-up log as a warning, the shipped policy served, an
+    ASCII call decided as OPA decides it, a non-ASCII one denied with a reason and audited."""
+    env = {"CASTELLAN_POLICY__ENGINE": "embedded", "CASTELLAN_OPA_LIBRARY": ""}
+    with run_gateway(tmp_path / "gw", env) as gw:
+        log = gw.log()
+        assert '"evaluator": "regorus"' in log
+        assert "verified subset only" in log
+        token = gw.token("fallback-bot", ["analysts"])
+        assert (await raw_call(gw, token, "echo", {"text": "hello"}))["isError"] is False
+        body = deny_body(await raw_call(gw, token, "echo", {"text": "ADMİN"}))
+        assert body["reasons"] == ["policy evaluation failed"]
+        assert "outside the verified domain of the regorus fallback" in gw.log()
+        assert (await raw_call(gw, token, "echo", {"text": "hello again"}))["isError"] is False
+        records = decisions(gw)
+    assert [r["decision"] for r in records if r.get("arguments", {}).get("text") == "ADMİN"] == ["deny"]
