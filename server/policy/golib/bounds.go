@@ -159,7 +159,49 @@ func jsonPatchBound(operands []*ast.Term) error {
 	return nil
 }
 
+func depth(v ast.Value) int {
+	deepest := 0
+	visit := func(t *ast.Term) {
+		if d := depth(t.Value); d > deepest {
+			deepest = d
+		}
+	}
+	switch x := v.(type) {
+	case *ast.Array:
+		x.Foreach(visit)
+	case ast.Set:
+		x.Foreach(visit)
+	case ast.Object:
+		x.Foreach(func(_, value *ast.Term) { visit(value) })
+	default:
+		return 0
+	}
+	return deepest + 1
+}
+
+// marshalBound: pretty JSON repeats the prefix on every line and the indent once per level.
+func marshalBound(operands []*ast.Term) error {
+	opts, ok := operands[1].Value.(ast.Object)
+	if !ok {
+		return nil
+	}
+	width := 0
+	for _, key := range []string{"indent", "prefix"} {
+		if v := opts.Get(ast.StringTerm(key)); v != nil {
+			if s, ok := str(v); ok {
+				width += len(s)
+			}
+		}
+	}
+	size := float64(len(operands[0].String()))
+	if width > 0 && size*float64(width)*float64(depth(operands[0].Value)+1) > MaxProduced {
+		return halt("json.marshal_with_options", "a result of more than %d bytes", MaxProduced)
+	}
+	return nil
+}
+
 func init() {
+	bound("json.marshal_with_options", marshalBound)
 	bound("strings.render_template", templateBound)
 	bound("regex.replace", regexReplaceBound)
 	bound("json.patch", jsonPatchBound)

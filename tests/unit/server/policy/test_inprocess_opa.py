@@ -16,6 +16,7 @@ from server.policy.bundle import PolicyBundle
 
 pytestmark = pytest.mark.skipif(not inprocess_opa.available(), reason="the OPA library is not built (needs Go)")
 COPIES = [{"op": "copy", "from": "", "path": f"/c{i}"} for i in range(30)]  # each may double the document
+WIDE_INDENT = {"x": [[1]] * 2000, "i": " " * 10**5}  # the indent repeated on every line
 NESTED_RANGES = "{{range .x}}" * 5 + "{{end}}" * 5  # 99^5 repetitions
 
 
@@ -47,6 +48,10 @@ def evaluate(tmp_path: Path, expression: str, document: Any) -> tuple[bool, Any]
             {"t": "{{range .x}}" * 5 + "{{end}}" * 5},
         ),
         ('regex.globs_match(input.p, "a")', {"p": "a" * 5000}),
+        (
+            'count(json.marshal_with_options(input.x, {"pretty": true, "indent": input.i}))',
+            {"x": [[1]] * 2000, "i": " " * 10**5},
+        ),
     ],
 )
 def test_past_a_bound_the_evaluation_halts_before_allocating(tmp_path: Path, expression: str, document: Any) -> None:
@@ -65,6 +70,7 @@ def test_past_a_bound_the_evaluation_halts_before_allocating(tmp_path: Path, exp
         ('json.patch({"a": 1}, [{"op": "copy", "from": "/a", "path": "/b"}])', {}, {"a": 1, "b": 1}),
         ('strings.render_template("{{range .x}}{{.}},{{end}}", {"x": [1, 2]})', {}, "1,2,"),
         ('strings.count(input.s, "")', {"s": "abc"}, 4),
+        ('json.marshal_with_options({"a": [1]}, {"pretty": true, "indent": "  "})', {}, '{\n  "a": [\n    1\n  ]\n}'),
         ('sprintf("%*d", [input.w, 1])', {"w": 10**9}, "%!(BADWIDTH)1"),
     ],
 )
