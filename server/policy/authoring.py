@@ -110,13 +110,18 @@ def check_policies(
     """Compile everything; with OPA also `opa check --strict` and `opa fmt --fail`. An error when the
     embedded engine would refuse the policy (naming the builtin or construct), since it then cannot
     decide it exactly as OPA; notices when the regorus fallback serves, or would refuse the policy."""
-    report = CheckReport()
+    report = CheckReport(evaluator=default_evaluator())
     try:
         bundle = PolicyBundle.from_directory(root)
-        run_tests_in_process(root)  # compiles modules and tests together
     except ConfigError as exc:
         report.errors.append(str(exc))
         return report
+    try:
+        run_tests_in_process(root)  # compiles modules and tests together, with the embedded evaluator
+        compiled = True
+    except ConfigError as exc:
+        report.errors.append(f"embedded engine ({report.evaluator}): {exc}")
+        compiled = False
     binary = find_opa(opa_binary)
     if binary is not None:
         for args in (["check", "--strict", str(root)], ["fmt", "--fail", "-l", str(root)]):
@@ -125,10 +130,10 @@ def check_policies(
                 report.errors.append(f"opa {args[0]}: {(done.stdout + done.stderr).strip()}")
     else:
         report.notices.append("no OPA binary found: checked with the embedded engine only")
-    evaluator = report.evaluator = default_evaluator()
+    evaluator = report.evaluator
     has_mask = any(package_of(t) == "system.log" for t in bundle.modules.values())
     entrypoints = [entrypoint, MASK_RULE] if has_mask else [entrypoint]
-    for rule in entrypoints:
+    for rule in entrypoints if compiled else []:
         try:
             compile_policy(bundle, rule, evaluator)
         except ConfigError as exc:

@@ -51,7 +51,10 @@ def _load() -> ctypes.CDLL:
             path = library_path()
             if path is None:
                 raise ConfigError("the in-process OPA library is not built (scripts/build-opa-library needs Go)")
-            lib = ctypes.CDLL(str(path))
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as exc:
+                raise ConfigError(f"the in-process OPA library {path} does not load: {exc}") from None
             lib.castellan_compile.argtypes = [ctypes.c_char_p]
             lib.castellan_eval.argtypes = [ctypes.c_longlong, ctypes.c_char_p, ctypes.c_int]
             lib.castellan_release.argtypes = [ctypes.c_longlong]

@@ -33,7 +33,8 @@ from server.policy.bundle import PolicyBundle
 from server.policy.regorus_subset import EXACT_BUILTINS, PLAIN_BUILTINS, RegorusPolicy
 from tests.opa import opa_binary, run_opa
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+# ~60 s per test on 2 quiet cores; several times that when the machine is loaded.
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(600)]
 SEED = os.environ.get("CASTELLAN_DIFF_SEED", "castellan-1")
 TUPLES_PER_BUILTIN = 24
 

@@ -34,6 +34,8 @@ HOSTILE = [
     "width:999999",
     "shift:1099511627776",
     "replace:" + "y" * 150,
+    "template:" + "{{range .x}}" * 5 + "x" + "{{end}}" * 5,  # 99^5 x's: took the process down (Go OOM)
+    "template:{{range .x}}{{.}}{{end}}",
 ]
 
 
@@ -71,7 +73,9 @@ async def test_hostile_builtin_arguments_are_denied_audited_and_survived(tmp_pat
         assert denied["count:" + "x" * 150] == ["count=151"]
         assert denied["width:999999"] == ["width=999999"]
         assert denied["width:1000000000"] == ["width=13"]  # Go's fmt refuses widths over 1e6: %!(BADWIDTH)1
-        for text in ("range:1000000000000", "range:1e400", "step:100000000000", "cidr:0.0.0.0/0", "cidr:::/0"):
+        assert denied["template:{{range .x}}{{.}}{{end}}"] == ["template=189"]
+        bounded = ["range:1000000000000", "range:1e400", "step:100000000000", "cidr:0.0.0.0/0", "cidr:::/0"]
+        for text in [*bounded, "shift:1099511627776", "template:" + "{{range .x}}" * 5 + "x" + "{{end}}" * 5]:
             assert denied[text] == ["policy evaluation failed"], text
         assert "a bound of the embedded engine" in gw.log()
         records = decisions(gw)
@@ -80,3 +84,21 @@ async def test_hostile_builtin_arguments_are_denied_audited_and_survived(tmp_pat
     audited = {r["arguments"]["text"]: r for r in records if r.get("arguments", {}).get("text") in denied}
     assert set(audited) == set(denied), "a denied call has no audit record"
     assert all(r["decision"] == "deny" and r["reasons"] == denied[t] for t, r in audited.items())
+
+
+async def test_without_the_library_the_gateway_says_so_and_denies_what_regorus_cannot_decide(tmp_path: Path) -> None:
+    """The regorus fallback: named in the start-up log as a warning, the shipped policy served, an
+    ASCII call decided as OPA decides it, a non-ASCII one denied with a reason and audited."""
+    env = {"CASTELLAN_POLICY__ENGINE": "embedded", "CASTELLAN_OPA_LIBRARY": ""}
+    with run_gateway(tmp_path / "gw", env) as gw:
+        log = gw.log()
+        assert '"evaluator": "regorus"' in log
+        assert "verified subset only" in log
+        token = gw.token("fallback-bot", ["analysts"])
+        assert (await raw_call(gw, token, "echo", {"text": "hello"}))["isError"] is False
+        body = deny_body(await raw_call(gw, token, "echo", {"text": "ADMİN"}))
+        assert body["reasons"] == ["policy evaluation failed"]
+        assert "outside the verified domain of the regorus fallback" in gw.log()
+        assert (await raw_call(gw, token, "echo", {"text": "hello again"}))["isError"] is False
+        records = decisions(gw)
+    assert [r["decision"] for r in records if r.get("arguments", {}).get("text") == "ADMİN"] == ["deny"]

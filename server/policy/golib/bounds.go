@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"regexp"
 	"strings"
 	"unicode/utf8"
 
@@ -16,11 +17,12 @@ import (
 // allocated. In OPA they would allocate until the process dies; in the gateway's process that
 // would take every call down. Within the bounds the builtin is OPA's own, unchanged.
 const (
-	MaxRangeNumbers = 100_000           // numbers.range, numbers.range_step: elements
-	MaxCIDRHostBits = 16                // net.cidr_expand: at most 2^16 = 65,536 addresses
-	MaxShiftBits    = 65_536            // bits.lsh: shift
-	MaxReplacedLen  = 16 * 1024 * 1024  // replace, strings.replace_n: bytes of the result
-	MaxGlobPattern  = 4096              // regex.globs_match: bytes of each pattern
+	MaxRangeNumbers = 100_000          // numbers.range, numbers.range_step: elements
+	MaxCIDRHostBits = 16               // net.cidr_expand: at most 2^16 = 65,536 addresses
+	MaxShiftBits    = 65_536           // bits.lsh: shift
+	MaxReplacedLen  = 16 * 1024 * 1024 // replace, strings.replace_n: bytes of the result
+	MaxGlobPattern  = 4096             // regex.globs_match: bytes of each pattern
+	MaxProduced     = MaxReplacedLen   // regex.replace, json.patch, strings.render_template: bytes of the result
 )
 
 func halt(name, format string, args ...any) error {
@@ -90,7 +92,119 @@ func replacedLen(s, old, new string) int64 {
 	return int64(len(s)) + int64(strings.Count(s, old))*int64(len(new))
 }
 
+// templateBound: Go's text/template repeats what a `range` encloses for each element, so nested
+// ranges (or `template` calls) multiply: bound the output by len(template) * size(vars)^nesting.
+func templateBound(operands []*ast.Term) error {
+	tmpl, ok := str(operands[0])
+	if !ok {
+		return nil
+	}
+	loops := strings.Count(tmpl, "range") + strings.Count(tmpl, "template")
+	size := float64(len(operands[1].String()))
+	estimate := float64(len(tmpl))
+	for i := 0; i < loops && estimate <= MaxProduced; i++ {
+		estimate *= size
+	}
+	if estimate > MaxProduced {
+		return halt("strings.render_template", "a template whose loops over these values may produce more than %d bytes", MaxProduced)
+	}
+	return nil
+}
+
+// regexReplaceBound: every match is replaced by the value, whose $-references expand to (at most)
+// the whole input each.
+func regexReplaceBound(operands []*ast.Term) error {
+	base, ok1 := str(operands[0])
+	pattern, ok2 := str(operands[1])
+	value, ok3 := str(operands[2])
+	if !ok1 || !ok2 || !ok3 {
+		return nil
+	}
+	re, err := regexp.Compile(pattern)
+	if err != nil {
+		return nil // OPA reports it
+	}
+	per := int64(len(value)) + int64(strings.Count(value, "$"))*int64(len(base))
+	if per == 0 {
+		return nil
+	}
+	matches := int64(len(re.FindAllStringIndex(base, -1)))
+	if int64(len(base))+matches*per > MaxProduced {
+		return halt("regex.replace", "a result of more than %d bytes", MaxProduced)
+	}
+	return nil
+}
+
+// jsonPatchBound: a `copy` can double the document, so c copies can multiply it by 2^c.
+func jsonPatchBound(operands []*ast.Term) error {
+	patches, ok := operands[1].Value.(*ast.Array)
+	if !ok {
+		return nil
+	}
+	copies := 0
+	patches.Foreach(func(t *ast.Term) {
+		if obj, ok := t.Value.(ast.Object); ok {
+			if op := obj.Get(ast.StringTerm("op")); op != nil && op.Equal(ast.StringTerm("copy")) {
+				copies++
+			}
+		}
+	})
+	estimate := float64(len(operands[0].String()) + len(operands[1].String()))
+	for i := 0; i < copies && estimate <= MaxProduced; i++ {
+		estimate *= 2
+	}
+	if copies > 0 && estimate > MaxProduced {
+		return halt("json.patch", "%d copy operations that may produce more than %d bytes", copies, MaxProduced)
+	}
+	return nil
+}
+
+func depth(v ast.Value) int {
+	deepest := 0
+	visit := func(t *ast.Term) {
+		if d := depth(t.Value); d > deepest {
+			deepest = d
+		}
+	}
+	switch x := v.(type) {
+	case *ast.Array:
+		x.Foreach(visit)
+	case ast.Set:
+		x.Foreach(visit)
+	case ast.Object:
+		x.Foreach(func(_, value *ast.Term) { visit(value) })
+	default:
+		return 0
+	}
+	return deepest + 1
+}
+
+// marshalBound: pretty JSON repeats the prefix on every line and the indent once per level.
+func marshalBound(operands []*ast.Term) error {
+	opts, ok := operands[1].Value.(ast.Object)
+	if !ok {
+		return nil
+	}
+	width := 0
+	for _, key := range []string{"indent", "prefix"} {
+		if v := opts.Get(ast.StringTerm(key)); v != nil {
+			if s, ok := str(v); ok {
+				width += len(s)
+			}
+		}
+	}
+	size := float64(len(operands[0].String()))
+	if width > 0 && size*float64(width)*float64(depth(operands[0].Value)+1) > MaxProduced {
+		return halt("json.marshal_with_options", "a result of more than %d bytes", MaxProduced)
+	}
+	return nil
+}
+
 func init() {
+	bound("json.marshal_with_options", marshalBound)
+	bound("strings.render_template", templateBound)
+	bound("regex.replace", regexReplaceBound)
+	bound("json.patch", jsonPatchBound)
 	bound("numbers.range", rangeCheck("numbers.range", false))
 	bound("numbers.range_step", rangeCheck("numbers.range_step", true))
 	bound("net.cidr_expand", func(operands []*ast.Term) error {

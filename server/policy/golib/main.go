@@ -41,6 +41,8 @@ var Refused = map[string]string{
 	"http.send":          "makes network requests from the gateway's process",
 	"net.lookup_ip_addr": "makes DNS requests from the gateway's process",
 	"opa.runtime":        "describes the OPA process, which differs in-process",
+	"graph.reachable_paths": "its result can grow exponentially with the graph (every path), past any bound " +
+		"that could be checked before it allocates",
 }
 
 type compiled struct {
@@ -182,13 +184,18 @@ func castellan_limits() *C.char {
 		"opa_version": opaVersion,
 		"refused":     Refused,
 		"bounds": map[string]any{
-			"numbers.range":      fmt.Sprintf("at most %d numbers", MaxRangeNumbers),
-			"numbers.range_step": fmt.Sprintf("at most %d numbers", MaxRangeNumbers),
-			"net.cidr_expand":    fmt.Sprintf("at most 2^%d addresses", MaxCIDRHostBits),
-			"bits.lsh":           fmt.Sprintf("a shift of at most %d bits", MaxShiftBits),
-			"replace":            fmt.Sprintf("a result of at most %d bytes", MaxReplacedLen),
-			"strings.replace_n":  fmt.Sprintf("a result of at most %d bytes", MaxReplacedLen),
-			"regex.globs_match":  fmt.Sprintf("patterns of at most %d bytes", MaxGlobPattern),
+			"numbers.range":             fmt.Sprintf("at most %d numbers", MaxRangeNumbers),
+			"numbers.range_step":        fmt.Sprintf("at most %d numbers", MaxRangeNumbers),
+			"net.cidr_expand":           fmt.Sprintf("at most 2^%d addresses", MaxCIDRHostBits),
+			"bits.lsh":                  fmt.Sprintf("a shift of at most %d bits", MaxShiftBits),
+			"replace":                   fmt.Sprintf("a result of at most %d bytes", MaxReplacedLen),
+			"strings.replace_n":         fmt.Sprintf("a result of at most %d bytes", MaxReplacedLen),
+			"regex.globs_match":         fmt.Sprintf("patterns of at most %d bytes", MaxGlobPattern),
+			"regex.replace":             fmt.Sprintf("a result of at most %d bytes", MaxProduced),
+			"json.patch":                fmt.Sprintf("copy operations that produce at most %d bytes", MaxProduced),
+			"json.marshal_with_options": fmt.Sprintf("indent and prefix that produce at most %d bytes", MaxProduced),
+			"strings.render_template": fmt.Sprintf(
+				"at most %d bytes by len(template) x size(vars)^(range and template actions)", MaxProduced),
 		},
 	})
 }

@@ -25,3 +25,5 @@ deny contains sprintf("width=%d", [count(sprintf("%*d", [to_number(argument), 1]
 deny contains sprintf("shift=%d", [bits.lsh(1, to_number(argument))]) if hostile[0] == "shift"
 
 deny contains sprintf("replace=%d", [count(replace(argument, "", argument))]) if hostile[0] == "replace"
+
+deny contains sprintf("template=%d", [count(strings.render_template(argument, {"x": numbers.range(1, 99)}))]) if hostile[0] == "template"
