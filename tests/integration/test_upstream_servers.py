@@ -237,6 +237,20 @@ async def test_a_catastrophic_pattern_neither_stalls_the_gateway_nor_runs_before
     assert ok.get("isError") is not True, ok
 
 
+async def test_a_catastrophic_output_schema_pattern_does_not_stall_the_gateway(
+    hostile: tuple[GatewayProcess, list[str]],
+) -> None:
+    gw, _ = hostile
+    token = gw.token("reporter", ["analysts"])
+    reports = [asyncio.create_task(raw_call(gw, token, "report", {})) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    during = [await timed_echo(gw, token) for _ in range(3)]
+    for result in await asyncio.gather(*reports):
+        assert result["isError"] is True
+        assert "breaks its output schema" in result["content"][0]["text"]
+    assert max(during) < 10  # the SDK's own check (Python's re) would hold the loop for hours
+
+
 async def test_a_pattern_no_linear_time_engine_runs_and_a_remote_ref_are_refused_never_fetched(
     hostile: tuple[GatewayProcess, list[str]],
 ) -> None:
