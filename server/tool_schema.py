@@ -264,7 +264,7 @@ class ArgumentsValidator:
         except Unresolvable as exc:
             return f"arguments: the tool's schema has a reference that does not resolve ({str(exc)[:200]})"
         except RecursionError:
-            return "arguments: nested too deeply to validate"
+            return "arguments: nested too deeply to validate (or the schema refers to itself without end)"
         finally:
             _BUDGET.reset(token)
         if not errors:
