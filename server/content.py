@@ -50,13 +50,19 @@ class Part:
     """The block's other members (`_meta`, `annotations`, …) as JSON."""
     mime_type: str | None = None
     uri: str | None = None
-    sha256: str = ""
     data: str | None = None
     """A binary payload as sent (base64), for scanning when it is text."""
 
     @property
     def binary(self) -> bool:
         return self.text is None
+
+    @property
+    def sha256(self) -> str:
+        """Of the payload: UTF-8 text, or the decoded bytes (computed when asked: the audit record)."""
+        if self.text is not None:
+            return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
+        return hashlib.sha256(_decoded(self.data or "")).hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """What the audit record keeps of this part (never the payload itself)."""
@@ -79,23 +85,29 @@ class Part:
         return f"[{self.kind}{where} {self.mime_type or '?'}, {self.payload_bytes:,} bytes, sha256 {self.sha256[:16]}]"
 
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _decoded(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        return data.encode()
+
+
+def _decoded_size(data: str) -> int:
+    """The size base64 `data` decodes to, without decoding it (exact for well-formed base64)."""
+    if len(data) % 4 == 0 and data.isascii():
+        return len(data) // 4 * 3 - data[-2:].count("=")
+    return len(_decoded(data))
 
 
 def _text_part(kind: str, text: str, meta: int = 0, **extra: Any) -> Part:
-    encoded = text.encode("utf-8", "surrogatepass")
-    return Part(kind, text, len(encoded), len(text) + meta, meta, sha256=_digest(encoded), **extra)
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    return Part(kind, text, size, len(text) + meta, meta, **extra)
 
 
 def _binary_part(kind: str, data: Any, meta: int, mime_type: Any, uri: Any = None) -> Part:
     encoded = str(data or "")
-    try:
-        raw = base64.b64decode(encoded, validate=False)
-    except (binascii.Error, ValueError):
-        raw = encoded.encode()
     mime = str(mime_type) if mime_type else None
-    return Part(kind, None, len(raw), len(encoded) + meta, meta, mime, str(uri) if uri else None, _digest(raw), encoded)
+    return Part(kind, None, _decoded_size(encoded), len(encoded) + meta, meta, mime, str(uri) if uri else None, encoded)
 
 
 def _meta_bytes(block: Mapping[str, Any], *payload: str) -> int:

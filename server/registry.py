@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
@@ -12,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.errors import ConfigError
-from server.tool_schema import ArgumentsValidator, SchemaRefused, compile_arguments
+from server.tool_schema import ArgumentsValidator, SchemaRefused, compile_arguments, compiled
 
 # MCP tool names (spec 2025-11-25): 1-128 chars of letters, digits, '_', '-', '.'.
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
@@ -136,14 +134,14 @@ class ToolRegistry:
         for tool in batch:
             self._tools[tool.spec.name] = tool
             with contextlib.suppress(SchemaRefused):  # served blocked (the manager refused it)
-                self._validators[tool.spec.name] = _compiled(tool.spec.input_schema)
+                self._validators[tool.spec.name] = compiled(tool.spec.input_schema)
 
     def validator(self, tool: Tool) -> ArgumentsValidator:
         """The compiled validator of `tool`'s input schema. Raises `SchemaRefused`."""
         validator = self._validators.get(tool.spec.name)
         if validator is not None and self._tools.get(tool.spec.name) is tool:
             return validator
-        return _compiled(tool.spec.input_schema)  # replaced since the call resolved it
+        return compiled(tool.spec.input_schema)  # replaced since the call resolved it
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
@@ -182,13 +180,3 @@ def _clash(spec: ToolSpec, other: ToolSpec) -> str | None:
     if spec.securable.casefold() == other.securable.casefold():
         why.append("the same securable")
     return " and ".join(why) or None
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled_json(schema_json: str) -> ArgumentsValidator:
-    return compile_arguments(json.loads(schema_json))
-
-
-def _compiled(schema: Mapping[str, Any]) -> ArgumentsValidator:
-    """Compiled once per distinct schema (upstream tools are rebuilt at every refresh)."""
-    return _compiled_json(json.dumps(schema, sort_keys=True, separators=(",", ":"), default=str))

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import re2  # type: ignore[import-untyped]
 from jsonschema import Draft202012Validator, ValidationError, validators
 from referencing import Registry
@@ -263,7 +264,7 @@ class ArgumentsValidator:
         except Unresolvable as exc:
             return f"arguments: the tool's schema has a reference that does not resolve ({str(exc)[:200]})"
         except RecursionError:
-            return "arguments: nested too deeply to validate"
+            return "arguments: nested too deeply to validate (or the schema refers to itself without end)"
         finally:
             _BUDGET.reset(token)
         if not errors:
@@ -271,6 +272,33 @@ class ArgumentsValidator:
         error = errors[0]
         where = "/".join(str(p) for p in error.absolute_path) or "arguments"
         return f"{where}: {error.message[:300]}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_json(schema_json: str) -> ArgumentsValidator:
+    return compile_arguments(json.loads(schema_json))
+
+
+def compiled(schema: Mapping[str, Any] | bool) -> ArgumentsValidator:
+    """`compile_arguments(schema)`, once per distinct schema (upstream tools are rebuilt at every
+    refresh). Raises `SchemaRefused` (refusals are not cached: the check is cheap)."""
+    return _compiled_json(json.dumps(schema, sort_keys=True, separators=(",", ":"), default=str))
+
+
+_THREADS: anyio.CapacityLimiter | None = None
+
+
+async def first_error_bounded(validator: ArgumentsValidator, value: Mapping[str, Any], max_steps: int) -> str | None:
+    """`validator.first_error(value)` at a bounded cost to the event loop: `INLINE_STEPS` on it, then
+    from the start on a worker thread (two at a time, process-wide) up to `max_steps`. Raises
+    `StepsExhausted` beyond."""
+    global _THREADS
+    try:
+        return validator.first_error(value, INLINE_STEPS)
+    except StepsExhausted:
+        if _THREADS is None:
+            _THREADS = anyio.CapacityLimiter(2)
+        return await anyio.to_thread.run_sync(validator.first_error, value, max_steps, limiter=_THREADS)
 
 
 def compile_arguments(schema: Mapping[str, Any] | bool) -> ArgumentsValidator:

@@ -6,13 +6,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import anyio
 import structlog
 
 from server.call import Call
 from server.errors import Denied, InvalidArguments
 from server.registry import ToolRegistry
-from server.tool_schema import INLINE_STEPS, MAX_STEPS, SchemaRefused, StepsExhausted
+from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, first_error_bounded
 
 log = structlog.get_logger("castellan.validate")
 
@@ -48,7 +47,6 @@ class ValidateStage:
     def __init__(self, registry: ToolRegistry, max_steps: int = MAX_STEPS) -> None:
         self._registry = registry
         self._max_steps = max_steps
-        self._threads = anyio.CapacityLimiter(2)
 
     async def run(self, call: Call) -> Call:
         if call.action != "call":
@@ -67,18 +65,13 @@ class ValidateStage:
         except SchemaRefused as exc:  # a blocked tool is denied earlier; fail closed regardless
             raise Denied(self.name, f"tool {call.tool.spec.name}: input schema refused: {exc.reason}") from None
         try:
-            problem = validator.first_error(call.arguments, INLINE_STEPS)
+            problem = await first_error_bounded(validator, call.arguments, self._max_steps)
         except StepsExhausted:
-            try:
-                problem = await anyio.to_thread.run_sync(
-                    validator.first_error, call.arguments, self._max_steps, limiter=self._threads
-                )
-            except StepsExhausted:
-                log.warning("validation_too_costly", tool=call.tool.spec.name, call_id=call.call_id)
-                problem = (
-                    f"arguments: validating them against the schema of {call.tool.spec.name} takes more than "
-                    f"{self._max_steps:,} steps (tools.max_validation_steps)"
-                )
+            log.warning("validation_too_costly", tool=call.tool.spec.name, call_id=call.call_id)
+            problem = (
+                f"arguments: validating them against the schema of {call.tool.spec.name} takes more than "
+                f"{self._max_steps:,} steps (tools.max_validation_steps)"
+            )
         if problem:
             raise InvalidArguments(self.name, problem)
         check = getattr(call.tool, "check_arguments", None)  # a tool's own rules (the SQL tool: read-only)

@@ -15,8 +15,13 @@ import structlog
 
 from server.errors import BackendUnavailable
 from server.settings import UpstreamSettings
+from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, compiled, first_error_bounded
 
 log = structlog.get_logger("castellan.upstream")
+
+
+class ResultRefused(RuntimeError):
+    """A result that breaks its tool's output schema: a tool failure, not a broken connection."""
 
 
 class UpstreamConnection:
@@ -27,6 +32,8 @@ class UpstreamConnection:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.error: str | None = None
+        self.output_schemas: dict[str, Any] = {}
+        """Upstream tool name → output schema, checked by the manager (`server.tool_schema`)."""
 
     def _transport(self) -> tuple[Any, Any]:
         """The client transport, and an HTTP client to close afterwards (or None)."""
@@ -75,6 +82,9 @@ class UpstreamConnection:
                 if http is not None:
                     await stack.enter_async_context(http)
                 client = await stack.enter_async_context(Client(transport, mode="auto"))
+                # The SDK would check results against the upstream's output schema with Python's
+                # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
+                client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
                 self._client, self.error = client, None
                 ready.set_result(None)
                 log.info("upstream_connected", upstream=self.name, protocol=getattr(client, "protocol_version", None))
@@ -109,9 +119,26 @@ class UpstreamConnection:
         await self.connect()
         try:
             return await self._client.call_tool(name, arguments, read_timeout_seconds=self.settings.timeout_seconds)
+        except ResultRefused:
+            raise
         except Exception:
             await self.close()  # reconnect on the next call or refresh
             raise
+
+    async def _validate_result(self, name: str, result: Any) -> None:
+        """Raises `ResultRefused` (a tool failure) when a result breaks its tool's output schema."""
+        schema = self.output_schemas.get(name)
+        if schema is None:
+            return  # no output schema, or a refused one (the tool is blocked)
+        structured = getattr(result, "structured_content", None)
+        if structured is None:
+            raise ResultRefused(f"tool {name} has an output schema but did not return structured content")
+        try:
+            problem = await first_error_bounded(compiled(schema), structured, MAX_STEPS)
+        except (SchemaRefused, StepsExhausted) as exc:
+            problem = f"its output schema cannot check it ({type(exc).__name__})"
+        if problem:
+            raise ResultRefused(f"tool {name} returned structured content that breaks its output schema: {problem}")
 
     async def close(self) -> None:
         self._stop.set()

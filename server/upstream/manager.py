@@ -79,9 +79,13 @@ class UpstreamManager:
                 )
                 continue
             try:
+                which = "input"
                 compile_arguments(tool.spec.input_schema)
+                which = "output"
+                if tool.spec.output_schema is not None:  # results are validated against it (connection)
+                    compile_arguments(tool.spec.output_schema)
             except SchemaRefused as exc:
-                tool.refused = f"its input schema cannot be validated safely: {exc.reason}"
+                tool.refused = f"its {which} schema cannot be validated safely: {exc.reason}"
                 refusals.append(
                     Refusal(tool.spec.name, connection.name, tool.upstream_name, "schema", tool.refused, definition)
                 )
@@ -96,6 +100,9 @@ class UpstreamManager:
                 self._on_new_tool(tool)  # e.g. create its function in the local catalog
             batch.append(tool)
         self._registry.sync(connection.name, batch)
+        connection.output_schemas = {
+            t.upstream_name: t.spec.output_schema for t in batch if t.spec.output_schema is not None and not t.refused
+        }
         for refusal in self.pins.record_refusals(connection.name, refusals):
             log.warning(
                 "upstream_tool_refused",

@@ -206,10 +206,11 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayP
         yield gw, hits
 
 
-async def timed_echo(gw: GatewayProcess, token: str) -> float:
+async def timed_probe(gw: GatewayProcess, token: str) -> float:
+    """How long another call (a built-in tool) takes to answer."""
     started = time.perf_counter()
-    result = await raw_call(gw, token, "echo", {"text": "still here"})
-    assert result["structuredContent"] == {"text": "still here"}
+    result = await raw_call(gw, token, "clock.now", {})
+    assert result.get("isError") is not True, result
     return time.perf_counter() - started
 
 
@@ -223,18 +224,35 @@ async def test_a_catastrophic_pattern_neither_stalls_the_gateway_nor_runs_before
     assert denied["stage"] == "grants"  # the cheap refusal comes before any argument validation
 
     analyst = gw.token("searcher", ["analysts"])
-    baseline = [await timed_echo(gw, analyst) for _ in range(3)]
+    baseline = [await timed_probe(gw, analyst) for _ in range(3)]
     hostile_calls = [asyncio.create_task(raw_call(gw, analyst, "search", {"q": evil})) for _ in range(4)]
     await asyncio.sleep(0.05)
-    during = [await timed_echo(gw, analyst) for _ in range(3)]
+    during = [await timed_probe(gw, analyst) for _ in range(3)]
     for result in await asyncio.gather(*hostile_calls):
         body = deny_body(result)
         assert body["stage"] == "validate"
         assert "does not match '^(a+)+$'" in body["reasons"][0]
-    print(f"\necho latency: {max(baseline) * 1000:.1f} ms before, {max(during) * 1000:.1f} ms during hostile calls")
+    print(
+        f"\nlatency of another call: {max(baseline) * 1000:.1f} ms before, "
+        f"{max(during) * 1000:.1f} ms during hostile calls"
+    )
     assert max(during) < 10  # the loop answered (a backtracking engine would hold it for hours)
     ok = await raw_call(gw, analyst, "search", {"q": "aaaa"})
     assert ok.get("isError") is not True, ok
+
+
+async def test_a_catastrophic_output_schema_pattern_does_not_stall_the_gateway(
+    hostile: tuple[GatewayProcess, list[str]],
+) -> None:
+    gw, _ = hostile
+    token = gw.token("reporter", ["analysts"])
+    reports = [asyncio.create_task(raw_call(gw, token, "report", {})) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    during = [await timed_probe(gw, token) for _ in range(3)]
+    for result in await asyncio.gather(*reports):
+        assert result["isError"] is True
+        assert "breaks its output schema" in result["content"][0]["text"]
+    assert max(during) < 10  # the SDK's own check (Python's re) would hold the loop for hours
 
 
 async def test_a_pattern_no_linear_time_engine_runs_and_a_remote_ref_are_refused_never_fetched(

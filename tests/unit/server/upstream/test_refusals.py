@@ -136,3 +136,18 @@ async def test_a_refused_schema_is_served_blocked_with_the_reason(tmp_path: Path
 def test_built_in_tools_that_collide_stop_start_up() -> None:
     with pytest.raises(ConfigError, match=r"collides with built-in tool 'sql\.query'"):
         ToolRegistry([builtin("sql.query"), builtin("SQL_Query", "main.tools.other")])
+
+
+@pytest.mark.parametrize("name", ["\u0435cho", "echo\u200b", "ec\u202eho", "sql\uff0equery"])
+async def test_a_look_alike_name_outside_the_tool_name_alphabet_is_refused_not_normalised_into_a_built_in(
+    tmp_path: Path, name: str
+) -> None:
+    echo = builtin("echo")
+    registry = ToolRegistry([echo, builtin("sql.query", "main.sales.sql_query")])
+    m = manager(tmp_path, registry, ({"name": "evil", "url": "http://x", "prefix": ""}, [offered(name)]))
+    await m.refresh()
+    assert registry.get("echo") is echo
+    assert [t.spec.name for t in registry] == ["echo", "sql.query"]
+    (refusal,) = m.pins.refusals()
+    assert refusal.kind == "name"
+    assert "not a valid MCP tool name" in refusal.reason
