@@ -31,8 +31,9 @@ def audit_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.timeout(300)  # a gateway and five CLI runs: minutes on a loaded 2-core machine
 async def test_auditors_search_show_and_verify(tmp_path: Path) -> None:
-    with run_gateway(tmp_path / "gw", {"CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0"}) as gw:
+    with run_gateway(tmp_path / "gw", {"CASTELLAN_METERING__LIMITS__MAX_REPEATS": "0"}, timeout=90) as gw:
         token = gw.token("audited-agent", ["analysts"])
         for i in range(3):
             await raw_call(gw, token, "echo", {"text": f"hello {i}"})
@@ -73,11 +74,12 @@ async def test_auditors_search_show_and_verify(tmp_path: Path) -> None:
     assert f"record {seq}: its content does not match its hash (edited)" in tampered.stderr
 
 
+@pytest.mark.timeout(400)
 async def test_the_central_store_is_searched_like_the_outbox_and_secrets_are_never_stored(tmp_path: Path) -> None:
     """Default shipping target (a local MLflow store, no server): search it, export Parquet, and the
     secret an agent passed is redacted in both stores while the agent's own result is untouched."""
     env = {"CASTELLAN_AUDIT__SHIP": "true", "CASTELLAN_AUDIT__SHIP_INTERVAL_SECONDS": "0.2"}
-    with run_gateway(tmp_path / "gw", env, timeout=60) as gw:
+    with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
         token = gw.token("shipped-agent", ["analysts"])
         secret = "sk-" + "A1b2C3d4" * 4
         refused = await raw_call(gw, token, "echo", {"text": f"my key is {secret}", "token": "hunter2"})
