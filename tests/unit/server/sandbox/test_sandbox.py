@@ -144,3 +144,12 @@ async def test_a_process_limit_above_one_caps_the_sandbox_and_its_group_goes_wit
         await worker.kill()
     assert 0 < seen["forked"] < 8  # the cgroup's pids.max, counting bubblewrap and the sandbox's init
     assert not group.exists()  # removed, its sleeping children killed with it
+
+
+def test_a_data_dir_inside_the_runtime_sandboxes_see_is_refused(tmp_path: Path) -> None:
+    from tools.catalog_tools import sandbox_mode
+
+    inside = Path(sys.prefix) / "castellan-data"
+    with pytest.raises(ConfigError, match="tool sandboxes can read"):
+        sandbox_mode(Settings(data_dir=inside))
+    assert sandbox_mode(Settings(data_dir=tmp_path)).name in ("bubblewrap", "rlimits")
