@@ -313,6 +313,8 @@ class ToolSettings(BaseModel):
     function_memory_mb: int = Field(default=512, ge=64)
     function_workers: int = Field(default=2, ge=1)
     """Sandboxed worker processes per catalog function (calls beyond that wait for one)."""
+    function_workers_per_identity: int = Field(default=1, ge=1)
+    """How many of a function's workers one agent identity may hold at once (the rest stay free for others)."""
     function_calls_per_worker: int = Field(default=0, ge=0)
     """Calls a function worker serves before it is replaced: 1 gives every call a fresh sandbox (no state
     shared between calls, at the cost measured in bench/isolation.py); 0 keeps workers."""

@@ -10,6 +10,7 @@ import structlog
 from server.errors import ConfigError
 from server.registry import Tool
 from server.sandbox import SandboxMode, detect_mode
+from server.sandbox.runtime import python_paths
 from server.settings import Settings
 from tools.demo_data import create_demo_data
 from tools.tables import TableCatalog
@@ -29,6 +30,11 @@ def sandbox_mode(settings: Settings) -> SandboxMode:
             f"production: tool code would run without namespaces ({mode.reason}); install bubblewrap and allow "
             "user namespaces, or accept the weaker mode explicitly with tools.sandbox = 'rlimits'"
         )
+    data = settings.data_dir.resolve()
+    runtime = next((p for p in python_paths() if p == data or p in data.parents), None)
+    if runtime is not None:
+        # every sandbox sees the Python runtime read-only: the signing key would be readable there
+        raise ConfigError(f"data_dir {data} lies inside {runtime}, which tool sandboxes can read; move it out")
     if mode.isolated:
         log.info("tool_sandbox", mode=mode.name, detail=mode.describe())
     else:
@@ -93,6 +99,7 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
             settings.tools.function_memory_mb,
             mode=mode,
             calls_per_worker=settings.tools.function_calls_per_worker,
+            per_identity=settings.tools.function_workers_per_identity,
         )
         closers.append(workers.close)
         tools += [

@@ -23,9 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
 
+from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
 from server.sandbox import Limits, Profile, SandboxMode, Worker, WorkerDied, WorkerTimeout, detect_mode
 from server.sandbox.runtime import python_executable
+from tools.fair_share import FairShare
 
 _SECURABLE = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
 
@@ -104,8 +106,9 @@ class FunctionWorkers:
     an environment of only what the function's declaration grants, a read-only view of the Python runtime
     and of the function's source file, nothing of the data directory, no child processes (seccomp), and
     address-space and CPU limits. A call that times out or breaks a limit kills its own worker only;
-    other calls, in other workers, go on. `calls_per_worker = 1` gives every call a fresh sandbox (a
-    spare is started ahead so the next call does not wait for it).
+    other calls, in other workers, go on. One identity holds at most `per_identity` of a function's
+    workers at once (`FairShare`), so one agent's slow calls cannot queue every other agent.
+    `calls_per_worker = 1` gives every call a fresh sandbox (a spare is started ahead).
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class FunctionWorkers:
         *,
         mode: SandboxMode | None = None,
         calls_per_worker: int = 0,
+        per_identity: int = 1,
     ) -> None:
         self._size = max(1, workers)
+        self._per_identity = per_identity
         self._memory = memory_mb * 1024 * 1024
         self.mode = mode or detect_mode("auto")
         self._calls_per_worker = calls_per_worker
@@ -127,7 +132,9 @@ class FunctionWorkers:
         if pool is None or not pool.usable():
             if pool is not None:
                 pool.close()
-            pool = _FunctionPool(function, self.mode, self._size, self._memory, self._calls_per_worker)
+            pool = _FunctionPool(
+                function, self.mode, self._size, self._memory, self._calls_per_worker, self._per_identity
+            )
             self._pools[function.name] = pool
         return pool
 
@@ -153,14 +160,16 @@ class FunctionFailed(Exception):
 
 
 class _FunctionPool:
-    def __init__(self, function: CatalogFunction, mode: SandboxMode, size: int, memory: int, per_worker: int) -> None:
+    def __init__(
+        self, function: CatalogFunction, mode: SandboxMode, size: int, memory: int, per_worker: int, per_identity: int
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._mode = mode
         self._size = size
         self._per_worker = per_worker
         self._idle: list[Worker] = []
         self._all: set[Worker] = set()
-        self._slots = asyncio.Semaphore(size)
+        self._share = FairShare(size, per_identity)
         self._spare: asyncio.Task[None] | None = None
         fn = function.function
         source = Path(inspect.getsourcefile(fn) or "")
@@ -210,7 +219,8 @@ class _FunctionPool:
 
     async def call(self, arguments: dict[str, Any], limits: tuple[float, int]) -> Any:
         wall, cpu = limits
-        async with self._slots:
+        identity = caller.get()
+        async with self._share.slot(identity.agent_id if identity is not None else ""):
             worker = await self._take()
             self._keep_a_spare()
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +23,16 @@ def _parent() -> Path | None:
     return None
 
 
+def _sweep(parent: Path) -> None:
+    """Removes groups left empty a while ago (rmdir fails on busy ones; a group made in the last minute
+    may be about to be joined by another gateway's child, so it stays)."""
+    now = time.time()
+    for group in parent.iterdir():
+        with contextlib.suppress(OSError):
+            if group.is_dir() and now - group.stat().st_mtime > 60:
+                group.rmdir()
+
+
 def pids_group(max_processes: int) -> Path | None:
     """A new cgroup with `pids.max`, or None when cgroups cannot be written here."""
     parent = _parent()
@@ -28,6 +40,7 @@ def pids_group(max_processes: int) -> Path | None:
         return None
     try:
         parent.mkdir(exist_ok=True)
+        _sweep(parent)
         if parent.parent == _V2 or (parent.parent / "cgroup.subtree_control").exists():
             with contextlib.suppress(OSError):
                 (parent / "cgroup.subtree_control").write_text("+pids")
@@ -49,5 +62,17 @@ def join(group: Path) -> None:
 
 
 def remove(group: Path) -> None:
-    with contextlib.suppress(OSError):
-        group.rmdir()
+    """Kills whatever is still in the group (children that left the sandbox's session), then removes it."""
+    for _ in range(10):
+        try:
+            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.01)  # the killed processes are still exiting

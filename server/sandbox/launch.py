@@ -51,6 +51,8 @@ class Launched:
 
     process: asyncio.subprocess.Process
     cleanups: list[Callable[[], None]] = field(default_factory=list)
+    group: Path | None = None
+    """Its pids cgroup, when it has one."""
 
     def cleanup(self) -> None:
         for step in self.cleanups:
@@ -109,7 +111,7 @@ async def launch(
     finally:
         for fd in fds:
             os.close(fd)
-    launched = Launched(process)
+    launched = Launched(process, group=group)
     if group is not None:
         launched.cleanups.append(lambda: cgroup.remove(group))
     if not mode.isolated:

@@ -76,6 +76,8 @@ def sql_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayPro
 async def test_a_hostile_query_is_contained_in_its_worker(sql_gateway: GatewayProcess) -> None:
     gw = sql_gateway
     token = gw.token("hostile-analyst", ["analysts"])
+    warm = await raw_call(gw, token, "sql.query", {"query": "SELECT 1 AS warm"})  # the guard's allow-list loaded
+    assert warm.get("isError") is not True, warm
     before = _rss_mb(gw.process.pid)
     peak = before
 

@@ -87,3 +87,26 @@ async def test_a_cancelled_call_ends_its_worker_and_leaves_the_others(workers: F
     assert fine.structured == {"result": 90.0}
     again = await tool("main.tests.sleep", workers).invoke({"seconds": 0})
     assert again.structured == {"result": "awake"}
+
+
+async def test_one_agents_slow_calls_leave_a_worker_for_another_agent() -> None:
+    from server.invoke import caller
+    from server.testing import make_identity
+
+    pool = FunctionWorkers(workers=2, memory_mb=256, per_identity=1)
+    finished: list[str] = []
+
+    async def call(agent: str, seconds: float) -> None:
+        caller.set(make_identity(agent_id=agent))
+        out = await tool("main.tests.sleep", pool, timeout_seconds=60).invoke({"seconds": seconds})
+        assert out.structured == {"result": "awake"}
+        finished.append(agent)
+
+    try:
+        slow = [asyncio.ensure_future(call("slow-agent", 4)) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        await call("quick-agent", 0)
+        assert finished == ["quick-agent"]  # answered while the slow agent's calls wait their turn
+        await asyncio.gather(*slow)
+    finally:
+        await pool.aclose()

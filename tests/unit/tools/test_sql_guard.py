@@ -131,3 +131,42 @@ def test_pure_functions_and_in_scope_ctes_are_allowed() -> None:
         "EXTRACT(year FROM current_date), CASE WHEN n > 1 THEN 'x' END FROM t, o"
     )
     assert check(query, lambda name: name == "main.sales.orders").tables == ("main.sales.orders",)
+
+
+def _duckdb_functions(kinds: tuple[str, ...]) -> list[str]:
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        rows = con.execute(
+            "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type IN "
+            f"({', '.join(repr(k) for k in kinds)}) ORDER BY 1"
+        ).fetchall()
+    finally:
+        con.close()
+    return [str(r[0]) for r in rows if str(r[0]).isidentifier()]
+
+
+def test_every_function_outside_the_allow_list_is_refused_however_it_is_written() -> None:
+    from tools.sql_guard import allowed_functions
+
+    allowed = allowed_functions()
+    refused = [n for n in _duckdb_functions(("scalar", "aggregate", "macro", "window")) if n.lower() not in allowed]
+    assert {"current_setting", "getvariable", "version", "pg_sleep"} <= set(refused)
+    for name in refused:
+        for query in (
+            f"SELECT {name}('x')",
+            f"SELECT \"{name}\"('x')",
+            f"SELECT main.{name}('x')",
+            f"SELECT 'x'.{name}()",
+        ):
+            with pytest.raises(Rejected):
+                check(query, lambda table: table == "main.sales.orders")
+
+
+def test_no_table_function_or_system_view_is_reachable_from_from() -> None:
+    names = [*_duckdb_functions(("table", "table_macro")), "duckdb_settings", "pg_settings", "sqlite_master"]
+    for name in names:
+        for query in (f"SELECT * FROM {name}()", f"SELECT * FROM {name}", f"SELECT * FROM main.sales.orders, {name}"):
+            with pytest.raises(Rejected):
+                check(query, lambda table: table == "main.sales.orders")

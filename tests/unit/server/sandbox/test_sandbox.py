@@ -113,3 +113,43 @@ async def test_the_weaker_mode_still_refuses_processes_and_network(tmp_path: Pat
     assert seen["fork"] == 1  # EPERM
     assert seen["net"] == 13  # EACCES
     assert set(seen["env"]) <= {"GRANTED", "LC_CTYPE"}
+
+
+async def test_a_process_limit_above_one_caps_the_sandbox_and_its_group_goes_with_it() -> None:
+    from server.sandbox import cgroup
+
+    probe = cgroup.pids_group(4)
+    if probe is None:
+        pytest.skip("no writable pids cgroup here")
+    cgroup.remove(probe)
+    script = (
+        "import json, os, sys, time\n"
+        "forked = 0\n"
+        "for _ in range(30):\n"
+        "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+        "    forked += 1\n"
+        "print(json.dumps({'ready': True}), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(json.dumps({'forked': forked}), flush=True)\n"
+    )
+    worker = await Worker.start(
+        detect_mode("auto"), Profile(limits=Limits(processes=8)), [sys.executable, "-c", script]
+    )
+    group = worker._launched.group
+    assert group is not None
+    try:
+        seen = await worker.request({}, 30)
+    finally:
+        await worker.kill()
+    assert 0 < seen["forked"] < 8  # the cgroup's pids.max, counting bubblewrap and the sandbox's init
+    assert not group.exists()  # removed, its sleeping children killed with it
+
+
+def test_a_data_dir_inside_the_runtime_sandboxes_see_is_refused(tmp_path: Path) -> None:
+    from tools.catalog_tools import sandbox_mode
+
+    inside = Path(sys.prefix) / "castellan-data"
+    with pytest.raises(ConfigError, match="tool sandboxes can read"):
+        sandbox_mode(Settings(data_dir=inside))
+    assert sandbox_mode(Settings(data_dir=tmp_path)).name in ("bubblewrap", "rlimits")
