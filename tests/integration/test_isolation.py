@@ -176,8 +176,9 @@ async def test_a_function_cannot_read_the_gateways_secrets_or_reach_the_network(
     assert key.exists()
     read = _result(await raw_call(gw, token, "main.tools.probe_file", {"path": str(key)}))
     assert read == "refused: FileNotFoundError"
-    log = _result(await raw_call(gw, token, "main.tools.probe_file", {"path": str(gw.log_path)}))
-    assert log == "refused: FileNotFoundError"
+    for path in (gw.log_path, gw.data_dir / "audit.db", f"/proc/{gw.process.pid}/environ", REPO / "pyproject.toml"):
+        seen = _result(await raw_call(gw, token, "main.tools.probe_file", {"path": str(path)}))
+        assert seen == "refused: FileNotFoundError", (path, seen)
     env = _result(await raw_call(gw, token, "main.tools.probe_env", {}))
     assert isinstance(env, dict)
     assert env["CASTELLAN_TEST_GRANTED"] == "granted-value"  # granted by its declaration
