@@ -59,6 +59,11 @@ def test_each_compose_gateway_passes_production_mode_and_points_at_its_sibling_s
     assert settings.policy.engine == "opa"
     assert not settings.policy.opa_push  # OPA loads the bundle itself
     assert settings.server.stateless  # no sticky sessions needed behind a load balancer
+    # bubblewrap needs user namespaces, which Docker's default seccomp profile refuses; production refuses
+    # to fall back silently, so the service must allow them (or choose tools.sandbox = "rlimits")
+    assert "seccomp=unconfined" in COMPOSE["services"][service].get("security_opt", []) or (
+        settings.tools.sandbox == "rlimits"
+    )
     volumes: list[Any] = COMPOSE["services"][service]["volumes"]
     assert any(str(v).endswith(":/data") for v in volumes), "the outbox must live on a volume"
 
