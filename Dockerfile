@@ -2,6 +2,13 @@
 # Every backend's extra is installed (Databricks grants and functions, Redis meters); the reference agent
 # ships too (`castellan-agent`). Start it with real settings (see compose.yaml): production mode refuses
 # the dev defaults (dev auth, demo tools, open /metrics, unbounded token lifetimes), each by name.
+# OPA's own evaluator as a C shared library (server/policy/golib): the embedded engine decides exactly as
+# OPA with it; without it the engine falls back to regorus restricted to its verified subset.
+FROM golang:1.26-bookworm AS opa-library
+WORKDIR /src
+COPY server/policy/golib ./
+RUN CGO_ENABLED=1 go build -trimpath -buildmode=c-shared -ldflags="-s -w" -o /out/libcastellan_opa.so .
+
 FROM python:3.11-slim AS build
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 RUN pip install --no-cache-dir "uv>=0.13"
@@ -22,6 +29,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && r
 RUN useradd --create-home --uid 10001 castellan && mkdir /data && chown castellan:castellan /data
 WORKDIR /app
 COPY --from=build --chown=castellan:castellan /app /app
+COPY --from=opa-library /out/libcastellan_opa.so /app/.cache/opa-library/libcastellan_opa.so
 USER castellan
 ENV PATH=/app/.venv/bin:$PATH \
     CASTELLAN_ENVIRONMENT=production \

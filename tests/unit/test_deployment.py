@@ -76,3 +76,6 @@ def test_the_image_runs_production_mode_with_a_data_volume_and_a_health_check_on
     for extra in ("--extra databricks", "--extra redis"):
         assert DOCKERFILE.count(extra) == 2  # the dependency layer and the project layer
     assert "COPY agent_client" in DOCKERFILE  # castellan-agent, an entry point of the package, works
+    # the embedded engine's exact evaluator, built from the same pinned Go module as scripts/build-opa-library
+    assert "-buildmode=c-shared" in DOCKERFILE
+    assert "/app/.cache/opa-library/libcastellan_opa.so" in DOCKERFILE
