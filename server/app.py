@@ -26,6 +26,10 @@ from server.transport import TransportGuard, allowed_hosts, allowed_origins, sdk
 log = structlog.get_logger("castellan")
 
 METRICS_SCOPE = "castellan:metrics"
+DEV_TOKEN_HINT = (
+    "dev mode: mint a token with `castellan token --agent NAME --groups analysts` (same directory and "
+    "CASTELLAN_* settings as the gateway, or --url {url}) and send `Authorization: Bearer <token>`"
+)
 
 
 def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
@@ -70,6 +74,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
             gateway.verifier,
             metadata_url(settings.base_url, settings.resource_url),
             gateway.metrics,
+            hint=DEV_TOKEN_HINT.format(url=settings.resource_url) if settings.auth.mode == "dev" else "",
         ),
         hosts=hosts,
         origins=origins,

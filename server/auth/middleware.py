@@ -41,8 +41,12 @@ class BearerAuthMiddleware:
     The token itself goes no further than this: it is never passed upstream.
     """
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier, resource_metadata_url: str, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, verifier: TokenVerifier, resource_metadata_url: str, metrics: Metrics, hint: str = ""
+    ) -> None:
+        """`hint` is added to every 401's message: how to get a token (dev mode names the command)."""
         self.app = app
+        self._hint = hint
         self._verifier = verifier
         self._metadata_url = resource_metadata_url
         self._metrics = metrics
@@ -87,4 +91,5 @@ class BearerAuthMiddleware:
         if error is not None:
             safe = description.replace('"', "'")
             challenge += f', error="{error}", error_description="{safe}"'
-        await send_error(scope, receive, send, 401, f"unauthorized: {description}", {"WWW-Authenticate": challenge})
+        message = f"unauthorized: {description}" + (f"; {self._hint}" if self._hint else "")
+        await send_error(scope, receive, send, 401, message, {"WWW-Authenticate": challenge})

@@ -106,7 +106,7 @@ class JwtVerifier:
         aud = claims.get("aud")
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if self._audience not in audiences:
-            raise Unauthenticated(f"token audience is not this gateway ({self._audience})")
+            raise Unauthenticated(f"token audience is not this gateway ({self._audience}): it is for {aud!r}")
 
     def _identity(self, claims: Mapping[str, Any]) -> Identity:
         names = self._claims

@@ -58,7 +58,9 @@ async def test_no_token_is_401_pointing_to_the_resource_metadata(gateway: Gatewa
     assert status == 401
     metadata_url = f"{gateway.base_url}/.well-known/oauth-protected-resource/mcp"
     assert headers["WWW-Authenticate"] == f'Bearer resource_metadata="{metadata_url}"'
-    assert json.loads(body)["error"]["message"] == "unauthorized: bearer token required"
+    message = json.loads(body)["error"]["message"]
+    assert message.startswith("unauthorized: bearer token required; dev mode: mint a token with `castellan token")
+    assert f"--url {gateway.mcp_url}" in message
     async with aiohttp.ClientSession() as s, s.get(metadata_url) as resp:
         document = await resp.json()
     assert document["resource"] == gateway.mcp_url
@@ -170,3 +172,13 @@ async def test_operational_endpoints(gateway: GatewayProcess) -> None:
     assert ready["checks"] == {"policy": "ok", "grants": "ok", "metering": "ok", "audit": "ok", "disk": "ok"}
     assert "castellan_auth_failures_total" in metrics
     assert "castellan_stage_seconds_bucket" in metrics
+
+
+async def test_a_token_for_another_gateway_names_the_audience_it_carries_and_how_to_mint_one(
+    gateway: GatewayProcess,
+) -> None:
+    status, _, body = await post(gateway, token=forged(gateway, "wrong-audience"))
+    assert status == 401
+    message = json.loads(body)["error"]["message"]
+    assert "it is for 'http://other/mcp'" in message
+    assert f"--url {gateway.mcp_url}" in message
