@@ -17,6 +17,20 @@ Action = Literal["call", "list", "llm"]
 
 
 @dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What sent the call, as the client and the connection say: recorded for auditors. The client writes
+    all of it but the address: it is a description, never an identity (that is the token's)."""
+
+    name: str = ""
+    version: str = ""
+    user_agent: str = ""
+    address: str = ""
+
+    def as_record(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "user_agent": self.user_agent, "address": self.address}
+
+
+@dataclass(frozen=True, slots=True)
 class RunInfo:
     """The agent run a call belongs to, as the caller declared it (`_meta`, headers or traceparent)."""
 
@@ -71,6 +85,7 @@ class Call:
     action: Action = "call"
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     request_id: str = ""
+    client: ClientInfo = field(default_factory=ClientInfo)
     started_at: float = field(default_factory=time.time)
     tool: Tool | None = None
     budget: Budget | None = None

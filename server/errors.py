@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from server.call import GrantCheck
     from server.policy.engine import Decision
 
 
@@ -15,11 +16,14 @@ class CastellanError(Exception):
     verdict = "deny"
     """What the call's record and result say was decided: a refusal is "deny", a bug is "error"."""
 
-    def __init__(self, stage: str, *reasons: str, decision: Decision | None = None) -> None:
+    def __init__(
+        self, stage: str, *reasons: str, decision: Decision | None = None, grants: GrantCheck | None = None
+    ) -> None:
         super().__init__(f"{stage}: {'; '.join(reasons) or self.code}")
         self.stage = stage
         self.reasons: tuple[str, ...] = reasons or (self.code,)
         self.decision = decision  # the policy decision, when policy was asked before the stop
+        self.grants = grants  # what the grants stage found, when it refused: held and missing privileges
 
 
 class Denied(CastellanError):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from server import __version__
 from server.auth.middleware import identity_of
-from server.call import Call, RunInfo
+from server.call import Call, ClientInfo, RunInfo
 from server.errors import AfterInvoke, CastellanError, Denied, InternalError
 from server.listing import ToolLister
 from server.metrics import Metrics
@@ -122,6 +122,7 @@ class McpHandlers:
                 run=run_info(_as_mapping(params.meta), request.headers if request else None, fallback=call_id),
                 call_id=call_id,
                 request_id=request_id_of(request.scope) if request else "",
+                client=client_of(ctx, request),
             )
         except Exception as exc:
             log.exception("call_unreadable", call_id=call_id)
@@ -198,6 +199,28 @@ class UnreadCallRecorder(ServerMiddleware[Any]):
             raise
 
 
+def _described(value: Any) -> str:
+    """A client-supplied description, bounded and printable (it ends up in the audit trail and logs)."""
+    text = value if isinstance(value, str) else ""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text[:256])
+
+
+def client_of(ctx: ServerRequestContext[Any, Any], request: Request | None) -> ClientInfo:
+    """The client's `clientInfo` (from `initialize`, or the 2026-07-28 request envelope), its user agent and
+    the connection's address. Never raises: a client that says nothing, or nonsense, is recorded as such."""
+    try:
+        info = getattr(getattr(ctx.session, "client_params", None), "client_info", None)
+        peer = request.client if request is not None else None
+        return ClientInfo(
+            name=_described(getattr(info, "name", "")),
+            version=_described(getattr(info, "version", "")),
+            user_agent=_described(request.headers.get("user-agent", "") if request is not None else ""),
+            address=f"{peer.host}:{peer.port}" if peer is not None else "",
+        )
+    except Exception:
+        return ClientInfo()
+
+
 def _bare_call(ctx: ServerRequestContext[Any, Any], call_id: str) -> Call:
     """What can be said for certain about a call whose request could not be read: who sent it, the
     tool name if it is a string, the arguments if they are an object."""
@@ -211,6 +234,7 @@ def _bare_call(ctx: ServerRequestContext[Any, Any], call_id: str) -> Call:
         run=RunInfo(run_id=call_id),
         call_id=call_id,
         request_id=request_id_of(request.scope) if request else "",
+        client=client_of(ctx, request),
     )
 
 

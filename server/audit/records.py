@@ -31,6 +31,7 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
     record = {
         "call_id": call.call_id,
         "request_id": call.request_id,
+        "client": call.client.as_record(),
         "time": datetime.fromtimestamp(call.started_at, UTC).isoformat(),
         "action": call.action,
         "agent_id": identity.agent_id if identity else None,
@@ -52,6 +53,7 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         "policy_engine": decision.engine if decision else None,
         "obligations": dict(decision.obligations) if decision else {},
         "grants": list(call.grants.has) if call.grants else [],
+        "grants_missing": list(call.grants.missing) if call.grants else [],
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
     }
     return base.apply(record)  # type: ignore[no-any-return]

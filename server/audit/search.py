@@ -97,6 +97,20 @@ def show(conn: sqlite3.Connection, call_id: str) -> dict[str, Any] | None:
 
 
 _COLUMNS = ("time", "agent_id", "tool", "decision", "stage", "reasons", "run_id", "policy_version", "call_id")
+# A CSV is for reading the calls elsewhere: it carries who acted for whom, with what (redacted) and from where.
+# (after the table's columns, in their order, so existing readers of the CSV keep working)
+_CSV_COLUMNS = (*_COLUMNS, "subject", "groups", "arguments", "grants", "grants_missing", "client")
+_JSON_COLUMNS = frozenset({"arguments", "client"})
+_LIST_COLUMNS = frozenset({"reasons", "groups", "grants", "grants_missing"})
+
+
+def _cell(record: dict[str, Any], column: str) -> str:
+    value = record.get(column)
+    if column in _LIST_COLUMNS:
+        return "; ".join(str(v) for v in value or [])
+    if column in _JSON_COLUMNS:
+        return json.dumps(value or {}, separators=(",", ":"), sort_keys=True)
+    return str(value) if value is not None else ""
 
 
 def render(results: Iterable[dict[str, Any]], fmt: str) -> str:
@@ -104,13 +118,13 @@ def render(results: Iterable[dict[str, Any]], fmt: str) -> str:
     items = list(results)
     if fmt == "jsonl":
         return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in items)
-    flat = [{c: "; ".join(r.get(c) or []) if c == "reasons" else r.get(c) or "" for c in _COLUMNS} for r in items]
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=_COLUMNS)
+        writer = csv.DictWriter(out, fieldnames=_CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(flat)
+        writer.writerows({c: _cell(r, c) for c in _CSV_COLUMNS} for r in items)
         return out.getvalue()
+    flat = [{c: _cell(r, c) for c in _COLUMNS} for r in items]
     widths = {c: min(48, max([len(c), *(len(str(r[c])) for r in flat)])) for c in _COLUMNS}
     lines = ["  ".join(c.ljust(widths[c]) for c in _COLUMNS)]
     lines += ["  ".join(str(r[c])[: widths[c]].ljust(widths[c]) for c in _COLUMNS) for r in flat]

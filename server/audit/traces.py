@@ -124,6 +124,7 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         "castellan.call_id": pending.call_id,
         "castellan.reasons": json.dumps(decision.get("reasons") or []),
         "castellan.request_id": str(decision.get("request_id") or ""),
+        "castellan.client": json.dumps(decision.get("client") or {}),
         "castellan.traceparent": str(decision.get("traceparent") or ""),
         "castellan.seqs": ",".join(map(str, pending.seqs)),
         "castellan.complete": "true" if outcome is not None or verdict != "allow" else "false",
@@ -172,7 +173,7 @@ def _stage_outputs(stage: str, decision: dict[str, Any], outcome: dict[str, Any]
             "obligations": decision.get("obligations"),
         }
     if stage == "grants":
-        return {"has": decision.get("grants")}
+        return {"has": decision.get("grants"), "missing": decision.get("grants_missing", [])}
     if stage == "invoke" and outcome is not None:
         return {"result_preview": outcome.get("result_preview"), "is_error": outcome.get("is_error")}
     if stage == decision.get("stage"):

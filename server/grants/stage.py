@@ -48,5 +48,6 @@ class GrantsStage:
         has = [str(r) for r, privs in zip(needed, held, strict=True) if holds(r, privs)]
         missing = [str(r) for r, privs in zip(needed, held, strict=True) if not holds(r, privs)]
         if missing:
-            raise Denied(self.name, *(f"missing privilege {m}" for m in missing))
+            found = GrantCheck(has=(*checked, *has), missing=tuple(missing))  # the record shows both
+            raise Denied(self.name, *(f"missing privilege {m}" for m in missing), grants=found)
         return replace(call, grants=GrantCheck(has=(*checked, *has), missing=()))
