@@ -9,6 +9,7 @@ from typing import Any
 
 from server.content import as_text, block_parts
 from server.registry import ToolOutput, ToolSpec
+from server.settings import UpstreamSettings
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import Status
 
@@ -52,7 +53,6 @@ class UpstreamTool:
         self.definition = definition
         self.status = status
         self.refused = refused
-        local = re.sub(r"[^A-Za-z0-9_]", "_", self.upstream_name)
         annotations = dict(definition.get("annotations") or {})
         for key in ("title",):
             annotations.pop(key, None)
@@ -60,7 +60,7 @@ class UpstreamTool:
             name=f"{settings.tool_prefix}{self.upstream_name}"[:128],
             title=definition.get("title"),
             description=definition.get("description") or "",
-            securable=f"{settings.schema_name}.{settings.name.replace('-', '_')}__{local}",
+            securable=securable_of(settings, self.upstream_name),
             input_schema=definition.get("input_schema") or {"type": "object"},
             output_schema=definition.get("output_schema"),
             annotations=annotations,
@@ -92,3 +92,9 @@ class UpstreamTool:
             is_error=is_error,
             content=tuple(blocks) if rich else (),
         )
+
+
+def securable_of(settings: UpstreamSettings, upstream_name: str) -> str:
+    """The catalog function an upstream's tool is governed as: `<schema>.<upstream>__<tool>`."""
+    local = re.sub(r"[^A-Za-z0-9_]", "_", upstream_name)
+    return f"{settings.schema_name}.{settings.name.replace('-', '_')}__{local}"

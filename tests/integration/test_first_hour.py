@@ -117,3 +117,17 @@ async def test_sigterm_lets_a_running_call_finish_and_audits_it(tmp_path: Path) 
         assert record["decision"] == "allow"
         assert record["outcome"] is not None, record
         assert isinstance(gw, GatewayProcess)
+
+
+def test_tools_list_shows_each_tool_with_its_securable_and_what_a_caller_needs(tmp_path: Path) -> None:
+    env = {**os.environ, **gateway_env(tmp_path, free_port())}
+    done = _cli(env, "tools", "list")
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()}
+    assert "main.tools.sql_query" in lines["sql.query"]
+    assert "EXECUTE on main.tools.sql_query" in lines["sql.query"]
+    assert "SELECT on main.support.docs" in lines["docs.search"]
+    assert "USE SCHEMA on main.admin" in lines["demo.reset"]
+    listed = json.loads(_cli(env, "tools", "list", "--json").stdout)
+    echo = next(t for t in listed if t.get("tool") == "echo")
+    assert echo["needs"] == ["USE CATALOG on main", "USE SCHEMA on main.tools", "EXECUTE on main.tools.echo"]
