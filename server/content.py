@@ -206,10 +206,14 @@ def readable(found: tuple[Part, ...]) -> Iterator[str]:
             yield text
 
 
-def rewritten(output: ToolOutput, text: str) -> ToolOutput:
+def rewritten(output: ToolOutput, text: str, *, has_output_schema: bool = False) -> ToolOutput:
     """`output` replaced by `text` alone (a truncation): its blocks and structured content dropped,
-    the summary of what the tool returned kept for the audit record."""
-    return ToolOutput(text=text, is_error=output.is_error, returned=output.returned or summary(parts(output)))
+    the summary of what the tool returned kept for the audit record. A tool with an output schema must
+    return conforming structured content, which a cut result no longer is: it becomes an error result
+    (clients validate the others), the text saying what happened."""
+    return ToolOutput(
+        text=text, is_error=output.is_error or has_output_schema, returned=output.returned or summary(parts(output))
+    )
 
 
 def summary(found: tuple[Part, ...], limit: int = 50) -> dict[str, Any]:

@@ -109,7 +109,7 @@ class ChargeStage:
             if tokens_out > room:
                 note = f"\n[truncated: the result exceeded the {room} tokens reserved for it]"
                 text = self._counter.truncate(output.text, max(0, room - self._counter.count(note))) + note
-                output = rewritten(output, text)
+                output = rewritten(output, text, has_output_schema=_has_output_schema(call))
                 tokens_out = self._counter.count(text)
         reservation = budget.reservation if budget else call.call_id
         tokens = call.tokens_in + tokens_out
@@ -148,3 +148,7 @@ class ReleaseReservation:
             await self._retries.settle(identity, budget.reservation, call.tokens_in + tokens_out)
         except Exception as exc:  # never let the meter change how a stopped call is reported
             log.error("meter_release_failed", call_id=call.call_id, error=repr(exc))
+
+
+def _has_output_schema(call: Call) -> bool:
+    return call.tool is not None and call.tool.spec.output_schema is not None

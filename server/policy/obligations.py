@@ -44,13 +44,13 @@ class ObligationsStage:
             output = replace(output, text=_redact_text(output.text, fields), content=())
         limit = obligations.get("max_result_chars")
         if limit is not None:
-            output = _capped(output, int(limit))
+            output = _capped(output, int(limit), call.tool is not None and call.tool.spec.output_schema is not None)
         if output is not original and output.returned is None:  # what the tool returned, for the audit
             output = replace(output, returned=content.summary(content.parts(original)))
         return replace(call, output=output)
 
 
-def _capped(output: ToolOutput, cut: int) -> ToolOutput:
+def _capped(output: ToolOutput, cut: int, has_output_schema: bool) -> ToolOutput:
     """`output` if all of its content (`server.content`: text, structured content, binary payloads as
     their base64, blocks' other members) fits in `cut` characters; else its text, cut there, with
     binary parts as notes of what they were. A truncated result cannot be valid structured content
@@ -62,7 +62,8 @@ def _capped(output: ToolOutput, cut: int) -> ToolOutput:
     text = content.as_text(found)
     dropped = [p.kind for p in found if p.binary]
     why = f" (the result had {size:,}; {', '.join(dropped)} content dropped)" if dropped else ""
-    return content.rewritten(output, text[:cut] + f"\n[truncated by policy at {cut} characters{why}]")
+    cut_text = text[:cut] + f"\n[truncated by policy at {cut} characters{why}]"
+    return content.rewritten(output, cut_text, has_output_schema=has_output_schema)
 
 
 def _redact_text(text: str, fields: frozenset[str]) -> str:

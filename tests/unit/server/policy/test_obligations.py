@@ -54,3 +54,30 @@ async def test_no_obligations_leave_the_result_untouched() -> None:
     output = ToolOutput(text="t", structured={"a": 1})
     call = make_call(output=output, decision=Decision(allow=True))
     assert (await ObligationsStage().run(call)).output is output
+
+
+@pytest.mark.parametrize("has_output_schema", [True, False])
+async def test_a_cut_result_of_a_tool_with_an_output_schema_is_an_error_result(has_output_schema: bool) -> None:
+    # clients validate a tool's structured content against its output schema; a cut result has none,
+    # so it must say it is not the tool's result (isError), or the client rejects the whole call
+    from server.registry import ToolSpec
+    from server.testing import FakeTool
+
+    spec = ToolSpec(
+        name="fake",
+        description="",
+        securable="main.tools.fake",
+        input_schema={"type": "object"},
+        output_schema={"type": "object"} if has_output_schema else None,
+    )
+    structured = {"text": "x" * 500}
+    call = make_call(
+        tool=FakeTool(spec=spec),
+        output=ToolOutput(text=json.dumps(structured), structured=structured),
+        decision=Decision(allow=True, obligations={"max_result_chars": 100}),
+    )
+    out = (await ObligationsStage().run(call)).output
+    assert out is not None
+    assert out.structured is None
+    assert "[truncated by policy at 100 characters" in out.text
+    assert out.is_error is has_output_schema
