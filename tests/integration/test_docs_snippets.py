@@ -22,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,12 @@ def _terminal(gw: GatewayProcess, cwd: Path) -> Terminal:
     calls: list[tuple[str, dict[str, object]]] = [("echo", {"text": "hi"}), ("demo.reset", {})]
     for tool, arguments in calls:
         _raw_call(gw, token, tool, arguments)
-    decision = json.loads((gw.data_dir / "decisions.jsonl").read_text().splitlines()[0])
+    log = gw.data_dir / "decisions.jsonl"
+    for _ in range(100):  # the decision log is written beside the call; bounded wait for its first line
+        if log.exists() and log.read_text().strip():
+            break
+        time.sleep(0.1)
+    decision = json.loads(log.read_text().splitlines()[0])
     (cwd / "input.json").write_text(json.dumps(decision["input"]))
     return Terminal(gw, cwd, env, url)
 
