@@ -13,11 +13,13 @@ Shell blocks run with `bash -euo pipefail`, after the variables the page's earli
 (one terminal); Python blocks in a subprocess of the repository's venv (fragments with a top-level
 `await` run in an event loop, with `url` and `token` defined). Where a snippet states its output in a
 comment after a `print(...)` (`...` standing for the rest), the output is checked against it, line by
-line. Blocks that change the catalog get a gateway of their own.
+line. Blocks that change the catalog get a gateway of their own, as do those about an upstream server
+(with the fixture MCP server behind it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration]
@@ -53,13 +55,14 @@ SKIP: dict[tuple[str, str], str] = {
     ("agent.md", ".venv/bin/castellan-agent eval my_cases.jsonl --model llm --threshold 0.9"): (
         "needs a hosted LLM and the reader's own golden file"
     ),
-    ("tools.md", "castellan tools list                      # every upstream tool, approved or quarantined"): (
-        "needs an upstream MCP server named `inventory`; pinning and approval are "
-        "tests/integration/test_upstream_servers.py"
-    ),
 }  # fmt: skip
 # Blocks that change the catalog or limits: each gets a gateway (and data directory) of its own.
 ISOLATED = {("grants.md", "castellan grants principal add analysts --kind group")}
+# Blocks about an upstream MCP server named `inventory`: a gateway of their own with that server behind it
+# (tests/fixtures/upstream_server.py, the official SDK's server), listed once the gateway has its tools.
+WITH_INVENTORY = {
+    ("tools.md", "castellan tools list                      # every upstream tool, approved or quarantined")
+}
 # Blocks run by another interpreter than the repository's venv.
 INTERPRETER = {("connect-your-agent.md", "from mcp import ClientSession"): MCP1_PYTHON}
 
@@ -101,7 +104,8 @@ SNIPPETS = snippets()
 
 def test_every_skipped_snippet_still_exists() -> None:
     keys = {s.key for s in SNIPPETS}
-    assert not (set(SKIP) | ISOLATED | set(INTERPRETER)) - keys, "a listed snippet changed: update the lists"
+    listed = set(SKIP) | ISOLATED | WITH_INVENTORY | set(INTERPRETER)
+    assert not listed - keys, "a listed snippet changed: update the lists"
 
 
 @dataclass
@@ -236,12 +240,35 @@ def run_snippet(snippet: Snippet, terminal: Terminal) -> subprocess.CompletedPro
     return subprocess.run(command, cwd=terminal.cwd, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
+@contextlib.contextmanager
+def _inventory() -> Iterator[dict[str, str]]:
+    """The fixture MCP server on a free port; yields the gateway settings that put it behind the gateway."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "python"), "-m", "tests.fixtures.upstream_server", "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        upstreams = [{"name": "inventory", "url": f"http://127.0.0.1:{port}/mcp"}]
+        yield {"CASTELLAN_UPSTREAMS": json.dumps(upstreams), "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.5"}
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=str)
 def test_snippet_runs_as_written(snippet: Snippet, terminal: Terminal, tmp_path: Path) -> None:
     if snippet.key in SKIP:
         pytest.skip(SKIP[snippet.key])
     if snippet.key in ISOLATED:
         with run_gateway(tmp_path / "gateway", timeout=60) as gw:
+            done = run_snippet(snippet, _terminal(gw, tmp_path / "cwd"))
+    elif snippet.key in WITH_INVENTORY:
+        with _inventory() as upstreams, run_gateway(tmp_path / "gateway", upstreams, timeout=60) as gw:
+            deadline = time.monotonic() + 60
+            while "inventory.lookup" not in run_cli(gw, "tools", "list").stdout:
+                assert time.monotonic() < deadline, gw.log()
+                time.sleep(0.5)
             done = run_snippet(snippet, _terminal(gw, tmp_path / "cwd"))
     else:
         done = run_snippet(snippet, terminal)
