@@ -96,7 +96,7 @@ def _sleep_workers() -> int:
 async def _no_sleep_workers_within(seconds: float) -> bool:
     """A killed worker is reaped asynchronously: wait (bounded) for it to be gone."""
     deadline = time.monotonic() + seconds
-    while _sleep_workers() and time.monotonic() < deadline:
+    while _sleep_workers() and time.monotonic() < deadline:  # noqa: ASYNC110 - polling /proc, no event to wait on
         await asyncio.sleep(0.05)
     return _sleep_workers() == 0
 
