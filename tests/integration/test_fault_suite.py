@@ -20,6 +20,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -39,7 +40,7 @@ from tests.integration.conftest import run_cli
 from tests.integration.test_audit_integrity import small_disk
 from tests.integration.test_audit_shipping import metric, shipping_env, until
 from tests.mlflow_server import MlflowServer, run_mlflow
-from tests.opa import run_opa
+from tests.opa import opa_binary, run_opa
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -353,12 +354,15 @@ def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 @pytest.mark.timeout(600)
 async def test_sigkill_mid_calls_then_restart(tmp_path: Path, mlflow: MlflowServer) -> None:
-    row = Row("SIGKILL of the gateway mid-calls, then restart")
+    row = Row("SIGKILL of the gateway mid-calls (shipper and managed OPA children), then restart")
     env = {
         **shipping_env(mlflow.url),
         **LIMITS,
         **SLOW_TOOLS,
         "CASTELLAN_AUDIT__MLFLOW_EXPERIMENT": "faults-sigkill",
+        # A managed OPA: the gateway's other child, which must die with it too.
+        "CASTELLAN_POLICY__ENGINE": "auto",
+        "CASTELLAN_POLICY__OPA_BINARY": opa_binary(),
     }
     data = tmp_path / "gw"
     sent: list[Sent] = []
@@ -374,6 +378,9 @@ async def test_sigkill_mid_calls_then_restart(tmp_path: Path, mlflow: MlflowServ
 
         await until(has_shipper, 90)
         shipper = json.loads((data / "shipper-status.json").read_text())["pid"]
+        started = re.search(r'"pid": (\d+), "event": "opa_started"', gw.log())
+        assert started is not None, gw.log()[-3000:]
+        managed_opa = int(started.group(1))
         stop = asyncio.Event()
         running = asyncio.create_task(load(gw, token, stop, "kill", sent))
         slow = [Sent("main.tests.sleep", f"slow-{i}") for i in range(3)]
@@ -394,11 +401,12 @@ async def test_sigkill_mid_calls_then_restart(tmp_path: Path, mlflow: MlflowServ
         await running
         await asyncio.gather(*sleeping)
 
-    for _ in range(100):  # the parent-death signal reaches the shipper at once; allow for a loaded box
-        if gone(shipper):
+    for _ in range(100):  # the parent-death signal reaches the children at once; allow for a loaded box
+        if gone(shipper) and gone(managed_opa):
             break
         await asyncio.sleep(0.1)
     assert gone(shipper), f"the shipper (pid {shipper}) outlived the SIGKILLed gateway"
+    assert gone(managed_opa), f"the managed OPA (pid {managed_opa}) outlived the SIGKILLed gateway"
     assert shippers(data) == []
     decisions, outcomes = outbox(data)
     open_calls = sorted(d["call_id"] for d in decisions if d["decision"] == "allow" and d["call_id"] not in outcomes)
