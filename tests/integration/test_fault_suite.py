@@ -187,12 +187,12 @@ def outbox(data_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
     return decisions, outcomes
 
 
-def account(row: Row, sent: list[Sent], data_dir: Path, *, unrecordable: str | None = None) -> list[str]:
+def account(row: Row, sent: list[Sent], data_dir: Path, *, full_disk: bool = False) -> list[str]:
     """Fills the counts of `row` from what the agent saw and what the outbox holds; returns the problems.
 
-    Lost: a call the agent saw allowed with no allow decision and outcome in the audit, a denial that is
-    not audited (unless refused because the audit itself could not be written: `unrecordable`), an
-    allowed decision without an outcome, a decision the agent was told otherwise."""
+    Lost: a call the agent saw allowed with no allow decision and outcome in the audit, a refusal that
+    is not audited (on a `full_disk` the caller checks those against the server log instead: a refusal
+    whose record the disk could not take), an allowed decision without an outcome."""
     decisions, outcomes = outbox(data_dir)
     by_text: dict[str, dict[str, Any]] = {}
     slow: list[dict[str, Any]] = []
@@ -220,7 +220,7 @@ def account(row: Row, sent: list[Sent], data_dir: Path, *, unrecordable: str | N
             problems.append(f"allowed but not audited: {s.text}")
         elif s.result is not None and not s.allowed:
             if d is None:
-                if unrecordable is None or not any(unrecordable in r for r in s.reasons()):
+                if not full_disk:
                     problems.append(f"refused but not audited: {s.text} {s.reasons()}")
             elif d["decision"] == "allow" and d["call_id"] not in outcomes:
                 problems.append(f"allowed decision without an outcome: {s.text}")
@@ -496,7 +496,7 @@ async def test_full_disk_under_load(tmp_path: Path, mlflow: MlflowServer) -> Non
             recovered = time.monotonic() - freed
             assert json.loads((disk / "shipper-status.json").read_text())["pid"] == shipper  # it survived
             row.held = held(*await settled(gw))
-            problems = account(row, sent, disk, unrecordable="disk is full")
+            problems = account(row, sent, disk, full_disk=True)
             unaudited = unaudited_refusals(gw, disk)
             audited_refusals = sum(d["decision"] != "allow" for d in outbox(disk)[0] if d["agent_id"] == AGENT)
     row.recover = f"{recovered:.1f} s (space freed to all shipped, same shipper)"
