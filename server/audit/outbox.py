@@ -127,6 +127,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+_MAX_OWED_OUTCOMES = 10_000
+
+
 class SqliteOutbox:
     """Appends audit records; `write` returns only once the row is committed to disk.
 
@@ -156,12 +159,37 @@ class SqliteOutbox:
         self.checkpoint_error: str | None = None
         self.instances = InstanceLocks(path.with_name(f"{path.stem}-instances"), self.instance)
         self._wrote = False
+        self._owed: dict[str, dict[str, Any]] = {}  # outcomes whose write failed, by call id
         self._db = SqliteDatabase(path, schema=_SCHEMA, synchronous="FULL")
         self._db.run_sync(_migrate)
 
     # -- writing ------------------------------------------------------------------------------------
 
     async def write(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
+        """Appends one record. An outcome that cannot be written (a full disk, a lock) is owed: its
+        call ran, so it is kept and appended by a later write or readiness probe that succeeds
+        (else its allowed decision stays open until a restart closes it as `interrupted`)."""
+        try:
+            await self._append(kind, call_id, record)
+        except BackendUnavailable:
+            if kind == "outcome" and (call_id in self._owed or len(self._owed) < _MAX_OWED_OUTCOMES):
+                self._owed[call_id] = record  # the latest word on the call wins (e.g. "then audit failed")
+            raise
+        if kind == "outcome":
+            self._owed.pop(call_id, None)
+        if self._owed:
+            await self._write_owed()
+
+    async def _write_owed(self) -> None:
+        for call_id, record in list(self._owed.items()):
+            try:
+                await self._append("outcome", call_id, record)
+            except BackendUnavailable:
+                return
+            self._owed.pop(call_id, None)
+            log.info("audit_outcome_written_late", call_id=call_id, still_owed=len(self._owed))
+
+    async def _append(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
         body = json.dumps(record, separators=(",", ":"), default=str)
         key, instance = self.key, self.instance
 
@@ -480,6 +508,8 @@ class SqliteOutbox:
             )
         except sqlite3.Error as exc:
             raise BackendUnavailable("audit", f"audit log cannot write: {exc}") from exc
+        if self._owed:
+            await self._write_owed()
         if self.checkpoint_error is not None:
             raise BackendUnavailable("audit", f"audit checkpoints cannot be written: {self.checkpoint_error}")
 

@@ -135,3 +135,27 @@ async def test_readiness_writes_so_a_database_that_cannot_take_writes_is_not_rea
     with pytest.raises(BackendUnavailable, match="audit log cannot write"):
         await outbox.check()
     await outbox.close()
+
+
+async def test_an_outcome_that_cannot_be_written_is_owed_and_appended_once_writes_work(tmp_path: Path) -> None:
+    """The fault suite's full disk: an allowed call's outcome failed to write, and nothing wrote it after
+    space returned (its decision stayed open and unshipped until a restart called it interrupted)."""
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.write("decision", "ran", {"decision": "allow"})
+    outbox._db.run_sync(lambda c: c.execute("PRAGMA query_only = 1"))  # the disk is full
+    with pytest.raises(BackendUnavailable):
+        await outbox.write("outcome", "ran", {"is_error": False})
+    with pytest.raises(BackendUnavailable):  # the recorder's second word: the tool ran, then audit failed
+        await outbox.write("outcome", "ran", {"is_error": False, "error": "the tool ran, then audit failed"})
+    with pytest.raises(BackendUnavailable):
+        await outbox.check()
+    outbox._db.run_sync(lambda c: c.execute("PRAGMA query_only = 0"))  # space returns
+    await outbox.check()  # a readiness probe that succeeds writes what is owed
+    assert await outbox.records("ran") == {
+        "decision": {"decision": "allow"},
+        "outcome": {"is_error": False, "error": "the tool ran, then audit failed"},
+    }
+    await outbox.write("decision", "next", {"decision": "allow"})  # nothing is written twice
+    rows = sqlite3.connect(tmp_path / "audit.db").execute("SELECT kind FROM outbox WHERE call_id = 'ran'").fetchall()
+    assert sorted(rows) == [("decision",), ("outcome",)]
+    await outbox.close()
