@@ -29,10 +29,12 @@ def bwrap_argv(mode: SandboxMode, profile: Profile, argv: Sequence[str], seccomp
     if profile.network:
         args.append("--share-net")
     args += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
+    # the private /tmp first: a bind made before it under /tmp (a runtime or checkout that lives there, as
+    # CI's clones may) would be hidden by it; bubblewrap makes the mount points for later binds inside it
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in python_paths():
         args += ["--ro-bind", str(path), str(path)]
     args += system_binds()
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in profile.read_only:
         args += ["--ro-bind", str(path), str(path)]
     for path in profile.writable:
