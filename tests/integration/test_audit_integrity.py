@@ -251,11 +251,15 @@ def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
+    """Fills `disk` to the last byte; unbuffered, so closing the file cannot raise ENOSPC again."""
     filler = disk / "filler"
-    with filler.open("wb") as fh, contextlib.suppress(OSError):
-        while True:
-            fh.write(b"\0" * 65536)
-            fh.flush()
+    with filler.open("wb", buffering=0) as fh:
+        block = b"\0" * 65536
+        while block:
+            try:
+                fh.write(block)
+            except OSError:
+                block = block[: len(block) // 2]
     return filler
 
 

@@ -37,7 +37,7 @@ import pytest
 from bench.load import call_body, call_headers
 from server.testing import GatewayProcess, gateway_env, run_gateway
 from tests.integration.conftest import run_cli
-from tests.integration.test_audit_integrity import small_disk
+from tests.integration.test_audit_integrity import fill, small_disk
 from tests.integration.test_audit_shipping import metric, shipping_env, until
 from tests.mlflow_server import MlflowServer, run_mlflow
 from tests.opa import opa_binary, run_opa
@@ -511,19 +511,6 @@ async def test_full_disk_under_load(tmp_path: Path, mlflow: MlflowServer) -> Non
     assert all(s.result is not None for s in sent)  # every call answered with a tool result: no crash, no 500
     after = [s for s in sent if s.text.startswith("disk-") and not s.text.startswith(BLOCKED)][-4:]
     assert all(s.allowed for s in after), "calls after space returned were not served"
-
-
-def fill(disk: Path) -> Path:
-    """Fills `disk` to the last byte; unbuffered, so closing the file cannot raise ENOSPC again."""
-    filler = disk / "filler"
-    with filler.open("wb", buffering=0) as fh:
-        block = b"\0" * 65536
-        while block:
-            try:
-                fh.write(block)
-            except OSError:
-                block = block[: len(block) // 2]
-    return filler
 
 
 def unaudited_refusals(gw: GatewayProcess, data_dir: Path) -> int:
