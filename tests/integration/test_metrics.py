@@ -19,14 +19,15 @@ async def _metrics(gateway: GatewayProcess) -> str:
 
 async def test_a_call_refused_before_its_tool_resolved_keeps_the_tool_name(gateway: GatewayProcess) -> None:
     token = gateway.token("metrics-agent", ["analysts"])
-    refused = await raw_call(gateway, token, "echo", {"text": 42})  # wrong argument type: refused at resolve
+    refused = await raw_call(gateway, token, "echo", {"text": 42})  # wrong argument type
     assert refused["isError"] is True
     await raw_call(gateway, token, "no.such.tool", {})
     text = await _metrics(gateway)
     echo = [
         line for line in text.splitlines() if line.startswith("castellan_tool_calls_total{") and 'tool="echo"' in line
     ]
-    assert any('stage="resolve"' in line for line in echo), echo
+    # refused before the tool ran (its arguments are checked by the validate stage): still counted as echo
+    assert any('decision="deny"' in line and 'stage="validate"' in line for line in echo), echo
     assert 'tool="(unknown)"' in text  # a name no tool has is folded, so callers cannot mint labels
 
 
