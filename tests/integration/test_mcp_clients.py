@@ -109,5 +109,6 @@ async def test_every_call_is_in_the_audit_outbox_under_the_agents_identity(gatew
     assert decisions[0]["policy_version"]
     outcome = next(r for kind, r in mine if kind == "outcome")
     assert outcome["call_id"] == decisions[0]["call_id"]
-    assert outcome["result_preview"] == "audited"
+    # the preview covers every kind of content the tool returned: its text, then its structured content
+    assert outcome["result_preview"] == 'audited\n{"text": "audited"}'
     assert set(outcome["timings_ms"]) >= {"authenticate", "admit", "grants", "policy", "record", "invoke"}
