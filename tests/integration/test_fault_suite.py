@@ -352,6 +352,14 @@ def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
         yield server
 
 
+async def grant_test_functions(gw: GatewayProcess) -> None:
+    """Analysts may call the fixture functions (`main.tests.*`: the slow tools the faults cut off)."""
+    granted = await asyncio.to_thread(
+        run_cli, gw, "grants", "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tests", "TO", "analysts"
+    )
+    assert granted.returncode == 0, granted.stderr
+
+
 @pytest.mark.timeout(600)
 async def test_sigkill_mid_calls_then_restart(tmp_path: Path, mlflow: MlflowServer) -> None:
     row = Row("SIGKILL of the gateway mid-calls (shipper and managed OPA children), then restart")
@@ -367,10 +375,7 @@ async def test_sigkill_mid_calls_then_restart(tmp_path: Path, mlflow: MlflowServ
     data = tmp_path / "gw"
     sent: list[Sent] = []
     with run_gateway(data, env, timeout=START) as gw:
-        granted = await asyncio.to_thread(
-            run_cli, gw, "grants", "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tests", "TO", "analysts"
-        )
-        assert granted.returncode == 0, granted.stderr
+        await grant_test_functions(gw)
         token = gw.token(AGENT, ["analysts"])
 
         async def has_shipper() -> bool:
@@ -543,10 +548,7 @@ async def test_meters_database_locked_while_tools_run(tmp_path: Path) -> None:
     data = tmp_path / "gw"
     sent: list[Sent] = []
     with run_gateway(data, env, timeout=START) as gw:
-        granted = await asyncio.to_thread(
-            run_cli, gw, "grants", "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tests", "TO", "analysts"
-        )
-        assert granted.returncode == 0, granted.stderr
+        await grant_test_functions(gw)
         token = gw.token(AGENT, ["analysts"])
         stop = asyncio.Event()
         before = asyncio.create_task(load(gw, token, stop, "lock-before", sent))
@@ -660,10 +662,7 @@ async def test_sigterm_with_calls_running(tmp_path: Path) -> None:
     data = tmp_path / "gw"
     sent: list[Sent] = []
     with run_gateway(data, env, timeout=START) as gw:
-        granted = await asyncio.to_thread(
-            run_cli, gw, "grants", "grant", "USE", "SCHEMA,", "EXECUTE", "ON", "SCHEMA", "main.tests", "TO", "analysts"
-        )
-        assert granted.returncode == 0, granted.stderr
+        await grant_test_functions(gw)
         token = gw.token(AGENT, ["analysts"])
         stop = asyncio.Event()
         running = asyncio.create_task(load(gw, token, stop, "term", sent))
