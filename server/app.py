@@ -17,7 +17,7 @@ from server.auth.metadata import metadata_path, metadata_url, protected_resource
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
-from server.mcp import build_mcp_server
+from server.protocol.server import build_mcp_server
 from server.registry import Tool
 from server.request_id import RequestIdMiddleware, request_id_of
 from server.settings import Settings

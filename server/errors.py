@@ -1,4 +1,4 @@
-"""The error hierarchy: stable codes, raised by stages, mapped to MCP results once in `server.mcp`."""
+"""The error hierarchy: stable codes, raised by stages, mapped to MCP results once in `server.protocol.tools`."""
 
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ from server.listing import ToolLister
 from server.llm.model import register_models
 from server.llm.proxy import LlmProxy
 from server.logs import dropped_lines, use_redactor
-from server.mcp import McpHandlers
 from server.metering.meter import Meter
 from server.metering.retry import MeterRetries
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
@@ -46,6 +45,7 @@ from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
+from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.settings import Settings

@@ -14,7 +14,6 @@ from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.call import Call
 from server.errors import AfterInvoke, BackendUnavailable
 from server.invoke import InvokeStage
-from server.mcp import call_result
 from server.metering.retry import MeterRetries
 from server.metering.sqlite import SqliteMeter
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
@@ -22,6 +21,7 @@ from server.metering.tokens import TokenCounter
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.policy.obligations import ObligationsStage
+from server.protocol.tools import call_result
 from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
 from server.testing import FakeTool, MemoryMeter, MemoryOutbox, allowed, make_call

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from server.errors import Denied, InternalError
-from server.mcp import call_result, to_tool_result
+from server.protocol.tools import call_result, to_tool_result
 from server.registry import ToolOutput
 from server.testing import make_call
 

@@ -56,7 +56,7 @@ async def test_a_call_whose_request_cannot_be_read_is_refused_and_recorded(monke
     error that is recorded, not a JSON-RPC internal error with no row."""
     import mcp_types as types
 
-    import server.mcp as edge
+    import server.protocol.tools as edge
     from server.listing import ToolLister
 
     def explode(*args: Any, **kwargs: Any) -> Any:

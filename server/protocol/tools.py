@@ -1,4 +1,4 @@
-"""The MCP edge: the SDK's low-level server, whose handlers turn requests into `Call`s and results back."""
+"""The tools part of the MCP edge: `tools/list` and `tools/call` handlers, from requests to `Call`s and back."""
 
 from __future__ import annotations
 
@@ -10,19 +10,17 @@ from typing import Any
 import mcp_types as types
 import structlog
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
-from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from server import __version__
 from server.auth.middleware import identity_of
 from server.call import Call, ClientInfo, RunInfo
 from server.errors import AfterInvoke, CastellanError, Denied, InternalError
 from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.registry import ToolRegistry, ToolSpec
+from server.registry import ToolSpec
 from server.request_id import request_id_of
 from server.runs import run_info
 
@@ -246,23 +244,3 @@ def _as_mapping(meta: object) -> dict[str, Any] | None:
         return meta
     dump = getattr(meta, "model_dump", None)
     return dict(dump(by_alias=True)) if callable(dump) else None
-
-
-def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[Any]:
-    def input_schema(name: str) -> dict[str, Any] | None:
-        # For the SDK's Mcp-Param header check (2026-07-28). Without it the SDK runs our whole
-        # tools/list handler, with its per-tool policy decisions, on every call.
-        tool = registry.get(name)
-        return dict(tool.spec.input_schema) if tool is not None else None
-
-    server: Server[Any] = Server(
-        "castellan",
-        version=__version__,
-        title="Castellan MCP gateway",
-        instructions=INSTRUCTIONS,
-        on_list_tools=handlers.list_tools,
-        on_call_tool=handlers.call_tool,
-        get_tool_input_schema=input_schema,
-    )
-    server.middleware.append(UnreadCallRecorder(handlers))
-    return server

@@ -1,0 +1,31 @@
+"""The MCP server the HTTP edge mounts: the SDK's low-level server with Castellan's handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server.lowlevel import Server
+
+from server import __version__
+from server.protocol.tools import INSTRUCTIONS, McpHandlers, UnreadCallRecorder
+from server.registry import ToolRegistry
+
+
+def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[Any]:
+    def input_schema(name: str) -> dict[str, Any] | None:
+        # For the SDK's Mcp-Param header check (2026-07-28). Without it the SDK runs our whole
+        # tools/list handler, with its per-tool policy decisions, on every call.
+        tool = registry.get(name)
+        return dict(tool.spec.input_schema) if tool is not None else None
+
+    server: Server[Any] = Server(
+        "castellan",
+        version=__version__,
+        title="Castellan MCP gateway",
+        instructions=INSTRUCTIONS,
+        on_list_tools=handlers.list_tools,
+        on_call_tool=handlers.call_tool,
+        get_tool_input_schema=input_schema,
+    )
+    server.middleware.append(UnreadCallRecorder(handlers))
+    return server
