@@ -308,3 +308,20 @@ def test_snippets_name_only_securables_that_exist(terminal: Terminal) -> None:
     for page in PAGES:  # and the prose: `castellan grants grant ... ON FUNCTION x` in a sentence
         for name in re.findall(r"castellan grants grant [A-Z ,]+ ON \w+ ([\w.]+)", page.read_text()):
             assert name in existing, f"{page.name}: no securable {name}"
+
+
+@pytest.mark.parametrize("token", ["not-a-jwt", ""], ids=["malformed", "empty"])
+def test_readme_python_snippet_fails_in_one_line_with_a_bad_token(
+    token: str, terminal: Terminal, tmp_path: Path
+) -> None:
+    """A user whose token is wrong (or whose `castellan token` printed nothing) sees one line saying what
+    is wrong, the gateway's own hint for a bad token included, not the SDK's task-group traceback."""
+    snippet = next(s for s in SNIPPETS if s.page.name == "README.md" and s.lang == "python")
+    bad = Terminal(terminal.gateway, terminal.cwd, {**terminal.env, "TOKEN": token}, terminal.url)
+    result = run_snippet(snippet, bad)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    if token:
+        assert "castellan token" in lines[0], lines[0]
