@@ -95,6 +95,9 @@ async def preflight(settings: Settings) -> Preflight:
     except ConfigError as exc:
         report.checks.append(Check("settings", False, str(exc)))
         return report
+    except Exception as exc:  # a backend that cannot even be built is a failed check, never a traceback
+        report.checks.append(Check("settings", False, f"the gateway could not be built: {type(exc).__name__}: {exc}"))
+        return report
     report.checks.append(Check("settings", True, f"environment {settings.environment}"))
     try:
         sandbox = detect_mode(settings.tools.sandbox)  # how tool code is isolated here (the weaker mode says why)

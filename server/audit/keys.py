@@ -54,6 +54,23 @@ class ChainKey:
             raise ConfigError(f"the audit chain key from {source} is too short ({len(value)} < {_MIN_KEY_CHARS} chars)")
         return cls(value.encode(), source)
 
+    @classmethod
+    def from_file(cls, path: Path) -> ChainKey:
+        """A key file holds the key as text (`openssl rand -hex 32`), or as raw bytes (a binary secret, as
+        `head -c 32 /dev/urandom` writes and some secret stores mount, used as its hex): at least 32 either way."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"audit.chain_key_file {path}: {exc.strerror or exc}") from None
+        try:
+            return cls.from_text(raw.decode("utf-8"), str(path))
+        except UnicodeDecodeError:
+            if len(raw) < _MIN_KEY_CHARS:
+                raise ConfigError(
+                    f"the audit chain key from {path} is too short ({len(raw)} < {_MIN_KEY_CHARS} bytes)"
+                ) from None
+            return cls(raw.hex().encode(), str(path))  # as text, so it can reach the shipper child too
+
 
 def load_chain_key(
     *,
@@ -70,10 +87,7 @@ def load_chain_key(
     if key:
         return ChainKey.from_text(key, "audit.chain_key")
     if key_file is not None:
-        try:
-            return ChainKey.from_text(key_file.read_text(), str(key_file))
-        except OSError as exc:
-            raise ConfigError(f"audit.chain_key_file {key_file}: {exc.strerror or exc}") from None
+        return ChainKey.from_file(key_file)
     if environment == "production" and not allow_dev_key:
         raise ConfigError(
             "environment = 'production' needs an audit chain key kept outside the data directory: "
@@ -81,7 +95,7 @@ def load_chain_key(
         )
     path = data_dir / DEV_KEY_FILE
     if path.is_file():
-        return ChainKey.from_text(path.read_text(), str(path))
+        return ChainKey.from_file(path)
     if not create:
         raise ConfigError(f"no audit chain key at {path}: the gateway has not started here yet")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +112,7 @@ def load_chain_key(
         pass
     finally:
         temporary.unlink(missing_ok=True)
-    return ChainKey.from_text(path.read_text(), str(path))
+    return ChainKey.from_file(path)
 
 
 def chain_key_for(settings: Settings, *, create: bool = True) -> ChainKey:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from joserfc.jwk import ECKey
 
 from server.testing import GatewayProcess, free_port, gateway_env, run_gateway
 
@@ -96,3 +102,57 @@ async def test_a_token_living_longer_than_the_bound_is_refused(guarded: GatewayP
     ):
         assert resp.status == 401
         assert "exceeds the 600s" in resp.headers.get("WWW-Authenticate", "") + await resp.text()
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@contextlib.contextmanager
+def _jwks_server(keys: dict[str, object]) -> Iterator[str]:
+    """An issuer's JWKS endpoint on a loopback port (the README's issuer is a placeholder host)."""
+    body = json.dumps(keys).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/certs"
+    finally:
+        server.shutdown()
+
+
+def test_the_readme_production_config_passes_every_check(tmp_path: Path) -> None:
+    """The README's production-shaped castellan.toml, as written, starts in production: only the issuer's
+    address (a placeholder) and the mounted secret's path are swapped for this machine's. The chain key
+    is a binary secret, as `head -c 32 /dev/urandom` writes one."""
+    found = re.search(r"A production-shaped `castellan.toml`:\n\n```toml\n(.*?)```", README.read_text(), re.S)
+    assert found, "the README's production example is gone"
+    config = tmp_path / "castellan.toml"
+    config.write_text(found.group(1))
+    key = tmp_path / "chain-key"
+    key.write_bytes(os.urandom(32))
+    issuer_keys = ECKey.generate_key("P-256", parameters={"kid": "k1", "use": "sig"})
+    with _jwks_server({"keys": [issuer_keys.as_dict(private=False)]}) as jwks:
+        done = _castellan(
+            tmp_path / "data",
+            "check-config",
+            "--json",
+            "--config",
+            str(config),
+            CASTELLAN_AUTH__JWKS_URL=jwks,
+            CASTELLAN_AUDIT__CHAIN_KEY_FILE=str(key),
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert {c["name"] for c in report["checks"] if c["ok"]} >= {"settings", "identity", "policy", "audit"}, report
+    assert "production" in next(c["detail"] for c in report["checks"] if c["name"] == "settings")

@@ -44,3 +44,20 @@ def test_a_key_from_a_file_or_the_settings(tmp_path: Path, monkeypatch: pytest.M
         load_chain_key(key="short", key_file=None, data_dir=tmp_path, environment="dev")
     with pytest.raises(ConfigError, match="chain_key_file"):
         load_chain_key(key=None, key_file=tmp_path / "missing", data_dir=tmp_path, environment="production")
+
+
+def test_a_binary_key_file_is_a_key_and_reaches_the_shipper_as_text(tmp_path: Path) -> None:
+    """A mounted secret of raw bytes (`head -c 32 /dev/urandom`) works: the same key each load, printable,
+    so the gateway can hand it to its shipper child."""
+    path = tmp_path / "key"
+    path.write_bytes(b"\xe6" + bytes(range(31)) + b"\xff")
+    key = load_chain_key(key=None, key_file=path, data_dir=tmp_path, environment="production")
+    assert key.secret.decode() == path.read_bytes().hex()
+    assert key.key_id == load_chain_key(key=None, key_file=path, data_dir=tmp_path, environment="production").key_id
+
+
+def test_a_short_binary_key_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"\xe6\xff" * 4)
+    with pytest.raises(ConfigError, match="too short"):
+        load_chain_key(key=None, key_file=path, data_dir=tmp_path, environment="production")
