@@ -10,6 +10,10 @@ import structlog
 from prometheus_client import Gauge
 
 from server import backends
+from server.approvals.queue import ApprovalQueue
+from server.approvals.stage import ApprovalStage
+from server.approvals.store import make_approval_store
+from server.approvals.webhook import WebhookNotifier
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.redaction import Redactor
@@ -21,7 +25,7 @@ from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.demo import seed_demo_grants
-from server.errors import BackendUnavailable
+from server.errors import BackendUnavailable, ConfigError
 from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
@@ -78,6 +82,7 @@ class Gateway:
     closers: list[Callable[[], None]] = field(default_factory=list)
     meter_retries: MeterRetries | None = None
     housekeeping: AuditHousekeeping | None = None
+    approvals: ApprovalQueue | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -151,7 +156,10 @@ class Gateway:
             await self.llm.close()
         if self.meter_retries is not None:
             await self.meter_retries.close()
-        for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
+        shutdown = [self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close]
+        if self.approvals is not None:
+            shutdown.insert(0, self.approvals.close)
+        for closer in shutdown:
             try:
                 await closer()
             except Exception as exc:
@@ -251,6 +259,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
+    approvals = _approval_queue(settings, redactor, metrics)
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
@@ -264,6 +273,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             ValidateStage(registry, settings.tools.max_validation_steps),
             grants_stage,
             policy,
+            ApprovalStage(approvals),
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
@@ -307,6 +317,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstreams=upstreams,
         closers=closers,
         meter_retries=retries,
+        approvals=approvals,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)
@@ -328,3 +339,17 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         if settings.llm.upstream_url
         else None,
     )
+
+
+def _approval_queue(settings: Settings, redactor: Redactor, metrics: Metrics) -> ApprovalQueue:
+    """The approval queue (server/approvals) and its webhook, which must be signed."""
+    cfg = settings.approvals
+    notifier = None
+    if cfg.webhook_url:
+        if cfg.webhook_secret is None or len(cfg.webhook_secret.get_secret_value()) < 16:
+            raise ConfigError("approvals.webhook_url needs approvals.webhook_secret (16 characters or more) to sign it")
+        notifier = WebhookNotifier(
+            cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode(), cfg.webhook_timeout_seconds
+        )
+    store = make_approval_store(cfg, settings.data_dir)
+    return ApprovalQueue(store, cfg, notifier=notifier, redactor=redactor, registry=metrics.registry)
