@@ -109,6 +109,8 @@ class Gateway:
             "metering": self.meter.check(),
             "audit": self.outbox.check(),
         }
+        if self.approvals is not None:
+            checks["approvals"] = self.approvals.check()
         if self.shipper is not None:
             checks["audit_shipping"] = self._shipping()
         if self.housekeeping is not None:
@@ -351,5 +353,5 @@ def _approval_queue(settings: Settings, redactor: Redactor, metrics: Metrics) ->
         notifier = WebhookNotifier(
             cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode(), cfg.webhook_timeout_seconds
         )
-    store = make_approval_store(cfg, settings.data_dir)
+    store = make_approval_store(settings)
     return ApprovalQueue(store, cfg, notifier=notifier, redactor=redactor, registry=metrics.registry)

@@ -415,11 +415,14 @@ class AuditSettings(BaseModel):
 class ApprovalSettings(BaseModel):
     """Human approval of calls whose policy decision carries `require_approval` (docs/approvals.md)."""
 
-    backend: str = "sqlite"
-    """`sqlite`: the queue is a table in `<data_dir>/approvals.db` (WAL), shared by every gateway
-    process serving from the same data directory."""
+    backend: str = "auto"
+    """`sqlite`: a table in `<data_dir>/approvals.db` (WAL), shared by every gateway process serving from
+    that data directory; `redis`: shared by replicas that share Redis; `auto`: `redis` when
+    `metering.backend` is, else `sqlite`."""
     path: Path | None = None
     """SQLite file of the queue. Default: `<data_dir>/approvals.db`."""
+    redis_url: str = ""
+    """For `redis`. Default: `metering.redis_url`."""
     timeout_seconds: float = Field(default=120.0, gt=0, le=86_400)
     """How long a call waits for an approver; then it is denied. A policy may ask for less, never more."""
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=10)

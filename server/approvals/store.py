@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from server.approvals.request import Actor, ApprovalRequest, Status
 from server.errors import BackendUnavailable, ConfigError
-from server.settings import ApprovalSettings
+from server.settings import Settings
 from server.sqlite import SqliteDatabase
 
 T = TypeVar("T")
@@ -82,10 +82,6 @@ class SqliteApprovals:
     def __init__(self, path: Path) -> None:
         self._db = SqliteDatabase(path, schema=SCHEMA, synchronous="FULL")
 
-    @classmethod
-    def from_settings(cls, settings: ApprovalSettings, data_dir: Path) -> SqliteApprovals:
-        return cls(settings.path or data_dir / "approvals.db")
-
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
             return await self._db.transact(fn)
@@ -101,13 +97,13 @@ class SqliteApprovals:
     async def create(self, request: ApprovalRequest) -> None:
         row = (
             request.id, request.binding, request.status, request.call_id, request.tool, request.caller.agent_id,
-            request.requested_at, request.expires_at, json.dumps(_request_fields(request)),
+            request.requested_at, request.expires_at, json.dumps(request_fields(request)),
         )  # fmt: skip
         await self._write(lambda c: c.execute(f"INSERT INTO approvals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row))
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         rows = await self._read(lambda c: c.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchall())
-        return _request(rows[0]) if rows else None
+        return request_from(rows[0]) if rows else None
 
     async def open_for(self, binding: str, now: float) -> ApprovalRequest | None:
         query = (
@@ -115,7 +111,7 @@ class SqliteApprovals:
             " ORDER BY requested_at LIMIT 1"
         )
         rows = await self._read(lambda c: c.execute(query, (binding, now)).fetchall())
-        return _request(rows[0]) if rows else None
+        return request_from(rows[0]) if rows else None
 
     async def list(
         self, statuses: tuple[Status, ...] | None, now: float, limit: int, offset: int
@@ -123,7 +119,7 @@ class SqliteApprovals:
         where, params = _status_filter(statuses, now)
         query = f"{_SELECT}{where} ORDER BY requested_at DESC, id LIMIT ? OFFSET ?"
         rows = await self._read(lambda c: c.execute(query, (*params, limit, offset)).fetchall())
-        return [_request(r) for r in rows]
+        return [request_from(r) for r in rows]
 
     async def decide(self, request_id: str, status: Status, by: Actor, comment: str, now: float) -> bool:
         def update(c: sqlite3.Connection) -> bool:
@@ -179,7 +175,8 @@ def _status_filter(statuses: tuple[Status, ...] | None, now: float) -> tuple[str
     return f" WHERE {' OR '.join(clauses)}", tuple(params)
 
 
-def _request_fields(request: ApprovalRequest) -> dict[str, Any]:
+def request_fields(request: ApprovalRequest) -> dict[str, Any]:
+    """What a request holds beyond its indexed columns, as stored (JSON); shared with the Redis store."""
     return {
         "arguments": dict(request.arguments),
         "arguments_sha256": request.arguments_sha256,
@@ -202,7 +199,8 @@ def _actor(value: dict[str, Any]) -> Actor:
     )
 
 
-def _request(row: tuple[Any, ...]) -> ApprovalRequest:
+def request_from(row: tuple[Any, ...]) -> ApprovalRequest:
+    """A request from its stored columns (`_SELECT` order)."""
     rid, binding, status, call_id, tool, _agent, requested_at, expires_at, fields_json = row[:9]
     decided_by, decided_at, comment, used_by = row[9:]
     fields = json.loads(fields_json)
@@ -230,12 +228,30 @@ def _request(row: tuple[Any, ...]) -> ApprovalRequest:
     )
 
 
-APPROVAL_STORES: dict[str, Callable[[ApprovalSettings, Path], ApprovalStore]] = {
-    "sqlite": SqliteApprovals.from_settings,
+def _redis(settings: Settings) -> ApprovalStore:
+    from server.approvals.redis import RedisApprovals
+
+    return RedisApprovals(settings.approvals.redis_url or settings.metering.redis_url)
+
+
+APPROVAL_STORES: dict[str, Callable[[Settings], ApprovalStore]] = {
+    "sqlite": lambda settings: SqliteApprovals(settings.data_file(settings.approvals.path, "approvals.db")),
+    "redis": _redis,
 }
 
 
-def make_approval_store(settings: ApprovalSettings, data_dir: Path) -> ApprovalStore:
-    if settings.backend not in APPROVAL_STORES:
-        raise ConfigError(f"unknown approvals backend {settings.backend!r}; choose from {sorted(APPROVAL_STORES)}")
-    return APPROVAL_STORES[settings.backend](settings, data_dir)
+def approval_backend(settings: Settings) -> str:
+    """`auto`: Redis when the meters are (replicas that share limits share the queue), else SQLite."""
+    backend = settings.approvals.backend
+    if backend == "auto":
+        return "redis" if settings.metering.backend == "redis" else "sqlite"
+    return backend
+
+
+def make_approval_store(settings: Settings) -> ApprovalStore:
+    backend = approval_backend(settings)
+    if backend not in APPROVAL_STORES:
+        raise ConfigError(
+            f"unknown approvals backend {backend!r}; choose from auto, {', '.join(sorted(APPROVAL_STORES))}"
+        )
+    return APPROVAL_STORES[backend](settings)
