@@ -9,10 +9,11 @@ expiry), `all` a sorted set of ids by request time, `binding:<sha>` a sorted set
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from server.approvals.request import Actor, ApprovalRequest, Status
-from server.approvals.store import request_fields, request_from
+from server.approvals.store import RETENTION_SECONDS, request_fields, request_from
 from server.errors import BackendUnavailable, ConfigError
 
 PREFIX = "castellan:approvals:"
@@ -36,7 +37,7 @@ return 1
 class RedisApprovals:
     """`ApprovalStore` in Redis. Any Redis error raises `BackendUnavailable` (the waiting call is denied)."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0, retention_seconds: float = 7 * 86_400) -> None:
+    def __init__(self, url: str, *, timeout: float = 2.0, retention_seconds: float = RETENTION_SECONDS) -> None:
         try:
             import redis.asyncio as aioredis
         except ImportError:
@@ -63,13 +64,13 @@ class RedisApprovals:
             "requested_at": repr(request.requested_at), "expires_at": repr(request.expires_at),
             "request": json.dumps(request_fields(request)), "comment": "",
         }  # fmt: skip
-        ttl = max(int(request.expires_at - request.requested_at + self._retention), 1)
+        ttl_ms = max(int((request.expires_at + self._retention - time.time()) * 1000), 1)
         pipe = self._client.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
-        pipe.expire(key, ttl)
+        pipe.pexpire(key, ttl_ms)
         pipe.zadd(f"{PREFIX}all", {request.id: request.requested_at})
         pipe.zadd(f"{PREFIX}binding:{request.binding}", {request.id: request.requested_at})
-        pipe.expire(f"{PREFIX}binding:{request.binding}", ttl)
+        pipe.pexpire(f"{PREFIX}binding:{request.binding}", ttl_ms)
         await self._do(pipe.execute())
 
     async def get(self, request_id: str) -> ApprovalRequest | None:

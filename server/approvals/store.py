@@ -38,7 +38,11 @@ CREATE TABLE IF NOT EXISTS approvals (
 );
 CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding, status);
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, requested_at);
+CREATE INDEX IF NOT EXISTS approvals_expiry ON approvals (expires_at);
 """
+RETENTION_SECONDS = 7 * 86_400
+"""Requests are kept this long past their expiry (for the CLI and the console; the audit log keeps
+each call's approval for good)."""
 
 
 class ApprovalStore(Protocol):
@@ -99,7 +103,12 @@ class SqliteApprovals:
             request.id, request.binding, request.status, request.call_id, request.tool, request.caller.agent_id,
             request.requested_at, request.expires_at, json.dumps(request_fields(request)),
         )  # fmt: skip
-        await self._write(lambda c: c.execute(f"INSERT INTO approvals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row))
+
+        def insert(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM approvals WHERE expires_at < ?", (request.requested_at - RETENTION_SECONDS,))
+            c.execute(f"INSERT INTO approvals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row)
+
+        await self._write(insert)
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         rows = await self._read(lambda c: c.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchall())

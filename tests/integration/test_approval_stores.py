@@ -165,3 +165,18 @@ async def test_a_store_that_cannot_answer_denies_the_waiting_call(tmp_path: Path
         with pytest.raises(BackendUnavailable, match="approval queue unavailable"):
             await asyncio.wait_for(waiting, 10)
         await store.close()
+
+
+async def test_requests_long_past_their_expiry_are_dropped(make_store: Callable[[], ApprovalStore]) -> None:
+    from server.approvals.store import RETENTION_SECONDS
+
+    store = make_store()
+    now = time.time()
+    ancient = request_at(now - RETENTION_SECONDS - 120, expires_in=60)
+    await store.create(ancient)
+    await store.create(request_at(now))  # SQLite drops old rows as it writes; Redis keys expire
+    await asyncio.sleep(0.05)
+    assert await store.get(ancient.id) is None
+    listed = [r.id for r in await store.list(None, now, 10, 0)]
+    assert len(listed) == 1
+    assert ancient.id not in listed
