@@ -12,8 +12,6 @@ from prometheus_client import Gauge
 from server import backends
 from server.approvals.queue import ApprovalQueue
 from server.approvals.stage import ApprovalStage
-from server.approvals.store import make_approval_store
-from server.approvals.webhook import WebhookNotifier
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.redaction import Redactor
@@ -25,7 +23,7 @@ from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.demo import seed_demo_grants
-from server.errors import BackendUnavailable, ConfigError
+from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
@@ -261,7 +259,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
-    approvals = _approval_queue(settings, redactor, metrics)
+    approvals = ApprovalQueue.from_settings(settings, redactor, metrics.registry)
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
@@ -341,17 +339,3 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         if settings.llm.upstream_url
         else None,
     )
-
-
-def _approval_queue(settings: Settings, redactor: Redactor, metrics: Metrics) -> ApprovalQueue:
-    """The approval queue (server/approvals) and its webhook, which must be signed."""
-    cfg = settings.approvals
-    notifier = None
-    if cfg.webhook_url:
-        if cfg.webhook_secret is None or len(cfg.webhook_secret.get_secret_value()) < 16:
-            raise ConfigError("approvals.webhook_url needs approvals.webhook_secret (16 characters or more) to sign it")
-        notifier = WebhookNotifier(
-            cfg.webhook_url, cfg.webhook_secret.get_secret_value().encode(), cfg.webhook_timeout_seconds
-        )
-    store = make_approval_store(settings)
-    return ApprovalQueue(store, cfg, notifier=notifier, redactor=redactor, registry=metrics.registry)

@@ -24,13 +24,14 @@ from server.approvals.request import (
     new_request_id,
     summarise,
 )
-from server.approvals.store import ApprovalStore
+from server.approvals.store import ApprovalStore, make_approval_store
 from server.approvals.webhook import WebhookNotifier
 from server.audit.redaction import Redactor
 from server.call import Call
+from server.errors import ConfigError
 from server.identity import Identity
 from server.policy.obligations import ApprovalObligation
-from server.settings import ApprovalSettings
+from server.settings import ApprovalSettings, Settings
 
 log = structlog.get_logger("castellan.approvals")
 
@@ -69,6 +70,23 @@ class ApprovalQueue:
             ["outcome"],
             registry=registry,
         )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, redactor: Redactor, registry: CollectorRegistry | None = None
+    ) -> ApprovalQueue:
+        """The queue the settings describe, with its store and its webhook, which must be signed.
+        Raises `ConfigError`."""
+        cfg = settings.approvals
+        notifier = None
+        if cfg.webhook_url:
+            secret = cfg.webhook_secret.get_secret_value() if cfg.webhook_secret is not None else ""
+            if len(secret) < 16:
+                raise ConfigError(
+                    "approvals.webhook_url needs approvals.webhook_secret (16 characters or more) to sign it"
+                )
+            notifier = WebhookNotifier(cfg.webhook_url, secret.encode(), cfg.webhook_timeout_seconds)
+        return cls(make_approval_store(settings), cfg, notifier=notifier, redactor=redactor, registry=registry)
 
     # The call's side --------------------------------------------------------------------------
 
