@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from server import __version__
 from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
+from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
@@ -83,6 +84,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
     add_admin_routes(app)
+    add_approval_routes(app)
     add_llm_routes(app)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -97,6 +97,8 @@ class Call:
     error: CastellanError | None = None
     recorded: bool = False
     """The decision row is committed to the audit outbox (set by the record stage)."""
+    approval: Mapping[str, Any] | None = None
+    """The human approval the call waited for (server/approvals), as its audit record states it."""
     timings: tuple[tuple[str, float], ...] = ()
 
     def timed(self, stage: str, seconds: float) -> Call:

@@ -10,6 +10,8 @@ import structlog
 from prometheus_client import Gauge
 
 from server import backends
+from server.approvals.queue import ApprovalQueue
+from server.approvals.stage import ApprovalStage
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.outbox import Outbox, SqliteOutbox
 from server.audit.redaction import Redactor
@@ -78,6 +80,7 @@ class Gateway:
     closers: list[Callable[[], None]] = field(default_factory=list)
     meter_retries: MeterRetries | None = None
     housekeeping: AuditHousekeeping | None = None
+    approvals: ApprovalQueue | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -104,6 +107,8 @@ class Gateway:
             "metering": self.meter.check(),
             "audit": self.outbox.check(),
         }
+        if self.approvals is not None:
+            checks["approvals"] = self.approvals.check()
         if self.shipper is not None:
             checks["audit_shipping"] = self._shipping()
         if self.housekeeping is not None:
@@ -151,7 +156,10 @@ class Gateway:
             await self.llm.close()
         if self.meter_retries is not None:
             await self.meter_retries.close()
-        for closer in (self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close):
+        shutdown = [self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close]
+        if self.approvals is not None:
+            shutdown.insert(0, self.approvals.close)
+        for closer in shutdown:
             try:
                 await closer()
             except Exception as exc:
@@ -251,6 +259,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
+    approvals = ApprovalQueue.from_settings(settings, redactor, metrics.registry)
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
@@ -264,6 +273,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             ValidateStage(registry, settings.tools.max_validation_steps),
             grants_stage,
             policy,
+            ApprovalStage(approvals),
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
@@ -307,6 +317,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstreams=upstreams,
         closers=closers,
         meter_retries=retries,
+        approvals=approvals,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

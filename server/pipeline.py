@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -10,7 +12,7 @@ from typing import Protocol
 import structlog
 
 from server.call import Call
-from server.errors import AfterInvoke, CastellanError, InternalError
+from server.errors import AfterInvoke, CastellanError, Denied, InternalError
 from server.metrics import Metrics
 
 log = structlog.get_logger("castellan.pipeline")
@@ -28,6 +30,20 @@ class Stage(Protocol):
 
 
 OnStop = Callable[[Call], Awaitable[None]]
+CANCELLED = "the call was cancelled before the tool ran (the client went away, or the gateway is stopping)"
+
+
+_FINISHING: set[asyncio.Future[object]] = set()
+
+
+async def _shielded(work: Awaitable[object]) -> None:
+    """Finish `work` even though the caller is being cancelled (a long wait, such as for an approval,
+    must not end without its record); if cancelled again meanwhile, it finishes in the background."""
+    task = asyncio.ensure_future(work)
+    _FINISHING.add(task)
+    task.add_done_callback(_FINISHING.discard)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
 
 
 class Pipeline:
@@ -36,6 +52,9 @@ class Pipeline:
     the call comes back with `error` set.
 
     Any exception that is not a `CastellanError` is a bug and becomes an `InternalError`: never an allow.
+
+    A call cancelled before the tool ran (the client went away mid-wait) is stopped the same way, with the
+    handlers run to the end, and the cancellation then goes on.
 
     Once the `invoke` stage has completed the tool has run, so a later failure is never a denial: it
     becomes `AfterInvoke` (the result is returned when only the last stage failed, the outcome write,
@@ -55,6 +74,10 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 call = await stage.run(call)
+            except asyncio.CancelledError:
+                if not invoked and stage.name != "invoke":  # nothing ran: record the refusal, free what it held
+                    await _shielded(self._stop(call, Denied(stage.name, CANCELLED), stage.name, started))
+                raise
             except CastellanError as exc:
                 error: CastellanError = self._after_invoke(stage, exc) if invoked else exc
                 return await self._stop(call, error, stage.name, started)

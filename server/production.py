@@ -66,7 +66,17 @@ def _audit_chain_key(s: Settings) -> str | None:
     return None
 
 
+def _plain_http_webhook(s: Settings) -> str | None:
+    from urllib.parse import urlsplit
+
+    url = urlsplit(s.approvals.webhook_url)
+    if url.scheme == "http" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
+        return "approval requests (who calls what, with which arguments) would be sent in clear; use https"
+    return None
+
+
 CHECKS: dict[str, Callable[[Settings], str | None]] = {
+    "approvals.webhook_url": _plain_http_webhook,
     "audit.chain_key": _audit_chain_key,
     "auth.mode": _dev_auth,
     "auth.issuer": _dev_issuer,

@@ -412,6 +412,33 @@ class AuditSettings(BaseModel):
     """Below this much free space on the data directory's disk, /readyz says degraded and a warning is logged."""
 
 
+class ApprovalSettings(BaseModel):
+    """Human approval of calls whose policy decision carries `require_approval` (docs/approvals.md)."""
+
+    backend: str = "auto"
+    """`sqlite`: a table in `<data_dir>/approvals.db` (WAL), shared by every gateway process serving from
+    that data directory; `redis`: shared by replicas that share Redis; `auto`: `redis` when
+    `metering.backend` is, else `sqlite`."""
+    path: Path | None = None
+    """SQLite file of the queue. Default: `<data_dir>/approvals.db`."""
+    redis_url: str = ""
+    """For `redis`. Default: `metering.redis_url`."""
+    timeout_seconds: float = Field(default=120.0, gt=0, le=86_400)
+    """How long a call waits for an approver; then it is denied. A policy may ask for less, never more."""
+    poll_interval_seconds: float = Field(default=0.5, gt=0, le=10)
+    """How often a waiting call reads the queue for a decision made by another gateway process (a
+    decision made through this process wakes it at once)."""
+    webhook_url: str = ""
+    """Each new approval request (and each decision) is POSTed here as JSON, signed with `webhook_secret`."""
+    webhook_secret: SecretStr | None = None
+    """The HMAC-SHA256 key of the `X-Castellan-Signature` header (required with `webhook_url`)."""
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    """One delivery attempt; failed attempts are retried with backoff until the request expires."""
+    approval_page_url: str = ""
+    """Where an approver can decide a request, `{id}` replaced by its id (in the webhook body and in
+    URL-mode elicitation). Default: none."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
 
@@ -435,6 +462,7 @@ class Settings(BaseSettings):
     metering: MeterSettings = Field(default_factory=MeterSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -36,11 +36,41 @@ deny contains sprintf("tool %v is restricted to groups: %v", [input.tool.name, c
 	not in_any_group(tool_config.groups)
 }
 
-# Destructive tools (MCP annotation destructiveHint) only for admins.
+# Destructive tools (MCP annotation destructiveHint) only for admins, or with an approver's consent
+# where the tool's config asks for approval (below).
 deny contains sprintf("tool %v is destructive: only groups %v may call it", [input.tool.name, concat(", ", admin_groups)]) if {
 	input.tool.annotations.destructiveHint == true
 	not in_any_group(admin_groups)
+	not needs_approval
 }
+
+# Human approval (docs/approvals.md): tools.<name>.approval = {"groups": [...], "reason": "...",
+# "timeout_seconds": n}. Members of the approver groups (default: admin_groups) call the tool directly;
+# anyone else's call waits until one of them approves it, and is denied if nobody does in time.
+approval := tool_config.approval if is_object(tool_config.approval)
+
+approvers := object.get(approval, "groups", admin_groups)
+
+needs_approval if {
+	approval
+	not in_any_group(approvers)
+}
+
+approval_reason := object.get(approval, "reason", sprintf("%v needs an approver's consent", [input.tool.name]))
+
+obligations["require_approval"] := {"groups": approvers, "reason": approval_reason, "timeout_seconds": approval.timeout_seconds} if {
+	input.action == "call"
+	needs_approval
+	approval_timeout
+}
+
+obligations["require_approval"] := {"groups": approvers, "reason": approval_reason} if {
+	input.action == "call"
+	needs_approval
+	not approval_timeout
+}
+
+approval_timeout if is_number(approval.timeout_seconds)
 
 in_any_group(groups) if {
 	some g in groups

@@ -94,3 +94,32 @@ test_the_normalized_view_alone_is_not_denied_for_harmless_text if {
 		"normalized": {"arguments": {"text": "a table for two"}, "strings": [["text", "a table for two"]]},
 	})
 }
+
+reset_input := object.union(base, {"tool": {"name": "demo.reset", "securable": "main.admin.reset_demo", "annotations": {"destructiveHint": true}, "upstream": null}, "arguments": {}})
+
+reset_approval := {"admin_groups": ["admins"], "tools": {"demo.reset": {"approval": {"groups": ["admins"], "reason": "resets the demo data"}}}}
+
+test_a_destructive_tool_with_approval_waits_for_an_admin if {
+	d := gateway.decision with input as reset_input with data.castellan.config as reset_approval
+	d.allow
+	d.obligations.require_approval == {"groups": ["admins"], "reason": "resets the demo data"}
+}
+
+test_an_approver_calls_directly if {
+	admin := object.union(reset_input, {"identity": {"agent_id": "ops", "subject": "ops", "groups": ["admins"], "scopes": []}})
+	d := gateway.decision with input as admin with data.castellan.config as reset_approval
+	d.allow
+	not d.obligations.require_approval
+}
+
+test_approval_timeout_is_passed_on if {
+	config := {"tools": {"echo": {"approval": {"groups": ["leads"], "timeout_seconds": 30}}}}
+	d := gateway.decision with input as base with data.castellan.config as config
+	d.obligations.require_approval == {"groups": ["leads"], "reason": "echo needs an approver's consent", "timeout_seconds": 30}
+}
+
+test_listing_a_tool_that_needs_approval_is_allowed_without_obligation if {
+	d := gateway.decision with input as object.union(reset_input, {"action": "list"}) with data.castellan.config as reset_approval
+	d.allow
+	not d.obligations.require_approval
+}

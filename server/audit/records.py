@@ -56,6 +56,10 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         "grants_missing": list(call.grants.missing) if call.grants else [],
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
     }
+    # A human approval the call waited for (server/approvals): who decided, when, what they were shown.
+    approval = call.approval if call.approval is not None else getattr(error, "approval", None)
+    if approval is not None:
+        record["approval"] = dict(approval)
     return base.apply(record)  # type: ignore[no-any-return]
 
 

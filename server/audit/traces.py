@@ -19,7 +19,8 @@ from server.audit.outbox import PendingCall
 PREVIEW_CHARS = 1_000
 # The pipeline stage names, as spans; `invoke` is the tool itself.
 _SPAN_NAMES = {"invoke": "tool"}
-_SPAN_TYPES = {"invoke": "TOOL", "policy": "GUARDRAIL", "grants": "GUARDRAIL", "authenticate": "GUARDRAIL"}
+_SPAN_TYPES = {"invoke": "TOOL", "policy": "GUARDRAIL", "grants": "GUARDRAIL", "authenticate": "GUARDRAIL",
+               "approval": "GUARDRAIL"}  # fmt: skip
 TAGS = ("agent_id", "subject", "tool", "decision", "stage", "code", "policy_version", "run_id", "action")
 
 
@@ -174,6 +175,11 @@ def _stage_outputs(stage: str, decision: dict[str, Any], outcome: dict[str, Any]
         }
     if stage == "grants":
         return {"has": decision.get("grants"), "missing": decision.get("grants_missing", [])}
+    if stage == "approval" and decision.get("approval") is not None:  # who approved or refused, and what they saw
+        body = dict(decision["approval"])
+        if stage == decision.get("stage"):  # refused there: denied by the approver, or timed out
+            body.update(decision=decision.get("decision"), code=decision.get("code"), reasons=decision.get("reasons"))
+        return body
     if stage == "invoke" and outcome is not None:
         return {"result_preview": outcome.get("result_preview"), "is_error": outcome.get("is_error")}
     if stage == decision.get("stage"):

@@ -9,7 +9,7 @@ from server.policy.engine import Decision
 
 # The obligations the gateway knows how to carry out; anything else denies the call, since a
 # policy author who asks for an obligation we would silently skip must not get an allow.
-KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars"}
+KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars", "require_approval"}
 
 # The reason for any evaluation error, identical for both engines (their messages differ; the
 # detail goes to the gateway log). Both engines treat a builtin error as an error, never as undefined.
@@ -66,4 +66,30 @@ def _obligation_problem(obligations: Mapping[str, Any]) -> str | None:
             isinstance(value, int | float) and not isinstance(value, bool) and value > 0
         ):
             return "obligation max_result_chars must be a positive number"
+        if key == "require_approval":
+            problem = _approval_problem(value)
+            if problem:
+                return f"obligation require_approval {problem}"
+    return None
+
+
+# What `require_approval` may hold (server/approvals): who may approve, what they are told, and a
+# shorter wait than the gateway's. Any other member is refused, like an unknown obligation.
+_APPROVAL_MEMBERS = {"groups", "reason", "timeout_seconds"}
+
+
+def _approval_problem(value: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return "must be an object with the approvers' groups"
+    unknown = sorted(set(value) - _APPROVAL_MEMBERS)
+    if unknown:
+        return f"has members this gateway cannot carry out: {', '.join(map(str, unknown))}"
+    groups = value.get("groups")
+    if not (isinstance(groups, list | tuple) and groups and all(isinstance(g, str) and g for g in groups)):
+        return "must name the approvers' groups (a non-empty list of group names)"
+    if not isinstance(value.get("reason", ""), str):
+        return "reason must be a string"
+    timeout = value.get("timeout_seconds", 1)
+    if not (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0):
+        return "timeout_seconds must be a positive number"
     return None

@@ -1,14 +1,16 @@
-"""Pipeline stage 6, obligations: what policy asked to be done to the result (redact, cap size)."""
+"""Pipeline stage 6, obligations: what policy asked to be done to the result (redact, cap size).
+`require_approval` is carried out before the tool runs, by the approval stage (server/approvals)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server import content
 from server.call import Call
+from server.policy.engine import Decision
 from server.registry import ToolOutput
 
 REDACTED = "[REDACTED]"
@@ -21,6 +23,29 @@ def redact(value: Any, fields: frozenset[str]) -> Any:
     if isinstance(value, list):
         return [redact(v, fields) for v in value]
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalObligation:
+    """`require_approval`: the call waits for a human in one of `groups`, who is shown `reason`."""
+
+    groups: tuple[str, ...]
+    reason: str = ""
+    timeout_seconds: float | None = None
+    """The policy's own, shorter wait (the gateway's `approvals.timeout_seconds` caps it)."""
+
+
+def approval_obligation(decision: Decision | None) -> ApprovalObligation | None:
+    """The decision's `require_approval`, as the normaliser (`_result`) checked it, or None."""
+    value = decision.obligations.get("require_approval") if decision is not None else None
+    if not isinstance(value, Mapping):
+        return None
+    timeout = value.get("timeout_seconds")
+    return ApprovalObligation(
+        groups=tuple(dict.fromkeys(str(g) for g in value.get("groups", ()))),
+        reason=str(value.get("reason", "")),
+        timeout_seconds=float(timeout) if isinstance(timeout, int | float) else None,
+    )
 
 
 class ObligationsStage:
