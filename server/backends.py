@@ -133,6 +133,7 @@ OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {
         key=chain_key_for(s),
         checkpoints=s.audit.checkpoint_path,
         checkpoint_seconds=s.audit.checkpoint_interval_seconds,
+        outcome_commit_seconds=s.audit.outcome_commit_seconds,
     ),
 }
 

@@ -278,7 +278,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
-            AuditStage(outbox, redactor),
+            AuditStage(outbox, redactor, deferred=settings.audit.outcome_commit_seconds > 0),
         ],
         metrics,
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],

@@ -399,6 +399,11 @@ class AuditSettings(BaseModel):
     """The signed checkpoint file (append-only). Default: `<outbox stem>-checkpoints.jsonl` beside the outbox."""
     checkpoint_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     """A checkpoint of the chain head at most this long after any write, and at shutdown."""
+    outcome_commit_seconds: float = Field(default=0.2, ge=0, le=5)
+    """An allowed call's outcome is group-committed off the response path, at most this long after the
+    call returns (its decision is durable before its tool runs). A crash inside this interval leaves
+    the call without an outcome: the next start closes it as `interrupted`. 0: each outcome is
+    committed before its response is sent."""
     retention_days: float = Field(default=30.0, ge=0)
     """Shipped outbox records older than this are removed (a `retained` checkpoint keeps the rest
     verifiable). Unshipped records are never removed. 0: keep everything."""
