@@ -226,6 +226,10 @@ class MeterSettings(BaseModel):
     same machine a dead process is recognised at once, by its pid, right after a restart)."""
     token_encoding: str = "cl100k_base"
     """tiktoken encoding for tool arguments and results (a bundled offline copy is used when there is one)."""
+    write_behind_seconds: float = Field(default=0.1, ge=0, le=5)
+    """`sqlite`: the counts are kept in memory (exact, no database round trip per call) and written to
+    the meters file at most this long after they change; a crash loses at most this much counting.
+    One process per meters file (replicas: `redis`). 0: every admit and settle is its own transaction."""
 
 
 class LlmModel(BaseModel):
