@@ -41,7 +41,12 @@ _SPAN = (
     " start_time_unix_nano, end_time_unix_nano, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _PREVIEW = 1000
+_METADATA_KEYS = ("mlflow.trace.user", "mlflow.trace.session")
+"""What `log_spans` keeps as trace metadata (the rest of the plan's metadata is in the tags and spans)."""
 _MAX_TAG = 8000
+# One encoder each, made once: `json.dumps` with any option builds a new encoder on every call.
+_value = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_document = json.JSONEncoder(ensure_ascii=False).encode
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -121,7 +126,7 @@ class SqliteTraceWriter:
                 "castellan.traceparent": plan.metadata["castellan.traceparent"],
             }
             tags += [(key, value[:_MAX_TAG], trace_id) for key, value in trace_tags.items() if value]
-            metadata += [(key, value[:_MAX_TAG], trace_id) for key, value in plan.metadata.items()]
+            metadata += [(key, plan.metadata[key][:_MAX_TAG], trace_id) for key in _METADATA_KEYS if plan.metadata.get(key)]
             spans += _span_rows(plan, experiment)
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
@@ -182,10 +187,7 @@ def _span_rows(plan: TracePlan, experiment: int) -> list[tuple[Any, ...]]:
     rows = []
     for index, sp in enumerate(plan.spans):
         status = "OK" if sp.ok else "ERROR"
-        attributes = {
-            key: json.dumps(value, default=str, ensure_ascii=False)
-            for key, value in span_attributes(plan, index).items()
-        }
+        attributes = {key: _value(value) for key, value in span_attributes(plan, index).items()}
         content: dict[str, Any] = {
             "trace_id": trace_b64,
             "span_id": base64.b64encode(ids[index].to_bytes(8, "big")).decode(),
@@ -209,7 +211,7 @@ def _span_rows(plan: TracePlan, experiment: int) -> list[tuple[Any, ...]]:
                 status,
                 sp.start_ns,
                 sp.end_ns,
-                json.dumps(content, ensure_ascii=False),
+                _document(content),
             )
         )
     return rows
