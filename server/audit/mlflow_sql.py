@@ -126,7 +126,8 @@ class SqliteTraceWriter:
                 "castellan.traceparent": plan.metadata["castellan.traceparent"],
             }
             tags += [(key, value[:_MAX_TAG], trace_id) for key, value in trace_tags.items() if value]
-            metadata += [(key, plan.metadata[key][:_MAX_TAG], trace_id) for key in _METADATA_KEYS if plan.metadata.get(key)]
+            kept = ((key, plan.metadata.get(key, "")) for key in _METADATA_KEYS)
+            metadata += [(key, value[:_MAX_TAG], trace_id) for key, value in kept if value]
             spans += _span_rows(plan, experiment)
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")

@@ -17,7 +17,6 @@ from typing import Any
 
 import structlog
 
-from server.audit import otlp
 from server.audit.checkpoints import Checkpoint, parse
 from server.audit.mlflow_sql import SqliteTraceWriter
 from server.audit.search import AuditQuery
@@ -189,6 +188,8 @@ class MlflowTarget:
         client = self._tracing()
         if route == "otlp":
             from mlflow.exceptions import MlflowException
+
+            from server.audit import otlp  # protobuf: imported by the shipper only
 
             try:
                 otlp.post(client.store.get_host_creds(), experiment_id, otlp.export_request(plans))
