@@ -15,6 +15,7 @@ from server.errors import ConfigError
 from server.grants.databricks import DatabricksGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
+from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Meter
 from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
@@ -115,10 +116,19 @@ GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
 }
 
 METERS: dict[str, Callable[[Settings], Meter]] = {
-    "sqlite": lambda s: SqliteMeter(
-        s.data_file(s.metering.path, "meters.db"),
-        heartbeat_seconds=s.metering.instance_heartbeat_seconds,
-        instance_timeout=s.metering.instance_timeout_seconds,
+    "sqlite": lambda s: (
+        BufferedSqliteMeter(
+            s.data_file(s.metering.path, "meters.db"),
+            heartbeat_seconds=s.metering.instance_heartbeat_seconds,
+            instance_timeout=s.metering.instance_timeout_seconds,
+            write_behind_seconds=s.metering.write_behind_seconds,
+        )
+        if s.metering.write_behind_seconds > 0
+        else SqliteMeter(
+            s.data_file(s.metering.path, "meters.db"),
+            heartbeat_seconds=s.metering.instance_heartbeat_seconds,
+            instance_timeout=s.metering.instance_timeout_seconds,
+        )
     ),
     "redis": lambda s: RedisMeter(
         s.metering.redis_url,
@@ -133,6 +143,7 @@ OUTBOXES: dict[str, Callable[[Settings], Outbox]] = {
         key=chain_key_for(s),
         checkpoints=s.audit.checkpoint_path,
         checkpoint_seconds=s.audit.checkpoint_interval_seconds,
+        outcome_commit_seconds=s.audit.outcome_commit_seconds,
     ),
 }
 

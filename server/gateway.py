@@ -33,6 +33,7 @@ from server.listing import ToolLister
 from server.llm.model import register_models
 from server.llm.proxy import LlmProxy
 from server.logs import dropped_lines, use_redactor
+from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Meter
 from server.metering.retry import MeterRetries
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
@@ -217,6 +218,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     retries = MeterRetries(meter, metrics.registry)
+    if isinstance(meter, BufferedSqliteMeter):  # its write-behind's failures count as owed settles
+        meter.report = retries.written_behind
     counter = TokenCounter(settings.metering.token_encoding)
     outbox = backends.make_outbox(settings)
     redactor = Redactor.from_settings(settings.audit)
@@ -278,7 +281,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
-            AuditStage(outbox, redactor),
+            AuditStage(outbox, redactor, deferred=settings.audit.outcome_commit_seconds > 0),
         ],
         metrics,
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],

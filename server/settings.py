@@ -226,6 +226,10 @@ class MeterSettings(BaseModel):
     same machine a dead process is recognised at once, by its pid, right after a restart)."""
     token_encoding: str = "cl100k_base"
     """tiktoken encoding for tool arguments and results (a bundled offline copy is used when there is one)."""
+    write_behind_seconds: float = Field(default=0.1, ge=0, le=5)
+    """`sqlite`: the counts are kept in memory (exact, no database round trip per call) and written to
+    the meters file at most this long after they change; a crash loses at most this much counting.
+    One process per meters file (replicas: `redis`). 0: every admit and settle is its own transaction."""
 
 
 class LlmModel(BaseModel):
@@ -399,6 +403,11 @@ class AuditSettings(BaseModel):
     """The signed checkpoint file (append-only). Default: `<outbox stem>-checkpoints.jsonl` beside the outbox."""
     checkpoint_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     """A checkpoint of the chain head at most this long after any write, and at shutdown."""
+    outcome_commit_seconds: float = Field(default=0.2, ge=0, le=5)
+    """An allowed call's outcome is group-committed off the response path, at most this long after the
+    call returns (its decision is durable before its tool runs). A crash inside this interval leaves
+    the call without an outcome: the next start closes it as `interrupted`. 0: each outcome is
+    committed before its response is sent."""
     retention_days: float = Field(default=30.0, ge=0)
     """Shipped outbox records older than this are removed (a `retained` checkpoint keeps the rest
     verifiable). Unshipped records are never removed. 0: keep everything."""

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -99,9 +100,13 @@ class Unfinished:
 
 class Outbox(Protocol):
     """Where audit records are committed. `write` returns only once the record is durable;
-    it raises `BackendUnavailable("audit", ...)` when it cannot write."""
+    it raises `BackendUnavailable("audit", ...)` when it cannot write. `write_later` returns at once:
+    the record is group-committed within the outbox's bounded interval (an outcome, off the response
+    path; a crash inside the interval leaves its call to be closed as `interrupted`)."""
 
     async def write(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None: ...
+
+    def write_later(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None: ...
 
     async def check(self) -> None: ...
 
@@ -147,8 +152,10 @@ class SqliteOutbox:
         key: ChainKey,
         checkpoints: Path | None = None,
         checkpoint_seconds: float = 2.0,
+        outcome_commit_seconds: float = 0.0,
     ) -> None:
         self.path = path
+        self.outcome_commit_seconds = outcome_commit_seconds
         self.key = key
         self.instance = uuid.uuid4().hex[:16]
         self.checkpoints = CheckpointLog(checkpoints or path.with_name(f"{path.stem}-checkpoints.jsonl"), key)
@@ -159,6 +166,7 @@ class SqliteOutbox:
         self.checkpoint_error: str | None = None
         self.instances = InstanceLocks(path.with_name(f"{path.stem}-instances"), self.instance)
         self._wrote = False
+        self._closed = False
         self._owed: dict[str, dict[str, Any]] = {}  # outcomes whose write failed, by call id
         self._db = SqliteDatabase(path, schema=_SCHEMA, synchronous="FULL")
         self._db.run_sync(_migrate)
@@ -180,6 +188,26 @@ class SqliteOutbox:
         if self._owed:
             await self._write_owed()
 
+    def write_later(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
+        """Queues one record for the next group commit, at most `outcome_commit_seconds` away (with
+        0 it is committed now, still without waiting). One that cannot be written is owed like a
+        failed `write` (kept, appended by the next write or probe that succeeds), and logged."""
+        future = self._db.defer(self._insert(kind, call_id, record), self.outcome_commit_seconds)
+        future.add_done_callback(lambda done: self._written_later(done, kind, call_id, record))
+
+    def _written_later(self, done: asyncio.Future[None], kind: Kind, call_id: str, record: dict[str, Any]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if done.cancelled() or exc is not None:
+            if call_id in self._owed or len(self._owed) < _MAX_OWED_OUTCOMES:
+                self._owed[call_id] = record
+            log.error("audit_write_failed", call_id=call_id, kind=kind, error=str(exc), owed=len(self._owed))
+            return
+        self._wrote = True
+        if kind == "outcome":
+            self._owed.pop(call_id, None)
+        with contextlib.suppress(RuntimeError):  # no running loop: at shutdown, close() checkpoints
+            self._schedule_checkpoint()
+
     async def _write_owed(self) -> None:
         for call_id, record in list(self._owed.items()):
             try:
@@ -190,6 +218,15 @@ class SqliteOutbox:
             log.info("audit_outcome_written_late", call_id=call_id, still_owed=len(self._owed))
 
     async def _append(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
+        try:
+            await self._db.transact(self._insert(kind, call_id, record))
+        except sqlite3.Error as exc:
+            raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
+        self._wrote = True
+        self._schedule_checkpoint()
+
+    def _insert(self, kind: Kind, call_id: str, record: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
+        """The write of one record, chained to the one before it (computed inside the transaction)."""
         body = json.dumps(record, separators=(",", ":"), default=str)
         key, instance = self.key, self.instance
 
@@ -207,12 +244,7 @@ class SqliteOutbox:
                 (seq, call_id, kind, ts, body, prev, digest, key.key_id, instance),
             )
 
-        try:
-            await self._db.transact(insert)
-        except sqlite3.Error as exc:
-            raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
-        self._wrote = True
-        self._schedule_checkpoint()
+        return insert
 
     def _retained_head(self, through: int) -> str:
         found = [cp for cp in self.checkpoints.read()[0] if cp.kind == "retained" and cp.seq == through]
@@ -270,7 +302,7 @@ class SqliteOutbox:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def _schedule_checkpoint(self) -> None:
-        if self._checkpoint_timer is not None or self._checkpoint_seconds <= 0:
+        if self._checkpoint_timer is not None or self._checkpoint_seconds <= 0 or self._closed:
             return
         loop = asyncio.get_running_loop()
         self._checkpoint_timer = loop.call_later(self._checkpoint_seconds, self._checkpoint_due)
@@ -299,7 +331,9 @@ class SqliteOutbox:
         return seq, head
 
     def record_head(self) -> tuple[int, str]:
-        """Checkpoint the current chain head now (at shutdown, or on demand); returns it."""
+        """Checkpoint the current chain head now (at shutdown, or on demand), after committing what
+        waits for its group commit; returns it."""
+        self._db.commit_deferred()
         return self._db.run_sync(self._checkpoint)
 
     # -- reading ------------------------------------------------------------------------------------
@@ -514,12 +548,15 @@ class SqliteOutbox:
             raise BackendUnavailable("audit", f"audit checkpoints cannot be written: {self.checkpoint_error}")
 
     async def close(self) -> None:
+        self._closed = True
         if self._checkpoint_timer is not None:
             self._checkpoint_timer.cancel()
             self._checkpoint_timer = None
         if self._checkpoint_task is not None:
             with contextlib.suppress(Exception):
                 await self._checkpoint_task
+        with contextlib.suppress(Exception):
+            self._db.commit_deferred()  # outcomes waiting for their group commit
         with contextlib.suppress(Exception):
             if self._wrote:  # a writer: its last head, signed, outside the database
                 self._db.run_sync(self._checkpoint)

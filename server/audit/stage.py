@@ -30,16 +30,25 @@ class RecordStage:
 
 
 class AuditStage:
-    """Commits the outcome (result summary, tokens, latency, stage timings)."""
+    """Writes the outcome (result summary, tokens, latency, stage timings). `deferred`: off the response
+    path, group-committed within the outbox's bounded interval (`audit.outcome_commit_seconds`); the
+    decision is already durable, a crash inside the interval leaves the call without an outcome and
+    the next start closes it as `interrupted`, and a write that fails is owed by the outbox, not lost.
+    Otherwise committed before the response, a failure reported to the caller."""
 
     name = "audit"
 
-    def __init__(self, outbox: Outbox, redactor: Redactor | None = None) -> None:
+    def __init__(self, outbox: Outbox, redactor: Redactor | None = None, *, deferred: bool = False) -> None:
         self._outbox = outbox
         self._redactor = redactor or Redactor()
+        self._deferred = deferred
 
     async def run(self, call: Call) -> Call:
-        await self._outbox.write("outcome", call.call_id, outcome_record(call, time.time(), self._redactor))
+        record = outcome_record(call, time.time(), self._redactor)
+        if self._deferred:
+            self._outbox.write_later("outcome", call.call_id, record)
+        else:  # committed before the response; a failure is reported to the caller (AfterInvoke)
+            await self._outbox.write("outcome", call.call_id, record)
         return call
 
 

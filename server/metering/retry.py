@@ -72,6 +72,15 @@ class MeterRetries:
             registry=registry,
         )
 
+    def written_behind(self, what: str, settles: int) -> None:
+        """A write-behind meter's report: `settles` owed (its flush failed) or written once it worked,
+        counted like the settles this queue retries."""
+        self._results.labels("settle", "queued" if what == "owed" else "done").inc(settles)
+        if what == "owed":
+            log.warning("meter_settles_owed", settles=settles, reason="the meters file refused the write-behind")
+        else:
+            log.info("meter_settles_written", settles=settles)
+
     def __len__(self) -> int:
         return len(self._queue)
 

@@ -15,6 +15,7 @@ from server.call import Budget, RunInfo
 from server.errors import BackendUnavailable
 from server.identity import Identity
 from server.metering import limits as L
+from server.metering.admission import admit_in
 from server.metering.instances import Instance, dead
 from server.metering.meter import Admission, Usage, WindowUsage
 from server.settings import Limits
@@ -277,86 +278,36 @@ class SqliteMeter:
         self._db.close()
 
 
-def _window(conn: sqlite3.Connection, agent: str, key: str, window: int, now: float) -> tuple[int, float]:
-    """Calls of `key` by `agent` in the last `window` seconds, and when the oldest of them was."""
-    conn.execute("DELETE FROM recent_calls WHERE agent = ? AND key = ? AND at <= ?", (agent, key, now - window))
-    row = conn.execute(
-        "SELECT count(*), coalesce(min(at), ?) FROM recent_calls WHERE agent = ? AND key = ?", (now, agent, key)
-    ).fetchone()
-    return int(row[0]), float(row[1])
+class _SqlStore:
+    """The admission's reads and writes as statements, inside the caller's transaction."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self._counters = _Counters(conn, now)
+        self.get, self.put = self._counters.get, self._counters.put
+
+    def in_flight(self, agent: str, now: float) -> tuple[int, int]:
+        return _in_flight(self.conn, agent, now)
+
+    def window(self, agent: str, key: str, window: int, now: float) -> tuple[int, float]:
+        """Calls of `key` by `agent` in the last `window` seconds, and when the oldest of them was."""
+        conn = self.conn
+        conn.execute("DELETE FROM recent_calls WHERE agent = ? AND key = ? AND at <= ?", (agent, key, now - window))
+        row = conn.execute(
+            "SELECT count(*), coalesce(min(at), ?) FROM recent_calls WHERE agent = ? AND key = ?", (now, agent, key)
+        ).fetchone()
+        return int(row[0]), float(row[1])
+
+    def log_calls(self, rows: list[tuple[str, str, float]]) -> None:
+        self.conn.executemany("INSERT INTO recent_calls VALUES (?, ?, ?)", rows)
+
+    def reserve(self, reservation: str, agent: str, tokens: int, expires_at: float, instance: str) -> None:
+        self.conn.execute(
+            "INSERT INTO reservations (id, agent, tokens, expires_at, instance) VALUES (?, ?, ?, ?, ?)",
+            (reservation, agent, tokens, expires_at, instance),
+        )
 
 
 def _admit(conn: sqlite3.Connection, agent: str, run: RunInfo, a: Admission, now: float, instance: str = "") -> Budget:
-    """Every limit checked, then everything counted, inside the caller's savepoint: raising a denial
-    rolls back its writes (SqliteDatabase.transact)."""
-    limits, c = a.limits, _Counters(conn, now)
-    in_flight, reserved = _in_flight(conn, agent, now)
-    calls: dict[L.Window, tuple[L.Bucket, int]] = {}
-    for window in L.CALL_WINDOWS:
-        b = L.bucket(window, now)
-        used = c.get(f"calls:{agent}:{window}", b.bucket)
-        calls[window] = (b, used)
-        maximum = L.call_limit(limits, window)
-        if maximum and used + 1 > maximum:
-            raise L.rate_denied(window, used, maximum, b.retry_after(now))
-    if limits.concurrent_calls and in_flight + 1 > limits.concurrent_calls:
-        raise L.concurrency_denied(in_flight, limits.concurrent_calls)
-    day_tokens = 0
-    for window in L.TOKEN_WINDOWS:
-        b = L.bucket(window, now)
-        used = c.get(f"tokens:{agent}:{window}", b.bucket)
-        day_tokens = used if window == "day" else day_tokens
-        maximum = L.token_limit(limits, window)
-        if maximum and used + reserved + a.estimate > maximum:
-            raise L.budget_denied(window, used, reserved, a.estimate, maximum, b.retry_after(now))
-    if limits.max_depth and run.depth > limits.max_depth:
-        raise L.depth_denied(run.depth, limits.max_depth)
-    run_calls = c.get(f"run:{agent}:{run.run_id}", 0) + 1
-    if limits.max_run_calls and run_calls > limits.max_run_calls:
-        raise L.run_denied(run.run_id, limits.max_run_calls)
-    repeats = c.get(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0) + 1
-    if limits.max_repeats and repeats > limits.max_repeats:
-        raise L.repeat_denied(run.run_id, repeats, limits.max_repeats)
-    # Sliding windows are kept only while their limit is on: each key then holds at most `limit`
-    # rows (refused calls are not logged), so counting stays cheap.
-    same_key, tool_key = f"same:{a.call_key}", f"tool:{a.tool}"
-    logged: list[tuple[str, str, float]] = []
-    identical = tool_calls = 0
-    if limits.max_identical_calls:
-        span = limits.identical_calls_window_seconds
-        identical, oldest = _window(conn, agent, same_key, span, now)
-        identical += 1
-        if identical > limits.max_identical_calls:
-            raise L.identical_denied(
-                identical, limits.max_identical_calls, span, L.sliding_retry_after(oldest, span, now)
-            )
-        logged.append((agent, same_key, now))
-    if limits.max_calls_per_tool:
-        span = limits.tool_calls_window_seconds
-        tool_calls, oldest = _window(conn, agent, tool_key, span, now)
-        if tool_calls + 1 > limits.max_calls_per_tool:
-            retry = L.sliding_retry_after(oldest, span, now)
-            raise L.tool_rate_denied(a.tool, tool_calls, limits.max_calls_per_tool, span, retry)
-        tool_calls += 1
-        logged.append((agent, tool_key, now))
-    if logged:
-        conn.executemany("INSERT INTO recent_calls VALUES (?, ?, ?)", logged)
-    for window, (b, used) in calls.items():
-        c.put(f"calls:{agent}:{window}", b.bucket, used + 1)
-    c.put(f"run:{agent}:{run.run_id}", 0, run_calls)
-    c.put(f"repeat:{agent}:{run.run_id}:{a.call_key}", 0, repeats)
-    conn.execute(
-        "INSERT INTO reservations (id, agent, tokens, expires_at, instance) VALUES (?, ?, ?, ?, ?)",
-        (a.reservation, agent, a.estimate, now + a.ttl, instance),
-    )
-    return Budget(
-        tokens_used=day_tokens,
-        tokens_limit=limits.tokens_per_day,
-        calls_this_minute=calls["minute"][1] + 1,
-        run_calls=run_calls,
-        repeats=repeats,
-        reservation=a.reservation,
-        reserved_tokens=a.estimate,
-        identical_calls=identical,
-        tool_calls=tool_calls,
-    )
+    """Inside the caller's savepoint: raising a denial rolls back its writes (SqliteDatabase.transact)."""
+    return admit_in(_SqlStore(conn, now), agent, run, a, now, instance)

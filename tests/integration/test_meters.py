@@ -1,4 +1,5 @@
-"""The meter contract, run against both stores: SQLite and a real redis-server."""
+"""The meter contract, run against every store: SQLite (write-through, and held in memory with
+write-behind) and a real redis-server."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from server.call import RunInfo
 from server.errors import BackendUnavailable, Denied
+from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Admission, Meter
 from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
@@ -58,7 +60,7 @@ def redis() -> Iterator[RedisProcess]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "buffered", "redis"])
 def store(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -75,7 +77,11 @@ async def make_meter(store: str, tmp_path: Path, redis: RedisProcess) -> AsyncIt
 
     def make(**options: float) -> Meter:
         meter: Meter = (
-            SqliteMeter(tmp_path / "meters.db", **options) if store == "sqlite" else RedisMeter(redis.url, **options)
+            SqliteMeter(tmp_path / "meters.db", **options)
+            if store == "sqlite"
+            else BufferedSqliteMeter(tmp_path / "meters.db", **options)
+            if store == "buffered"
+            else RedisMeter(redis.url, **options)
         )
         made.append(meter)
         return meter
@@ -271,6 +277,8 @@ def _finished_pid() -> int:
 
 
 async def test_a_dead_process_reservations_are_released_at_start(make_meter: Callable[..., Meter]) -> None:
+    if isinstance(make_meter(), BufferedSqliteMeter):
+        pytest.skip("several meters on one file: the buffered meter serves one process (tests/unit: its crash)")
     lim = limits(concurrent_calls=12, tokens_per_day=100_000)
     crashed = make_meter()
     crashed.instance = dataclasses.replace(crashed.instance, pid=_finished_pid(), pid_start="1")  # type: ignore[attr-defined]
@@ -291,6 +299,8 @@ async def test_a_dead_process_reservations_are_released_at_start(make_meter: Cal
 async def test_a_live_replica_keeps_its_reservations_until_its_heartbeat_stops(
     make_meter: Callable[..., Meter],
 ) -> None:
+    if isinstance(make_meter(), BufferedSqliteMeter):
+        pytest.skip("several meters on one file: the buffered meter serves one process (tests/unit: its crash)")
     lim = limits(concurrent_calls=0)
     replica = make_meter(heartbeat_seconds=60, instance_timeout=1.0)  # same process: judged by heartbeat
     await replica.start()
@@ -304,6 +314,8 @@ async def test_a_live_replica_keeps_its_reservations_until_its_heartbeat_stops(
 
 
 async def test_a_meter_that_closes_releases_what_it_still_holds(make_meter: Callable[..., Meter]) -> None:
+    if isinstance(make_meter(), BufferedSqliteMeter):
+        pytest.skip("several meters on one file: the buffered meter serves one process (tests/unit: its crash)")
     lim = limits()
     first = make_meter()
     await first.start()
