@@ -18,6 +18,7 @@ from server.auth.metadata import metadata_path, metadata_url, protected_resource
 from server.auth.middleware import BearerAuthMiddleware
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
+from server.protocol.fast import FastEdge
 from server.protocol.server import build_mcp_server
 from server.registry import Tool
 from server.request_id import RequestIdMiddleware, request_id_of
@@ -37,8 +38,9 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     gateway = build_gateway(settings, tools)
     hosts = allowed_hosts(settings.base_url, settings.server.allowed_hosts)
     origins = allowed_origins(settings.base_url, settings.server.allowed_origins)
+    mcp_server = build_mcp_server(gateway.handlers, gateway.registry)
     sessions = StreamableHTTPSessionManager(
-        app=build_mcp_server(gateway.handlers, gateway.registry),
+        app=mcp_server,
         json_response=settings.server.json_response,
         stateless=settings.server.stateless,
         security_settings=sdk_settings(hosts, origins),
@@ -71,7 +73,14 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     )
     endpoint = TransportGuard(
         BearerAuthMiddleware(
-            sessions.handle_request,
+            FastEdge(
+                sessions.handle_request,
+                gateway.handlers,
+                gateway.registry,
+                mcp_server,
+                sdk_settings(hosts, origins),
+                json_response=settings.server.json_response and settings.server.fast_path,
+            ),
             gateway.verifier,
             metadata_url(settings.base_url, settings.resource_url),
             gateway.metrics,

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -110,7 +109,7 @@ class Pipeline:
         """Stop `call` with `exc` without running (more) stages: also for a call refused before the
         pipeline could start (a request the edge could not read), so that it is recorded like any
         other. Every `on_stop` handler runs, even if one before it fails."""
-        call = replace(call, error=exc, decision=exc.decision or call.decision, grants=exc.grants or call.grants)
+        call = call.evolve(error=exc, decision=exc.decision or call.decision, grants=exc.grants or call.grants)
         for handler in self._on_stop:
             try:
                 await handler(call)

@@ -56,6 +56,9 @@ class ServerSettings(BaseModel):
     stateless: bool = False
     """Serve 2025-era clients without sessions (for replicas behind a load balancer without stickiness)."""
     json_response: bool = True
+    fast_path: bool = True
+    """Serve plain 2026-07-28 JSON `tools/call` and `tools/list` requests that nothing can be relayed to
+    without the SDK server's per-request machinery (server/protocol/fast.py); false: the SDK serves all."""
     session_idle_timeout_seconds: float = 1800.0
     tool_timeout_seconds: float = Field(default=30.0, gt=0)
     shutdown_grace_seconds: float | None = Field(default=None, gt=0)

@@ -12,10 +12,13 @@ import os
 from typing import Any
 
 import structlog
+from mcp.shared.exceptions import MCPError
+from mcp_types import HEADER_MISMATCH
 
 from server.errors import BackendUnavailable
 from server.settings import UpstreamSettings
 from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, compiled, first_error_bounded
+from server.upstream.http_client import HttpUpstreamClient
 
 log = structlog.get_logger("castellan.upstream")
 
@@ -34,6 +37,19 @@ class UpstreamConnection:
         self.error: str | None = None
         self.output_schemas: dict[str, Any] = {}
         """Upstream tool name → output schema, checked by the manager (`server.tool_schema`)."""
+        self.input_schemas: dict[str, Any] = {}
+        """Upstream tool name → input schema as last listed (the lean client mirrors its Mcp-Param headers)."""
+        self._lean: HttpUpstreamClient | None = None
+        """The pooled client for calls with nothing to relay (HTTP upstreams, once connected)."""
+
+    def _http_headers(self) -> dict[str, str]:
+        """The gateway's own headers for this upstream (its credentials; never the agent's token)."""
+        headers = dict(self.settings.headers)
+        if self.settings.token_env:
+            token = os.environ.get(self.settings.token_env, "")
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+        return headers
 
     def _transport(self) -> tuple[Any, Any]:
         """The client transport, and an HTTP client to close afterwards (or None)."""
@@ -41,12 +57,7 @@ class UpstreamConnection:
             from mcp.client.streamable_http import streamable_http_client
             from mcp.shared._httpx_utils import create_mcp_http_client
 
-            headers = dict(self.settings.headers)
-            if self.settings.token_env:
-                token = os.environ.get(self.settings.token_env, "")
-                if token:
-                    headers["Authorization"] = f"Bearer {token}"
-            http = create_mcp_http_client(headers=headers)
+            http = create_mcp_http_client(headers=self._http_headers())
             return streamable_http_client(self.settings.url, http_client=http), http
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -86,6 +97,10 @@ class UpstreamConnection:
                 # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
                 client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
                 self._client, self.error = client, None
+                if self.settings.url:
+                    self._lean = HttpUpstreamClient(
+                        self.settings.url, self._http_headers(), client.protocol_version, self.settings.timeout_seconds
+                    )
                 ready.set_result(None)
                 log.info("upstream_connected", upstream=self.name, protocol=getattr(client, "protocol_version", None))
                 await self._stop.wait()
@@ -97,6 +112,9 @@ class UpstreamConnection:
                 log.warning("upstream_disconnected", upstream=self.name, error=self.error)
         finally:
             self._client = None
+            lean, self._lean = self._lean, None
+            if lean is not None:
+                await lean.close()
 
     async def list_tools(self) -> list[Any]:
         await self.connect()
@@ -108,6 +126,7 @@ class UpstreamConnection:
                     self._client.list_tools(cursor=cursor, cache_mode="bypass"), timeout=self.settings.timeout_seconds
                 )
                 tools += page.tools
+                self.input_schemas.update({t.name: getattr(t, "input_schema", None) for t in page.tools})
                 cursor = getattr(page, "nextCursor", None) or getattr(page, "next_cursor", None)
                 if not cursor:
                     return tools
@@ -115,10 +134,35 @@ class UpstreamConnection:
             await self.close()  # reconnect at the next refresh
             raise
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
+    async def call_tool(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        headers: dict[str, str] | None = None,
+        relay: Any = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Any:
+        """Calls `name` upstream. With nothing to relay (`relay` None) an HTTP upstream's call goes
+        through the pooled lean client (`headers` sent on its POST); otherwise through the SDK session."""
         await self.connect()
         try:
-            return await self._client.call_tool(name, arguments, read_timeout_seconds=self.settings.timeout_seconds)
+            if relay is None and self._lean is not None:
+                try:
+                    result = await self._lean.call_tool(
+                        name, arguments, input_schema=self.input_schemas.get(name), headers=headers, meta=meta
+                    )
+                except MCPError as exc:
+                    if exc.error.code != HEADER_MISMATCH:
+                        raise
+                    # refused before it ran: our listing is stale; the SDK client re-lists and resends once
+                else:
+                    if not result.is_error:  # as the SDK: results that are errors are not schema-checked
+                        await self._validate_result(name, result)
+                    return result
+            return await self._client.call_tool(
+                name, arguments, read_timeout_seconds=self.settings.timeout_seconds, meta=meta
+            )
         except ResultRefused:
             raise
         except Exception:

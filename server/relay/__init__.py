@@ -1,0 +1,1 @@
+"""Relay of server-to-client traffic (sampling, elicitation, roots, logs, progress) raised during a call."""
