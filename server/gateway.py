@@ -47,9 +47,14 @@ from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
+from server.protocol.acts import Acts
+from server.protocol.resources import ResourceHandlers
+from server.protocol.surface import Surface
 from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
+from server.resources.catalog import ResourceCatalog
+from server.resources.resolve import ResolveResourceStage
 from server.settings import Settings
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
@@ -72,6 +77,7 @@ class Gateway:
     call_pipeline: Pipeline
     list_pipeline: Pipeline
     handlers: McpHandlers
+    surface: Surface | None = None
     watcher: PolicyWatcher | None = None
     decision_log: DecisionLog | None = None
     llm: LlmProxy | None = None
@@ -201,6 +207,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             seed_demo_grants(grant_source)
         if settings.llm.upstream_url:
             register_models(grant_source, settings.llm, settings.demo)
+    resources = ResourceCatalog()
     upstreams = None
     if settings.upstreams:
         upstreams = UpstreamManager(
@@ -210,6 +217,12 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             settings.tools.upstream_refresh_seconds,
             on_new_tool=(
                 (lambda tool: grant_source.add_securable("FUNCTION", tool.spec.securable))
+                if isinstance(grant_source, LocalCatalog)
+                else None
+            ),
+            resources=resources,
+            on_new_resource=(
+                (lambda target: grant_source.add_securable("RESOURCE", target.spec.securable))
                 if isinstance(grant_source, LocalCatalog)
                 else None
             ),
@@ -285,6 +298,31 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
     handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
+    # A resource read is a governed act like a tool call: the same stages, its target resolved from
+    # the resource catalog and READ on its securable checked (docs/protocol.md).
+    resolve_resource = ResolveResourceStage(resources)
+    read_pipeline = Pipeline(
+        [
+            authenticate,
+            resolve_resource,
+            AdmitStage(meter, settings.metering, counter),
+            grants_stage,
+            policy,
+            RecordStage(outbox, redactor),
+            InvokeStage(settings.server.tool_timeout_seconds),
+            ObligationsStage(),
+            ChargeStage(meter, counter, retries),
+            AuditStage(outbox, redactor),
+        ],
+        metrics,
+        on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
+    )
+    acts = Acts(metrics)
+    surface = Surface(
+        resources,
+        ResourceHandlers(resources, Pipeline([authenticate, resolve_resource, grants_stage, policy], metrics),
+                         read_pipeline, acts),
+    )  # fmt: skip
     log.info(
         "gateway_built",
         tools=len(registry),
@@ -311,6 +349,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         call_pipeline=call_pipeline,
         list_pipeline=list_pipeline,
         handlers=handlers,
+        surface=surface,
         watcher=watcher,
         decision_log=decision_log,
         shipper=shipper,

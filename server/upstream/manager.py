@@ -10,6 +10,10 @@ from typing import Any
 import structlog
 
 from server.registry import Tool, ToolRegistry
+from server.resources.catalog import ResourceCatalog
+from server.resources.target import ResourceTarget
+from server.resources.upstream import definition_of as resource_definition
+from server.resources.upstream import upstream_target
 from server.settings import UpstreamSettings
 from server.tool_schema import SchemaRefused, compile_arguments
 from server.upstream.connection import UpstreamConnection
@@ -27,8 +31,13 @@ class UpstreamManager:
         pins: PinStore,
         refresh_seconds: float,
         on_new_tool: Callable[[Tool], None] | None = None,
+        resources: ResourceCatalog | None = None,
+        on_new_resource: Callable[[ResourceTarget], None] | None = None,
     ) -> None:
         self._on_new_tool = on_new_tool
+        self.resources = resources
+        self._on_new_resource = on_new_resource
+        self._known_resources: set[str] = set()
         self.connections = [UpstreamConnection(u) for u in upstreams]
         self._registry = registry
         self.pins = pins
@@ -53,6 +62,51 @@ class UpstreamManager:
                 log.warning("upstream_list_failed", upstream=connection.name, error=str(exc)[:300])
                 continue
             self._serve(connection, listed)
+            if self.resources is not None:
+                await self._refresh_resources(connection, self.resources)
+
+    async def _refresh_resources(self, connection: UpstreamConnection, catalog: ResourceCatalog) -> None:
+        """Serves the resources and templates `connection` lists now (none if it declares no resources
+        capability). Each definition is pinned like a tool's, under `resource:<uri>`: a changed name,
+        description or MIME type is quarantined (listed nowhere, reads denied) until approved. A URI or
+        template another upstream already serves is refused, and the first keeps serving."""
+        listed: list[ResourceTarget] = []
+        if connection.serves("resources"):
+            try:
+                resources = await connection.list_resources()
+                templates = await connection.list_resource_templates()
+            except Exception as exc:
+                log.warning("upstream_resources_list_failed", upstream=connection.name, error=str(exc)[:300])
+                return
+            for item, template in [*((r, False) for r in resources), *((t, True) for t in templates)]:
+                definition = resource_definition(item, template)
+                try:
+                    target = upstream_target(connection, definition)
+                except Exception as exc:  # a name or securable we cannot serve
+                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
+                                reason=str(exc)[:300])  # fmt: skip
+                    continue
+                clash = catalog.collision(connection.name, target, listed)
+                if clash:
+                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
+                                reason=clash)  # fmt: skip
+                    continue
+                pinned = {"kind": "resource_template" if template else "resource", **definition.as_mcp(definition.name)}
+                status = self.pins.observe(
+                    f"resource:{definition.uri}", connection.name, pinned,
+                    trust_first=connection.settings.pin == "first-use",
+                )  # fmt: skip
+                if status == "quarantined":
+                    target.blocked = (
+                        f"upstream resource {definition.uri} is quarantined: its definition changed (or was never "
+                        "approved); an admin must review and approve it "
+                        f"(castellan tools approve resource:{definition.uri})"
+                    )
+                if self._on_new_resource is not None and target.spec.securable not in self._known_resources:
+                    self._on_new_resource(target)  # e.g. create its securable in the local catalog
+                    self._known_resources.add(target.spec.securable)
+                listed.append(target)
+        catalog.sync(connection.name, listed)
 
     def _serve(self, connection: UpstreamConnection, listed: list[Any]) -> None:
         """Serves what `connection` lists now. Refused, each with its reason (logged once, recorded for

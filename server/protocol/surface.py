@@ -1,0 +1,36 @@
+"""What the gateway serves beyond tools, registered with the SDK server as sources appear: its capabilities
+are what it and its upstreams really serve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+from mcp.server.lowlevel import Server
+
+from server.protocol.resources import ResourceHandlers
+from server.resources.catalog import ResourceCatalog
+
+
+@dataclass
+class Surface:
+    """The handlers of the non-tool methods and the catalogs they serve. `attach` registers a
+    method's handlers once something can answer it (so `resources` is declared only when there are
+    resources), and again whenever a catalog changes."""
+
+    resources: ResourceCatalog
+    resource_handlers: ResourceHandlers
+
+    def attach(self, server: Server[Any]) -> None:
+        self.install(server)
+        self.resources.on_change(lambda: self.install(server))
+
+    def install(self, server: Server[Any]) -> None:
+        if len(self.resources) and server.get_request_handler("resources/list") is None:
+            h = self.resource_handlers
+            server.add_request_handler("resources/list", types.PaginatedRequestParams, h.list_resources)
+            server.add_request_handler(
+                "resources/templates/list", types.PaginatedRequestParams, h.list_resource_templates
+            )
+            server.add_request_handler("resources/read", types.ReadResourceRequestParams, h.read_resource)
