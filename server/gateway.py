@@ -308,6 +308,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             AdmitStage(meter, settings.metering, counter),
             grants_stage,
             policy,
+            ApprovalStage(approvals),  # a policy may ask an approver for a read too
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
             ObligationsStage(),
