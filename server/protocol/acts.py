@@ -21,6 +21,7 @@ from server.identity import Identity
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.protocol.tools import _as_mapping, client_of
+from server.registry import Tool, ToolOutput
 from server.request_id import request_id_of
 from server.runs import run_info
 
@@ -69,7 +70,9 @@ class Acts:
         name: str,
         arguments: Mapping[str, Any],
         meta: object = None,
+        tool: Tool | None = None,
     ) -> Call:
+        """`tool`: a target the edge resolved already (a completion's); the resolve stage checks it."""
         request, identity, request_id = caller_of(ctx)
         call_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -82,6 +85,7 @@ class Acts:
             call_id=call_id,
             request_id=request_id,
             client=client_of(ctx, request),
+            tool=tool,
         )
         try:
             call = await pipeline.run(call)
@@ -112,6 +116,14 @@ class Acts:
             policy_version=call.decision.policy_version if call.decision else None,
             ms=round(elapsed * 1000, 3),
         )
+
+
+def source_error(output: ToolOutput, **data: Any) -> MCPError:
+    """The act ran and its source answered with an error (an unknown URI under a template, bad prompt
+    arguments), or it failed or timed out: the agent gets the source's code and message."""
+    said = (output.structured or {}).get("source_error") or {}
+    code: int = said["code"] if isinstance(said.get("code"), int) else types.INTERNAL_ERROR
+    return MCPError(code=code, message=str(said.get("message") or output.text)[:500], data=data)
 
 
 def returnable(call: Call) -> bool:

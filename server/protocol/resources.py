@@ -6,12 +6,11 @@ from typing import Any
 
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
-from mcp.shared.exceptions import MCPError
 
 from server.errors import InternalError
 from server.listing import visible
 from server.pipeline import Pipeline
-from server.protocol.acts import Acts, caller_of, returnable, to_mcp_error
+from server.protocol.acts import Acts, caller_of, returnable, source_error, to_mcp_error
 from server.resources.catalog import ResourceCatalog
 from server.resources.target import ResourceTarget
 
@@ -67,8 +66,5 @@ class ResourceHandlers:
         if not returnable(call):
             raise to_mcp_error(call.error or InternalError("read", "no result"), uri=uri)
         if call.output is not None and call.output.is_error:
-            # the source answered the read with an error (or it failed, timed out): the agent sees why
-            said = (call.output.structured or {}).get("source_error") or {}
-            code: int = said["code"] if isinstance(said.get("code"), int) else types.INTERNAL_ERROR
-            raise MCPError(code=code, message=str(said.get("message") or call.output.text)[:500], data={"uri": uri})
+            raise source_error(call.output, uri=uri)
         return read_result(uri, call.output)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from server.content import as_text, block_parts
-from server.grants.source import Requirement
-from server.registry import ToolOutput, ToolSpec
+from server.registry import ToolOutput
+from server.target import Target, slug
+
+__all__ = ["ResourceDefinition", "ResourceTarget", "slug", "template_pattern"]
 
 Reader = Callable[[str], Awaitable[list[dict[str, Any]]]]
 """Reads a URI; returns its contents as MCP resource contents (`uri`, `mimeType`, `text` or `blob`)."""
@@ -39,15 +40,6 @@ def template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.DOTALL)
 
 
-def slug(text: str, limit: int = 64) -> str:
-    """`text` as a catalog-name part: runs of other characters made `_`, lower case, bounded; a long
-    or emptied name keeps a short hash of the original so two never meet."""
-    base = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    if not base or len(base) > limit:
-        return f"{base[: limit - 9]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}".lstrip("_")
-    return base
-
-
 @dataclass(frozen=True, slots=True)
 class ResourceDefinition:
     """What the agent is shown for a resource or a template (`uri` is then the URI template)."""
@@ -70,10 +62,9 @@ class ResourceDefinition:
         return entry
 
 
-class ResourceTarget:
-    """A resource as a target of the pipeline (it stands where a tool stands in a `Call`): its
-    `spec` names the securable; reading needs `USE CATALOG`, `USE SCHEMA` and `READ` on it; its
-    `invoke` reads the URI the call names (`arguments["uri"]`). Blocked while `blocked` says why."""
+class ResourceTarget(Target):
+    """A resource or template as a pipeline target: reading needs `READ` on its `RESOURCE` securable;
+    its `invoke` reads the URI the call names (`arguments["uri"]`)."""
 
     def __init__(
         self,
@@ -85,36 +76,20 @@ class ResourceTarget:
         upstream: str | None = None,
         privilege: tuple[str, str] = ("READ", "RESOURCE"),
     ) -> None:
-        self.definition = definition
-        self.served_name = name
-        self._reader = reader
-        self._privilege = privilege
-        self.pattern = template_pattern(definition.uri) if definition.template else None
-        self.blocked: str | None = None
-        self.spec = ToolSpec(
-            name=slug(name, 128) if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", name) else name,
-            title=definition.title,
-            description=definition.description or "",
+        super().__init__(
+            name=name,
             securable=securable,
-            input_schema={"type": "object"},
-            annotations={},
+            privilege=privilege,
             upstream=upstream,
+            title=definition.title,
+            description=definition.description,
         )
+        self.definition = definition
+        self._reader = reader
+        self.pattern = template_pattern(definition.uri) if definition.template else None
 
     def matches(self, uri: str) -> bool:
         return uri == self.definition.uri if self.pattern is None else self.pattern.fullmatch(uri) is not None
-
-    def requirements(self) -> tuple[Requirement, ...]:
-        catalog, schema, _ = self.spec.securable.split(".", 2)
-        privilege, securable_type = self._privilege
-        return (
-            Requirement("USE CATALOG", "CATALOG", catalog),
-            Requirement("USE SCHEMA", "SCHEMA", f"{catalog}.{schema}"),
-            Requirement(privilege, securable_type, self.spec.securable),
-        )
-
-    def blocked_reason(self) -> str | None:
-        return self.blocked
 
     def decision_input(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """What policy sees of the resource beside `tool` (`input.resource`)."""

@@ -46,11 +46,19 @@ def upstream_reader(connection: UpstreamConnection) -> Callable[[str], Any]:
 
 
 def upstream_target(connection: UpstreamConnection, definition: ResourceDefinition) -> ResourceTarget:
+    import mcp_types as types
+
+    from server.completions import upstream_completer
+
     settings = connection.settings
-    return ResourceTarget(
+    target = ResourceTarget(
         definition,
         name=f"{settings.tool_prefix}{definition.name or slug(definition.uri)}",
         securable=resource_securable(settings, definition.uri),
         reader=upstream_reader(connection),
         upstream=settings.name,
     )
+    if definition.template:
+        ref = types.ResourceTemplateReference(type="ref/resource", uri=definition.uri)
+        target.completer = upstream_completer(connection, ref)
+    return target

@@ -131,6 +131,15 @@ class UpstreamConnection:
     async def read_resource(self, uri: str) -> Any:
         return await self._request(lambda: self._client.read_resource(uri, cache_mode="bypass"))
 
+    async def list_prompts(self) -> list[Any]:
+        return await self._paged(lambda c: self._client.list_prompts(cursor=c, cache_mode="bypass"), "prompts")
+
+    async def get_prompt(self, name: str, arguments: dict[str, str]) -> Any:
+        return await self._request(lambda: self._client.get_prompt(name, arguments))
+
+    async def complete(self, ref: Any, argument: dict[str, str], context: dict[str, str] | None) -> Any:
+        return await self._request(lambda: self._client.complete(ref, argument, context_arguments=context))
+
     async def _paged(self, fetch: Any, member: str) -> list[Any]:
         """Every page of a list request; a failure drops the connection (reconnected on next use)."""
         await self.connect()

@@ -1,5 +1,6 @@
-"""Resources of an upstream MCP server through the gateway, with the official Python client in both eras:
-listed per identity, read only with READ on the resource's securable, every read audited."""
+"""Resources, prompts and completions of an upstream MCP server through the gateway, with the official
+Python client in both eras: listed per identity, a read only with READ on the resource's securable, a
+prompt only with EXECUTE on its function and arguments decided like a tool call's, every act audited."""
 
 from __future__ import annotations
 
@@ -172,3 +173,78 @@ async def test_an_unknown_uri_is_invalid_params_naming_it(gateway: GatewayProces
 def test_resource_securables_are_in_the_catalog(gateway: GatewayProcess, tmp_path: Path) -> None:
     shown = run_cli(gateway, "grants", "show", "--securable", TEXT)
     assert shown.returncode == 0, shown.stderr
+
+
+PROMPT = "main.upstream.fixture__prompt__test_prompt_with_arguments"
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_admin_lists_and_gets_prompts_with_arguments_and_images(gateway: GatewayProcess, mode: str) -> None:
+    agent = f"prompter-{mode}"
+    async with connect(gateway, cli_token(gateway, agent, "admins"), mode) as client:
+        listed = {p.name: p for p in (await client.list_prompts()).prompts}
+        assert "fixture.test_prompt_with_arguments" in listed
+        assert [a.name for a in listed["fixture.test_prompt_with_arguments"].arguments or []] == ["arg1", "arg2"]
+        got = await client.get_prompt("fixture.test_prompt_with_arguments", {"arg1": "hello", "arg2": "world"})
+        assert got.messages[0].content.text == "Prompt with arguments: arg1='hello', arg2='world'"  # type: ignore[union-attr]
+        image = await client.get_prompt("fixture.test_prompt_with_image")
+        assert image.messages[0].role == "user"
+        assert image.messages[0].content.type == "image"
+        with pytest.raises(MCPError) as missing:  # arg2 is required: refused before policy, audited
+            await client.get_prompt("fixture.test_prompt_with_arguments", {"arg1": "hello"})
+        assert missing.value.error.data["stage"] == "validate"
+    records = [r for r in audited(gateway, agent) if r["action"] == "prompt"]
+    assert {(r["tool"], r["decision"]) for r in records} >= {
+        ("fixture.test_prompt_with_arguments", "allow"),
+        ("fixture.test_prompt_with_image", "allow"),
+        ("fixture.test_prompt_with_arguments", "deny"),
+    }
+    allowed = next(r for r in records if r["decision"] == "allow" and r["tool"].endswith("arguments"))
+    assert allowed["arguments"] == {"arg1": "hello", "arg2": "world"}
+    assert allowed["securable"] == PROMPT
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_prompt_arguments_meet_the_policy_a_tool_call_meets(gateway: GatewayProcess, mode: str) -> None:
+    async with connect(gateway, cli_token(gateway, f"sneaky-{mode}", "admins"), mode) as client:
+        with pytest.raises(MCPError) as refused:  # a zero-width space and full-width letters hide nothing
+            await client.get_prompt(
+                "fixture.test_prompt_with_arguments",
+                {"arg1": "drop\u200b \uff34\uff21\uff22\uff2c\uff25 x", "arg2": "y"},
+            )
+    assert refused.value.code == DENIED
+    assert refused.value.error.data["stage"] == "policy"
+    assert refused.value.error.data["reasons"] == ['argument arg1 contains blocked text "drop table"']
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_analyst_without_execute_sees_no_prompts_and_gets_none(gateway: GatewayProcess, mode: str) -> None:
+    async with connect(gateway, cli_token(gateway, f"no-prompt-{mode}", "analysts"), mode) as client:
+        assert (await client.list_prompts()).prompts == []
+        with pytest.raises(MCPError) as refused:
+            await client.get_prompt("fixture.test_simple_prompt")
+    assert refused.value.code == DENIED
+    assert refused.value.error.data["stage"] == "grants"
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_completions_come_from_the_upstream_governed_and_audited(gateway: GatewayProcess, mode: str) -> None:
+    import mcp_types as types
+
+    agent = f"completer-{mode}"
+    async with connect(gateway, cli_token(gateway, agent, "admins"), mode) as client:
+        ref = types.PromptReference(type="ref/prompt", name="fixture.test_prompt_with_arguments")
+        done = await client.complete(ref, {"name": "arg1", "value": "par"})
+        assert done.completion.values == ["paris", "park", "party"]
+        template = types.ResourceTemplateReference(type="ref/resource", uri="test://template/{id}/data")
+        assert (await client.complete(template, {"name": "id", "value": "test"})).completion.values
+        with pytest.raises(MCPError) as unknown:
+            await client.complete(types.PromptReference(type="ref/prompt", name="nothing"), {"name": "a", "value": ""})
+        assert unknown.value.code == -32602
+    async with connect(gateway, cli_token(gateway, f"no-complete-{mode}", "analysts"), mode) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.complete(ref, {"name": "arg1", "value": "par"})
+        assert refused.value.code == DENIED
+    records = [r for r in audited(gateway, agent) if r["action"] == "complete"]
+    assert {r["decision"] for r in records} == {"allow", "deny"}
+    assert any(r["arguments"] == {"arg1": "par"} for r in records)
