@@ -13,7 +13,8 @@ from server.identity import Identity
 from server.policy.engine import Decision
 from server.registry import Tool, ToolOutput
 
-Action = Literal["call", "list", "llm"]
+Action = Literal["call", "list", "llm", "read", "prompt", "complete", "sample", "elicit", "roots"]
+"""What the agent (or, for sample/elicit/roots, an upstream during a call) asks for: docs/protocol.md."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,3 +75,10 @@ class Unauthenticated(Exception):
 
 class ConfigError(Exception):
     """The configuration cannot work. Stops start-up; never raised for a call."""
+
+
+class NotFound(Denied):
+    """What the call names does not exist (a resource URI, a prompt): audited like any refusal; at the
+    edge a JSON-RPC invalid-params error for the methods that have no error result (SEP-2164)."""
+
+    code = "not_found"

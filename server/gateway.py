@@ -22,6 +22,7 @@ from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
+from server.completions import ResolveCompletionStage
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
@@ -39,7 +40,7 @@ from server.metering.retry import MeterRetries
 from server.metering.stage import AdmitStage, ChargeStage, ReleaseReservation
 from server.metering.tokens import TokenCounter
 from server.metrics import Metrics
-from server.pipeline import Pipeline
+from server.pipeline import Pipeline, Stage
 from server.policy.bundle import PolicyBundle
 from server.policy.decision_log import DecisionLog
 from server.policy.engine import PolicyEngine
@@ -48,9 +49,18 @@ from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
+from server.prompts.catalog import PromptCatalog
+from server.prompts.resolve import ResolvePromptStage
+from server.protocol.acts import Acts
+from server.protocol.completions import CompletionHandlers
+from server.protocol.prompts import PromptHandlers
+from server.protocol.resources import ResourceHandlers
+from server.protocol.surface import Surface
 from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
+from server.resources.catalog import ResourceCatalog
+from server.resources.resolve import ResolveResourceStage
 from server.settings import Settings
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
@@ -73,6 +83,7 @@ class Gateway:
     call_pipeline: Pipeline
     list_pipeline: Pipeline
     handlers: McpHandlers
+    surface: Surface | None = None
     watcher: PolicyWatcher | None = None
     decision_log: DecisionLog | None = None
     llm: LlmProxy | None = None
@@ -202,6 +213,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             seed_demo_grants(grant_source)
         if settings.llm.upstream_url:
             register_models(grant_source, settings.llm, settings.demo)
+    resources, prompts = ResourceCatalog(), PromptCatalog()
     upstreams = None
     if settings.upstreams:
         upstreams = UpstreamManager(
@@ -211,6 +223,18 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             settings.tools.upstream_refresh_seconds,
             on_new_tool=(
                 (lambda tool: grant_source.add_securable("FUNCTION", tool.spec.securable))
+                if isinstance(grant_source, LocalCatalog)
+                else None
+            ),
+            resources=resources,
+            on_new_resource=(
+                (lambda target: grant_source.add_securable("RESOURCE", target.spec.securable))
+                if isinstance(grant_source, LocalCatalog)
+                else None
+            ),
+            prompts=prompts,
+            on_new_prompt=(
+                (lambda target: grant_source.add_securable("FUNCTION", target.spec.securable))
                 if isinstance(grant_source, LocalCatalog)
                 else None
             ),
@@ -288,6 +312,49 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
     handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
+
+    # A resource read, a prompt and a completion are governed acts like a tool call: the same stages,
+    # the target resolved from its catalog and what using it needs checked (docs/protocol.md).
+    def act_pipeline(resolve_target: Stage, *validate: Stage) -> Pipeline:
+        return Pipeline(
+            [
+                authenticate,
+                resolve_target,
+                AdmitStage(meter, settings.metering, counter),
+                grants_stage,
+                *validate,  # after grants: cheap refusals first
+                policy,
+                ApprovalStage(approvals),  # a policy may ask an approver for any act
+                RecordStage(outbox, redactor),
+                InvokeStage(settings.server.tool_timeout_seconds),
+                ObligationsStage(),
+                ChargeStage(meter, counter, retries),
+                AuditStage(outbox, redactor),
+            ],
+            metrics,
+            on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
+        )
+
+    resolve_resource, resolve_prompt = ResolveResourceStage(resources), ResolvePromptStage(prompts)
+    acts = Acts(metrics)
+    surface = Surface(
+        resources=resources,
+        resource_handlers=ResourceHandlers(
+            resources,
+            Pipeline([authenticate, resolve_resource, grants_stage, policy], metrics),
+            act_pipeline(resolve_resource),
+            acts,
+        ),
+        prompts=prompts,
+        prompt_handlers=PromptHandlers(
+            prompts,
+            Pipeline([authenticate, resolve_prompt, grants_stage, policy], metrics),
+            act_pipeline(resolve_prompt, ValidateStage(registry, settings.tools.max_validation_steps)),
+            acts,
+        ),
+        completion_handlers=CompletionHandlers(prompts, resources, act_pipeline(ResolveCompletionStage()), acts),
+        completes=lambda: upstreams is not None and upstreams.serves("completions"),
+    )
     log.info(
         "gateway_built",
         tools=len(registry),
@@ -314,6 +381,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         call_pipeline=call_pipeline,
         list_pipeline=list_pipeline,
         handlers=handlers,
+        surface=surface,
         watcher=watcher,
         decision_log=decision_log,
         shipper=shipper,

@@ -49,7 +49,7 @@ class ValidateStage:
         self._max_steps = max_steps
 
     async def run(self, call: Call) -> Call:
-        if call.action != "call":
+        if call.action not in ("call", "prompt"):  # a prompt's arguments are checked against its own
             return call
         assert call.tool is not None
         try:

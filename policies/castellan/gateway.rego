@@ -1,10 +1,14 @@
 # METADATA
 # title: Castellan gateway policy
 # description: |
-#   Decides every tools/call (input.action == "call") and every tools/list entry
-#   (input.action == "list"). The decision input is documented in
-#   server/policy/schema/decision-input.v1.json. Per-tool settings live in config/data.json
-#   beside this file (data.castellan.config.tools).
+#   Decides every governed act: a tools/call (input.action == "call"), every entry of a list
+#   (input.action == "list": tools, resources, templates, prompts), a resources/read ("read"),
+#   a prompts/get ("prompt"), a completion/complete ("complete"), and what an upstream relays to
+#   the agent during a call. The decision input is documented in
+#   server/policy/schema/decision-input.v2.json and docs/protocol.md. Per-tool settings live in
+#   config/data.json beside this file (data.castellan.config.tools; a resource or prompt is
+#   configured there under the name it is served as), resource rules under
+#   data.castellan.config.resources.
 package castellan.gateway
 
 import rego.v1
@@ -72,6 +76,29 @@ obligations["require_approval"] := {"groups": approvers, "reason": approval_reas
 
 approval_timeout if is_number(approval.timeout_seconds)
 
+# Acts whose arguments the agent writes, checked alike: a tool call's arguments, a prompt's
+# arguments, the text a completion is asked for.
+takes_arguments if input.action == "call"
+
+takes_arguments if input.action == "prompt"
+
+takes_arguments if input.action == "complete"
+
+# Acts metered against the identity's token budget.
+metered if input.action == "call"
+
+metered if input.action == "read"
+
+metered if input.action == "prompt"
+
+resource_config := object.get(data.castellan.config, "resources", {})
+
+# Resources under a blocked URI prefix are neither listed nor read.
+deny contains sprintf("resource %v is under the blocked prefix %v", [input.resource.uri, prefix]) if {
+	some prefix in object.get(resource_config, "blocked_prefixes", [])
+	startswith(input.resource.uri, prefix)
+}
+
 in_any_group(groups) if {
 	some g in groups
 	g in input.identity.groups
@@ -79,7 +106,7 @@ in_any_group(groups) if {
 
 # Argument constraints, checked with explicit types: a wrongly typed value is denied, never coerced.
 deny contains sprintf("argument %v must be a string of at most %v characters", [name, limit]) if {
-	input.action == "call"
+	takes_arguments
 	some name, limit in object.get(tool_config, "max_length", {})
 	value := object.get(input.arguments, name, "")
 	not short_string(value, limit)
@@ -95,7 +122,7 @@ short_string(value, limit) if {
 # whitespace collapsed), so nesting, spacing, invisible or full-width characters do not hide a word.
 # Write blocked_words as the view has them: lower case, single spaces.
 deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) if {
-	input.action == "call"
+	takes_arguments
 	some name, value in input.arguments
 	is_string(value)
 	some word in blocked_words
@@ -103,7 +130,7 @@ deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) 
 }
 
 deny contains sprintf("argument %v contains blocked text \"%v\"", [name, word]) if {
-	input.action == "call"
+	takes_arguments
 	some entry in object.get(input, ["normalized", "strings"], [])
 	name := entry[0]
 	some word in blocked_words
@@ -114,7 +141,7 @@ blocked_words := {lower(w) | some w in object.get(data.castellan.config, "blocke
 
 # The meter enforces budgets too; policy can be stricter for some tools.
 deny contains "token budget exhausted" if {
-	input.action == "call"
+	metered
 	input.budget.tokens_limit > 0
 	input.budget.tokens_used >= input.budget.tokens_limit
 }
@@ -122,3 +149,10 @@ deny contains "token budget exhausted" if {
 obligations["redact_fields"] := tool_config.redact if is_array(tool_config.redact)
 
 obligations["max_result_chars"] := tool_config.max_result_chars if is_number(tool_config.max_result_chars)
+
+# A read's contents are capped like a tool result (a resource's own entry in tools wins).
+obligations["max_result_chars"] := resource_config.max_result_chars if {
+	input.action == "read"
+	is_number(resource_config.max_result_chars)
+	not is_number(object.get(tool_config, "max_result_chars", null))
+}

@@ -123,3 +123,48 @@ test_listing_a_tool_that_needs_approval_is_allowed_without_obligation if {
 	d.allow
 	not d.obligations.require_approval
 }
+
+read_input := object.union(base, {
+	"version": "v2",
+	"action": "read",
+	"tool": {"name": "files.readme", "securable": "main.upstream.files__resource__file_readme", "annotations": {}, "upstream": "files"},
+	"arguments": {"uri": "file:///srv/readme.md"},
+	"resource": {"uri": "file:///srv/readme.md", "name": "readme", "template": null, "mime_type": "text/markdown", "upstream": "files"},
+	"grants": {"has": ["READ on main.upstream.files__resource__file_readme"], "missing": []},
+})
+
+test_a_resource_read_is_allowed_and_capped if {
+	d := gateway.decision with input as read_input
+	d.allow
+	d.obligations.max_result_chars == 200000
+}
+
+test_a_resource_under_a_blocked_prefix_is_denied_listed_or_read if {
+	etc := {"uri": "file:///etc/shadow", "name": "shadow", "template": null, "mime_type": null, "upstream": "files"}
+	d := gateway.decision with input as object.union(read_input, {"resource": etc, "arguments": {"uri": "file:///etc/shadow"}})
+	d.reasons == {"resource file:///etc/shadow is under the blocked prefix file:///etc/"}
+	not gateway.decision.allow with input as object.union(read_input, {"action": "list", "resource": etc})
+}
+
+test_a_read_without_read_is_denied if {
+	d := gateway.decision with input as object.union(read_input, {"grants": {"has": [], "missing": ["READ on main.upstream.files__resource__file_readme"]}})
+	"missing privilege READ on main.upstream.files__resource__file_readme" in d.reasons
+}
+
+test_prompt_arguments_meet_the_blocked_words_rule_like_tool_arguments if {
+	prompt := object.union(base, {
+		"version": "v2",
+		"action": "prompt",
+		"tool": {"name": "files.summarise", "securable": "main.upstream.files__prompt__summarise", "annotations": {}, "upstream": "files"},
+		"arguments": {"topic": "drop\u200b  TABLE users"},
+		"normalized": {"arguments": {"topic": "drop table users"}, "strings": [["topic", "drop table users"]]},
+		"prompt": {"name": "summarise", "upstream": "files"},
+	})
+	d := gateway.decision with input as prompt
+	d.reasons == {`argument topic contains blocked text "drop table"`}
+}
+
+test_a_version_one_document_is_decided_as_before if {
+	gateway.decision.allow with input as base
+	not gateway.decision.obligations.max_result_chars with input as base
+}

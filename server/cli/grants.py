@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from server.cli._common import admin_action, config_option, settings_from
+from server.grants.source import SECURABLE_TYPES
 
 if TYPE_CHECKING:
     from server.grants.local import LocalCatalog
@@ -93,7 +94,7 @@ def grants_show(
 @grants.command("securable")
 @config_option
 @click.argument("action", type=click.Choice(["add"]))
-@click.argument("securable_type", type=click.Choice(["CATALOG", "SCHEMA", "FUNCTION", "TABLE"], case_sensitive=False))
+@click.argument("securable_type", type=click.Choice(list(SECURABLE_TYPES), case_sensitive=False))
 @click.argument("name")
 @click.option("--owner", default=None)
 def grants_securable(config: Path | None, action: str, securable_type: str, name: str, owner: str | None) -> None:
@@ -104,7 +105,7 @@ def grants_securable(config: Path | None, action: str, securable_type: str, name
 
 @grants.command("owner")
 @config_option
-@click.argument("securable_type", type=click.Choice(["CATALOG", "SCHEMA", "FUNCTION", "TABLE"], case_sensitive=False))
+@click.argument("securable_type", type=click.Choice(list(SECURABLE_TYPES), case_sensitive=False))
 @click.argument("name")
 @click.argument("to", type=click.Choice(["TO", "to"]))
 @click.argument("principal")

@@ -103,16 +103,20 @@ class DatabricksGrants:
     def _effective(self, securable_type: str, securable: str, principal: str) -> set[str]:
         held: set[str] = set()
         page_token: str | None = None
+        # Unity Catalog has no MCP resources: a resource is governed as the volume of that name, and
+        # READ on it is READ VOLUME (docs/protocol.md).
+        uc_type = "volume" if securable_type == "RESOURCE" else securable_type.lower()
         while True:
             page = self._client.grants.get_effective(
-                securable_type.lower(), securable, principal=principal, max_results=0, page_token=page_token
+                uc_type, securable, principal=principal, max_results=0, page_token=page_token
             )
             for assignment in page.privilege_assignments or []:
                 if assignment.principal != principal:
                     continue
                 for privilege in assignment.privileges or []:
                     if privilege.privilege is not None:
-                        held.add(normalize_privilege(privilege.privilege.value))
+                        name = normalize_privilege(privilege.privilege.value)
+                        held.add("READ" if uc_type == "volume" and name == "READ VOLUME" else name)
             page_token = page.next_page_token
             if not page_token:
                 return held
@@ -150,9 +154,10 @@ class DatabricksGrants:
             "SCHEMA": self._client.schemas,
             "FUNCTION": self._client.functions,
             "TABLE": self._client.tables,
+            "RESOURCE": self._client.volumes,
         }[securable_type]
         try:
-            info = api.get(securable)
+            info = api.read(securable) if securable_type == "RESOURCE" else api.get(securable)
         except NotFound:
             return None
         owner = getattr(info, "owner", None)

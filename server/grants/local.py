@@ -25,7 +25,7 @@ from server.sqlite import SqliteDatabase, transaction
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS securables (
   name TEXT PRIMARY KEY,
-  type TEXT NOT NULL CHECK (type IN ('CATALOG', 'SCHEMA', 'FUNCTION', 'TABLE')),
+  type TEXT NOT NULL CHECK (type IN ('CATALOG', 'SCHEMA', 'FUNCTION', 'TABLE', 'RESOURCE')),
   owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS principals (
@@ -46,6 +46,20 @@ CREATE TABLE IF NOT EXISTS grants (
 CREATE INDEX IF NOT EXISTS grants_by_securable ON grants (securable);
 """
 _TYPE_BY_DEPTH = {1: "CATALOG", 2: "SCHEMA"}
+
+
+def _allow_resources(conn: sqlite3.Connection) -> None:
+    """A catalog made before resources were securables: its table's CHECK refuses them (and `INSERT
+    OR IGNORE` would drop them silently), so the table is rebuilt with the current definition."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'securables'").fetchone()
+    if row is None or "'RESOURCE'" in row[0]:
+        return
+    create = _SCHEMA.split(";")[0].replace("IF NOT EXISTS securables", "securables_new")
+    with transaction(conn):
+        conn.execute(create)
+        conn.execute("INSERT INTO securables_new (name, type, owner) SELECT name, type, owner FROM securables")
+        conn.execute("DROP TABLE securables")
+        conn.execute("ALTER TABLE securables_new RENAME TO securables")
 
 
 def ancestors(securable: str) -> list[str]:
@@ -87,6 +101,7 @@ class LocalCatalog:
 
     def __init__(self, path: Path) -> None:
         self._db = SqliteDatabase(path, schema=_SCHEMA)
+        self._db.run_sync(_allow_resources)
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -113,7 +128,7 @@ class LocalCatalog:
         if securable_type not in SECURABLE_TYPES:
             raise ConfigError(f"unknown securable type {securable_type!r}; choose from {list(SECURABLE_TYPES)}")
         depth = len(name.split("."))
-        expected = _TYPE_BY_DEPTH.get(depth, "FUNCTION or TABLE")
+        expected = _TYPE_BY_DEPTH.get(depth, "FUNCTION, TABLE or RESOURCE")
         if (depth <= 2 and securable_type != expected) or (depth == 3 and securable_type in _TYPE_BY_DEPTH.values()):
             raise ConfigError(f"{name!r} names a {expected}, not a {securable_type}")
         if depth > 3 or not all(name.split(".")):

@@ -10,7 +10,7 @@ from server.identity import ACCOUNT_USERS as ACCOUNT_USERS
 from server.identity import Principal
 
 ALL_PRIVILEGES = "ALL PRIVILEGES"
-SECURABLE_TYPES = ("CATALOG", "SCHEMA", "FUNCTION", "TABLE")
+SECURABLE_TYPES = ("CATALOG", "SCHEMA", "FUNCTION", "TABLE", "RESOURCE")
 
 # Which privileges apply to which securable type (a subset of Unity Catalog's reference: the ones a
 # gateway checks). A privilege granted on a container is inherited by the objects below it.
@@ -22,6 +22,7 @@ APPLICABLE: dict[str, frozenset[str]] = {
             "USE SCHEMA",
             "EXECUTE",
             "SELECT",
+            "READ",
             "MODIFY",
             "BROWSE",
             "CREATE SCHEMA",
@@ -36,6 +37,7 @@ APPLICABLE: dict[str, frozenset[str]] = {
             "USE SCHEMA",
             "EXECUTE",
             "SELECT",
+            "READ",
             "MODIFY",
             "BROWSE",
             "CREATE TABLE",
@@ -45,6 +47,8 @@ APPLICABLE: dict[str, frozenset[str]] = {
     ),
     "FUNCTION": frozenset({ALL_PRIVILEGES, "EXECUTE", "MANAGE"}),
     "TABLE": frozenset({ALL_PRIVILEGES, "SELECT", "MODIFY", "MANAGE"}),
+    # A resource an MCP server (upstream, or the gateway itself) serves: reading it needs READ.
+    "RESOURCE": frozenset({ALL_PRIVILEGES, "READ", "MANAGE"}),
 }
 # What ALL PRIVILEGES stands for (Unity Catalog excludes MANAGE from it).
 ALL_EXPANDS_TO = frozenset().union(*APPLICABLE.values()) - {ALL_PRIVILEGES, "MANAGE"}

@@ -16,11 +16,19 @@ def requirements(call: Call) -> tuple[Requirement, ...]:
     from the arguments itself (the SQL tool: SELECT on the tables its query reads, parsed, never
     taken from the agent's word)."""
     assert call.tool is not None
-    needed = function_requirements(call.tool.spec.securable)
+    needed = base_requirements(call)
     extra = getattr(call.tool, "required_grants", None)
     if extra is not None and call.action == "call":
         needed = tuple(dict.fromkeys([*needed, *extra(call.arguments)]))
     return needed
+
+
+def base_requirements(call: Call) -> tuple[Requirement, ...]:
+    """What the call's target itself needs: a tool's function EXECUTE, or what a target that is not
+    a function declares (a resource: READ on it)."""
+    assert call.tool is not None
+    own = getattr(call.tool, "requirements", None)
+    return tuple(own()) if own is not None else function_requirements(call.tool.spec.securable)
 
 
 class GrantsStage:
@@ -39,7 +47,7 @@ class GrantsStage:
         assert call.identity is not None
         principals = call.identity.principals
         assert call.tool is not None
-        needed = function_requirements(call.tool.spec.securable) if self._function_only else requirements(call)
+        needed = base_requirements(call) if self._function_only else requirements(call)
         checked = call.grants.has if call.grants else ()  # by the function-only pass
         needed = tuple(r for r in needed if str(r) not in checked)
         held = await asyncio.gather(

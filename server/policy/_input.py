@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 
 from server.call import Budget, Call, GrantCheck
 
-SCHEMA_VERSION = "v1"
+SCHEMA_VERSION = "v2"
 _SCHEMA = json.loads(
     (resources.files("server.policy") / "schema" / f"decision-input.{SCHEMA_VERSION}.json").read_text()
 )
@@ -27,13 +27,14 @@ _VALIDATOR = Draft202012Validator(_SCHEMA)
 
 
 def build_input(call: Call) -> dict[str, Any]:
-    """The document both policy engines receive for `call` (see `schema/decision-input.v1.json`)."""
+    """The document both policy engines receive for `call` (see `schema/decision-input.v2.json`)."""
     if call.identity is None or call.tool is None:
         raise ValueError("a decision input needs an identity and a tool")
     budget = call.budget or Budget()
     grants = call.grants or GrantCheck()
     arguments = canonical(dict(call.arguments))
-    return {
+    document = {
+        "version": SCHEMA_VERSION,
         "identity": call.identity.as_input(),
         "tool": call.tool.spec.as_input(),
         "action": call.action,
@@ -60,6 +61,10 @@ def build_input(call: Call) -> dict[str, Any]:
         },
         "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    target_input = getattr(call.tool, "decision_input", None)  # a resource, prompt or completion target
+    if target_input is not None:
+        document.update(target_input(call.arguments))
+    return document
 
 
 def canonical(value: Any) -> Any:

@@ -13,7 +13,7 @@ from server.policy.engine import PolicyEngine
 
 class PolicyStage:
     """Asks the engine; a deny stops the call with the policy's reasons. Engine down means deny.
-    Call decisions go to the decision log when one is configured (list decisions do not: no tool runs)."""
+    Decisions go to the decision log when one is configured (list decisions do not: nothing runs)."""
 
     name = "policy"
 
@@ -24,7 +24,7 @@ class PolicyStage:
     async def run(self, call: Call) -> Call:
         document = build_input(call)
         decision = await self._engine.decide(document)
-        if self._log is not None and call.action == "call":
+        if self._log is not None and call.action != "list":
             self._log.emit(document, decision)
         if not decision.allow:
             raise Denied(self.name, *(decision.reasons or ("denied by policy",)), decision=decision)

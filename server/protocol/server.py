@@ -7,11 +7,12 @@ from typing import Any
 from mcp.server.lowlevel import Server
 
 from server import __version__
+from server.protocol.surface import Surface
 from server.protocol.tools import INSTRUCTIONS, McpHandlers, UnreadCallRecorder
 from server.registry import ToolRegistry
 
 
-def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[Any]:
+def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry, surface: Surface | None = None) -> Server[Any]:
     def input_schema(name: str) -> dict[str, Any] | None:
         # For the SDK's Mcp-Param header check (2026-07-28). Without it the SDK runs our whole
         # tools/list handler, with its per-tool policy decisions, on every call.
@@ -28,4 +29,6 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry) -> Server[An
         get_tool_input_schema=input_schema,
     )
     server.middleware.append(UnreadCallRecorder(handlers))
+    if surface is not None:  # resources, prompts, completions: registered as sources serve them
+        surface.attach(server)
     return server

@@ -134,6 +134,61 @@ class UpstreamConnection:
             await self.close()  # reconnect at the next refresh
             raise
 
+    def serves(self, capability: str) -> bool:
+        """The upstream declared `capability` (`resources`, `prompts`, `completions`) when it connected."""
+        capabilities = getattr(self._client, "server_capabilities", None) if self._client is not None else None
+        return getattr(capabilities, capability, None) is not None
+
+    async def list_resources(self) -> list[Any]:
+        return await self._paged(lambda c: self._client.list_resources(cursor=c, cache_mode="bypass"), "resources")
+
+    async def list_resource_templates(self) -> list[Any]:
+        return await self._paged(
+            lambda c: self._client.list_resource_templates(cursor=c, cache_mode="bypass"), "resource_templates"
+        )
+
+    async def read_resource(self, uri: str) -> Any:
+        return await self._request(lambda: self._client.read_resource(uri, cache_mode="bypass"))
+
+    async def list_prompts(self) -> list[Any]:
+        return await self._paged(lambda c: self._client.list_prompts(cursor=c, cache_mode="bypass"), "prompts")
+
+    async def get_prompt(self, name: str, arguments: dict[str, str]) -> Any:
+        return await self._request(lambda: self._client.get_prompt(name, arguments))
+
+    async def complete(self, ref: Any, argument: dict[str, str], context: dict[str, str] | None) -> Any:
+        return await self._request(lambda: self._client.complete(ref, argument, context_arguments=context))
+
+    async def _paged(self, fetch: Any, member: str) -> list[Any]:
+        """Every page of a list request; a failure drops the connection (reconnected on next use)."""
+        await self.connect()
+        found: list[Any] = []
+        cursor = None
+        try:
+            while True:
+                page = await asyncio.wait_for(fetch(cursor), timeout=self.settings.timeout_seconds)
+                found += getattr(page, member)
+                cursor = getattr(page, "next_cursor", None)
+                if not cursor:
+                    return found
+        except Exception:
+            await self.close()
+            raise
+
+    async def _request(self, send: Any) -> Any:
+        """One request to the upstream, bounded by its timeout. A protocol error the upstream answered
+        with (`MCPError`: an unknown URI, bad arguments) keeps the connection; any other failure drops it."""
+        from mcp.shared.exceptions import MCPError
+
+        await self.connect()
+        try:
+            return await asyncio.wait_for(send(), timeout=self.settings.timeout_seconds)
+        except MCPError:
+            raise
+        except Exception:
+            await self.close()
+            raise
+
     async def call_tool(
         self,
         name: str,

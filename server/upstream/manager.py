@@ -9,7 +9,15 @@ from typing import Any
 
 import structlog
 
+from server.prompts.catalog import PromptCatalog
+from server.prompts.target import PromptTarget
+from server.prompts.upstream import definition_of as prompt_definition
+from server.prompts.upstream import upstream_prompt
 from server.registry import Tool, ToolRegistry
+from server.resources.catalog import ResourceCatalog
+from server.resources.target import ResourceTarget
+from server.resources.upstream import definition_of as resource_definition
+from server.resources.upstream import upstream_target
 from server.settings import UpstreamSettings
 from server.tool_schema import SchemaRefused, compile_arguments
 from server.upstream.connection import UpstreamConnection
@@ -27,13 +35,27 @@ class UpstreamManager:
         pins: PinStore,
         refresh_seconds: float,
         on_new_tool: Callable[[Tool], None] | None = None,
+        resources: ResourceCatalog | None = None,
+        on_new_resource: Callable[[ResourceTarget], None] | None = None,
+        prompts: PromptCatalog | None = None,
+        on_new_prompt: Callable[[PromptTarget], None] | None = None,
     ) -> None:
+        self.prompts = prompts
+        self._on_new_prompt = on_new_prompt
+        self._known_prompts: set[str] = set()
         self._on_new_tool = on_new_tool
+        self.resources = resources
+        self._on_new_resource = on_new_resource
+        self._known_resources: set[str] = set()
         self.connections = [UpstreamConnection(u) for u in upstreams]
         self._registry = registry
         self.pins = pins
         self._refresh_seconds = refresh_seconds
         self._task: asyncio.Task[None] | None = None
+
+    def serves(self, capability: str) -> bool:
+        """Some upstream declared `capability` (`completions`, ...) when it connected."""
+        return any(c.serves(capability) for c in self.connections)
 
     async def start(self) -> None:
         await self.refresh()
@@ -53,6 +75,93 @@ class UpstreamManager:
                 log.warning("upstream_list_failed", upstream=connection.name, error=str(exc)[:300])
                 continue
             self._serve(connection, listed)
+            if self.resources is not None:
+                await self._refresh_resources(connection, self.resources)
+            if self.prompts is not None:
+                await self._refresh_prompts(connection, self.prompts)
+
+    def _quarantine_reason(
+        self, connection: UpstreamConnection, key: str, what: str, pinned: dict[str, Any]
+    ) -> str | None:
+        """Pins `pinned` under `key` (like a tool's definition): why it is blocked, or None when approved."""
+        status = self.pins.observe(key, connection.name, pinned, trust_first=connection.settings.pin == "first-use")
+        if status == "approved":
+            return None
+        return (
+            f"upstream {what} is quarantined: its definition changed (or was never approved); "
+            f"an admin must review and approve it (castellan tools approve {key})"
+        )
+
+    async def _refresh_prompts(self, connection: UpstreamConnection, catalog: PromptCatalog) -> None:
+        """Serves the prompts `connection` lists now (none without the prompts capability), each pinned
+        under `prompt:<name served>`; a name another upstream serves is refused (the first keeps it)."""
+        listed: list[PromptTarget] = []
+        if connection.serves("prompts"):
+            try:
+                prompts = await connection.list_prompts()
+            except Exception as exc:
+                log.warning("upstream_prompts_list_failed", upstream=connection.name, error=str(exc)[:300])
+                return
+            for item in prompts:
+                definition = prompt_definition(item)
+                try:
+                    target = upstream_prompt(connection, definition)
+                except Exception as exc:  # a name or securable we cannot serve
+                    log.warning("upstream_prompt_refused", upstream=connection.name, prompt=definition.name[:200],
+                                reason=str(exc)[:300])  # fmt: skip
+                    continue
+                clash = catalog.collision(connection.name, target, listed)
+                if clash:
+                    log.warning("upstream_prompt_refused", upstream=connection.name, prompt=definition.name[:200],
+                                reason=clash)  # fmt: skip
+                    continue
+                key = f"prompt:{target.served_name}"
+                target.blocked = self._quarantine_reason(
+                    connection,
+                    key,
+                    f"prompt {target.served_name}",
+                    {"kind": "prompt", **definition.as_mcp(definition.name)},
+                )
+                if self._on_new_prompt is not None and target.spec.securable not in self._known_prompts:
+                    self._on_new_prompt(target)
+                    self._known_prompts.add(target.spec.securable)
+                listed.append(target)
+        catalog.sync(connection.name, listed)
+
+    async def _refresh_resources(self, connection: UpstreamConnection, catalog: ResourceCatalog) -> None:
+        """Serves the resources and templates `connection` lists now (none if it declares no resources
+        capability). Each definition is pinned like a tool's, under `resource:<uri>`: a changed name,
+        description or MIME type is quarantined (listed nowhere, reads denied) until approved. A URI or
+        template another upstream already serves is refused, and the first keeps serving."""
+        listed: list[ResourceTarget] = []
+        if connection.serves("resources"):
+            try:
+                resources = await connection.list_resources()
+                templates = await connection.list_resource_templates()
+            except Exception as exc:
+                log.warning("upstream_resources_list_failed", upstream=connection.name, error=str(exc)[:300])
+                return
+            for item, template in [*((r, False) for r in resources), *((t, True) for t in templates)]:
+                definition = resource_definition(item, template)
+                try:
+                    target = upstream_target(connection, definition)
+                except Exception as exc:  # a name or securable we cannot serve
+                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
+                                reason=str(exc)[:300])  # fmt: skip
+                    continue
+                clash = catalog.collision(connection.name, target, listed)
+                if clash:
+                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
+                                reason=clash)  # fmt: skip
+                    continue
+                pinned = {"kind": "resource_template" if template else "resource", **definition.as_mcp(definition.name)}
+                what = f"{'resource template' if template else 'resource'} {definition.uri}"
+                target.blocked = self._quarantine_reason(connection, f"resource:{definition.uri}", what, pinned)
+                if self._on_new_resource is not None and target.spec.securable not in self._known_resources:
+                    self._on_new_resource(target)  # e.g. create its securable in the local catalog
+                    self._known_resources.add(target.spec.securable)
+                listed.append(target)
+        catalog.sync(connection.name, listed)
 
     def _serve(self, connection: UpstreamConnection, listed: list[Any]) -> None:
         """Serves what `connection` lists now. Refused, each with its reason (logged once, recorded for

@@ -70,7 +70,7 @@ def proxied_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
                   "max_identical_calls": 0, "max_calls_per_tool": 0}  # fmt: skip
         env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams)}
         env |= {f"CASTELLAN_METERING__LIMITS__{k.upper()}": str(v) for k, v in limits.items()}
-        with run_gateway(root / "gw", env) as gw:
+        with run_gateway(root / "gw", env, timeout=120) as gw:  # a loaded CI machine starts it slowly
             token_file = root / "token"
             token_file.write_text(gw.token("conformance-suite", ["admins"]))
             with process(

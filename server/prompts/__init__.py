@@ -1,0 +1,1 @@
+"""Prompts the gateway serves from its upstreams, each governed as a catalog function."""

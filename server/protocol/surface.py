@@ -1,0 +1,53 @@
+"""What the gateway serves beyond tools, registered with the SDK server as sources appear: its capabilities
+are what it and its upstreams really serve."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+from mcp.server.lowlevel import Server
+
+from server.prompts.catalog import PromptCatalog
+from server.protocol.completions import CompletionHandlers
+from server.protocol.prompts import PromptHandlers
+from server.protocol.resources import ResourceHandlers
+from server.resources.catalog import ResourceCatalog
+
+
+@dataclass
+class Surface:
+    """The handlers of the non-tool methods and the catalogs they serve. `attach` registers a
+    method's handlers once something can answer it (`resources` is declared only when there are
+    resources, `prompts` when there are prompts, `completions` when a source completes), and again
+    whenever a catalog changes. `completes` says whether any source declared completions."""
+
+    resources: ResourceCatalog
+    resource_handlers: ResourceHandlers
+    prompts: PromptCatalog
+    prompt_handlers: PromptHandlers
+    completion_handlers: CompletionHandlers
+    completes: Callable[[], bool] = lambda: False
+
+    def attach(self, server: Server[Any]) -> None:
+        self.install(server)
+        self.resources.on_change(lambda: self.install(server))
+        self.prompts.on_change(lambda: self.install(server))
+
+    def install(self, server: Server[Any]) -> None:
+        if len(self.resources) and server.get_request_handler("resources/list") is None:
+            h = self.resource_handlers
+            server.add_request_handler("resources/list", types.PaginatedRequestParams, h.list_resources)
+            server.add_request_handler(
+                "resources/templates/list", types.PaginatedRequestParams, h.list_resource_templates
+            )
+            server.add_request_handler("resources/read", types.ReadResourceRequestParams, h.read_resource)
+        if len(self.prompts) and server.get_request_handler("prompts/list") is None:
+            p = self.prompt_handlers
+            server.add_request_handler("prompts/list", types.PaginatedRequestParams, p.list_prompts)
+            server.add_request_handler("prompts/get", types.GetPromptRequestParams, p.get_prompt)
+        if self.completes() and server.get_request_handler("completion/complete") is None:
+            c = self.completion_handlers
+            server.add_request_handler("completion/complete", types.CompleteRequestParams, c.complete)

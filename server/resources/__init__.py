@@ -1,0 +1,1 @@
+"""Resources the gateway serves: upstream servers' and its own, each governed as a catalog securable."""
