@@ -16,6 +16,7 @@ from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
+from server.auth.scopes import tool_scopes
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
 from server.protocol.server import build_mcp_server
@@ -64,10 +65,11 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
 
+    scopes = tool_scopes(settings)
     metadata_document = protected_resource_metadata(
         settings.resource_url,
         settings.auth.authorization_servers or [settings.auth.issuer],
-        settings.auth.required_scopes,
+        settings.auth.scopes_supported or scopes.supported(),
     )
     endpoint = TransportGuard(
         BearerAuthMiddleware(
@@ -76,6 +78,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
             metadata_url(settings.base_url, settings.resource_url),
             gateway.metrics,
             hint=DEV_TOKEN_HINT.format(url=settings.resource_url) if settings.auth.mode == "dev" else "",
+            scopes=scopes,
+            presented=gateway.presented_tokens,
         ),
         hosts=hosts,
         origins=origins,

@@ -20,6 +20,8 @@ from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import Shipper
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
+from server.auth.presented import PresentedTokens
+from server.auth.scopes import tool_scopes
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.demo import seed_demo_grants
@@ -81,6 +83,8 @@ class Gateway:
     meter_retries: MeterRetries | None = None
     housekeeping: AuditHousekeeping | None = None
     approvals: ApprovalQueue | None = None
+    presented_tokens: PresentedTokens | None = None
+    """Callers' tokens, kept (in memory) only when an upstream exchanges them (RFC 8693)."""
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -260,7 +264,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
     approvals = ApprovalQueue.from_settings(settings, redactor, metrics.registry)
-    authenticate = AuthenticateStage(settings.auth.required_scopes)
+    presented: PresentedTokens | None = None
+    authenticate = AuthenticateStage(scopes=tool_scopes(settings))
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
     policy = PolicyStage(engine, decision_log)
@@ -318,6 +323,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         closers=closers,
         meter_retries=retries,
         approvals=approvals,
+        presented_tokens=presented,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

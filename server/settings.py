@@ -100,6 +100,14 @@ class AuthSettings(BaseModel):
     """Refuse tokens whose lifetime (`exp - iat`) is longer than this; 0 accepts any (refused in production)."""
     authorization_servers: list[str] = Field(default_factory=list)
     """Advertised in the protected resource metadata. Default: `[issuer]`."""
+    tool_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    """Scopes a tool's calls need beyond `required_scopes`: a tool's name, or a prefix ending in `*`
+    (`{"admin.*" = ["castellan:admin-tools"]}`). A token without them gets HTTP 403 `insufficient_scope`
+    naming them, and the client steps up (re-authorizes for them). The tools stay listed."""
+    scopes_supported: list[str] = Field(default_factory=list)
+    """The protected resource metadata's `scopes_supported`. Default: `required_scopes` and every scope
+    of `tool_scopes`, so a client registers for all of them at once (authorization servers such as Hydra
+    bind a client to the scopes it registered with, and a step-up does not register again)."""
 
 
 class PolicySettings(BaseModel):
