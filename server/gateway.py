@@ -53,6 +53,7 @@ from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.settings import Settings
+from server.upstream.credentials import attach_credentials, make_credentials
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
 from server.validate import ValidateStage
@@ -206,6 +207,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         if settings.llm.upstream_url:
             register_models(grant_source, settings.llm, settings.demo)
     upstreams = None
+    presented = PresentedTokens() if any(u.credential == "token_exchange" for u in settings.upstreams) else None
     if settings.upstreams:
         upstreams = UpstreamManager(
             settings.upstreams,
@@ -218,6 +220,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
                 else None
             ),
         )
+        attach_credentials(upstreams.connections, make_credentials(settings.upstreams, presented))
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     retries = MeterRetries(meter, metrics.registry)
@@ -264,7 +267,6 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
     approvals = ApprovalQueue.from_settings(settings, redactor, metrics.registry)
-    presented: PresentedTokens | None = None
     authenticate = AuthenticateStage(scopes=tool_scopes(settings))
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -272,6 +272,38 @@ class LlmSettings(BaseModel):
     """The largest `n` a request may ask for (each choice is reserved in full)."""
 
 
+class SecretSource(BaseModel):
+    """Where a secret comes from, never the secret itself: an environment variable or a file (a mounted
+    secret; secrets managers deliver this way: Vault Agent, the Secrets Store CSI driver, Docker/K8s
+    secrets). `castellan check-config` names the source without reading it out."""
+
+    model_config = {"extra": "forbid"}
+
+    env: str = ""
+    file: Path | None = None
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env else f"file {self.file}" if self.file else "unset"
+
+
+class TokenExchangeSettings(BaseModel):
+    """RFC 8693: the caller's token is exchanged at `token_url` for one scoped to this upstream."""
+
+    model_config = {"extra": "forbid"}
+
+    token_url: str
+    """The token service's token endpoint (Keycloak, Entra, Okta, or `castellan sts`)."""
+    client_id: str
+    """The gateway's client at the token service (it authenticates with `client_secret`, HTTP Basic)."""
+    client_secret: SecretSource = Field(default_factory=SecretSource)
+    audience: str = ""
+    """The upstream's audience the new token is for. Default: the upstream's `url`."""
+    scopes: list[str] = Field(default_factory=list)
+    """Requested scopes (the token service grants at most what the caller's token holds and the
+    audience allows)."""
+    timeout_seconds: float = Field(default=5.0, gt=0)
+
+
 class UpstreamSettings(BaseModel):
     """An MCP server whose tools Castellan serves under `<name>.` and governs like its own."""
 
@@ -291,6 +323,13 @@ class UpstreamSettings(BaseModel):
     """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
     token_env: str = ""
     """An environment variable holding the gateway's bearer token for this upstream."""
+    token_file: Path | None = None
+    """Or a file holding it (a mounted secret)."""
+    credential: Literal["gateway", "token_exchange"] = "gateway"
+    """What a call carries upstream: the gateway's own token (`token_env`/`token_file`, also used to
+    connect and list tools), or the caller's token exchanged for one for this upstream (`token_exchange`,
+    RFC 8693). Never the agent's token (docs/identity.md)."""
+    token_exchange: TokenExchangeSettings | None = None
     prefix: str | None = None
     """What the tools' names start with. Default `<name>.`; `""` serves them under their own names
     (they must not clash with other tools)."""
@@ -299,6 +338,14 @@ class UpstreamSettings(BaseModel):
     pin: Literal["first-use", "manual"] = "first-use"
     """`first-use`: the first definition seen is approved; `manual`: every definition needs approval."""
     timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credential_configured(self) -> UpstreamSettings:
+        if self.credential == "token_exchange" and self.token_exchange is None:
+            raise ValueError(f"upstream {self.name}: credential = 'token_exchange' needs [token_exchange]")
+        if self.credential != "gateway" and not self.url:
+            raise ValueError(f"upstream {self.name}: per-user credentials need an HTTP upstream (url)")
+        return self
 
     @property
     def tool_prefix(self) -> str:

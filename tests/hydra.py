@@ -226,3 +226,33 @@ class HydraLogin:
             },
         )
         return str(accepted["redirect_to"])
+
+
+async def user_token(hydra: Hydra, login: HydraLogin, user: str, audience: str, scope: str) -> str:
+    """`user`'s access token for `audience`, by authorization code + PKCE through a client registered
+    by the operator (as an agent's desktop client would get one)."""
+    import secrets
+
+    from authlib.integrations.requests_client import OAuth2Session
+
+    redirect = "http://127.0.0.1:1/callback"
+    client = hydra.create_client(
+        grant_types=["authorization_code", "refresh_token"],
+        response_types=["code"],
+        redirect_uris=[redirect],
+        scope=f"{scope} offline_access",
+        audience=[audience],
+        token_endpoint_auth_method="none",
+    )
+    verifier = secrets.token_urlsafe(48)
+    with OAuth2Session(
+        client["client_id"], scope=scope, redirect_uri=redirect, code_challenge_method="S256"
+    ) as session:
+        url, _ = session.create_authorization_url(
+            f"{hydra.issuer}/oauth2/auth", code_verifier=verifier, audience=audience
+        )
+        callback = await login.authorize(url, as_user=user)
+        token = session.fetch_token(
+            f"{hydra.issuer}/oauth2/token", authorization_response=callback, code_verifier=verifier
+        )
+    return str(token["access_token"])

@@ -33,7 +33,7 @@ def build_input(call: Call) -> dict[str, Any]:
     budget = call.budget or Budget()
     grants = call.grants or GrantCheck()
     arguments = canonical(dict(call.arguments))
-    return {
+    document = {
         "identity": call.identity.as_input(),
         "tool": call.tool.spec.as_input(),
         "action": call.action,
@@ -60,6 +60,10 @@ def build_input(call: Call) -> dict[str, Any]:
         },
         "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    upstream = getattr(call.tool, "upstream_input", None)  # an upstream's tool: which credential it carries
+    if upstream is not None:
+        document["upstream"] = upstream()
+    return document
 
 
 def canonical(value: Any) -> Any:

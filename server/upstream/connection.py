@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -16,8 +18,28 @@ import structlog
 from server.errors import BackendUnavailable
 from server.settings import UpstreamSettings
 from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, compiled, first_error_bounded
+from server.upstream.credentials import GatewayCredential, UpstreamCredential, gateway_headers
 
 log = structlog.get_logger("castellan.upstream")
+
+
+_CALL_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("castellan_upstream_call_headers", default=None)
+
+
+def _send_call_headers(session: Any) -> None:
+    """The SDK session sends a request's `opts["headers"]` on its HTTP POST; requests made while
+    `_CALL_HEADERS` is set (in the calling task) get those headers added."""
+    dispatcher = session._dispatcher
+    send = dispatcher.send_raw_request
+
+    async def send_raw_request(method: str, params: Any, opts: Any = None) -> Any:
+        extra = _CALL_HEADERS.get()
+        if extra:
+            opts = dict(opts or {})
+            opts["headers"] = {**(opts.get("headers") or {}), **extra}
+        return await send(method, params, opts)
+
+    dispatcher.send_raw_request = send_raw_request
 
 
 class ResultRefused(RuntimeError):
@@ -32,6 +54,8 @@ class UpstreamConnection:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.error: str | None = None
+        self.credential: UpstreamCredential = GatewayCredential()
+        """What each call carries (set by the gateway from `settings.credential`)."""
         self.output_schemas: dict[str, Any] = {}
         """Upstream tool name → output schema, checked by the manager (`server.tool_schema`)."""
 
@@ -41,12 +65,7 @@ class UpstreamConnection:
             from mcp.client.streamable_http import streamable_http_client
             from mcp.shared._httpx_utils import create_mcp_http_client
 
-            headers = dict(self.settings.headers)
-            if self.settings.token_env:
-                token = os.environ.get(self.settings.token_env, "")
-                if token:
-                    headers["Authorization"] = f"Bearer {token}"
-            http = create_mcp_http_client(headers=headers)
+            http = create_mcp_http_client(headers=gateway_headers(self.settings))
             return streamable_http_client(self.settings.url, http_client=http), http
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -85,6 +104,7 @@ class UpstreamConnection:
                 # The SDK would check results against the upstream's output schema with Python's
                 # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
                 client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
+                _send_call_headers(client.session)
                 self._client, self.error = client, None
                 ready.set_result(None)
                 log.info("upstream_connected", upstream=self.name, protocol=getattr(client, "protocol_version", None))
@@ -115,8 +135,11 @@ class UpstreamConnection:
             await self.close()  # reconnect at the next refresh
             raise
 
-    async def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
+    async def call_tool(self, name: str, arguments: dict[str, Any], *, headers: Mapping[str, str] | None = None) -> Any:
+        """`headers`: this call's own HTTP headers (a per-user credential, server/upstream/credentials.py),
+        sent on its POST over the connection's; never the agent's token."""
         await self.connect()
+        bound = _CALL_HEADERS.set(headers)
         try:
             return await self._client.call_tool(name, arguments, read_timeout_seconds=self.settings.timeout_seconds)
         except ResultRefused:
@@ -124,6 +147,8 @@ class UpstreamConnection:
         except Exception:
             await self.close()  # reconnect on the next call or refresh
             raise
+        finally:
+            _CALL_HEADERS.reset(bound)
 
     async def _validate_result(self, name: str, result: Any) -> None:
         """Raises `ResultRefused` (a tool failure) when a result breaks its tool's output schema."""

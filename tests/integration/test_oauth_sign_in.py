@@ -22,7 +22,7 @@ from bench.load import call_body, call_headers
 from server.testing import GatewayProcess, run_gateway
 from tests.hydra import Hydra, HydraLogin, User, run_hydra
 
-pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
 
 BASE_SCOPE = "mcp:tools"
 ADMIN_SCOPE = "castellan:admin-tools"
@@ -64,7 +64,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, hydra: Hydra) -> Iterator[
         "CASTELLAN_AUTH__REQUIRED_SCOPES": json.dumps([BASE_SCOPE]),
         "CASTELLAN_AUTH__TOOL_SCOPES": json.dumps({STEP_UP_TOOL: [ADMIN_SCOPE]}),
     }
-    with run_gateway(tmp_path_factory.mktemp("gateway"), env) as gw:
+    with run_gateway(tmp_path_factory.mktemp("gateway"), env, timeout=120) as gw:
         yield gw
 
 
