@@ -17,6 +17,8 @@ from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.auth.scopes import tool_scopes
+from server.credentials.brokered import BrokeredCredential
+from server.credentials.callback import add_callback_route
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
 from server.protocol.server import build_mcp_server
@@ -88,6 +90,9 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
     add_admin_routes(app)
+    if gateway.grant_store is not None:  # brokered upstream grants: the authorization server returns here
+        brokered = {n: c for n, c in gateway.upstream_credentials.items() if isinstance(c, BrokeredCredential)}
+        add_callback_route(app, brokered, gateway.grant_store)
     add_approval_routes(app)
     add_llm_routes(app)
     app.add_middleware(RequestIdMiddleware)

@@ -24,6 +24,7 @@ from server.auth.presented import PresentedTokens
 from server.auth.scopes import tool_scopes
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
+from server.credentials.store import GrantStore
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
@@ -53,7 +54,7 @@ from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.settings import Settings
-from server.upstream.credentials import attach_credentials, make_credentials
+from server.upstream.credentials import UpstreamCredential, attach_credentials, grant_store, make_credentials
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
 from server.validate import ValidateStage
@@ -85,6 +86,9 @@ class Gateway:
     housekeeping: AuditHousekeeping | None = None
     approvals: ApprovalQueue | None = None
     presented_tokens: PresentedTokens | None = None
+    upstream_credentials: dict[str, UpstreamCredential] = field(default_factory=dict)
+    grant_store: GrantStore | None = None
+    """Brokered per-user grants (server/credentials/), when an upstream brokers them."""
     """Callers' tokens, kept (in memory) only when an upstream exchanges them (RFC 8693)."""
 
     async def start(self) -> None:
@@ -208,6 +212,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             register_models(grant_source, settings.llm, settings.demo)
     upstreams = None
     presented = PresentedTokens() if any(u.credential == "token_exchange" for u in settings.upstreams) else None
+    grants_store = grant_store(settings)
+    upstream_credentials: dict[str, UpstreamCredential] = {}
     if settings.upstreams:
         upstreams = UpstreamManager(
             settings.upstreams,
@@ -220,7 +226,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
                 else None
             ),
         )
-        attach_credentials(upstreams.connections, make_credentials(settings.upstreams, presented))
+        upstream_credentials = make_credentials(settings, presented, grants_store)
+        attach_credentials(upstreams.connections, upstream_credentials)
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     retries = MeterRetries(meter, metrics.registry)
@@ -326,6 +333,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         meter_retries=retries,
         approvals=approvals,
         presented_tokens=presented,
+        upstream_credentials=upstream_credentials,
+        grant_store=grants_store,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

@@ -304,6 +304,39 @@ class TokenExchangeSettings(BaseModel):
     timeout_seconds: float = Field(default=5.0, gt=0)
 
 
+class BrokeredOAuthSettings(BaseModel):
+    """A per-user grant the gateway brokers: each user authorizes the upstream once (authorization code +
+    PKCE at the upstream's authorization server, through a link the gateway gives them); the gateway keeps
+    the refresh token sealed at rest and refreshes the access token itself."""
+
+    model_config = {"extra": "forbid"}
+
+    authorize_url: str
+    token_url: str
+    client_id: str
+    """The gateway's client at the upstream's authorization server; its redirect URI is
+    `<server.public_url>/oauth/callback`."""
+    client_secret: SecretSource = Field(default_factory=SecretSource)
+    """Unset: a public client (PKCE only)."""
+    scopes: list[str] = Field(default_factory=list)
+    audience: str = ""
+    """Sent as `audience` (and `resource`, RFC 8707) on the authorization request. Default: the upstream's url."""
+    link_ttl_seconds: int = Field(default=600, gt=0, le=86_400)
+    """How long an authorization link stays usable."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class CredentialSettings(BaseModel):
+    """Where brokered grants are kept: refresh and access tokens sealed (AES-256-GCM) under a key kept
+    outside the database."""
+
+    path: Path | None = None
+    """SQLite file. Default: `<data_dir>/credentials.db`."""
+    key: SecretSource = Field(default_factory=SecretSource)
+    """The sealing key (base64 of 32 bytes), from an environment variable or a mounted file. Unset, in dev:
+    `<data_dir>/credentials-key` is created (0600) on first use; production requires one."""
+
+
 class UpstreamSettings(BaseModel):
     """An MCP server whose tools Castellan serves under `<name>.` and governs like its own."""
 
@@ -325,11 +358,12 @@ class UpstreamSettings(BaseModel):
     """An environment variable holding the gateway's bearer token for this upstream."""
     token_file: Path | None = None
     """Or a file holding it (a mounted secret)."""
-    credential: Literal["gateway", "token_exchange"] = "gateway"
+    credential: Literal["gateway", "token_exchange", "brokered"] = "gateway"
     """What a call carries upstream: the gateway's own token (`token_env`/`token_file`, also used to
-    connect and list tools), or the caller's token exchanged for one for this upstream (`token_exchange`,
-    RFC 8693). Never the agent's token (docs/identity.md)."""
+    connect and list tools), the caller's token exchanged for one for this upstream (`token_exchange`,
+    RFC 8693), or the user's own brokered grant (`brokered`, [oauth]). Never the agent's token."""
     token_exchange: TokenExchangeSettings | None = None
+    oauth: BrokeredOAuthSettings | None = None
     prefix: str | None = None
     """What the tools' names start with. Default `<name>.`; `""` serves them under their own names
     (they must not clash with other tools)."""
@@ -343,6 +377,8 @@ class UpstreamSettings(BaseModel):
     def _credential_configured(self) -> UpstreamSettings:
         if self.credential == "token_exchange" and self.token_exchange is None:
             raise ValueError(f"upstream {self.name}: credential = 'token_exchange' needs [token_exchange]")
+        if self.credential == "brokered" and self.oauth is None:
+            raise ValueError(f"upstream {self.name}: credential = 'brokered' needs [oauth]")
         if self.credential != "gateway" and not self.url:
             raise ValueError(f"upstream {self.name}: per-user credentials need an HTTP upstream (url)")
         return self
@@ -517,6 +553,7 @@ class Settings(BaseSettings):
     metering: MeterSettings = Field(default_factory=MeterSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    credentials: CredentialSettings = Field(default_factory=CredentialSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @classmethod

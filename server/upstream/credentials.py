@@ -1,7 +1,7 @@
-"""Which credential a call carries to an upstream: the gateway's own, or a token exchanged for the caller's.
+"""Which credential a call carries to an upstream: the gateway's own, an exchanged token, a brokered grant.
 
 Never the agent's token: the exchanged token is a new one, issued for the upstream's audience by the
-token service.
+token service; the brokered one is the user's own grant at the upstream's authorization server.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from server.auth.presented import PresentedTokens
+from server.credentials.brokered import BrokeredCredential
 from server.credentials.exchange import STAGE, TokenExchanger
+from server.credentials.sealing import Sealer
 from server.credentials.secrets import read_secret
+from server.credentials.store import GrantStore
 from server.errors import ConfigError, Denied
 from server.identity import Identity
-from server.settings import SecretSource, UpstreamSettings
+from server.settings import SecretSource, Settings, UpstreamSettings
 
 
 def gateway_headers(settings: UpstreamSettings) -> dict[str, str]:
@@ -42,6 +45,12 @@ def credential_source(settings: UpstreamSettings) -> str:
             f"token exchange (RFC 8693) at {te.token_url} as client {te.client_id} "
             f"(secret from {te.client_secret.describe()}) for audience {te.audience or settings.url}"
         )
+    if settings.credential == "brokered" and settings.oauth is not None:
+        secret = settings.oauth.client_secret
+        how = f"secret from {secret.describe()}" if secret.env or secret.file else "a public client"
+        return (
+            f"per-user grants brokered at {settings.oauth.authorize_url} as client {settings.oauth.client_id} ({how})"
+        )
     if settings.token_env:
         return f"the gateway's own token from env {settings.token_env}"
     if settings.token_file is not None:
@@ -59,6 +68,9 @@ def credential_check(settings: UpstreamSettings) -> tuple[bool, str]:
         secrets.append(("token_file", SecretSource(file=settings.token_file)))
     if settings.credential == "token_exchange" and settings.token_exchange is not None:
         secrets.append(("token_exchange.client_secret", settings.token_exchange.client_secret))
+    oauth = settings.oauth if settings.credential == "brokered" else None
+    if oauth is not None and (oauth.client_secret.env or oauth.client_secret.file):  # else a public client
+        secrets.append(("oauth.client_secret", oauth.client_secret))
     for what, secret in secrets:
         try:
             read_secret(secret, what)
@@ -105,18 +117,31 @@ class ExchangedCredential:
 
 
 def make_credentials(
-    upstreams: list[UpstreamSettings], presented: PresentedTokens | None
-) -> Mapping[str, UpstreamCredential]:
+    settings: Settings, presented: PresentedTokens | None, store: GrantStore | None
+) -> dict[str, UpstreamCredential]:
     """One credential per upstream, by name. Raises `ConfigError` for a secret that cannot be read."""
     found: dict[str, UpstreamCredential] = {}
-    for upstream in upstreams:
+    for upstream in settings.upstreams:
         if upstream.credential == "token_exchange" and upstream.token_exchange is not None:
             assert presented is not None
             exchanger = TokenExchanger(upstream.name, upstream.token_exchange, upstream.url)
             found[upstream.name] = ExchangedCredential(upstream.name, exchanger, presented)
+        elif upstream.credential == "brokered" and upstream.oauth is not None:
+            assert store is not None
+            found[upstream.name] = BrokeredCredential(
+                upstream.name, upstream.oauth, upstream.url, store, settings.base_url
+            )
         else:
             found[upstream.name] = GatewayCredential()
     return found
+
+
+def grant_store(settings: Settings) -> GrantStore | None:
+    """The brokered grants' store, when an upstream brokers per-user grants."""
+    if not any(u.credential == "brokered" for u in settings.upstreams):
+        return None
+    path = settings.data_file(settings.credentials.path, "credentials.db")
+    return GrantStore(path, Sealer.from_settings(settings))
 
 
 class _HasCredential(Protocol):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.content import as_text, block_parts
+from server.errors import CastellanError
 from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
 from server.settings import UpstreamSettings
@@ -83,7 +84,10 @@ class UpstreamTool:
         return None
 
     async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
-        headers = await self._connection.credential.headers_for(caller.get())
+        try:
+            headers = await self._connection.credential.headers_for(caller.get())
+        except CastellanError as exc:  # no credential for this caller (how to get one), or its service is down
+            return ToolOutput(text="; ".join(exc.reasons), is_error=True)
         result = await self._connection.call_tool(self.upstream_name, dict(arguments), headers=headers)
         blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)

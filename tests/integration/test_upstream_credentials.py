@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from server.testing import GatewayProcess, free_port, run_gateway
@@ -31,6 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(30
 GATEWAY_AUDIENCE = "http://castellan.gateway.test/mcp"
 STS_SECRET = "sts-client-secret-for-tests-0123456789"
 SERVICE_TOKEN = "gateway-service-token-for-discovery"
+BROKER_SECRET = "broker-client-secret-for-tests-0123456789"
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
@@ -70,17 +74,21 @@ class World:
     gateway: GatewayProcess
     upstream_audience: str
     wire_log: Path
+    saas_audience: str
+    saas_wire: Path
 
-    def wire(self) -> list[str]:
-        return [json.loads(line)["authorization"] for line in self.wire_log.read_text().splitlines()]
+    def wire(self, log: Path | None = None) -> list[str]:
+        lines = (log or self.wire_log).read_text().splitlines()
+        return [json.loads(line)["authorization"] for line in lines]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("creds")
-    with run_hydra(tmp / "hydra", scopes=["mcp:tools"]) as hydra:
-        sts_port, up_port = free_port(), free_port()
+    with run_hydra(tmp / "hydra", scopes=["mcp:tools", "saas:read"]) as hydra:
+        sts_port, up_port, saas_port = free_port(), free_port(), free_port()
         sts_url, up_url = f"http://127.0.0.1:{sts_port}", f"http://127.0.0.1:{up_port}/mcp"
+        saas_url = f"http://127.0.0.1:{saas_port}/mcp"
         (tmp / "sts.toml").write_text(
             f"""
 issuer = "{sts_url}"
@@ -116,12 +124,32 @@ groups = {{ analysts = ["inventory:read"], inventory-admins = ["inventory:read",
                 "client_secret": {"env": "STS_CLIENT_SECRET"},
             },
         }
+        saas_wire = tmp / "saas-wire.jsonl"
+        saas_wire.touch()
+        saas_upstream = [
+            *(sys.executable, "-m", "tests.fixtures.token_upstream", "--port", str(saas_port)),
+            *("--jwks", hydra.jwks_url, "--audience", saas_url, "--wire-log", str(saas_wire)),
+        ]
+        saas = {  # a SaaS behind its own authorization server (Hydra here): each user authorizes it once
+            "name": "saas",
+            "url": saas_url,
+            "token_env": "UPSTREAM_SERVICE_TOKEN",
+            "credential": "brokered",
+            "oauth": {
+                "authorize_url": f"{hydra.issuer}/oauth2/auth",
+                "token_url": hydra.token_url,
+                "client_id": "castellan-broker",
+                "client_secret": {"env": "BROKER_SECRET"},
+                "scopes": ["saas:read", "offline_access"],
+            },
+        }
         env = {
             "CASTELLAN_AUTH__MODE": "jwt",
             "CASTELLAN_AUTH__ISSUER": hydra.issuer,
             "CASTELLAN_AUTH__JWKS_URL": hydra.jwks_url,
             "CASTELLAN_AUTH__AUDIENCE": GATEWAY_AUDIENCE,
-            "CASTELLAN_UPSTREAMS": json.dumps([inventory]),
+            "CASTELLAN_UPSTREAMS": json.dumps([inventory, saas]),
+            "BROKER_SECRET": BROKER_SECRET,
             "CASTELLAN_GRANTS__CACHE_TTL_SECONDS": "0",
             "STS_CLIENT_SECRET": STS_SECRET,
             "UPSTREAM_SERVICE_TOKEN": SERVICE_TOKEN,
@@ -129,6 +157,7 @@ groups = {{ analysts = ["inventory:read"], inventory-admins = ["inventory:read",
         with (
             _process(sts, f"{sts_url}/.well-known/jwks.json", "castellan sts", {"STS_CLIENT_SECRET": STS_SECRET}),
             _process(upstream, up_url, "the upstream", {"UPSTREAM_SERVICE_TOKEN": SERVICE_TOKEN}),
+            _process(saas_upstream, saas_url, "the saas upstream", {"UPSTREAM_SERVICE_TOKEN": SERVICE_TOKEN}),
             run_gateway(tmp / "gw", env, timeout=120) as gateway,
         ):
             for group in ("analysts", "inventory-admins", "marketing"):
@@ -139,11 +168,21 @@ groups = {{ analysts = ["inventory:read"], inventory-admins = ["inventory:read",
                 for statement in statements if group == "analysts" else ["USE CATALOG ON CATALOG main", *statements]:
                     done = run_cli(gateway, "grants", "grant", *statement.split(), "TO", group)
                     assert done.returncode == 0, done.stderr
+            hydra.create_client(  # the gateway's client at the SaaS's authorization server
+                client_id="castellan-broker",
+                client_secret=BROKER_SECRET,
+                grant_types=["authorization_code", "refresh_token"],
+                response_types=["code"],
+                redirect_uris=[f"{gateway.base_url}/oauth/callback"],
+                scope="saas:read offline_access offline",
+                audience=[saas_url],
+                token_endpoint_auth_method="client_secret_basic",
+            )
             users = {
-                "alice": User("alice", groups=("analysts",), allowed_scopes={"mcp:tools"}),
-                "bob": User("bob", groups=("inventory-admins",), allowed_scopes={"mcp:tools"}),
+                "alice": User("alice", groups=("analysts",), allowed_scopes={"mcp:tools", "saas:read"}),
+                "bob": User("bob", groups=("inventory-admins",), allowed_scopes={"mcp:tools", "saas:read"}),
             }
-            yield World(hydra, HydraLogin(hydra, users), gateway, up_url, wire_log)
+            yield World(hydra, HydraLogin(hydra, users), gateway, up_url, wire_log, saas_url, saas_wire)
 
 
 async def _call(world: World, token: str, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -222,3 +261,63 @@ def test_check_config_says_where_each_credential_comes_from_without_printing_it(
     assert "secret from env STS_CLIENT_SECRET" in shown.stdout
     assert STS_SECRET not in shown.stdout
     assert SERVICE_TOKEN not in shown.stdout
+
+
+async def _authorize(world: World, user: str, refusal: dict[str, Any]) -> None:
+    """Follow the link the refusal names, sign in as `user` at the SaaS's authorization server, land on
+    the gateway's callback (as the user's browser does)."""
+    text = json.dumps(refusal)
+    assert f"needs {user}'s own authorization: open " in text, text
+    link = re.search(r"open (http\S+?)(?:\\|\"|$)", text)
+    assert link is not None, text
+    callback = await world.login.authorize(link.group(1), as_user=user)
+    assert callback.startswith(f"{world.gateway.base_url}/oauth/callback?")
+    async with aiohttp.ClientSession() as browser, browser.get(callback) as resp:
+        answer = await resp.text()
+    assert resp.status == 200, answer
+    assert f"saas is authorized for {user}" in answer
+    async with aiohttp.ClientSession() as browser, browser.get(callback) as resp:
+        assert resp.status == 400  # a link works once
+
+
+async def test_each_user_authorizes_a_brokered_upstream_once_and_revoking_one_stops_only_that_user(
+    world: World,
+) -> None:
+    tokens = {u: await user_token(world.hydra, world.login, u, GATEWAY_AUDIENCE, "mcp:tools") for u in ("alice", "bob")}
+    for user, token in tokens.items():
+        refused = await _call(world, token, "saas.whoami", {})
+        assert refused["isError"] is True
+        await _authorize(world, user, refused)
+        seen = await _call(world, token, "saas.whoami", {})
+        assert not seen.get("isError"), seen
+        assert seen["structuredContent"]["sub"] == user  # the user's own grant at the SaaS
+        assert seen["structuredContent"]["aud"] == [world.saas_audience]
+        assert "saas:read" in seen["structuredContent"]["scope"].split()
+
+    listed = run_cli(world.gateway, "credentials", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "saas\talice" in listed.stdout
+    assert "saas\tbob" in listed.stdout
+    assert "ory_at_" not in listed.stdout
+    assert "eyJ" not in listed.stdout
+
+    # The access token expires: the gateway refreshes it with the sealed refresh token, no new sign-in.
+    first = world.wire(world.saas_wire)[-1]
+    with sqlite3.connect(world.gateway.data_dir / "credentials.db") as db:
+        db.execute("UPDATE grants SET access_expires_at = 0 WHERE subject = 'alice'")
+    assert (await _call(world, tokens["alice"], "saas.whoami", {}))["structuredContent"]["sub"] == "alice"
+    assert world.wire(world.saas_wire)[-1] != first
+
+    revoked = run_cli(world.gateway, "credentials", "revoke", "--subject", "alice", "--upstream", "saas")
+    assert revoked.returncode == 0, revoked.stderr
+    again = await _call(world, tokens["alice"], "saas.whoami", {})
+    assert again["isError"] is True
+    assert "needs alice's own authorization" in json.dumps(again)
+    still = await _call(world, tokens["bob"], "saas.whoami", {})
+    assert still["structuredContent"]["sub"] == "bob"
+
+    # Sealed at rest: no token appears in the database file in clear.
+    raw = (world.gateway.data_dir / "credentials.db").read_bytes()
+    assert all(h.removeprefix("Bearer ").encode() not in raw for h in world.wire(world.saas_wire) if h)
+    # And the agents' own tokens never reached the SaaS either.
+    assert all(t not in h for t in tokens.values() for h in world.wire(world.saas_wire))
