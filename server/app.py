@@ -16,6 +16,9 @@ from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
+from server.auth.scopes import tool_scopes
+from server.credentials.brokered import BrokeredCredential
+from server.credentials.callback import add_callback_route
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
 from server.protocol.fast import FastEdge
@@ -66,10 +69,11 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
 
+    scopes = tool_scopes(settings)
     metadata_document = protected_resource_metadata(
         settings.resource_url,
         settings.auth.authorization_servers or [settings.auth.issuer],
-        settings.auth.required_scopes,
+        settings.auth.scopes_supported or scopes.supported(),
     )
     endpoint = TransportGuard(
         BearerAuthMiddleware(
@@ -85,6 +89,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
             metadata_url(settings.base_url, settings.resource_url),
             gateway.metrics,
             hint=DEV_TOKEN_HINT.format(url=settings.resource_url) if settings.auth.mode == "dev" else "",
+            scopes=scopes,
+            presented=gateway.presented_tokens,
         ),
         hosts=hosts,
         origins=origins,
@@ -93,6 +99,9 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
     add_admin_routes(app)
+    if gateway.grant_store is not None:  # brokered upstream grants: the authorization server returns here
+        brokered = {n: c for n, c in gateway.upstream_credentials.items() if isinstance(c, BrokeredCredential)}
+        add_callback_route(app, brokered, gateway.grant_store)
     add_approval_routes(app)
     add_llm_routes(app)
     app.add_middleware(RequestIdMiddleware)

@@ -20,9 +20,12 @@ from server.audit.ship_process import ShipperProcess
 from server.audit.shipper import Shipper
 from server.audit.stage import AuditStage, DenialRecorder, RecordStage
 from server.auth.cache import CachedVerifier
+from server.auth.presented import PresentedTokens
+from server.auth.scopes import tool_scopes
 from server.auth.stage import AuthenticateStage
 from server.auth.verifier import JwtVerifier, TokenVerifier
 from server.completions import ResolveCompletionStage
+from server.credentials.store import GrantStore
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
@@ -62,6 +65,7 @@ from server.resolve import ResolveStage
 from server.resources.catalog import ResourceCatalog
 from server.resources.resolve import ResolveResourceStage
 from server.settings import Settings
+from server.upstream.credentials import UpstreamCredential, attach_credentials, grant_store, make_credentials
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
 from server.validate import ValidateStage
@@ -93,6 +97,11 @@ class Gateway:
     meter_retries: MeterRetries | None = None
     housekeeping: AuditHousekeeping | None = None
     approvals: ApprovalQueue | None = None
+    presented_tokens: PresentedTokens | None = None
+    upstream_credentials: dict[str, UpstreamCredential] = field(default_factory=dict)
+    grant_store: GrantStore | None = None
+    """Brokered per-user grants (server/credentials/), when an upstream brokers them."""
+    """Callers' tokens, kept (in memory) only when an upstream exchanges them (RFC 8693)."""
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -215,6 +224,9 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             register_models(grant_source, settings.llm, settings.demo)
     resources, prompts = ResourceCatalog(), PromptCatalog()
     upstreams = None
+    presented = PresentedTokens() if any(u.credential == "token_exchange" for u in settings.upstreams) else None
+    grants_store = grant_store(settings)
+    upstream_credentials: dict[str, UpstreamCredential] = {}
     if settings.upstreams:
         upstreams = UpstreamManager(
             settings.upstreams,
@@ -239,6 +251,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
                 else None
             ),
         )
+        upstream_credentials = make_credentials(settings, presented, grants_store)
+        attach_credentials(upstreams.connections, upstream_credentials)
     grants = CachedGrants(grant_source, settings.grants.cache_ttl_seconds, settings.grants.max_stale_seconds)
     meter = backends.make_meter(settings)
     retries = MeterRetries(meter, metrics.registry)
@@ -287,7 +301,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     metrics.registry.register(PolicyMetrics(engine, watcher))
 
     approvals = ApprovalQueue.from_settings(settings, redactor, metrics.registry)
-    authenticate = AuthenticateStage(settings.auth.required_scopes)
+    authenticate = AuthenticateStage(scopes=tool_scopes(settings))
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
     policy = PolicyStage(engine, decision_log)
@@ -389,6 +403,9 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         closers=closers,
         meter_retries=retries,
         approvals=approvals,
+        presented_tokens=presented,
+        upstream_credentials=upstream_credentials,
+        grant_store=grants_store,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

@@ -88,6 +88,7 @@ async def preflight(settings: Settings) -> Preflight:
     """Build the gateway and reach every backend it would use: the issuer's keys, the policy engine, the grant
     source, the meter store, the audit outbox, MLflow, and each upstream (started and listed). Never raises."""
     from server.gateway import build_gateway
+    from server.upstream.credentials import credential_check
 
     report = Preflight(warnings=_warnings(settings))
     try:
@@ -136,6 +137,9 @@ async def preflight(settings: Settings) -> Preflight:
             upstreams = gateway.upstreams
             for connection in upstreams.connections:
                 report.checks.append(await _timed(f"upstream {connection.name}", _listed(connection)))
+        for upstream in settings.upstreams:  # where each credential comes from, never its value
+            ok, source = credential_check(upstream)
+            report.checks.append(Check(f"credential {upstream.name}", ok, source))
     finally:
         await gateway.close()
     return report

@@ -75,8 +75,23 @@ def _plain_http_webhook(s: Settings) -> str | None:
     return None
 
 
+def _credentials_key(s: Settings) -> str | None:
+    if not any(u.credential == "brokered" for u in s.upstreams):
+        return None
+    key = s.credentials.key
+    if not key.env and key.file is None:
+        return (
+            "brokered upstream grants would be sealed with a key generated into the data directory, beside the "
+            "grants; set credentials.key to an environment variable or a mounted file outside it"
+        )
+    if key.file is not None and key.file.resolve().is_relative_to(s.data_dir.resolve()):
+        return f"credentials.key file {key.file} is inside the data directory; keep it outside"
+    return None
+
+
 CHECKS: dict[str, Callable[[Settings], str | None]] = {
     "approvals.webhook_url": _plain_http_webhook,
+    "credentials.key": _credentials_key,
     "audit.chain_key": _audit_chain_key,
     "auth.mode": _dev_auth,
     "auth.issuer": _dev_issuer,

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -103,6 +103,14 @@ class AuthSettings(BaseModel):
     """Refuse tokens whose lifetime (`exp - iat`) is longer than this; 0 accepts any (refused in production)."""
     authorization_servers: list[str] = Field(default_factory=list)
     """Advertised in the protected resource metadata. Default: `[issuer]`."""
+    tool_scopes: dict[str, list[str]] = Field(default_factory=dict)
+    """Scopes a tool's calls need beyond `required_scopes`: a tool's name, or a prefix ending in `*`
+    (`{"admin.*" = ["castellan:admin-tools"]}`). A token without them gets HTTP 403 `insufficient_scope`
+    naming them, and the client steps up (re-authorizes for them). The tools stay listed."""
+    scopes_supported: list[str] = Field(default_factory=list)
+    """The protected resource metadata's `scopes_supported`. Default: `required_scopes` and every scope
+    of `tool_scopes`, so a client registers for all of them at once (authorization servers such as Hydra
+    bind a client to the scopes it registered with, and a step-up does not register again)."""
 
 
 class PolicySettings(BaseModel):
@@ -271,6 +279,71 @@ class LlmSettings(BaseModel):
     """The largest `n` a request may ask for (each choice is reserved in full)."""
 
 
+class SecretSource(BaseModel):
+    """Where a secret comes from, never the secret itself: an environment variable or a file (a mounted
+    secret; secrets managers deliver this way: Vault Agent, the Secrets Store CSI driver, Docker/K8s
+    secrets). `castellan check-config` names the source without reading it out."""
+
+    model_config = {"extra": "forbid"}
+
+    env: str = ""
+    file: Path | None = None
+
+    def describe(self) -> str:
+        return f"env {self.env}" if self.env else f"file {self.file}" if self.file else "unset"
+
+
+class TokenExchangeSettings(BaseModel):
+    """RFC 8693: the caller's token is exchanged at `token_url` for one scoped to this upstream."""
+
+    model_config = {"extra": "forbid"}
+
+    token_url: str
+    """The token service's token endpoint (Keycloak, Entra, Okta, or `castellan sts`)."""
+    client_id: str
+    """The gateway's client at the token service (it authenticates with `client_secret`, HTTP Basic)."""
+    client_secret: SecretSource = Field(default_factory=SecretSource)
+    audience: str = ""
+    """The upstream's audience the new token is for. Default: the upstream's `url`."""
+    scopes: list[str] = Field(default_factory=list)
+    """Requested scopes (the token service grants at most what the caller's token holds and the
+    audience allows)."""
+    timeout_seconds: float = Field(default=5.0, gt=0)
+
+
+class BrokeredOAuthSettings(BaseModel):
+    """A per-user grant the gateway brokers: each user authorizes the upstream once (authorization code +
+    PKCE at the upstream's authorization server, through a link the gateway gives them); the gateway keeps
+    the refresh token sealed at rest and refreshes the access token itself."""
+
+    model_config = {"extra": "forbid"}
+
+    authorize_url: str
+    token_url: str
+    client_id: str
+    """The gateway's client at the upstream's authorization server; its redirect URI is
+    `<server.public_url>/oauth/callback`."""
+    client_secret: SecretSource = Field(default_factory=SecretSource)
+    """Unset: a public client (PKCE only)."""
+    scopes: list[str] = Field(default_factory=list)
+    audience: str = ""
+    """Sent as `audience` (and `resource`, RFC 8707) on the authorization request. Default: the upstream's url."""
+    link_ttl_seconds: int = Field(default=600, gt=0, le=86_400)
+    """How long an authorization link stays usable."""
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class CredentialSettings(BaseModel):
+    """Where brokered grants are kept: refresh and access tokens sealed (AES-256-GCM) under a key kept
+    outside the database."""
+
+    path: Path | None = None
+    """SQLite file. Default: `<data_dir>/credentials.db`."""
+    key: SecretSource = Field(default_factory=SecretSource)
+    """The sealing key (base64 of 32 bytes), from an environment variable or a mounted file. Unset, in dev:
+    `<data_dir>/credentials-key` is created (0600) on first use; production requires one."""
+
+
 class UpstreamSettings(BaseModel):
     """An MCP server whose tools Castellan serves under `<name>.` and governs like its own."""
 
@@ -290,6 +363,14 @@ class UpstreamSettings(BaseModel):
     """HTTP headers the gateway sends upstream (its own credentials; the agent's token is never forwarded)."""
     token_env: str = ""
     """An environment variable holding the gateway's bearer token for this upstream."""
+    token_file: Path | None = None
+    """Or a file holding it (a mounted secret)."""
+    credential: Literal["gateway", "token_exchange", "brokered"] = "gateway"
+    """What a call carries upstream: the gateway's own token (`token_env`/`token_file`, also used to
+    connect and list tools), the caller's token exchanged for one for this upstream (`token_exchange`,
+    RFC 8693), or the user's own brokered grant (`brokered`, [oauth]). Never the agent's token."""
+    token_exchange: TokenExchangeSettings | None = None
+    oauth: BrokeredOAuthSettings | None = None
     prefix: str | None = None
     """What the tools' names start with. Default `<name>.`; `""` serves them under their own names
     (they must not clash with other tools)."""
@@ -298,6 +379,16 @@ class UpstreamSettings(BaseModel):
     pin: Literal["first-use", "manual"] = "first-use"
     """`first-use`: the first definition seen is approved; `manual`: every definition needs approval."""
     timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credential_configured(self) -> UpstreamSettings:
+        if self.credential == "token_exchange" and self.token_exchange is None:
+            raise ValueError(f"upstream {self.name}: credential = 'token_exchange' needs [token_exchange]")
+        if self.credential == "brokered" and self.oauth is None:
+            raise ValueError(f"upstream {self.name}: credential = 'brokered' needs [oauth]")
+        if self.credential != "gateway" and not self.url:
+            raise ValueError(f"upstream {self.name}: per-user credentials need an HTTP upstream (url)")
+        return self
 
     @property
     def tool_prefix(self) -> str:
@@ -474,6 +565,7 @@ class Settings(BaseSettings):
     metering: MeterSettings = Field(default_factory=MeterSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
+    credentials: CredentialSettings = Field(default_factory=CredentialSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @classmethod

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import structlog
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -9,6 +12,8 @@ from starlette.authentication import AuthCredentials
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server.auth.presented import PresentedTokens
+from server.auth.scopes import ToolScopes
 from server.auth.verifier import TokenVerifier
 from server.errors import Unauthenticated
 from server.http_errors import send_error
@@ -42,11 +47,22 @@ class BearerAuthMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, verifier: TokenVerifier, resource_metadata_url: str, metrics: Metrics, hint: str = ""
+        self,
+        app: ASGIApp,
+        verifier: TokenVerifier,
+        resource_metadata_url: str,
+        metrics: Metrics,
+        hint: str = "",
+        scopes: ToolScopes | None = None,
+        presented: PresentedTokens | None = None,
     ) -> None:
-        """`hint` is added to every 401's message: how to get a token (dev mode names the command)."""
+        """`hint` is added to every 401's message: how to get a token (dev mode names the command).
+        `scopes`: a `tools/call` whose token lacks the tool's scopes gets 403 `insufficient_scope`.
+        `presented`: where the caller's token is kept for token exchange (only when an upstream uses it)."""
         self.app = app
         self._hint = hint
+        self._scopes = scopes
+        self._presented = presented
         self._verifier = verifier
         self._metadata_url = resource_metadata_url
         self._metrics = metrics
@@ -68,6 +84,15 @@ class BearerAuthMiddleware:
         except Unauthenticated as exc:
             await self._reject(scope, receive, send, exc.error, "invalid_token", exc.description)
             return
+        if self._scopes is not None and self._scopes.per_tool and scope.get("method") == "POST":
+            body, receive = await _buffered(receive)
+            tool = _called_tool(body)
+            missing = self._scopes.missing(tool, identity.scopes) if tool is not None else ()
+            if tool is not None and missing:
+                await self._insufficient_scope(scope, receive, send, tool, missing)
+                return
+        if self._presented is not None:
+            self._presented.remember(identity, token)
         scope[IDENTITY_SCOPE_KEY] = identity
         scope["auth"] = AuthCredentials(list(identity.scopes))
         scope["user"] = AuthenticatedUser(
@@ -82,6 +107,21 @@ class BearerAuthMiddleware:
         )
         await self.app(scope, receive, send)
 
+    async def _insufficient_scope(
+        self, scope: Scope, receive: Receive, send: Send, tool: str, missing: tuple[str, ...]
+    ) -> None:
+        """HTTP 403 with the scopes the call needs (RFC 6750 §3.1; the MCP authorization spec's step-up)."""
+        assert self._scopes is not None
+        self._metrics.auth_failures.labels("insufficient_scope").inc()
+        needed = " ".join(self._scopes.needed(tool))
+        description = f"tool {tool} needs scope {' '.join(missing)}"
+        log.info("request_insufficient_scope", tool=tool, missing=list(missing))
+        challenge = (
+            f'Bearer error="insufficient_scope", scope="{needed}", '
+            f'resource_metadata="{self._metadata_url}", error_description="{description.replace(chr(34), chr(39))}"'
+        )
+        await send_error(scope, receive, send, 403, f"forbidden: {description}", {"WWW-Authenticate": challenge})
+
     async def _reject(
         self, scope: Scope, receive: Receive, send: Send, error: str | None, metric: str, description: str
     ) -> None:
@@ -93,3 +133,39 @@ class BearerAuthMiddleware:
             challenge += f', error="{error}", error_description="{safe}"'
         message = f"unauthorized: {description}" + (f"; {self._hint}" if self._hint else "")
         await send_error(scope, receive, send, 401, message, {"WWW-Authenticate": challenge})
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """The request body (bounded by the transport guard's limit), and a `receive` that replays it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _called_tool(body: bytes) -> str | None:
+    """The tool a `tools/call` request names; None for anything else (the transport judges what it is)."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    name = params.get("name") if isinstance(params, dict) else None
+    return name if isinstance(name, str) else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from server.cli import approvals, audit, config, grants, policy, serve, token, tools, usage
+from server.cli import approvals, audit, config, credentials, grants, policy, serve, sts, token, tools, usage
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,3 +29,5 @@ main.add_command(policy.policy)
 main.add_command(grants.grants)
 main.add_command(tools.tools)
 main.add_command(approvals.approvals)
+main.add_command(sts.sts)
+main.add_command(credentials.credentials)

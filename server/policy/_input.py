@@ -64,6 +64,9 @@ def build_input(call: Call) -> dict[str, Any]:
     target_input = getattr(call.tool, "decision_input", None)  # a resource, prompt or completion target
     if target_input is not None:
         document.update(target_input(call.arguments))
+    upstream = getattr(call.tool, "upstream_input", None)  # an upstream's tool: which credential it carries
+    if upstream is not None:
+        document["upstream"] = upstream()
     return document
 
 

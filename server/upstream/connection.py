@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
@@ -18,9 +20,29 @@ from mcp_types import HEADER_MISMATCH
 from server.errors import BackendUnavailable
 from server.settings import UpstreamSettings
 from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, compiled, first_error_bounded
+from server.upstream.credentials import GatewayCredential, UpstreamCredential, gateway_headers
 from server.upstream.http_client import HttpUpstreamClient
 
 log = structlog.get_logger("castellan.upstream")
+
+
+_CALL_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("castellan_upstream_call_headers", default=None)
+
+
+def _send_call_headers(session: Any) -> None:
+    """The SDK session sends a request's `opts["headers"]` on its HTTP POST; requests made while
+    `_CALL_HEADERS` is set (in the calling task) get those headers added."""
+    dispatcher = session._dispatcher
+    send = dispatcher.send_raw_request
+
+    async def send_raw_request(method: str, params: Any, opts: Any = None) -> Any:
+        extra = _CALL_HEADERS.get()
+        if extra:
+            opts = dict(opts or {})
+            opts["headers"] = {**(opts.get("headers") or {}), **extra}
+        return await send(method, params, opts)
+
+    dispatcher.send_raw_request = send_raw_request
 
 
 class ResultRefused(RuntimeError):
@@ -35,6 +57,8 @@ class UpstreamConnection:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.error: str | None = None
+        self.credential: UpstreamCredential = GatewayCredential()
+        """What each call carries (set by the gateway from `settings.credential`)."""
         self.output_schemas: dict[str, Any] = {}
         """Upstream tool name → output schema, checked by the manager (`server.tool_schema`)."""
         self.input_schemas: dict[str, Any] = {}
@@ -42,22 +66,13 @@ class UpstreamConnection:
         self._lean: HttpUpstreamClient | None = None
         """The pooled client for calls with nothing to relay (HTTP upstreams, once connected)."""
 
-    def _http_headers(self) -> dict[str, str]:
-        """The gateway's own headers for this upstream (its credentials; never the agent's token)."""
-        headers = dict(self.settings.headers)
-        if self.settings.token_env:
-            token = os.environ.get(self.settings.token_env, "")
-            if token:
-                headers["Authorization"] = f"Bearer {token}"
-        return headers
-
     def _transport(self) -> tuple[Any, Any]:
         """The client transport, and an HTTP client to close afterwards (or None)."""
         if self.settings.url:
             from mcp.client.streamable_http import streamable_http_client
             from mcp.shared._httpx_utils import create_mcp_http_client
 
-            http = create_mcp_http_client(headers=self._http_headers())
+            http = create_mcp_http_client(headers=gateway_headers(self.settings))
             return streamable_http_client(self.settings.url, http_client=http), http
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -96,10 +111,14 @@ class UpstreamConnection:
                 # The SDK would check results against the upstream's output schema with Python's
                 # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
                 client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
+                _send_call_headers(client.session)
                 self._client, self.error = client, None
                 if self.settings.url:
                     self._lean = HttpUpstreamClient(
-                        self.settings.url, self._http_headers(), client.protocol_version, self.settings.timeout_seconds
+                        self.settings.url,
+                        gateway_headers(self.settings),
+                        client.protocol_version,
+                        self.settings.timeout_seconds,
                     )
                 ready.set_result(None)
                 log.info("upstream_connected", upstream=self.name, protocol=getattr(client, "protocol_version", None))
@@ -201,6 +220,7 @@ class UpstreamConnection:
         """Calls `name` upstream. With nothing to relay (`relay` None) an HTTP upstream's call goes
         through the pooled lean client (`headers` sent on its POST); otherwise through the SDK session."""
         await self.connect()
+        bound = _CALL_HEADERS.set(headers)  # the SDK session's POSTs carry them too (`_send_call_headers`)
         try:
             if relay is None and self._lean is not None:
                 try:
@@ -223,6 +243,8 @@ class UpstreamConnection:
         except Exception:
             await self.close()  # reconnect on the next call or refresh
             raise
+        finally:
+            _CALL_HEADERS.reset(bound)
 
     async def _validate_result(self, name: str, result: Any) -> None:
         """Raises `ResultRefused` (a tool failure) when a result breaks its tool's output schema."""

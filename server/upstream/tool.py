@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.content import as_text, block_parts
+from server.errors import CastellanError
+from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
 from server.settings import UpstreamSettings
 from server.upstream.connection import UpstreamConnection
@@ -67,6 +69,10 @@ class UpstreamTool:
             upstream=settings.name,
         )
 
+    def upstream_input(self) -> dict[str, Any]:
+        """`input.upstream` of the decision input: the upstream, and which credential the call would carry."""
+        return {"name": self._connection.name, "credential": self._connection.credential.mode}
+
     def blocked_reason(self) -> str | None:
         if self.refused:
             return f"upstream tool {self.spec.name} is refused: {self.refused}"
@@ -78,7 +84,11 @@ class UpstreamTool:
         return None
 
     async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
-        result = await self._connection.call_tool(self.upstream_name, dict(arguments))
+        try:
+            headers = await self._connection.credential.headers_for(caller.get())
+        except CastellanError as exc:  # no credential for this caller (how to get one), or its service is down
+            return ToolOutput(text="; ".join(exc.reasons), is_error=True)
+        result = await self._connection.call_tool(self.upstream_name, dict(arguments), headers=headers)
         blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
         text = as_text(tuple(block_parts(blocks)))

@@ -1,0 +1,195 @@
+"""Agents sign in with OAuth: the official Python SDK's OAuth client provider, the gateway and a real
+authorization server (Ory Hydra, tests/hydra.py) go through the whole MCP authorization flow."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import httpx2
+import pytest
+from mcp.client.auth import OAuthClientProvider, TokenStorage
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+
+from bench.load import call_body, call_headers
+from server.testing import GatewayProcess, run_gateway
+from tests.hydra import Hydra, HydraLogin, User, run_hydra
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
+
+BASE_SCOPE = "mcp:tools"
+ADMIN_SCOPE = "castellan:admin-tools"
+STEP_UP_TOOL = "clock.now"
+
+
+class MemoryStorage(TokenStorage):
+    def __init__(self) -> None:
+        self.tokens: OAuthToken | None = None
+        self.client: OAuthClientInformationFull | None = None
+        self.history: list[OAuthToken] = []
+
+    async def get_tokens(self) -> OAuthToken | None:
+        return self.tokens
+
+    async def set_tokens(self, tokens: OAuthToken) -> None:
+        self.tokens = tokens
+        self.history.append(tokens)
+
+    async def get_client_info(self) -> OAuthClientInformationFull | None:
+        return self.client
+
+    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
+        self.client = client_info
+
+
+@pytest.fixture(scope="module")
+def hydra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hydra]:
+    with run_hydra(tmp_path_factory.mktemp("hydra"), scopes=[BASE_SCOPE, ADMIN_SCOPE]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, hydra: Hydra) -> Iterator[GatewayProcess]:
+    env = {
+        "CASTELLAN_AUTH__MODE": "jwt",
+        "CASTELLAN_AUTH__ISSUER": hydra.issuer,
+        "CASTELLAN_AUTH__JWKS_URL": hydra.jwks_url,
+        "CASTELLAN_AUTH__REQUIRED_SCOPES": json.dumps([BASE_SCOPE]),
+        "CASTELLAN_AUTH__TOOL_SCOPES": json.dumps({STEP_UP_TOOL: [ADMIN_SCOPE]}),
+    }
+    with run_gateway(tmp_path_factory.mktemp("gateway"), env, timeout=120) as gw:
+        yield gw
+
+
+def _claims(token: str) -> dict[str, Any]:
+    import base64
+
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+async def _tool_text(client: Client, name: str) -> str:
+    result = await client.call_tool(name, {"text": "hello"} if name == "echo" else {})
+    assert not result.is_error, result
+    return " ".join(getattr(block, "text", "") for block in result.content)
+
+
+async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: Hydra, gateway: GatewayProcess) -> None:
+    alice = User("alice", groups=("analysts",), allowed_scopes={BASE_SCOPE})
+    login = HydraLogin(hydra, {"alice": alice})
+    storage = MemoryStorage()
+    redirects: list[str] = []
+    challenges: list[tuple[int, str]] = []
+
+    async def redirect_handler(url: str) -> None:
+        redirects.append(await login.authorize(url, as_user="alice"))
+
+    async def callback_handler() -> AuthorizationCodeResult:
+        query = parse_qs(urlsplit(redirects[-1]).query)
+        assert "code" in query, redirects[-1]
+        return AuthorizationCodeResult(code=query["code"][0], state=query["state"][0], iss=query.get("iss", [None])[0])
+
+    provider = OAuthClientProvider(
+        server_url=gateway.mcp_url,
+        client_metadata=OAuthClientMetadata(
+            client_name="castellan-oauth-test",
+            redirect_uris=["http://127.0.0.1:1/callback"],  # never fetched: the callback handler reads it
+            grant_types=["authorization_code", "refresh_token"],
+        ),
+        storage=storage,
+        redirect_handler=redirect_handler,
+        callback_handler=callback_handler,
+    )
+
+    async def record(response: httpx2.Response) -> None:
+        if response.request.url.path == "/mcp" and response.status_code in (401, 403):
+            challenges.append((response.status_code, response.headers.get("www-authenticate", "")))
+
+    http = create_mcp_http_client(auth=provider)
+    http.event_hooks["response"].append(record)
+    async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
+        # 1. Discovery (401 → protected resource metadata → Hydra's metadata), registration, code + PKCE.
+        assert await _tool_text(client, "echo") == "hello"
+        assert challenges[0][0] == 401
+        assert "resource_metadata=" in challenges[0][1]
+        assert storage.client is not None
+        assert storage.client.client_id
+        first = storage.tokens
+        assert first is not None
+        assert first.refresh_token
+        claims = _claims(first.access_token)
+        assert claims["iss"] == hydra.issuer
+        assert claims["sub"] == "alice"
+        assert gateway.mcp_url in claims["aud"]
+        assert claims["groups"] == ["analysts"]
+        assert ADMIN_SCOPE not in claims["scope"].split()  # asked for, not granted: alice may not yet
+        assert ADMIN_SCOPE in login.consents[0]["requested_scope"]
+
+        # 2. Refresh: once the access token has expired the client refreshes it, without a new sign-in.
+        provider.context.token_expiry_time = time.time() - 1
+        assert await _tool_text(client, "echo") == "hello"
+        assert storage.tokens is not None
+        assert storage.tokens.access_token != first.access_token
+        assert len(login.consents) == 1
+
+        # 3. Step-up: the tool needs a scope the token lacks: 403 insufficient_scope naming it; the
+        #    client re-authorizes (alice is now allowed it) and the retried call runs.
+        alice.allowed_scopes.add(ADMIN_SCOPE)
+        assert await _tool_text(client, STEP_UP_TOOL)
+        status, challenge = challenges[-1]
+        assert status == 403
+        assert 'error="insufficient_scope"' in challenge
+        assert f'scope="{BASE_SCOPE} {ADMIN_SCOPE}"' in challenge
+        assert len(login.consents) == 2
+        assert ADMIN_SCOPE in _claims(storage.tokens.access_token)["scope"].split()
+
+
+async def test_a_token_without_the_tools_scope_gets_403_naming_it_not_a_tool_result(
+    hydra: Hydra, gateway: GatewayProcess
+) -> None:
+    token = _client_credentials(hydra, gateway, scope=BASE_SCOPE)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.mcp_url, data=call_body(STEP_UP_TOOL, {}, 1), headers=call_headers(STEP_UP_TOOL, token)
+        ) as resp,
+    ):
+        assert resp.status == 403
+        challenge = resp.headers["WWW-Authenticate"]
+        answer = await resp.json()
+    assert 'error="insufficient_scope"' in challenge
+    assert ADMIN_SCOPE in challenge
+    assert "resource_metadata=" in challenge
+    assert ADMIN_SCOPE in answer["error"]["message"]
+
+
+async def test_a_headless_agent_signs_in_with_client_credentials(hydra: Hydra, gateway: GatewayProcess) -> None:
+    token = _client_credentials(hydra, gateway, scope=BASE_SCOPE)
+    claims = _claims(token)
+    assert claims["sub"] == claims["client_id"]  # the agent itself: a service principal
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
+        listed = await client.list_tools()
+    assert listed.tools is not None
+
+
+def _client_credentials(hydra: Hydra, gateway: GatewayProcess, scope: str) -> str:
+    """A service's token from Hydra (client credentials; Hydra names the resource with `audience`)."""
+    from authlib.integrations.requests_client import OAuth2Session
+
+    client = hydra.create_client(
+        grant_types=["client_credentials"],
+        scope=scope,
+        audience=[gateway.mcp_url],
+        token_endpoint_auth_method="client_secret_basic",
+    )
+    with OAuth2Session(client["client_id"], client["client_secret"], scope=scope) as session:
+        token = session.fetch_token(hydra.token_url, grant_type="client_credentials", audience=gateway.mcp_url)
+    return str(token["access_token"])
