@@ -92,6 +92,11 @@ class Call:
     grants: GrantCheck | None = None
     decision: Decision | None = None
     output: ToolOutput | None = None
+    detections: tuple[Mapping[str, Any], ...] = ()
+    """Personal data and secrets found in the arguments (server/guardrails): `input.detections`."""
+    result_detections: tuple[Mapping[str, Any], ...] = ()
+    result_decision: Decision | None = None
+    """The after-call decision on the result's detections (`input.action == "result"`), when asked."""
     tokens_in: int = 0
     tokens_out: int = 0
     error: CastellanError | None = None

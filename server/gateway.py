@@ -28,6 +28,7 @@ from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
+from server.guardrails.stage import guard_stages_for
 from server.invoke import InvokeStage
 from server.listing import ToolLister
 from server.llm.model import register_models
@@ -264,6 +265,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
     policy = PolicyStage(engine, decision_log)
+    guard_arguments, guard_result = guard_stages_for(settings.guardrails, redactor, engine, metrics.registry)
     call_pipeline = Pipeline(
         [
             authenticate,
@@ -272,10 +274,12 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             GrantsStage(grants, function_only=True),  # cheap refusals before argument validation
             ValidateStage(registry, settings.tools.max_validation_steps),
             grants_stage,
+            *guard_arguments,  # guardrails: detections in the arguments, for input.detections
             policy,
             ApprovalStage(approvals),
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
+            *guard_result,  # guardrails: the after-call decision on what the result holds
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
             AuditStage(outbox, redactor),
