@@ -42,10 +42,12 @@ from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.policy.bundle import PolicyBundle
 from server.policy.decision_log import DecisionLog
+from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import PolicyEngine
 from server.policy.obligations import ObligationsStage
 from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
+from server.policy.shadow import ShadowPolicy
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
 from server.protocol.tools import McpHandlers
@@ -82,6 +84,7 @@ class Gateway:
     meter_retries: MeterRetries | None = None
     housekeeping: AuditHousekeeping | None = None
     approvals: ApprovalQueue | None = None
+    shadow: ShadowPolicy | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -160,11 +163,26 @@ class Gateway:
         shutdown = [self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close]
         if self.approvals is not None:
             shutdown.insert(0, self.approvals.close)
+        if self.shadow is not None:
+            shutdown.append(self.shadow.close)
         for closer in shutdown:
             try:
                 await closer()
             except Exception as exc:
                 log.warning("close_failed", error=repr(exc))
+
+
+def shadow_policy_for(settings: Settings, metrics: Metrics) -> ShadowPolicy | None:
+    """The candidate policy of `policy.shadow_path`, decided in-process (never enforced), or None."""
+    if settings.policy.shadow_path is None:
+        return None
+    engine = EmbeddedEngine(
+        PolicyBundle.from_directory(settings.policy.shadow_path),
+        settings.policy.entrypoint,
+        timeout_seconds=settings.policy.shadow_timeout_seconds,
+    )
+    log.info("shadow_policy", path=str(settings.policy.shadow_path), policy_version=engine.policy_version)
+    return ShadowPolicy(engine, settings.policy.shadow_timeout_seconds, metrics.registry)
 
 
 def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
@@ -264,7 +282,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     authenticate = AuthenticateStage(settings.auth.required_scopes)
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
-    policy = PolicyStage(engine, decision_log)
+    shadow = shadow_policy_for(settings, metrics)
+    policy = PolicyStage(engine, decision_log, shadow)
     guard_arguments, guard_result = guard_stages_for(settings.guardrails, redactor, engine, metrics.registry)
     call_pipeline = Pipeline(
         [
@@ -322,6 +341,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         closers=closers,
         meter_retries=retries,
         approvals=approvals,
+        shadow=shadow,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)
