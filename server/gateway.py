@@ -47,7 +47,7 @@ from server.policy.engine import PolicyEngine
 from server.policy.obligations import ObligationsStage
 from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
-from server.policy.shadow import ShadowPolicy
+from server.policy.shadow import ShadowPolicy, ShadowStage
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
 from server.protocol.tools import McpHandlers
@@ -301,6 +301,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             *guard_result,  # guardrails: the after-call decision on what the result holds
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
+            *([ShadowStage(settings.policy.shadow_timeout_seconds)] if shadow else []),  # its verdict, collected
             AuditStage(outbox, redactor),
         ],
         metrics,

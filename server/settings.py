@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -457,6 +457,16 @@ class GuardrailSettings(BaseModel):
     """Regions whose national phone numbers (no `+` prefix) are recognised; international ones always are."""
     results: bool = True
     """Scan tool results too; a result with detections gets an after-call decision (`input.action == "result"`)."""
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from server.guardrails.kinds import KINDS
+
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown detection kinds {unknown}; choose from {list(KINDS)}")
+        return kinds
 
 
 class Settings(BaseSettings):

@@ -107,6 +107,8 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         "injection_markers": markers,
         "detections": [dict(d) for d in call.result_detections],
     }
+    if call.shadow is not None:  # what the shadow policy said about this allowed call
+        record["shadow"] = dict(call.shadow)
     if call.result_decision is not None:  # the after-call decision on what the result held (guardrails)
         guard = call.result_decision
         record["guard"] = {"allow": guard.allow, "reasons": list(guard.reasons),

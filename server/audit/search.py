@@ -31,8 +31,9 @@ OUTCOMES = {
     "interrupted": "json_extract(o.record, '$.interrupted') = 1",
     "unfinished": "o.record IS NULL AND json_extract(d.record, '$.decision') = 'allow'",
 }
-# Calls the shadow policy (policy.shadow_path) would have decided otherwise.
-SHADOW_DIFF = "json_extract(d.record, '$.shadow.differs') = 1"
+# Calls the shadow policy (policy.shadow_path) would have decided otherwise: a refusal's verdict is in
+# its decision record, an allowed call's in its outcome record (decided beside the call).
+SHADOW_DIFF = "(json_extract(d.record, '$.shadow.differs') = 1 OR json_extract(o.record, '$.shadow.differs') = 1)"
 
 
 @dataclass(frozen=True, slots=True)

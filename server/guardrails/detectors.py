@@ -15,11 +15,13 @@ mod-11 check one time in eleven) is reported only with a word naming it nearby (
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import phonenumbers
+import re2  # type: ignore[import-untyped]
 from stdnum import iban, luhn
 from stdnum.de import idnr
 from stdnum.es import dni, nie
@@ -54,7 +56,7 @@ _EMAIL = re.compile(
 # 13 to 19 digits, in groups a person writes (spaces or dashes between them).
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
-_PHONE = re.compile(r"(?<![\w+(])(?:\+|00|\()?\d[\d ().\-/]{5,20}\d(?![\w])")
+_PHONE = re.compile(r"(?<![\w+(\-])(?:\+|00|\()?\d[\d ().\-/]{5,20}\d(?![\w])")
 # What looks like a phone number's digits but is a date or a time.
 _DATE = re.compile(r"^\(?\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|^\d{1,2}:\d{2}")
 _PHONE_WORDS = ("phone", "tel", "call", "mobile", "cell", "fax", "whatsapp", "sms", "handy", "portable")
@@ -64,12 +66,14 @@ _NIR = re.compile(r"(?<![\dA-Za-z])[12][ ]?\d{2}[ ]?\d{2}[ ]?(?:\d{2}|2[AB])[ ]?
 _DNI = re.compile(r"(?<![\dA-Za-z])\d{8}-?[A-Za-z](?![A-Za-z0-9])")
 _NIE = re.compile(r"(?<![\dA-Za-z])[XYZxyz]-?\d{7}-?[A-Za-z](?![A-Za-z0-9])")
 _CODICE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{6}\d{2}[A-Za-z]\d{2}[A-Za-z]\d{3}[A-Za-z](?![A-Za-z0-9])")
+_UPPER, _LOWER = "A-ZÀ-ÖØ-Þ", "a-zß-öø-ÿ'\\-"
 _TITLE_NAME = re.compile(
-    r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Mme|Mlle|M)\.? ([A-Z][a-z'\-]+(?: [A-Z][a-z'\-]+){0,2})\b"
+    rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Mme|Mlle|M)\.? "
+    rf"([{_UPPER}][{_LOWER}]+(?: [{_UPPER}][{_LOWER}]+){{0,2}})\b"
 )
 _INTRODUCED_NAME = re.compile(
     r"(?i:\b(?:my name is|name:|patient:|customer:|employee:|contact:|dear))\s+"
-    r"([A-Z][a-z'\-]+(?: [A-Z][a-z'\-]+){1,2})\b"
+    rf"([{_UPPER}][{_LOWER}]+(?: [{_UPPER}][{_LOWER}]+){{1,2}})\b"
 )
 _STREET = re.compile(
     r"(?i)\b\d{1,5}[A-Za-z]?,? (?:[A-Za-z0-9.'\-]+ ){1,4}"
@@ -77,6 +81,7 @@ _STREET = re.compile(
     r"square|sq|parkway|pkwy|highway|hwy|close|crescent|rue|chemin|allée|impasse)\b\.?"
     r"|\b\d{1,4},? (?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai) (?:[A-Za-zÀ-ÿ'\-]+ ?){1,5}"
     r"|\b[A-ZÄÖÜ][a-zäöüß]+(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm) \d{1,4}[a-z]?\b"
+    r"|\bP\.? ?O\.? Box \d{1,6}\b"
 )
 
 # (type, pattern, validator, context words that must sit within 48 characters before, or in the field name)
@@ -105,6 +110,29 @@ _CARD_BRANDS: tuple[tuple[str, tuple[tuple[int, int], ...], tuple[int, ...]], ..
     ("maestro", ((5018, 5018), (5020, 5020), (5038, 5038), (6304, 6304), (6759, 6759)), tuple(range(12, 20))),
 )
 
+# One linear-time RE2 pass per kind says whether a text can hold one at all (a superset of each
+# detector's candidates, without their look-arounds); only then do the detector's own patterns
+# run. Most long text holds nothing, and a 100 KB log then costs a few RE2 scans. Text that is not ASCII
+# always gets the full scan (RE2's \d and letters are ASCII here, Python's are not).
+_STREET_WORDS = (
+    "street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|way|place|pl|terrace|square|sq|"
+    "parkway|pkwy|highway|hwy|close|crescent|rue|chemin|impasse|bd|quai"
+)
+_GATE_PATTERNS = {
+    "card_number": r"\d(?:[ -]?\d){12}",
+    "iban": r"[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11}",
+    "national_id": r"\d{3}-\d{2}-\d{4}|\d(?:[ .-]?\d){8}|\d{8}-?[A-Za-z]|[XYZxyz]-?\d{7}|[A-Za-z]{6}\d{2}[A-Za-z]\d{2}",
+    "phone": r"(?:^|[^\w+])(?:\+|00)\d|\d(?:[ ().\-/]{0,2}\d){9}",
+    "address": rf"(?i)\b(?:{_STREET_WORDS})\b"
+    r"|(?:stra(?:ss|ß)e|str\.|weg|gasse|platz|allee|ring|damm) \d|p\.? ?o\.? box",
+    "person_name": r"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Herr|Frau|Mme|Mlle|M)\.? [A-Z]"
+    r"|(?i:my name is|name:|patient:|customer:|employee:|contact:|dear)\s",
+}
+_GATES = {kind: re2.compile(pattern) for kind, pattern in _GATE_PATTERNS.items()}
+_CACHE_ENTRIES, _CACHE_CHARS = 8_192, 256
+_GATE_CHARS = 512
+"""Shorter texts skip the gates: a call into RE2 costs more than the detectors' own patterns there."""
+
 NAME_FIELDS = frozenset(
     {"name", "full_name", "fullname", "first_name", "firstname", "last_name", "lastname", "surname", "given_name",
      "family_name", "customer_name", "contact_name", "patient_name", "employee_name", "person", "holder_name",
@@ -116,6 +144,8 @@ ADDRESS_FIELDS = frozenset(
 )  # fmt: skip
 _NAME_VALUE = re.compile(r"^[A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'\-.]*(?: [A-Za-zÀ-ÿ][A-Za-zÀ-ÿ'\-.]*){0,3}$")
 _DIGITS_ONLY = re.compile(r"\D")
+_DIGIT = re.compile(r"\d")
+_NUMBER = re.compile(r"\d(?:[ ().\-/]{0,2}\d){6}")
 
 
 def _brand(digits: str) -> str | None:
@@ -159,17 +189,35 @@ class Detector:
         if unknown:
             raise ValueError(f"unknown detection kinds {sorted(unknown)}; choose from {list(KINDS)}")
 
+        # Values repeat from call to call (statuses, names, the same rows): short texts are remembered.
+        self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._find)
+
     def find(self, text: str, field: str = "", kinds: frozenset[str] | None = None) -> list[Finding]:
         """Every finding in `text`, in order of position; overlapping findings keep the stronger
         (a checksummed id over a phone number that shares its digits)."""
         want = self._kinds if kinds is None else kinds & self._kinds
+        if len(text) <= _CACHE_CHARS:
+            return list(self._short(text, field, want))
+        return list(self._find(text, field, want))
+
+    def _find(self, text: str, field: str, kinds: frozenset[str]) -> tuple[Finding, ...]:
+        if len(text) > _GATE_CHARS and text.isascii():
+            want = {k for k in kinds if k not in _GATES or _GATES[k].search(text) is not None}
+            if "address" in kinds and field.lower() in ADDRESS_FIELDS:
+                want.add("address")
+            if "person_name" in kinds and field.lower() in NAME_FIELDS:
+                want.add("person_name")
+        else:
+            want = set(kinds)
         found: list[Finding] = []
-        has_digit = any(c.isdigit() for c in text) if len(text) < 4096 else _has_digit(text)
+        has_digit = _DIGIT.search(text) is not None
+        # Cards, IBANs, phones and all national ids but the Italian one hold a run of 7 digits or more.
+        has_number = has_digit and _NUMBER.search(text) is not None
         if "secret" in want:
             found += [Finding("secret", "secret", s, e) for s, e in self._secrets.spans(text)]
         if "email" in want and "@" in text:
             found += [Finding("email", "email", m.start(), m.end()) for m in _EMAIL.finditer(text)]
-        if has_digit:
+        if has_number:
             if "card_number" in want:
                 found += self._cards(text)
             if "iban" in want:
@@ -178,13 +226,16 @@ class Detector:
                 found += self._national_ids(text, field)
             if "phone" in want:
                 found += self._phones(text, field)
-            if "address" in want:
-                found += [Finding("address", "address.street", m.start(), m.end()) for m in _STREET.finditer(text)]
+        elif has_digit and "national_id" in want:
+            found += [Finding("national_id", "national_id.it.codicefiscale", m.start(), m.end())
+                      for m in _CODICE.finditer(text) if _valid(codicefiscale.is_valid, m.group())]  # fmt: skip
+        if has_digit and "address" in want:
+            found += [Finding("address", "address.street", m.start(), m.end()) for m in _STREET.finditer(text)]
         if "person_name" in want:
             found += self._names(text, field)
         if "address" in want and field.lower() in ADDRESS_FIELDS and has_digit and any(c.isalpha() for c in text):
             found.append(Finding("address", "address.field", 0, len(text)))
-        return _strongest(found)
+        return tuple(_strongest(found))
 
     def _cards(self, text: str) -> list[Finding]:
         out = []
@@ -208,10 +259,13 @@ class Detector:
 
     def _national_ids(self, text: str, field: str) -> list[Finding]:
         out = []
+        lowered = text.lower()
+        name = field.lower()
         for kind, pattern, valid, words in _NATIONAL_IDS:
+            if words and not any(w in lowered or w.replace(" ", "_") in name for w in words):
+                continue  # no word names this id anywhere: none of its bare digits can count
             for match in pattern.finditer(text):
-                value = match.group()
-                if _valid(valid, value) and _context(text, match.start(), words, field):
+                if _context(text, match.start(), words, field) and _valid(valid, match.group()):
                     out.append(Finding("national_id", f"national_id.{kind}", match.start(), match.end()))
         return out
 
@@ -230,16 +284,9 @@ class Detector:
                 or (candidate.isdigit() and not _context(text, match.start(), _PHONE_WORDS, field))
             ):
                 continue
-            regions = (None,) if international else self._regions
-            for region in regions:
-                try:
-                    number = phonenumbers.parse(candidate, region)
-                except phonenumbers.NumberParseException:
-                    continue
-                if phonenumbers.is_valid_number(number):
-                    where = phonenumbers.region_code_for_number(number) or "zz"
-                    out.append(Finding("phone", f"phone.{where.lower()}", match.start(), match.end()))
-                    break
+            where = _phone_region(candidate, None if international else self._regions)
+            if where is not None:
+                out.append(Finding("phone", f"phone.{where}", match.start(), match.end()))
         return out
 
     def _names(self, text: str, field: str) -> list[Finding]:
@@ -255,8 +302,19 @@ class Detector:
         return out
 
 
-def _has_digit(text: str) -> bool:
-    return any(d in text for d in "0123456789")
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _phone_region(candidate: str, regions: tuple[str, ...] | None) -> str | None:
+    """The region (lower case) of the valid phone number `candidate` is, read as international
+    (`regions` None) or as a national number of the first of `regions` it is valid in; else None."""
+    text = "+" + candidate[2:] if candidate.startswith("00") else candidate
+    for region in regions or (None,):
+        try:
+            number = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return str(phonenumbers.region_code_for_country_code(number.country_code or 0) or "zz").lower()
+    return None
 
 
 def _valid(check: Callable[[str], bool], value: str) -> bool:

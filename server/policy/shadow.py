@@ -1,9 +1,12 @@
 """Shadow policy: a candidate policy decided beside the live one on every call, never enforced.
 
 The live decision is made first and is what the call gets; then the candidate decides the same
-input document. What it said, and how that differs from the live decision, goes into the call's
-audit record (`shadow`), each disagreement into the log and `/metrics`. A shadow policy that
-fails, or is slower than its timeout, is recorded as an error and changes nothing else.
+input document. For an allowed call that happens beside the call, off its response path (a task
+started after the live decision, run while the decision row is written and the tool runs; the
+`shadow` stage before the outcome write collects it): what it said goes into the outcome record.
+A refused call waits for it, and it goes into the decision record. Either way each disagreement
+goes into the log and `/metrics`. A shadow policy that fails, or is slower than its timeout, is
+recorded as an error and changes nothing else.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from server.call import Call
 from server.policy.engine import Decision, PolicyEngine
 
 log = structlog.get_logger("castellan.policy.shadow")
@@ -69,9 +74,10 @@ class ShadowPolicy:
             ["change", "tool"],
             registry=registry,
         )
+        self._running: set[asyncio.Task[dict[str, Any]]] = set()
         self._seconds = Histogram(
             "castellan_shadow_decision_seconds",
-            "Time the shadow decision added to a call (after the live decision).",
+            "Time the shadow policy took to decide a call (after the live decision; beside an allowed call).",
             buckets=(5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.25, 1),
             registry=registry,
         )
@@ -111,5 +117,36 @@ class ShadowPolicy:
             "change": how,
         }
 
+    def begin(
+        self, document: Mapping[str, Any], live: Decision, tool: str, call_id: str
+    ) -> asyncio.Task[dict[str, Any]]:
+        """`compare` started beside the caller (the log and the metrics see it even if nobody waits)."""
+        task = asyncio.ensure_future(self.compare(document, live, tool, call_id))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
     async def close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
         await self.engine.close()
+
+
+class ShadowStage:
+    """Collects an allowed call's shadow decision (begun by the policy stage) for its outcome record.
+    Waits at most the shadow timeout (the decision is usually done by now); never raises."""
+
+    name = "shadow"
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self._timeout = timeout_seconds
+
+    async def run(self, call: Call) -> Call:
+        pending = call.shadow_pending
+        if pending is None:
+            return call
+        try:
+            shadow = await asyncio.wait_for(asyncio.shield(pending), self._timeout)
+        except Exception as exc:  # compare never raises: this is the wait timing out, or a cancel
+            shadow = {"error": f"not decided in time ({type(exc).__name__})", "differs": False}
+        return replace(call, shadow=shadow, shadow_pending=None)

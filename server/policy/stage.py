@@ -30,12 +30,17 @@ class PolicyStage:
     async def run(self, call: Call) -> Call:
         document = build_input(call)
         decision = await self._engine.decide(document)
-        if self._shadow is not None and call.action == "call":
-            decision = replace(
-                decision, shadow=await self._shadow.compare(document, decision, call.tool_name, call.call_id)
-            )
         if self._log is not None and call.action == "call":
             self._log.emit(document, decision)
+        shadowed = self._shadow is not None and call.action == "call"
         if not decision.allow:
+            if shadowed:  # a refusal waits for it: its one record is written now
+                assert self._shadow is not None
+                shadow = await self._shadow.compare(document, decision, call.tool_name, call.call_id)
+                decision = replace(decision, shadow=shadow)
             raise Denied(self.name, *(decision.reasons or ("denied by policy",)), decision=decision)
+        if shadowed:  # an allowed call does not: it decides while the call is recorded and runs
+            assert self._shadow is not None
+            pending = self._shadow.begin(document, decision, call.tool_name, call.call_id)
+            return replace(call, decision=decision, shadow_pending=pending)
         return replace(call, decision=decision)
