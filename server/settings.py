@@ -444,6 +444,7 @@ class ApprovalSettings(BaseModel):
     """Where an approver can decide a request, `{id}` replaced by its id (in the webhook body and in
     URL-mode elicitation). Default: none."""
 
+
 class GuardrailSettings(BaseModel):
     """Content guardrails (docs/guardrails.md): what is detected in arguments and results for policy."""
 
