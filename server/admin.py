@@ -124,6 +124,7 @@ async def audit_search(
     until: Annotated[IsoTime | None, Query(description="ISO 8601 time, exclusive")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    shadow_diff: Annotated[bool, Query(description="only calls the shadow policy would decide otherwise")] = False,
 ) -> dict[str, Any]:
     """Audited calls matching every filter given, newest first (paging with limit and offset)."""
     outbox = _gateway(request).outbox
@@ -135,7 +136,8 @@ async def audit_search(
         "since": _iso(since), "until": _iso(until),
     }  # fmt: skip
     # An empty parameter (`?agent=`) filters nothing, as a form would mean it.
-    query = AuditQuery(**{k: v for k, v in filters.items() if v}, limit=limit, offset=offset)
+    given: dict[str, Any] = {k: v for k, v in filters.items() if v}
+    query = AuditQuery(**given, limit=limit, offset=offset, shadow_diff=shadow_diff)
     try:
         results = await outbox.search_async(query)
     except ValueError as exc:

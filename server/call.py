@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -93,6 +94,15 @@ class Call:
     grants: GrantCheck | None = None
     decision: Decision | None = None
     output: ToolOutput | None = None
+    detections: tuple[Mapping[str, Any], ...] = ()
+    """Personal data and secrets found in the arguments (server/guardrails): `input.detections`."""
+    result_detections: tuple[Mapping[str, Any], ...] = ()
+    result_decision: Decision | None = None
+    """The after-call decision on the result's detections (`input.action == "result"`), when asked."""
+    shadow_pending: asyncio.Future[dict[str, Any]] | None = None
+    """An allowed call's shadow decision, running beside the call (server/policy/shadow.py)."""
+    shadow: Mapping[str, Any] | None = None
+    """What the shadow policy said about an allowed call, for its outcome record (refusals: `decision.shadow`)."""
     tokens_in: int = 0
     tokens_out: int = 0
     error: CastellanError | None = None

@@ -32,6 +32,7 @@ from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
+from server.guardrails.stage import guard_stages_for
 from server.invoke import InvokeStage
 from server.listing import ToolLister
 from server.llm.model import register_models
@@ -46,10 +47,12 @@ from server.metrics import Metrics
 from server.pipeline import Pipeline, Stage
 from server.policy.bundle import PolicyBundle
 from server.policy.decision_log import DecisionLog
+from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import PolicyEngine
 from server.policy.obligations import ObligationsStage
 from server.policy.opa import data_path
 from server.policy.reload import PolicyMetrics, PolicyWatcher, verifier_for
+from server.policy.shadow import ShadowPolicy, ShadowStage
 from server.policy.stage import PolicyStage
 from server.production import enforce_production
 from server.prompts.catalog import PromptCatalog
@@ -98,10 +101,11 @@ class Gateway:
     housekeeping: AuditHousekeeping | None = None
     approvals: ApprovalQueue | None = None
     presented_tokens: PresentedTokens | None = None
+    """Callers' tokens, kept (in memory) only when an upstream exchanges them (RFC 8693)."""
     upstream_credentials: dict[str, UpstreamCredential] = field(default_factory=dict)
     grant_store: GrantStore | None = None
     """Brokered per-user grants (server/credentials/), when an upstream brokers them."""
-    """Callers' tokens, kept (in memory) only when an upstream exchanges them (RFC 8693)."""
+    shadow: ShadowPolicy | None = None
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -180,11 +184,26 @@ class Gateway:
         shutdown = [self.engine.close, self.grant_source.close, self.meter.close, self.outbox.close]
         if self.approvals is not None:
             shutdown.insert(0, self.approvals.close)
+        if self.shadow is not None:
+            shutdown.append(self.shadow.close)
         for closer in shutdown:
             try:
                 await closer()
             except Exception as exc:
                 log.warning("close_failed", error=repr(exc))
+
+
+def shadow_policy_for(settings: Settings, metrics: Metrics) -> ShadowPolicy | None:
+    """The candidate policy of `policy.shadow_path`, decided in-process (never enforced), or None."""
+    if settings.policy.shadow_path is None:
+        return None
+    engine = EmbeddedEngine(
+        PolicyBundle.from_directory(settings.policy.shadow_path),
+        settings.policy.entrypoint,
+        timeout_seconds=settings.policy.shadow_timeout_seconds,
+    )
+    log.info("shadow_policy", path=str(settings.policy.shadow_path), policy_version=engine.policy_version)
+    return ShadowPolicy(engine, settings.policy.shadow_timeout_seconds, metrics.registry)
 
 
 def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
@@ -304,7 +323,9 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     authenticate = AuthenticateStage(scopes=tool_scopes(settings))
     resolve = ResolveStage(registry)
     grants_stage = GrantsStage(grants)
-    policy = PolicyStage(engine, decision_log)
+    shadow = shadow_policy_for(settings, metrics)
+    policy = PolicyStage(engine, decision_log, shadow)
+    guard_arguments, guard_result = guard_stages_for(settings.guardrails, redactor, engine, metrics.registry)
     call_pipeline = Pipeline(
         [
             authenticate,
@@ -313,12 +334,15 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             GrantsStage(grants, function_only=True),  # cheap refusals before argument validation
             ValidateStage(registry, settings.tools.max_validation_steps),
             grants_stage,
+            *guard_arguments,  # guardrails: detections in the arguments, for input.detections
             policy,
             ApprovalStage(approvals),
             RecordStage(outbox, redactor),
             InvokeStage(settings.server.tool_timeout_seconds),
+            *guard_result,  # guardrails: the after-call decision on what the result holds
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
+            *([ShadowStage(settings.policy.shadow_timeout_seconds)] if shadow else []),  # its verdict, collected
             AuditStage(outbox, redactor, deferred=settings.audit.outcome_commit_seconds > 0),
         ],
         metrics,
@@ -406,6 +430,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         presented_tokens=presented,
         upstream_credentials=upstream_credentials,
         grant_store=grants_store,
+        shadow=shadow,
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

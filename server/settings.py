@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -148,6 +148,12 @@ class PolicySettings(BaseModel):
     """`<data_dir>/decisions.jsonl` is rotated when it would grow past this (0: never rotated)."""
     decision_log_keep: int = Field(default=5, ge=0)
     """Rotated decision logs kept (`decisions.jsonl.1` newest ... `.5` oldest); older ones are deleted."""
+    shadow_path: Path | None = None
+    """A candidate policy directory decided beside the live one on every call and never enforced: each
+    disagreement is logged, counted (`castellan_shadow_disagreements`) and kept in the call's audit
+    record (`castellan audit search --shadow-diff`). docs/shadow-and-replay.md."""
+    shadow_timeout_seconds: float = Field(default=0.25, gt=0)
+    """A shadow decision slower than this is recorded as an error, never waited for longer."""
 
 
 class GrantSettings(BaseModel):
@@ -542,6 +548,31 @@ class ApprovalSettings(BaseModel):
     URL-mode elicitation). Default: none."""
 
 
+class GuardrailSettings(BaseModel):
+    """Content guardrails (docs/guardrails.md): what is detected in arguments and results for policy."""
+
+    enabled: bool = True
+    kinds: list[str] = Field(
+        default_factory=lambda: ["email", "phone", "card_number", "iban", "national_id", "person_name", "address",
+                                 "secret"]
+    )  # fmt: skip
+    """The detectors that run; the others' kinds never appear in `input.detections`."""
+    phone_regions: list[str] = Field(default_factory=lambda: ["US", "GB", "DE", "FR"])
+    """Regions whose national phone numbers (no `+` prefix) are recognised; international ones always are."""
+    results: bool = True
+    """Scan tool results too; a result with detections gets an after-call decision (`input.action == "result"`)."""
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from server.guardrails.kinds import KINDS
+
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown detection kinds {unknown}; choose from {list(KINDS)}")
+        return kinds
+
+
 class Settings(BaseSettings):
     """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
 
@@ -567,6 +598,7 @@ class Settings(BaseSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     credentials: CredentialSettings = Field(default_factory=CredentialSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -156,3 +156,39 @@ obligations["max_result_chars"] := resource_config.max_result_chars if {
 	is_number(resource_config.max_result_chars)
 	not is_number(object.get(tool_config, "max_result_chars", null))
 }
+
+# Content guardrails (docs/guardrails.md). input.detections lists what the gateway found in the
+# arguments (action "call") or, in the after-call decision, in the tool's result (action "result"):
+# each with kind, type, category (personal_data or secret), where, path and count; never the value.
+# Settings in config/data.json: guardrails.deny_in_arguments, guardrails.redact_in_results (and a
+# tool's own deny_in_arguments).
+guardrails := object.get(data.castellan.config, "guardrails", {})
+
+deny_in_arguments contains kind if {
+	some kind in object.get(guardrails, "deny_in_arguments", [])
+}
+
+deny_in_arguments contains kind if {
+	some kind in object.get(tool_config, "deny_in_arguments", [])
+}
+
+deny contains sprintf("argument %v holds a %v (%v)", [d.path, d.kind, d.type]) if {
+	input.action == "call"
+	some d in input.detections
+	d.kind in deny_in_arguments
+}
+
+redact_in_results := {k | some k in object.get(guardrails, "redact_in_results", ["card_number", "secret"])}
+
+# Card numbers and secrets in a result are masked before the agent sees it.
+obligations["redact_detections"] := kinds if {
+	input.action == "result"
+	kinds := {d.kind | some d in input.detections; d.kind in redact_in_results}
+	count(kinds) > 0
+}
+
+# Everything found is flagged in the audit record: personal_data:email, secret:secret, ...
+obligations["flags"] := flags if {
+	flags := {sprintf("%v:%v", [d.category, d.kind]) | some d in input.detections}
+	count(flags) > 0
+}

@@ -168,3 +168,32 @@ test_a_version_one_document_is_decided_as_before if {
 	gateway.decision.allow with input as base
 	not gateway.decision.obligations.max_result_chars with input as base
 }
+
+card_in_result := {"kind": "card_number", "type": "card.visa", "category": "personal_data", "where": "result", "path": "text", "count": 1}
+
+email_in_result := {"kind": "email", "type": "email", "category": "personal_data", "where": "result", "path": "text", "count": 2}
+
+test_card_numbers_in_results_are_masked_and_flagged if {
+	d := gateway.decision with input as object.union(base, {"action": "result", "detections": [card_in_result, email_in_result]})
+	d.allow
+	d.obligations.redact_detections == {"card_number"}
+	d.obligations.flags == {"personal_data:card_number", "personal_data:email"}
+}
+
+test_personal_data_in_arguments_is_flagged_not_denied if {
+	d := gateway.decision with input as object.union(base, {"detections": [object.union(email_in_result, {"where": "arguments"})]})
+	d.allow
+	d.obligations.flags == {"personal_data:email"}
+	not d.obligations.redact_detections
+}
+
+test_a_call_without_detections_has_no_flags if {
+	d := gateway.decision with input as object.union(base, {"detections": []})
+	not d.obligations.flags
+}
+
+test_configured_kinds_in_arguments_are_denied if {
+	d := gateway.decision with input as object.union(base, {"detections": [object.union(card_in_result, {"where": "arguments", "path": "card"})]})
+		with data.castellan.config.guardrails as {"deny_in_arguments": ["card_number"]}
+	d.reasons == {"argument card holds a card_number (card.visa)"}
+}

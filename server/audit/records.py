@@ -10,6 +10,7 @@ from server import content
 from server.audit.injection import scan_output
 from server.audit.redaction import Redactor
 from server.call import Call
+from server.policy._input import build_input, recorded_input
 
 RESULT_PREVIEW_CHARS = 2_000
 
@@ -55,12 +56,31 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         "grants": list(call.grants.has) if call.grants else [],
         "grants_missing": list(call.grants.missing) if call.grants else [],
         "timings_ms": {stage: round(seconds * 1000, 4) for stage, seconds in call.timings},
+        # Guardrails and shadow policy (docs/guardrails.md, docs/shadow-and-replay.md).
+        "detections": [dict(d) for d in call.detections],
+        "flags": list(decision.obligations.get("flags", ())) if decision else [],
     }
     # A human approval the call waited for (server/approvals): who decided, when, what they were shown.
     approval = call.approval if call.approval is not None else getattr(error, "approval", None)
     if approval is not None:
         record["approval"] = dict(approval)
+    if decision is not None and decision.shadow is not None:
+        record["shadow"] = dict(decision.shadow)
+    replayable = _replay_input(call)
+    if replayable is not None:
+        record["decision_input"] = redact.apply(replayable)
     return base.apply(record)  # type: ignore[no-any-return]
+
+
+def _replay_input(call: Call) -> dict[str, Any] | None:
+    """The decision input policy saw, as `castellan policy replay` needs it (without the arguments
+    and the views computed from them: the record has the arguments), when policy decided the call."""
+    error = call.error
+    if call.decision is None or call.identity is None or call.tool is None:
+        return None
+    if error is not None and error.stage != "policy" and not call.decision.allow:
+        return None
+    return recorded_input(build_input(call))
 
 
 def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = None) -> dict[str, Any]:
@@ -70,7 +90,7 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
     redact = _redactor_for(call, base)
     found = content.parts(output) if output else ()  # every kind of content, not only the text
     preview = "\n".join(_redacted_text(p.describe(), redact) for p in found)[: RESULT_PREVIEW_CHARS * 2]
-    record = {
+    record: dict[str, Any] = {
         "call_id": call.call_id,
         "is_error": output.is_error if output else call.error is not None,
         "error": "; ".join(call.error.reasons) if call.error else None,
@@ -85,7 +105,15 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         # Passed to the agent unchanged; flagged here for auditors.
         "flags": ["prompt_injection"] if (markers := scan_output(output) if output else []) else [],
         "injection_markers": markers,
+        "detections": [dict(d) for d in call.result_detections],
     }
+    if call.shadow is not None:  # what the shadow policy said about this allowed call
+        record["shadow"] = dict(call.shadow)
+    if call.result_decision is not None:  # the after-call decision on what the result held (guardrails)
+        guard = call.result_decision
+        record["guard"] = {"allow": guard.allow, "reasons": list(guard.reasons),
+                           "obligations": dict(guard.obligations), "policy_version": guard.policy_version}  # fmt: skip
+        record["flags"] = [*record["flags"], *guard.obligations.get("flags", ())]
     return base.apply(record)  # type: ignore[no-any-return]
 
 

@@ -231,6 +231,11 @@ class Redactor:
     def from_settings(cls, settings: AuditSettings) -> Redactor:
         return cls(settings.redact_fields, settings.redact_patterns)
 
+    @property
+    def scanner(self) -> SecretScanner:
+        """The secret scanner this redactor uses (the guardrails detect secrets with the same rules)."""
+        return self._scanner
+
     def with_fields(self, extra: Iterable[str]) -> Redactor:
         """This redactor plus more field names (e.g. a decision's `redact_fields` obligation)."""
         extra = [f for f in extra if f.lower() not in self._fields]

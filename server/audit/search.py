@@ -31,6 +31,9 @@ OUTCOMES = {
     "interrupted": "json_extract(o.record, '$.interrupted') = 1",
     "unfinished": "o.record IS NULL AND json_extract(d.record, '$.decision') = 'allow'",
 }
+# Calls the shadow policy (policy.shadow_path) would have decided otherwise: a refusal's verdict is in
+# its decision record, an allowed call's in its outcome record (decided beside the call).
+SHADOW_DIFF = "(json_extract(d.record, '$.shadow.differs') = 1 OR json_extract(o.record, '$.shadow.differs') = 1)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,8 @@ class AuditQuery:
     until: str | None = None
     limit: int = 100
     offset: int = 0
+    shadow_diff: bool = False
+    """Only calls the shadow policy would have decided otherwise (docs/shadow-and-replay.md)."""
 
 
 def _epoch(value: str) -> float:
@@ -76,6 +81,8 @@ def search(conn: sqlite3.Connection, query: AuditQuery) -> list[dict[str, Any]]:
         if query.outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
         where.append(OUTCOMES[query.outcome])
+    if query.shadow_diff:
+        where.append(SHADOW_DIFF)
     sql = (
         "SELECT d.seq, d.call_id, d.record, o.record FROM outbox d LEFT JOIN outbox o ON o.call_id = d.call_id "
         f"AND o.kind = 'outcome' WHERE {' AND '.join(where)} ORDER BY d.seq DESC LIMIT ? OFFSET ?"

@@ -106,6 +106,10 @@ def audit_verify(config: Path | None, expected: tuple[str, ...], use_mlflow: boo
 )  # fmt: skip
 @click.option("--since", help="ISO 8601 time (inclusive).")
 @click.option("--until", help="ISO 8601 time (exclusive).")
+@click.option(
+    "--shadow-diff", "shadow_diff", is_flag=True,
+    help="Only calls the shadow policy (policy.shadow_path) would have decided otherwise.",
+)  # fmt: skip
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--offset", type=int, default=0, help="Skip this many (paging).")
 @click.option(
@@ -128,6 +132,8 @@ def audit_search(config: Path | None, fmt: str, output: Path | None, source: str
     if fmt == "parquet" and output is None:
         raise click.ClickException("--format parquet needs --output FILE")
     query = AuditQuery(**filters)
+    if query.shadow_diff and source == "mlflow":
+        raise click.ClickException("--shadow-diff searches the outbox (the shadow verdict is in its records)")
     try:
         if source == "mlflow":
             from server.audit.mlflow_target import MlflowTarget, local_tracking_uri

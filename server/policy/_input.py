@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
@@ -60,6 +60,7 @@ def build_input(call: Call) -> dict[str, Any]:
             "tool_calls_window_seconds": budget.tool_calls_window_seconds,
         },
         "time": datetime.fromtimestamp(call.started_at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "detections": [dict(d) for d in call.detections],  # server/guardrails: what was found, never the value
     }
     target_input = getattr(call.tool, "decision_input", None)  # a resource, prompt or completion target
     if target_input is not None:
@@ -68,6 +69,35 @@ def build_input(call: Call) -> dict[str, Any]:
     if upstream is not None:
         document["upstream"] = upstream()
     return document
+
+
+def result_input(call: Call, detections: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The after-call document for `call`'s result (`action` "result"): the call's document, its
+    detections those of the result."""
+    document = build_input(call)
+    document["action"] = "result"
+    document["detections"] = [dict(d) for d in detections]
+    return document
+
+
+RECOMPUTED = ("arguments", "normalized")
+"""What a recorded decision input leaves out: the record keeps the (redacted) arguments, and the
+normalised views are computed from them again (`replay_document`)."""
+
+
+def recorded_input(document: Mapping[str, Any]) -> dict[str, Any]:
+    """`document` as the audit record keeps it for replay: without `RECOMPUTED`."""
+    return {k: v for k, v in document.items() if k not in RECOMPUTED}
+
+
+def replay_document(recorded: Mapping[str, Any], arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The decision input rebuilt from a record: `recorded_input` plus the record's arguments."""
+    arguments = canonical(dict(arguments))
+    return {
+        **recorded,
+        "arguments": arguments,
+        "normalized": {"arguments": normalized(arguments), "strings": normalized_strings(arguments)},
+    }
 
 
 def canonical(value: Any) -> Any:

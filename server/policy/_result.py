@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from server.guardrails.kinds import KINDS
 from server.policy.engine import Decision
 
 # The obligations the gateway knows how to carry out; anything else denies the call, since a
 # policy author who asks for an obligation we would silently skip must not get an allow.
 KNOWN_OBLIGATIONS = {"redact_fields", "max_result_chars", "require_approval"}
+# Content guardrails (server/guardrails): mask these kinds of detections; record these flags.
+KNOWN_OBLIGATIONS |= {"redact_detections", "flags"}
 
 # The reason for any evaluation error, identical for both engines (their messages differ; the
 # detail goes to the gateway log). Both engines treat a builtin error as an error, never as undefined.
@@ -66,6 +69,12 @@ def _obligation_problem(obligations: Mapping[str, Any]) -> str | None:
             isinstance(value, int | float) and not isinstance(value, bool) and value > 0
         ):
             return "obligation max_result_chars must be a positive number"
+        if key in ("redact_detections", "flags") and not (
+            isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        ):
+            return f"obligation {key} must be a list of strings"
+        if key == "redact_detections" and (unknown := sorted(set(value) - set(KINDS))):
+            return f"obligation redact_detections names kinds this gateway does not detect: {', '.join(unknown)}"
         if key == "require_approval":
             problem = _approval_problem(value)
             if problem:

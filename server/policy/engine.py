@@ -21,6 +21,9 @@ class Decision:
     engine: str = ""
     decision_id: str = ""
     eval_ms: float = 0.0
+    shadow: Mapping[str, Any] | None = None
+    """What the shadow policy (`policy.shadow_path`) said about the same input, and whether it differs
+    (server/policy/shadow.py); never enforced. None when no shadow policy is configured."""
 
     @classmethod
     def deny(cls, *reasons: str, policy_version: str = "", engine: str = "") -> Decision:

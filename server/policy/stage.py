@@ -9,23 +9,38 @@ from server.errors import Denied
 from server.policy._input import build_input
 from server.policy.decision_log import DecisionLog
 from server.policy.engine import PolicyEngine
+from server.policy.shadow import ShadowPolicy
 
 
 class PolicyStage:
     """Asks the engine; a deny stops the call with the policy's reasons. Engine down means deny.
-    Decisions go to the decision log when one is configured (list decisions do not: nothing runs)."""
+    Decisions go to the decision log when one is configured (list decisions do not: nothing runs),
+    and to the shadow policy when one is: it decides the same document after the live decision, and
+    what it said rides on the decision into the audit record, never into what the call gets."""
 
     name = "policy"
 
-    def __init__(self, engine: PolicyEngine, decision_log: DecisionLog | None = None) -> None:
+    def __init__(
+        self, engine: PolicyEngine, decision_log: DecisionLog | None = None, shadow: ShadowPolicy | None = None
+    ) -> None:
         self._engine = engine
         self._log = decision_log
+        self._shadow = shadow
 
     async def run(self, call: Call) -> Call:
         document = build_input(call)
         decision = await self._engine.decide(document)
         if self._log is not None and call.action != "list":
             self._log.emit(document, decision)
+        shadowed = self._shadow is not None and call.action == "call"
         if not decision.allow:
+            if shadowed:  # a refusal waits for it: its one record is written now
+                assert self._shadow is not None
+                shadow = await self._shadow.compare(document, decision, call.tool_name, call.call_id)
+                decision = replace(decision, shadow=shadow)
             raise Denied(self.name, *(decision.reasons or ("denied by policy",)), decision=decision)
+        if shadowed:  # an allowed call does not: it decides while the call is recorded and runs
+            assert self._shadow is not None
+            pending = self._shadow.begin(document, decision, call.tool_name, call.call_id)
+            return replace(call, decision=decision, shadow_pending=pending)
         return replace(call, decision=decision)
