@@ -16,6 +16,7 @@ from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
+from server.console.app import close_console, mount_console
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
 from server.protocol.server import build_mcp_server
@@ -59,6 +60,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                if settings.console.enabled:
+                    close_console(app)
                 await gateway.close()
 
     app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -86,6 +89,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     add_admin_routes(app)
     add_approval_routes(app)
     add_llm_routes(app)
+    if settings.console.enabled:
+        mount_console(app, gateway)
     app.add_middleware(RequestIdMiddleware)
     return app
 
