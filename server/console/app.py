@@ -20,7 +20,7 @@ from server.console.chain_status import ChainChecker
 from server.console.context import Console, NotPermitted, SignInRequired, console_of, redirect
 from server.console.guard import CsrfGuard, SecurityHeaders
 from server.console.index import ConsoleIndex
-from server.console.routes import audit, auth
+from server.console.routes import audit, auth, catalog, charts
 from server.console.session import COOKIE, PRE_COOKIE, SessionSealer
 
 if TYPE_CHECKING:
@@ -82,7 +82,13 @@ def build_console(console: Console) -> Starlette:
         return session.sid if session else cookies.get(PRE_COOKIE)
 
     app = Starlette(
-        routes=[*auth.ROUTES, *audit.ROUTES, Mount("/static", app=StaticFiles(directory=STATIC), name="static")],
+        routes=[
+            *auth.ROUTES,
+            *audit.ROUTES,
+            *charts.ROUTES,
+            *catalog.ROUTES,
+            Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
+        ],
         middleware=[
             Middleware(SecurityHeaders, secure=console.secure_cookies),
             Middleware(

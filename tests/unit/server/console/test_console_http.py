@@ -181,3 +181,18 @@ def test_the_chain_page_verifies_the_real_chain(rig: ConsoleRig) -> None:
     status = rig.client.get("/console/audit/chain/verify").text
     assert "Intact" in status
     assert "3 records" in status
+
+
+def test_the_charts_show_calls_denials_spend_reasons_and_policy_versions(rig: ConsoleRig) -> None:
+    rig.sign_in("castellan:audit")
+    rig.record(agent="alpha", tool="echo", policy_version="v1")
+    rig.record(agent="alpha", tool="sql.query", denied="policy: no", policy_version="v1")
+    rig.record(agent="beta", tool="echo", denied="policy: no", policy_version="v2")
+    rig.record(agent="beta", tool="echo", denied="too many calls", stage="admit", policy_version="v2")
+    page = rig.client.get("/console/charts", params={"window": "24h"}).text
+    for chart in ("calls-by-tool", "denials-by-stage", "token-spend", "denial-reasons", "policy-versions"):
+        assert f'id="{chart}"' in page, chart
+    assert "data-chart='" in page
+    assert '<th scope="row">policy: no</th><td>2</td>' in page  # the top reason, as a table too
+    assert '<th scope="row">alpha</th><td>20</td>' in page  # spend from the audit log (10 in + 10 out)
+    assert "+" in page.split('id="policy-versions"')[1]  # the deny rate's change from v1 to v2
