@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server.console.index import ConsoleIndex
+from server.console.index import SLOT, ConsoleIndex
 from server.errors import BackendUnavailable
 from server.identity import Identity
 from server.metering.limits import resolve_limits
@@ -62,16 +62,25 @@ def _bucket_labels(start: float, width: float, window: float) -> list[str]:
     return [datetime.fromtimestamp(start + i * width, UTC).strftime(fmt) for i in range(BUCKETS)]
 
 
+def _slots(window: str, now: float | None) -> tuple[int, int]:
+    """The window as summary slots [first, last): aligned to `SLOT` seconds, ending with the current one."""
+    end = int((now or time.time()) // SLOT) + 1
+    return end - WINDOWS[window] // SLOT, end
+
+
+def _first_hour(window: str, now: float | None) -> int:
+    return int(((now or time.time()) - WINDOWS[window]) // 3600)
+
+
 async def over_time(index: ConsoleIndex, window: str, now: float | None = None) -> list[Chart]:
-    """Calls by tool and denials by stage, per time bucket of the window."""
-    span = WINDOWS[window]
-    end = now or time.time()
-    start = end - span
+    """Calls by tool and denials by stage, per time bucket of the window (from the 15-minute summaries)."""
+    first, last = _slots(window, now)
+    start, span = first * SLOT, (last - first) * SLOT
     width = span / BUCKETS
     rows = await index.aggregate(
-        "SELECT MIN(CAST((ts - ?) / ? AS INTEGER), ?), COALESCE(tool, '?'), decision, COALESCE(stage, ''), COUNT(*)"
-        " FROM calls WHERE ts >= ? AND ts < ? GROUP BY 1, 2, 3, 4",
-        (start, width, BUCKETS - 1, start, end),
+        "SELECT MIN(CAST((slot * ? - ?) / ? AS INTEGER), ?), CASE tool WHEN '' THEN '?' ELSE tool END, decision,"
+        " stage, SUM(n) FROM slot_calls WHERE slot >= ? AND slot < ? GROUP BY 1, 2, 3, 4 HAVING SUM(n) != 0",
+        (SLOT, start, width, BUCKETS - 1, first, last),
     )
     by_tool: dict[str, list[float]] = {}
     by_stage: dict[str, list[float]] = {}
@@ -95,11 +104,10 @@ async def over_time(index: ConsoleIndex, window: str, now: float | None = None) 
 
 
 async def denial_reasons(index: ConsoleIndex, window: str, now: float | None = None) -> Chart:
-    start = (now or time.time()) - WINDOWS[window]
     rows = await index.aggregate(
-        "SELECT j.value, COUNT(*) FROM calls c, json_each(c.reasons) j WHERE c.decision != 'allow' AND c.ts >= ?"
-        " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10",
-        (start,),
+        "SELECT reason, SUM(n) FROM hour_reason WHERE hour >= ? GROUP BY 1 HAVING SUM(n) > 0"
+        " ORDER BY 2 DESC, 1 LIMIT 10",
+        (_first_hour(window, now),),
     )
     return Chart("denial-reasons", "Top denial reasons", "bar", [str(r[0])[:80] for r in rows],
                  [("denials", [r[1] for r in rows])], horizontal=True)  # fmt: skip
@@ -110,11 +118,10 @@ async def token_spend(
 ) -> Chart:
     """The agents that spent most in the window: their spend today (the meter's day window) against
     their daily budget (limits resolved as for the groups of their latest call)."""
-    start = (now or time.time()) - WINDOWS[window]
     rows = await index.aggregate(
-        "SELECT agent, SUM(COALESCE(tokens, 0)), MAX(seq) FROM calls WHERE ts >= ? AND agent IS NOT NULL"
-        " GROUP BY agent ORDER BY 2 DESC LIMIT 12",
-        (start,),
+        "SELECT agent, SUM(tokens), MAX(last_seq) FROM hour_agent WHERE hour >= ? GROUP BY agent"
+        " HAVING SUM(calls) > 0 ORDER BY 2 DESC, 1 LIMIT 12",
+        (_first_hour(window, now),),
     )
     agents: list[str] = []
     used: list[float] = []
@@ -148,12 +155,12 @@ async def token_spend(
 async def policy_versions(index: ConsoleIndex, window: str, now: float | None = None) -> Chart:
     """Each policy version in force in the window, in the order it took over, with its decision mix:
     reading along the axis shows the mix before and after each change."""
-    start = (now or time.time()) - WINDOWS[window]
+    first, _ = _slots(window, now)
     rows = await index.aggregate(
-        "SELECT policy_version, MIN(ts), MAX(ts), COUNT(*), SUM(decision = 'allow'), SUM(decision = 'deny'),"
-        " SUM(decision = 'error') FROM calls WHERE ts >= ? AND policy_version IS NOT NULL AND policy_version != ''"
-        " GROUP BY 1 ORDER BY 2 LIMIT 50",
-        (start,),
+        "SELECT policy_version, MIN(first_ts), MAX(last_ts), SUM(n), SUM(n * (decision = 'allow')),"
+        " SUM(n * (decision = 'deny')), SUM(n * (decision = 'error')) FROM slot_policy WHERE slot >= ?"
+        " GROUP BY 1 HAVING SUM(n) > 0 ORDER BY 2 LIMIT 50",
+        (first,),
     )
     labels, allow, deny, error, table = [], [], [], [], []
     previous: float | None = None

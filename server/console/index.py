@@ -28,7 +28,9 @@ from server.audit.search import OUTCOMES, AuditQuery
 log = structlog.get_logger("castellan.console")
 T = TypeVar("T")
 
-_VERSION = 1
+_VERSION = 2
+SLOT = 900
+"""Seconds per slot of the charts' summaries (calls, policy versions); agents' spend and reasons by hour."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
   seq INTEGER PRIMARY KEY,          -- the decision record's position in the outbox
@@ -47,9 +49,70 @@ CREATE INDEX IF NOT EXISTS calls_decision ON calls (decision, seq);
 CREATE INDEX IF NOT EXISTS calls_stage ON calls (stage, seq);
 CREATE INDEX IF NOT EXISTS calls_policy ON calls (policy_version, seq);
 CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, seq);
+CREATE INDEX IF NOT EXISTS calls_outcome ON calls (outcome_seq);
 CREATE TABLE IF NOT EXISTS call_groups (grp TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (grp, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+-- Summaries for the charts, kept exact as calls enter and leave (retention) the index.
+CREATE TABLE IF NOT EXISTS slot_calls (slot INTEGER NOT NULL, tool TEXT NOT NULL, decision TEXT NOT NULL,
+  stage TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, tool, decision, stage)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slot_policy (slot INTEGER NOT NULL, policy_version TEXT NOT NULL, decision TEXT NOT NULL,
+  n INTEGER NOT NULL, first_ts REAL NOT NULL, last_ts REAL NOT NULL,
+  PRIMARY KEY (slot, policy_version, decision)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hour_agent (hour INTEGER NOT NULL, agent TEXT NOT NULL, calls INTEGER NOT NULL,
+  tokens INTEGER NOT NULL, last_seq INTEGER NOT NULL, PRIMARY KEY (hour, agent)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hour_reason (hour INTEGER NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (hour, reason)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (name, value)) WITHOUT ROWID;
 """
+# Each summary of the calls `WHERE {where}`, added with sign +1 (entering) or -1 (leaving the index).
+_SUMMARIES = (
+    """INSERT INTO slot_calls (slot, tool, decision, stage, n)
+    SELECT CAST(ts / 900 AS INTEGER), COALESCE(tool, ''), COALESCE(decision, ''), COALESCE(stage, ''), ? * COUNT(*)
+    FROM calls WHERE {where} GROUP BY 1, 2, 3, 4
+    ON CONFLICT (slot, tool, decision, stage) DO UPDATE SET n = n + excluded.n""",
+    """INSERT INTO slot_policy (slot, policy_version, decision, n, first_ts, last_ts)
+    SELECT CAST(ts / 900 AS INTEGER), policy_version, COALESCE(decision, ''), ? * COUNT(*), MIN(ts), MAX(ts)
+    FROM calls WHERE {where} AND policy_version IS NOT NULL AND policy_version != '' GROUP BY 1, 2, 3
+    ON CONFLICT (slot, policy_version, decision) DO UPDATE SET n = n + excluded.n,
+      first_ts = MIN(first_ts, excluded.first_ts), last_ts = MAX(last_ts, excluded.last_ts)""",
+    """INSERT INTO hour_agent (hour, agent, calls, tokens, last_seq)
+    SELECT CAST(ts / 3600 AS INTEGER), agent, ? * COUNT(*), 0, MAX(seq)
+    FROM calls WHERE {where} AND agent IS NOT NULL GROUP BY 1, 2
+    ON CONFLICT (hour, agent) DO UPDATE SET calls = calls + excluded.calls,
+      last_seq = MAX(last_seq, excluded.last_seq)""",
+    """INSERT INTO hour_reason (hour, reason, n)
+    SELECT CAST(c.ts / 3600 AS INTEGER), j.value, ? * COUNT(*)
+    FROM calls c, json_each(c.reasons) j WHERE {where} AND c.decision != 'allow' AND j.type = 'text' GROUP BY 1, 2
+    ON CONFLICT (hour, reason) DO UPDATE SET n = n + excluded.n""",
+)
+# Tokens arrive with the outcome, often after the decision's step: summed as outcomes enter (and leave).
+_SUMMARY_TOKENS = """INSERT INTO hour_agent (hour, agent, calls, tokens, last_seq)
+    SELECT CAST(ts / 3600 AS INTEGER), agent, 0, ? * SUM(COALESCE(tokens, 0)), 0
+    FROM calls WHERE {where} AND agent IS NOT NULL GROUP BY 1, 2
+    ON CONFLICT (hour, agent) DO UPDATE SET tokens = tokens + excluded.tokens"""
+_FACETS = (
+    "INSERT OR IGNORE INTO facets SELECT 'agent', agent FROM calls WHERE {where} AND agent IS NOT NULL GROUP BY 2",
+    "INSERT OR IGNORE INTO facets SELECT 'tool', tool FROM calls WHERE {where} AND tool IS NOT NULL GROUP BY 2",
+    "INSERT OR IGNORE INTO facets SELECT 'policy_version', policy_version FROM calls WHERE {where}"
+    " AND policy_version IS NOT NULL GROUP BY 2",
+    "INSERT OR IGNORE INTO facets SELECT 'group', grp FROM call_groups WHERE {where} GROUP BY 2",
+)
+_SUMMARY_TABLES = ("slot_calls", "slot_policy", "hour_agent", "hour_reason")
+_PRUNE_SUMMARIES = (
+    "DELETE FROM slot_calls WHERE n = 0",
+    "DELETE FROM slot_policy WHERE n = 0",
+    "DELETE FROM hour_agent WHERE calls = 0 AND tokens = 0",
+    "DELETE FROM hour_reason WHERE n = 0",
+)
+
+
+def _summarise(conn: sqlite3.Connection, where: str, args: Sequence[Any], sign: int, *, tokens_where: str,
+               tokens_args: Sequence[Any]) -> None:  # fmt: skip
+    for sql in _SUMMARIES:
+        conn.execute(sql.format(where=where), (sign, *args))
+    conn.execute(_SUMMARY_TOKENS.format(where=tokens_where), (sign, *tokens_args))
+
+
 # Column of the index for each equality filter of `AuditQuery` (and the console's own: group, stage).
 _EQUAL = {
     "agent": "c.agent",
@@ -122,7 +185,7 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
             where.append(f"{_EQUAL[f.name]} = ?")
             args.append(value)
         elif f.name == "group":
-            where.append("c.seq IN (SELECT seq FROM call_groups WHERE grp = ?)")
+            where.append("EXISTS (SELECT 1 FROM call_groups g WHERE g.grp = ? AND g.seq = c.seq)")
             args.append(value)
         elif f.name == "reason":
             where.append("c.reasons LIKE ?")
@@ -217,26 +280,40 @@ class ConsoleIndex:
         except sqlite3.OperationalError:  # no outbox yet (nothing audited): nothing to show
             return IndexState(0, 0, 0)
         projected = self._state(conn, "projected")
+        count = self._state(conn, "calls")
         conn.execute("BEGIN")  # deferred: IMMEDIATE would lock the read-only outbox too
         try:
             if projected > head:  # the outbox was replaced (restored, or a new data directory)
-                conn.execute("DELETE FROM calls")
-                conn.execute("DELETE FROM call_groups")
-                projected = 0
+                for table in ("calls", "call_groups", *_SUMMARY_TABLES, "facets"):
+                    conn.execute(f"DELETE FROM {table}")
+                projected = count = 0
             if first and conn.execute("SELECT 1 FROM calls WHERE seq < ? LIMIT 1", (first,)).fetchone():
-                conn.execute("DELETE FROM calls WHERE seq < ?", (first,))  # removed by retention
+                # removed by retention: out of the summaries first, then out of the index
+                _summarise(conn, "seq < ?", (first,), -1, tokens_where="seq < ? AND outcome_seq IS NOT NULL",
+                           tokens_args=(first,))  # fmt: skip
+                count -= conn.execute("DELETE FROM calls WHERE seq < ?", (first,)).rowcount
                 conn.execute("DELETE FROM call_groups WHERE seq < ?", (first,))
+                for sql in _PRUNE_SUMMARIES:
+                    conn.execute(sql)
             upto = min(head, projected + limit)
             if upto > projected:
-                for sql in (_PROJECT_DECISIONS, _PROJECT_GROUPS, _PROJECT_OUTCOMES):
-                    conn.execute(sql, (projected, upto))
-                conn.execute("INSERT OR REPLACE INTO state (name, value) VALUES ('projected', ?)", (upto,))
+                span = (projected, upto)
+                count += conn.execute(_PROJECT_DECISIONS, span).rowcount
+                conn.execute(_PROJECT_GROUPS, span)
+                conn.execute(_PROJECT_OUTCOMES, span)
+                _summarise(conn, "seq > ? AND seq <= ?", span, 1,
+                           tokens_where="outcome_seq > ? AND outcome_seq <= ?", tokens_args=span)  # fmt: skip
+                for sql in _FACETS:
+                    conn.execute(sql.format(where="seq > ? AND seq <= ?"), span)
                 projected = upto
+            conn.executemany(
+                "INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", [("projected", projected), ("calls", count)]
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return IndexState(projected, int(head), 0)
+        return IndexState(projected, int(head), count)
 
     def catch_up(self, conn: sqlite3.Connection, budget: int | None = None) -> IndexState:
         """Project until the index reaches the outbox head or `budget` positions were read."""
@@ -245,8 +322,7 @@ class ConsoleIndex:
             state = self._step(conn, min(self.batch, left))
             left -= self.batch
             if state.behind == 0 or left <= 0:
-                calls = conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0] if state.head else 0
-                return IndexState(state.projected, state.head, int(calls))
+                return state
 
     async def refresh(self, budget: int = 40_000) -> IndexState:
         """Catch up (bounded, so a page never waits for a whole rebuild: the rest follows in the background)."""
@@ -278,14 +354,10 @@ class ConsoleIndex:
 
     async def values(self, column: str, limit: int = 200) -> list[str]:
         """The distinct values seen in one filterable column (for the filter form's suggestions)."""
-        if column == "group":
-            sql = "SELECT DISTINCT grp FROM call_groups ORDER BY 1 LIMIT ?"
-        elif column in _EQUAL:
-            name = _EQUAL[column][2:]
-            sql = f"SELECT DISTINCT {name} FROM calls WHERE {name} IS NOT NULL ORDER BY 1 LIMIT ?"
-        else:
+        if column not in ("agent", "tool", "policy_version", "group"):
             raise ValueError(f"no values for {column!r}")
-        return await self.run(lambda c: [str(r[0]) for r in c.execute(sql, (limit,))])
+        sql = "SELECT value FROM facets WHERE name = ? ORDER BY 1 LIMIT ?"
+        return await self.run(lambda c: [str(r[0]) for r in c.execute(sql, (column, limit))])
 
     async def aggregate(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A read of the index (`calls c`, `call_groups`) for the charts; `sql` is the console's own."""

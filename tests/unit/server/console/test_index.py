@@ -175,3 +175,41 @@ def test_the_index_never_writes_to_the_outbox(tmp_path: Path) -> None:
             index.run_sync(lambda c: c.execute("DELETE FROM audit.outbox"))
     finally:
         index.close()
+
+
+def _summaries_and_direct(conn: sqlite3.Connection) -> list[tuple[set[tuple[object, ...]], set[tuple[object, ...]]]]:
+    """Each chart summary as kept, and as computed directly from the index's calls."""
+    pairs = [
+        ("SELECT slot, tool, decision, stage, n FROM slot_calls",
+         "SELECT CAST(ts / 900 AS INTEGER), COALESCE(tool, ''), COALESCE(decision, ''), COALESCE(stage, ''),"
+         " COUNT(*) FROM calls GROUP BY 1, 2, 3, 4"),
+        ("SELECT slot, policy_version, decision, n FROM slot_policy",
+         "SELECT CAST(ts / 900 AS INTEGER), policy_version, decision, COUNT(*) FROM calls"
+         " WHERE policy_version IS NOT NULL AND policy_version != '' GROUP BY 1, 2, 3"),
+        ("SELECT hour, agent, calls, tokens FROM hour_agent",
+         "SELECT CAST(ts / 3600 AS INTEGER), agent, COUNT(*), SUM(COALESCE(tokens, 0)) FROM calls"
+         " WHERE agent IS NOT NULL GROUP BY 1, 2"),
+        ("SELECT hour, reason, n FROM hour_reason",
+         "SELECT CAST(c.ts / 3600 AS INTEGER), j.value, COUNT(*) FROM calls c, json_each(c.reasons) j"
+         " WHERE c.decision != 'allow' GROUP BY 1, 2"),
+    ]  # fmt: skip
+    return [(set(conn.execute(kept).fetchall()), set(conn.execute(direct).fetchall())) for kept, direct in pairs]
+
+
+async def test_the_chart_summaries_equal_the_calls_they_summarise_through_retention(
+    outbox: SqliteOutbox, tmp_path: Path
+) -> None:
+    await fill(outbox, 90)
+    index = ConsoleIndex(tmp_path / "index.db", outbox.path, batch=13)  # outcomes often a step after decisions
+    try:
+        await index.refresh()
+        for kept, direct in await index.run(_summaries_and_direct):
+            assert kept == direct
+        await outbox.mark_shipped(list(range(1, 100)))
+        assert await outbox.prune(0) > 0
+        await fill(outbox, 20, seed=3)
+        await index.refresh()
+        for kept, direct in await index.run(_summaries_and_direct):
+            assert kept == direct
+    finally:
+        index.close()
