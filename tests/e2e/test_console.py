@@ -80,7 +80,8 @@ async def test_an_auditor_finds_a_denial_follows_it_to_mlflow_and_reads_the_char
     for span in ("authenticate", "policy"):
         assert span in seen["trace"], seen["trace"][:2000]
     assert seen["charts_drawn"] >= 4
-    assert "Refused" in seen["forged"] and "origin" in seen["forged"]
+    assert "Refused" in seen["forged"]
+    assert "origin" in seen["forged"]
     assert seen["after_forgery"].endswith("/console/audit")  # still signed in: the forged sign-out did nothing
     assert seen["outsider"] == "/console/sign-in"
     assert "castellan:audit" in seen["outsider_error"]
