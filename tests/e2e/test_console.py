@@ -119,7 +119,8 @@ def browse(gw: GatewayProcess, auditor: str, outsider: str, evil: str, shots: Pa
             seen["call"] = page.inner_text("main")
             page.screenshot(path=shots / "call.png", full_page=True)
             href = page.locator("#trace-link").get_attribute("href")
-            assert href and href.startswith("http://127.0.0.1:"), href
+            assert href is not None
+            assert href.startswith("http://127.0.0.1:"), href
 
             trace = browser.new_page(viewport={"width": 1400, "height": 1000})
             trace.goto(href)
