@@ -38,12 +38,13 @@ class ChainChecker:
         valid = [cp for cp in checkpoints if cp.valid(self._outbox.key)]
         return max(valid, key=lambda cp: (cp.seq, cp.time), default=None)
 
-    async def verify(self) -> ChainStatus:
-        """Verify now (one at a time: a second request waits for the running one and reuses it)."""
-        started = time.monotonic()
+    async def verify(self, max_age: float = 60.0) -> ChainStatus:
+        """The latest verification if it is younger than `max_age` seconds, else a new one. One runs at a
+        time (a request arriving meanwhile waits for it and shares its result): recomputing every MAC is
+        seconds of CPU on a large log, so page views must not multiply it."""
         async with self._lock:
-            if self._last is not None and self._last.checked_at >= time.time() - (time.monotonic() - started):
-                return self._last  # verified while this request waited
+            if self._last is not None and time.time() - self._last.checked_at < max_age:
+                return self._last
             status = await asyncio.to_thread(self._verify)
             self._last = status
             return status

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server.console.index import SLOT, ConsoleIndex
+from server.console.index import GRAINS, SLOT, ConsoleIndex
 from server.errors import BackendUnavailable
 from server.identity import Identity
 from server.metering.limits import resolve_limits
@@ -16,7 +16,6 @@ from server.metering.meter import Meter
 from server.settings import MeterSettings
 
 WINDOWS = {"24h": 24 * 3600, "7d": 7 * 86_400, "30d": 30 * 86_400}
-BUCKETS = 48
 TOP = 8
 PALETTE = ["#0b5cad", "#b42318", "#1a7f37", "#8250df", "#bf8700", "#0f766e", "#c2410c", "#57606a", "#a21caf"]
 
@@ -57,43 +56,44 @@ class Chart:
         return self.table_head or ["", *(name for name, _ in self.series)]
 
 
-def _bucket_labels(start: float, width: float, window: float) -> list[str]:
-    fmt = "%H:%M" if window <= 86_400 else "%m-%d %H:%M"
-    return [datetime.fromtimestamp(start + i * width, UTC).strftime(fmt) for i in range(BUCKETS)]
-
-
-def _slots(window: str, now: float | None) -> tuple[int, int]:
-    """The window as summary slots [first, last): aligned to `SLOT` seconds, ending with the current one."""
-    end = int((now or time.time()) // SLOT) + 1
-    return end - WINDOWS[window] // SLOT, end
-
-
 def _first_hour(window: str, now: float | None) -> int:
     return int(((now or time.time()) - WINDOWS[window]) // 3600)
 
 
+# Per window: the summary grain and how many of its steps make one bar.
+_STEPS = {"24h": ("15m", 2), "7d": ("1h", 4), "30d": ("1h", 24)}
+
+
 async def over_time(index: ConsoleIndex, window: str, now: float | None = None) -> list[Chart]:
-    """Calls by tool and denials by stage, per time bucket of the window (from the 15-minute summaries)."""
-    first, last = _slots(window, now)
-    start, span = first * SLOT, (last - first) * SLOT
-    width = span / BUCKETS
-    rows = await index.aggregate(
-        "SELECT MIN(CAST((slot * ? - ?) / ? AS INTEGER), ?), CASE tool WHEN '' THEN '?' ELSE tool END, decision,"
-        " stage, SUM(n) FROM slot_calls WHERE slot >= ? AND slot < ? GROUP BY 1, 2, 3, 4 HAVING SUM(n) != 0",
-        (SLOT, start, width, BUCKETS - 1, first, last),
+    """Calls by tool and denials by stage, per bar of the window (from the summaries: 30-minute bars
+    over 24 hours, 4-hour bars over 7 days, days over 30 days), the last bar holding the current step."""
+    grain, per_bar = _STEPS[window]
+    seconds = GRAINS[grain]
+    bars = WINDOWS[window] // (seconds * per_bar)
+    last = int((now or time.time()) // seconds) + 1
+    first = last - bars * per_bar
+    tools = await index.aggregate(
+        f"SELECT (t - ?) / ?, CASE tool WHEN '' THEN '?' ELSE tool END, SUM(n) FROM tool_{grain}"
+        " WHERE t >= ? AND t < ? GROUP BY 1, 2 HAVING SUM(n) != 0",
+        (first, per_bar, first, last),
     )
-    by_tool: dict[str, list[float]] = {}
-    by_stage: dict[str, list[float]] = {}
+    stages = await index.aggregate(
+        f"SELECT (t - ?) / ?, stage, SUM(n) FROM denial_{grain} WHERE t >= ? AND t < ? GROUP BY 1, 2"
+        " HAVING SUM(n) != 0",
+        (first, per_bar, first, last),
+    )
     totals: dict[str, int] = {}
-    for _, tool, _, _, count in rows:
+    for _, tool, count in tools:
         totals[tool] = totals.get(tool, 0) + count
-    top = sorted(totals, key=lambda t: -totals[t])[:TOP]
-    for bucket, tool, decision, stage, count in rows:
-        name = tool if tool in top else "other tools"
-        by_tool.setdefault(name, [0] * BUCKETS)[bucket] += count
-        if decision != "allow":
-            by_stage.setdefault(stage or decision, [0] * BUCKETS)[bucket] += count
-    labels = _bucket_labels(start, width, span)
+    top = sorted(totals, key=lambda t: (-totals[t], t))[:TOP]
+    by_tool: dict[str, list[float]] = {}
+    for bar, tool, count in tools:
+        by_tool.setdefault(tool if tool in top else "other tools", [0] * bars)[bar] += count
+    by_stage: dict[str, list[float]] = {}
+    for bar, stage, count in stages:
+        by_stage.setdefault(stage or "?", [0] * bars)[bar] += count
+    fmt = "%H:%M" if window == "24h" else "%m-%d %H:%M" if window == "7d" else "%m-%d"
+    labels = [datetime.fromtimestamp((first + i * per_bar) * seconds, UTC).strftime(fmt) for i in range(bars)]
     order = [t for t in top if t in by_tool] + (["other tools"] if "other tools" in by_tool else [])
     return [
         Chart("calls-by-tool", "Calls over time, by tool", "bar", labels, [(t, by_tool[t]) for t in order],
@@ -155,7 +155,7 @@ async def token_spend(
 async def policy_versions(index: ConsoleIndex, window: str, now: float | None = None) -> Chart:
     """Each policy version in force in the window, in the order it took over, with its decision mix:
     reading along the axis shows the mix before and after each change."""
-    first, _ = _slots(window, now)
+    first = int(((now or time.time()) - WINDOWS[window]) // SLOT)
     rows = await index.aggregate(
         "SELECT policy_version, MIN(first_ts), MAX(last_ts), SUM(n), SUM(n * (decision = 'allow')),"
         " SUM(n * (decision = 'deny')), SUM(n * (decision = 'error')) FROM slot_policy WHERE slot >= ?"

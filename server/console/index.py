@@ -53,8 +53,14 @@ CREATE INDEX IF NOT EXISTS calls_outcome ON calls (outcome_seq);
 CREATE TABLE IF NOT EXISTS call_groups (grp TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (grp, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 -- Summaries for the charts, kept exact as calls enter and leave (retention) the index.
-CREATE TABLE IF NOT EXISTS slot_calls (slot INTEGER NOT NULL, tool TEXT NOT NULL, decision TEXT NOT NULL,
-  stage TEXT NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (slot, tool, decision, stage)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tool_15m (t INTEGER NOT NULL, tool TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (t, tool)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tool_1h (t INTEGER NOT NULL, tool TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (t, tool)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS denial_15m (t INTEGER NOT NULL, stage TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (t, stage)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS denial_1h (t INTEGER NOT NULL, stage TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (t, stage)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slot_policy (slot INTEGER NOT NULL, policy_version TEXT NOT NULL, decision TEXT NOT NULL,
   n INTEGER NOT NULL, first_ts REAL NOT NULL, last_ts REAL NOT NULL,
   PRIMARY KEY (slot, policy_version, decision)) WITHOUT ROWID;
@@ -65,11 +71,23 @@ CREATE TABLE IF NOT EXISTS hour_reason (hour INTEGER NOT NULL, reason TEXT NOT N
 CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (name, value)) WITHOUT ROWID;
 """
 # Each summary of the calls `WHERE {where}`, added with sign +1 (entering) or -1 (leaving the index).
+GRAINS = {"15m": 900, "1h": 3600}
+"""The time grains of the calls-by-tool and denials-by-stage summaries (table suffix: seconds)."""
 _SUMMARIES = (
-    """INSERT INTO slot_calls (slot, tool, decision, stage, n)
-    SELECT CAST(ts / 900 AS INTEGER), COALESCE(tool, ''), COALESCE(decision, ''), COALESCE(stage, ''), ? * COUNT(*)
-    FROM calls WHERE {where} GROUP BY 1, 2, 3, 4
-    ON CONFLICT (slot, tool, decision, stage) DO UPDATE SET n = n + excluded.n""",
+    *(
+        f"""INSERT INTO tool_{grain} (t, tool, n)
+        SELECT CAST(ts / {seconds} AS INTEGER), COALESCE(tool, ''), ? * COUNT(*) FROM calls
+        WHERE {{where}} GROUP BY 1, 2
+        ON CONFLICT (t, tool) DO UPDATE SET n = n + excluded.n"""
+        for grain, seconds in GRAINS.items()
+    ),
+    *(
+        f"""INSERT INTO denial_{grain} (t, stage, n)
+        SELECT CAST(ts / {seconds} AS INTEGER), COALESCE(NULLIF(stage, ''), decision, ''), ? * COUNT(*) FROM calls
+        WHERE {{where}} AND decision != 'allow' GROUP BY 1, 2
+        ON CONFLICT (t, stage) DO UPDATE SET n = n + excluded.n"""
+        for grain, seconds in GRAINS.items()
+    ),
     """INSERT INTO slot_policy (slot, policy_version, decision, n, first_ts, last_ts)
     SELECT CAST(ts / 900 AS INTEGER), policy_version, COALESCE(decision, ''), ? * COUNT(*), MIN(ts), MAX(ts)
     FROM calls WHERE {where} AND policy_version IS NOT NULL AND policy_version != '' GROUP BY 1, 2, 3
@@ -97,9 +115,10 @@ _FACETS = (
     " AND policy_version IS NOT NULL GROUP BY 2",
     "INSERT OR IGNORE INTO facets SELECT 'group', grp FROM call_groups WHERE {where} GROUP BY 2",
 )
-_SUMMARY_TABLES = ("slot_calls", "slot_policy", "hour_agent", "hour_reason")
+_SUMMARY_TABLES = (*(f"{kind}_{g}" for kind in ("tool", "denial") for g in GRAINS), "slot_policy", "hour_agent",
+                   "hour_reason")  # fmt: skip
 _PRUNE_SUMMARIES = (
-    "DELETE FROM slot_calls WHERE n = 0",
+    *(f"DELETE FROM {kind}_{g} WHERE n = 0" for kind in ("tool", "denial") for g in GRAINS),
     "DELETE FROM slot_policy WHERE n = 0",
     "DELETE FROM hour_agent WHERE calls = 0 AND tokens = 0",
     "DELETE FROM hour_reason WHERE n = 0",
@@ -206,6 +225,14 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
     return (" AND ".join(where) or "1"), args
 
 
+def _only_time(query: AuditQuery) -> bool:
+    return all(
+        getattr(query, f.name) in (None, "")
+        for f in fields(query)
+        if f.name not in ("since", "until", "limit", "offset")
+    )
+
+
 class ConsoleIndex:
     """Projects `audit_db` (opened read-only) into `path`. Every method runs on one worker thread.
 
@@ -275,20 +302,24 @@ class ConsoleIndex:
         """Read the next `limit` outbox positions (one transaction); follow retention and a replaced outbox."""
         try:
             head, first = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0), COALESCE(MIN(seq), 0) FROM audit.outbox"
+                # two subqueries: SQLite answers a lone MIN or MAX from the key, a pair by scanning
+                "SELECT (SELECT COALESCE(MAX(seq), 0) FROM audit.outbox),"
+                " (SELECT COALESCE(MIN(seq), 0) FROM audit.outbox)"
             ).fetchone()
         except sqlite3.OperationalError:  # no outbox yet (nothing audited): nothing to show
             return IndexState(0, 0, 0)
         projected = self._state(conn, "projected")
         count = self._state(conn, "calls")
+        retired = bool(first and conn.execute("SELECT 1 FROM calls WHERE seq < ? LIMIT 1", (first,)).fetchone())
+        if projected == head and not retired:
+            return IndexState(projected, int(head), count)  # nothing new: no write transaction
         conn.execute("BEGIN")  # deferred: IMMEDIATE would lock the read-only outbox too
         try:
             if projected > head:  # the outbox was replaced (restored, or a new data directory)
                 for table in ("calls", "call_groups", *_SUMMARY_TABLES, "facets"):
                     conn.execute(f"DELETE FROM {table}")
                 projected = count = 0
-            if first and conn.execute("SELECT 1 FROM calls WHERE seq < ? LIMIT 1", (first,)).fetchone():
-                # removed by retention: out of the summaries first, then out of the index
+            if retired:  # removed by retention: out of the summaries first, then out of the index
                 _summarise(conn, "seq < ?", (first,), -1, tokens_where="seq < ? AND outcome_seq IS NOT NULL",
                            tokens_args=(first,))  # fmt: skip
                 count -= conn.execute("DELETE FROM calls WHERE seq < ?", (first,)).rowcount
@@ -344,6 +375,13 @@ class ConsoleIndex:
         limit = max(1, min(query.limit, 10_000))
         offset = min(max(0, query.offset), 2**62)
         sql = f"SELECT * FROM calls c WHERE {where} ORDER BY c.seq DESC LIMIT ? OFFSET ?"
+        if (query.since or query.until) and _only_time(query):
+            # The time index finds the positions and sorts only those (not whole rows): 127 ms -> 8 ms for
+            # one day of 100,000 calls; with any other filter its own index leads.
+            sql = (
+                f"SELECT * FROM calls c WHERE c.seq IN (SELECT c.seq FROM calls c WHERE {where}"
+                " ORDER BY c.seq DESC LIMIT ? OFFSET ?) ORDER BY c.seq DESC"
+            )
         return await self.run(lambda c: _dicts(c.execute(sql, [*args, limit, offset])))
 
     async def run_calls(self, run_id: str, limit: int = 2_000) -> list[dict[str, Any]]:

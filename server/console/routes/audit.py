@@ -131,7 +131,7 @@ async def chain_verify(request: Request) -> Response:
     user = await console.require(request)
     if console.chain is None:
         return Response(status_code=501)
-    status = await console.chain.verify()
+    status = await console.chain.verify(0.0 if request.query_params.get("fresh") else 60.0)
     return console.render(request, "audit/_chain_status.html", user, status_=status, when=views.when)
 
 

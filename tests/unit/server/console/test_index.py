@@ -17,7 +17,7 @@ from server.audit.outbox import SqliteOutbox, interrupted_outcome
 from server.audit.records import decision_record, outcome_record
 from server.audit.search import AuditQuery
 from server.call import RunInfo
-from server.console.index import ConsoleIndex
+from server.console.index import GRAINS, ConsoleIndex
 from server.errors import BackendUnavailable, Denied
 from server.registry import ToolOutput
 from server.testing import allowed, make_call, make_identity
@@ -180,9 +180,13 @@ def test_the_index_never_writes_to_the_outbox(tmp_path: Path) -> None:
 def _summaries_and_direct(conn: sqlite3.Connection) -> list[tuple[set[tuple[object, ...]], set[tuple[object, ...]]]]:
     """Each chart summary as kept, and as computed directly from the index's calls."""
     pairs = [
-        ("SELECT slot, tool, decision, stage, n FROM slot_calls",
-         "SELECT CAST(ts / 900 AS INTEGER), COALESCE(tool, ''), COALESCE(decision, ''), COALESCE(stage, ''),"
-         " COUNT(*) FROM calls GROUP BY 1, 2, 3, 4"),
+        *((f"SELECT t, tool, n FROM tool_{grain}",
+           f"SELECT CAST(ts / {seconds} AS INTEGER), COALESCE(tool, ''), COUNT(*) FROM calls GROUP BY 1, 2")
+          for grain, seconds in GRAINS.items()),
+        *((f"SELECT t, stage, n FROM denial_{grain}",
+           f"SELECT CAST(ts / {seconds} AS INTEGER), COALESCE(NULLIF(stage, ''), decision), COUNT(*) FROM calls"
+           " WHERE decision != 'allow' GROUP BY 1, 2")
+          for grain, seconds in GRAINS.items()),
         ("SELECT slot, policy_version, decision, n FROM slot_policy",
          "SELECT CAST(ts / 900 AS INTEGER), policy_version, decision, COUNT(*) FROM calls"
          " WHERE policy_version IS NOT NULL AND policy_version != '' GROUP BY 1, 2, 3"),
