@@ -20,7 +20,7 @@ from server.console.chain_status import ChainChecker
 from server.console.context import Console, NotPermitted, SignInRequired, console_of, redirect
 from server.console.guard import CsrfGuard, SecurityHeaders
 from server.console.index import ConsoleIndex
-from server.console.routes import audit, auth, catalog, charts
+from server.console.routes import approvals, audit, auth, catalog, charts
 from server.console.session import COOKIE, PRE_COOKIE, SessionSealer
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def build_console(console: Console) -> Starlette:
             *audit.ROUTES,
             *charts.ROUTES,
             *catalog.ROUTES,
+            *approvals.ROUTES,
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[

@@ -104,6 +104,7 @@ class Console:
             Role=Role,
             csrf=self.sealer.csrf_token(binding) if binding else "",
             path=request.url.path,
+            has_approvals=getattr(self.gateway, "approvals", None) is not None,
             **context,
         )
         return HTMLResponse(body, status_code=status)

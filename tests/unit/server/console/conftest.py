@@ -37,10 +37,10 @@ class ConsoleRig:
         assert isinstance(outbox, SqliteOutbox)
         return outbox
 
-    def token(self, *scopes: str, agent: str = "auditor") -> str:
+    def token(self, *scopes: str, agent: str = "auditor", groups: tuple[str, ...] = ()) -> str:
         return mint_dev_token(
             self.settings.data_dir, agent=agent, issuer="castellan-dev", audience=self.settings.resource_url,
-            scopes=scopes, subject=f"{agent}@example.com",
+            scopes=scopes, subject=f"{agent}@example.com", groups=groups,
         )  # fmt: skip
 
     def csrf(self, page: str) -> str:
@@ -48,11 +48,11 @@ class ConsoleRig:
         assert found, page[:500]
         return found.group(1)
 
-    def sign_in(self, *scopes: str, agent: str = "auditor") -> Any:
+    def sign_in(self, *scopes: str, agent: str = "auditor", groups: tuple[str, ...] = ()) -> Any:
         page = self.client.get("/console/sign-in").text
         return self.client.post(
             "/console/sign-in",
-            data={"token": self.token(*scopes, agent=agent), "csrf": self.csrf(page)},
+            data={"token": self.token(*scopes, agent=agent, groups=groups), "csrf": self.csrf(page)},
             headers={"origin": BASE},
             follow_redirects=False,
         )
