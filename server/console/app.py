@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
@@ -18,10 +18,11 @@ from server.audit.outbox import SqliteOutbox
 from server.audit.redaction import Redactor
 from server.console.chain_status import ChainChecker
 from server.console.context import Console, NotPermitted, SignInRequired, console_of, redirect
-from server.console.guard import CsrfGuard, SecurityHeaders
+from server.console.guard import CsrfGuard, HostGuard, SecurityHeaders
 from server.console.index import ConsoleIndex
 from server.console.routes import approvals, audit, auth, catalog, charts
 from server.console.session import COOKIE, PRE_COOKIE, SessionSealer
+from server.transport import allowed_hosts
 
 if TYPE_CHECKING:
     from server.gateway import Gateway
@@ -75,8 +76,6 @@ def build_console(console: Console) -> Starlette:
     """The ASGI app to mount at `/console`."""
 
     def binding(headers: Headers) -> str | None:
-        from starlette.requests import cookie_parser
-
         cookies = cookie_parser(headers.get("cookie", ""))
         session = console.sealer.open(cookies.get(COOKIE))
         return session.sid if session else cookies.get(PRE_COOKIE)
@@ -106,7 +105,9 @@ def mount_console(app: Any, gateway: Gateway) -> None:
     """Serve the console at `/console` of the gateway's app (its state is `app.state.console`)."""
     console = make_console(gateway)
     app.state.console = console
-    app.mount("/console", build_console(console))
+    settings = gateway.settings
+    guarded = HostGuard(build_console(console), allowed_hosts(settings.base_url, settings.server.allowed_hosts))
+    app.mount("/console", guarded)
 
 
 def close_console(app: Any) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from server.audit.search import OUTCOMES, AuditQuery
 
@@ -69,8 +70,6 @@ def form_values(query: AuditQuery) -> dict[str, str]:
 
 def link_for(query: AuditQuery, **changes: Any) -> str:
     """The audit page's URL for `query` with `changes` (e.g. another page, or one more filter)."""
-    from urllib.parse import urlencode
-
     values = {**form_values(query), **{k: v for k, v in changes.items() if k != "page"}}
     params = {k: v for k, v in values.items() if v}
     if changes.get("page", 1) != 1:

@@ -95,9 +95,17 @@ class Console:
         return user
 
     def render(
-        self, request: Request, template: str, user: ConsoleUser | None, status: int = 200, **context: Any
+        self,
+        request: Request,
+        template: str,
+        user: ConsoleUser | None,
+        status: int = 200,
+        *,
+        binding: str | None = None,
+        **context: Any,
     ) -> HTMLResponse:
-        binding = user.sid if user else request.cookies.get(PRE_COOKIE, "")
+        """`binding`: what the page's CSRF token is bound to (default: the session, else the pre-session cookie)."""
+        binding = binding or (user.sid if user else request.cookies.get(PRE_COOKIE, ""))
         body = self.env.get_template(template).render(
             request=request,
             user=user,

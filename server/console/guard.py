@@ -5,11 +5,13 @@ form token bound to the session. A refusal is a 403 page, never a half-done chan
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.transport import matches
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -76,6 +78,21 @@ def same_origin(headers: Headers, scheme: str, trusted: Iterable[str]) -> bool:
 
 
 MAX_FORM_BYTES = 65_536
+
+
+class HostGuard:
+    """Refuses (421) a request whose Host is not the gateway's (the allow-list of /mcp): a page that
+    rebinds its own name to this address gets nothing from the console."""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]) -> None:
+        self.app = app
+        self._hosts = tuple(hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not matches(Headers(scope=scope).get("host", ""), self._hosts):
+            await _refuse(send, "refused: this address is not one this gateway serves (Host check)", status=421)
+            return
+        await self.app(scope, receive, send)
 
 
 class CsrfGuard:

@@ -30,8 +30,7 @@ async def sign_in_page(request: Request) -> Response:
 def _sign_in(request: Request, error: str | None, status: int = 200) -> Response:
     console = console_of(request)
     pre = request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(16)
-    request.cookies[PRE_COOKIE] = pre  # so the form's token is bound to the cookie set below
-    response = console.render(request, "sign_in.html", None, status=status, error=error)
+    response = console.render(request, "sign_in.html", None, status=status, binding=pre, error=error)
     response.set_cookie(
         PRE_COOKIE, pre, path=_COOKIE_PATH, httponly=True, secure=console.secure_cookies, samesite="strict",
         max_age=3600,

@@ -196,3 +196,9 @@ def test_the_charts_show_calls_denials_spend_reasons_and_policy_versions(rig: Co
     assert '<th scope="row">policy: no</th><td>2</td>' in page  # the top reason, as a table too
     assert '<th scope="row">alpha</th><td>20</td>' in page  # spend from the audit log (10 in + 10 out)
     assert "+" in page.split('id="policy-versions"')[1]  # the deny rate's change from v1 to v2
+
+
+def test_a_request_for_another_host_name_is_refused(rig: ConsoleRig) -> None:
+    response = rig.client.get("/console/sign-in", headers={"host": "rebound.evil.example:8750"})
+    assert response.status_code == 421
+    assert "Host check" in response.text
