@@ -17,6 +17,7 @@ from server.approvals.routes import add_approval_routes
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.auth.scopes import tool_scopes
+from server.console.app import close_console, mount_console
 from server.credentials.brokered import BrokeredCredential
 from server.credentials.callback import add_callback_route
 from server.gateway import Gateway, build_gateway
@@ -64,6 +65,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                if settings.console.enabled:
+                    close_console(app)
                 await gateway.close()
 
     app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -104,6 +107,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
         add_callback_route(app, brokered, gateway.grant_store)
     add_approval_routes(app)
     add_llm_routes(app)
+    if settings.console.enabled:
+        mount_console(app, gateway)
     app.add_middleware(RequestIdMiddleware)
     return app
 

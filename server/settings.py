@@ -573,6 +573,21 @@ class GuardrailSettings(BaseModel):
         return kinds
 
 
+class ConsoleSettings(BaseModel):
+    """The web console under `/console` (docs/console.md)."""
+
+    enabled: bool = True
+    session_key: SecretStr | None = None
+    """Seals the console's session cookie (32+ bytes of text; replicas behind one address share it).
+    Default: a key generated into `<data_dir>/console-session.key` (0600) on first use."""
+    session_max_age_seconds: int = Field(default=8 * 3600, ge=60, le=7 * 86_400)
+    """A sign-in lasts this long at most (and never past its token's expiry)."""
+    index_path: Path | None = None
+    """The console's read-side index of the audit log (rebuildable; default `<data_dir>/console-index.db`)."""
+    mlflow_ui_url: str = ""
+    """Where a call's "MLflow trace" link points. Default: `audit.mlflow_tracking_uri` when it is http(s)."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
 
@@ -599,6 +614,7 @@ class Settings(BaseSettings):
     credentials: CredentialSettings = Field(default_factory=CredentialSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -48,6 +48,11 @@ def _matches(value: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def matches(value: str, patterns: Sequence[str]) -> bool:
+    """`value` (a Host or Origin) is one of `patterns` (`name:*`: any port); the console checks Hosts with it."""
+    return _matches(value, patterns)
+
+
 class TransportGuard:
     """Rejects requests with a foreign Host (421) or Origin (403), or a body over `max_body_bytes` (413),
     before authentication or parsing. Runs first, so a rebinding page learns nothing from a 401."""

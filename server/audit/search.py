@@ -15,8 +15,10 @@ from typing import Any
 _FILTERS = {
     "agent": "json_extract(d.record, '$.agent_id') = ?",
     "subject": "json_extract(d.record, '$.subject') = ?",
+    "group": "EXISTS (SELECT 1 FROM json_each(d.record, '$.groups') WHERE value = ?)",
     "tool": "json_extract(d.record, '$.tool') = ?",
     "decision": "json_extract(d.record, '$.decision') = ?",
+    "stage": "json_extract(d.record, '$.stage') = ?",
     "policy_version": "json_extract(d.record, '$.policy_version') = ?",
     "run_id": "json_extract(d.record, '$.run_id') = ?",
     "reason": "json_extract(d.record, '$.reasons') LIKE ?",
@@ -40,8 +42,12 @@ SHADOW_DIFF = "(json_extract(d.record, '$.shadow.differs') = 1 OR json_extract(o
 class AuditQuery:
     agent: str | None = None
     subject: str | None = None
+    group: str | None = None
+    """A group the caller's token named."""
     tool: str | None = None
     decision: str | None = None
+    stage: str | None = None
+    """The stage that refused the call (admit, grants, policy, ...)."""
     reason: str | None = None
     """Text anywhere in the reasons."""
     policy_version: str | None = None

@@ -85,6 +85,9 @@ class PinStore:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(pins)")}
+        if "approved_definition" not in columns:  # kept since the console shows a diff against it
+            self._conn.execute("ALTER TABLE pins ADD COLUMN approved_definition TEXT")
 
     def observe(self, tool: str, upstream: str, definition: Mapping[str, Any], trust_first: bool) -> Status:
         """Records the definition now offered by the upstream; returns whether it may be served."""
@@ -96,9 +99,9 @@ class PinStore:
             if row is None:
                 approved = digest if trust_first else None
                 conn.execute(
-                    "INSERT INTO pins VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO pins VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (tool, upstream, approved, digest, body, now, now, now if approved else None,
-                     "first use" if approved else None),
+                     "first use" if approved else None, body if approved else None),
                 )  # fmt: skip
                 return "approved" if approved else "quarantined"
             approved_hash, seen_hash, owner = row
@@ -106,6 +109,7 @@ class PinStore:
                 # Now offered by another upstream: whatever was approved was approved for the other one.
                 conn.execute(
                     "UPDATE pins SET upstream = ?, approved_hash = NULL, approved_at = NULL, approved_by = NULL,"
+                    " approved_definition = NULL,"
                     " seen_hash = ?, seen_definition = ?, changed_at = ? WHERE tool = ?",
                     (upstream, digest, body, now, tool),
                 )
@@ -131,7 +135,8 @@ class PinStore:
             raise ValueError(f"{tool} is refused, not quarantined: {refused[0].reason}")
         with transaction(self._conn) as conn:
             updated = conn.execute(
-                "UPDATE pins SET approved_hash = seen_hash, approved_at = ?, approved_by = ? WHERE tool = ?",
+                "UPDATE pins SET approved_hash = seen_hash, approved_definition = seen_definition, approved_at = ?,"
+                " approved_by = ? WHERE tool = ?",
                 (time.time(), by, tool),
             ).rowcount
         if not updated:
@@ -146,6 +151,11 @@ class PinStore:
             Pin(r[0], r[1], "approved" if r[2] == r[3] else "quarantined", r[2], r[3], json.loads(r[4]), r[5])
             for r in rows
         ]
+
+    def approved_definition(self, tool: str) -> dict[str, Any] | None:
+        """The definition last approved for `tool` (None: none approved, or approved before it was kept)."""
+        row = self._conn.execute("SELECT approved_definition FROM pins WHERE tool = ?", (tool,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
 
     def record_refusals(self, upstream: str, refusals: Sequence[Refusal]) -> builtins.list[Refusal]:
         """Makes `refusals` the current refusals of `upstream`'s tools; returns those not recorded

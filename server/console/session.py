@@ -1,0 +1,95 @@
+"""The console session: a sealed (AES-256-GCM) HttpOnly cookie that carries the signed-in bearer token,
+re-verified by the gateway's verifier on every request, and the CSRF token bound to it.
+
+Nothing is kept server-side, so replicas that share `console.session_key` share sign-ins; a token that
+expires, or whose signing key is withdrawn, ends its session at the next request. The cookie is
+SameSite=Strict, Path=/console, and Secure when the console is served over TLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+COOKIE = "castellan_console"
+PRE_COOKIE = "castellan_console_pre"
+"""Before sign-in: a random value the sign-in form's CSRF token is bound to."""
+_AAD = b"castellan-console-session-v1"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    token: str
+    sid: str
+    issued_at: float
+
+
+class SessionSealer:
+    """Seals and opens session cookies, and derives CSRF tokens; `open` returns None for anything
+    it did not seal, that was altered, or that is older than `max_age` seconds."""
+
+    def __init__(self, secret: bytes, max_age: float) -> None:
+        if len(secret) < 32:
+            raise ValueError("the console session key must be at least 32 bytes")
+        material = hashlib.sha256(b"castellan-console\x00" + secret).digest()
+        self._aead = AESGCM(hmac.new(material, b"seal", hashlib.sha256).digest())
+        self._csrf_key = hmac.new(material, b"csrf", hashlib.sha256).digest()
+        self.max_age = max_age
+
+    @classmethod
+    def from_file(cls, path: Path, max_age: float) -> SessionSealer:
+        """The key in `path`, created (0600) with 32 random bytes when it does not exist."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process made it first
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(32))
+        return cls(path.read_text().strip().encode(), max_age)
+
+    def seal(self, token: str, now: float | None = None) -> tuple[str, Session]:
+        session = Session(token=token, sid=secrets.token_urlsafe(16), issued_at=now or time.time())
+        body = json.dumps({"t": session.token, "s": session.sid, "i": session.issued_at}).encode()
+        nonce = os.urandom(12)
+        return _b64(nonce + self._aead.encrypt(nonce, body, _AAD)), session
+
+    def open(self, cookie: str | None, now: float | None = None) -> Session | None:
+        if not cookie or len(cookie) > 8192:
+            return None
+        try:
+            raw = _unb64(cookie)
+            body = json.loads(self._aead.decrypt(raw[:12], raw[12:], _AAD))
+            session = Session(token=str(body["t"]), sid=str(body["s"]), issued_at=float(body["i"]))
+        except Exception:  # forged, altered, truncated, sealed by another key: no session
+            return None
+        age = (now or time.time()) - session.issued_at
+        return session if 0 <= age <= self.max_age else None
+
+    def csrf_token(self, binding: str) -> str:
+        """The form token for a session id (or, before sign-in, the pre-session cookie's value)."""
+        return _b64(hmac.new(self._csrf_key, binding.encode(), hashlib.sha256).digest())
+
+    def csrf_valid(self, binding: str | None, token: str | None) -> bool:
+        if not binding or not token:
+            return False
+        return hmac.compare_digest(self.csrf_token(binding), token)
