@@ -216,11 +216,13 @@ class MlflowTarget:
     def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         """Calls matching `query`, newest first, from the traces (the central store)."""
         client = self._tracing()
-        clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in _tag_filters(query).items()]
+        from server.audit.mlflow_search import tag_filters
+
         if query.outcome == "unfinished":
             raise ValueError("unfinished calls are not shipped until they end: search the outbox")
-        if query.outcome:
-            clauses.append(f"tags.`castellan.outcome` = '{_quote(query.outcome)}'")
+        if query.group is not None:
+            raise ValueError("a group filter searches the outbox (MLflow's traces are not tagged with groups)")
+        clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in tag_filters(query).items()]
         if query.flag:
             clauses.append(f"tags.`castellan.flags` LIKE '%{_quote(query.flag)}%'")
         if query.since:
@@ -256,18 +258,6 @@ def _quote(value: str) -> str:
 
 def _millis(value: str) -> int:
     return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-
-
-def _tag_filters(query: AuditQuery) -> dict[str, str]:
-    pairs = {
-        "agent_id": query.agent,
-        "subject": query.subject,
-        "tool": query.tool,
-        "decision": query.decision,
-        "policy_version": query.policy_version,
-        "run_id": query.run_id,
-    }
-    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def _row(info: Any) -> dict[str, Any]:
