@@ -213,8 +213,10 @@ async def test_castellan_connect_signs_in_once_then_refreshes_its_expired_token_
     port = free_port()
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "server", "connect", gateway.mcp_url, "--sign-in", "--token-store", str(store)]
-        + ["--callback-port", str(port)],
+        args=[
+            *("-m", "server", "connect", gateway.mcp_url, "--sign-in"),
+            *("--token-store", str(store), "--callback-port", str(port)),
+        ],
         env={**os.environ, "BROWSER": "true"},  # no real browser: `true` is the one webbrowser runs
     )
 
