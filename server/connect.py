@@ -161,13 +161,16 @@ def sign_in_auth(url: str, store: Path, callback_port: int) -> StoredSessionOAut
     waits for the redirect on a loopback port; later runs use and refresh the stored tokens."""
     redirect_uri = f"http://127.0.0.1:{callback_port}/callback"
     received: dict[str, str] = {}
+    listening: list[Any] = []
 
     async def redirect_handler(authorization_url: str) -> None:
+        # Listen before the URL is shown: a fast browser (or a person) may come back at once.
+        listening.append(await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=callback_port))
         print(f"castellan connect: sign in at {authorization_url}", file=sys.stderr, flush=True)
         webbrowser.open(authorization_url)
 
     async def callback_handler() -> AuthorizationCodeResult:
-        await _wait_for_redirect(callback_port, received)
+        await _wait_for_redirect(listening.pop(), received)
         return AuthorizationCodeResult(
             code=received.get("code", ""), state=received.get("state"), iss=received.get("iss")
         )
@@ -186,8 +189,8 @@ def sign_in_auth(url: str, store: Path, callback_port: int) -> StoredSessionOAut
     )
 
 
-async def _wait_for_redirect(port: int, received: dict[str, str]) -> None:
-    """Serve one `GET /callback?code=...` on the loopback port, then stop (at most 5 minutes)."""
+async def _wait_for_redirect(listener: Any, received: dict[str, str]) -> None:
+    """Serve one `GET /callback?code=...` on the loopback listener, then stop (at most 5 minutes)."""
     done = anyio.Event()
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
@@ -201,7 +204,6 @@ async def _wait_for_redirect(port: int, received: dict[str, str]) -> None:
             body = b"Signed in: you can close this tab." if "code" in query else b"Sign-in did not complete."
             await stream.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n" + body)
 
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
     async with listener, anyio.create_task_group() as tasks:
         tasks.start_soon(listener.serve, handle)
         with anyio.fail_after(300):
