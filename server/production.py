@@ -89,9 +89,25 @@ def _credentials_key(s: Settings) -> str | None:
     return None
 
 
+def _plain_http_credential_service(s: Settings) -> str | None:
+    """Token exchange sends the caller's token, a brokered grant its refresh token: never in clear off the host."""
+    from urllib.parse import urlsplit
+
+    for u in s.upstreams:
+        urls = [u.token_exchange.token_url] if u.credential == "token_exchange" and u.token_exchange else []
+        if u.credential == "brokered" and u.oauth is not None:
+            urls += [u.oauth.authorize_url, u.oauth.token_url]
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+                return f"upstream {u.name}: {url} would carry users' tokens in clear; use https"
+    return None
+
+
 CHECKS: dict[str, Callable[[Settings], str | None]] = {
     "approvals.webhook_url": _plain_http_webhook,
     "credentials.key": _credentials_key,
+    "upstreams.credential_urls": _plain_http_credential_service,
     "audit.chain_key": _audit_chain_key,
     "auth.mode": _dev_auth,
     "auth.issuer": _dev_issuer,

@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -104,20 +104,37 @@ def demo_data(config: Path | None, overwrite: bool) -> None:
 @click.command()
 @click.argument("url")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file holding the bearer token (default: $CASTELLAN_TOKEN).")  # fmt: skip
-def connect(url: str, token_file: Path | None) -> None:
+              help="A file holding the bearer token, re-read when it changes (default: $CASTELLAN_TOKEN).")  # fmt: skip
+@click.option("--sign-in", is_flag=True, help="Sign in with OAuth (browser once), then refresh the token by itself.")
+@click.option("--token-store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where --sign-in keeps its tokens (0600; default ~/.castellan/connect/<host>.json).")  # fmt: skip
+@click.option(
+    "--callback-port", type=int, default=33418, show_default=True, help="Loopback port of the sign-in redirect."
+)
+def connect(url: str, token_file: Path | None, sign_in: bool, token_store: Path | None, callback_port: int) -> None:
     """Bridge stdio to the gateway at URL, for MCP clients that only speak stdio (desktop agents).
 
-    The token comes from --token-file or $CASTELLAN_TOKEN; logs go to stderr, stdout is the protocol."""
+    The token comes from --sign-in (OAuth, refreshed by the bridge), --token-file (re-read when it changes)
+    or $CASTELLAN_TOKEN; logs go to stderr, stdout is the protocol."""
+    from urllib.parse import urlsplit
+
     import anyio
 
-    from server.connect import bridge
+    from server.connect import FileBearer, bridge, sign_in_auth
 
-    token = token_file.read_text().strip() if token_file else os.environ.get("CASTELLAN_TOKEN", "").strip()
-    if not token:
-        raise click.ClickException("no token: set CASTELLAN_TOKEN or pass --token-file")
+    auth: Any
+    if sign_in:
+        host = urlsplit(url).netloc.replace(":", "_") or "gateway"
+        store = token_store or Path.home() / ".castellan" / "connect" / f"{host}.json"
+        auth = sign_in_auth(url, store, callback_port)
+    elif token_file:
+        auth = FileBearer(token_file)
+    else:
+        auth = os.environ.get("CASTELLAN_TOKEN", "").strip()
+        if not auth:
+            raise click.ClickException("no token: pass --sign-in or --token-file, or set CASTELLAN_TOKEN")
     with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(bridge, url, token)
+        anyio.run(bridge, url, auth)
 
 
 @click.command()

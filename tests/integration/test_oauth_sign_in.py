@@ -4,22 +4,28 @@ authorization server (Ory Hydra, tests/hydra.py) go through the whole MCP author
 from __future__ import annotations
 
 import json
+import os
+import stat
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import anyio
 import httpx2
 import pytest
 from mcp.client.auth import OAuthClientProvider, TokenStorage
 from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway
 from tests.hydra import Hydra, HydraLogin, User, run_hydra
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -193,3 +199,54 @@ def _client_credentials(hydra: Hydra, gateway: GatewayProcess, scope: str) -> st
     with OAuth2Session(client["client_id"], client["client_secret"], scope=scope) as session:
         token = session.fetch_token(hydra.token_url, grant_type="client_credentials", audience=gateway.mcp_url)
     return str(token["access_token"])
+
+
+async def test_castellan_connect_signs_in_once_then_refreshes_its_expired_token_by_itself(
+    hydra: Hydra, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    """The desktop bridge as a desktop agent runs it (the official SDK's stdio client spawning
+    `castellan connect --sign-in`): the first run signs in through the browser (driven headlessly here:
+    the bridge prints the URL, the "browser" signs in and lands on the bridge's loopback callback);
+    a later run, after the stored access token expired, refreshes it without asking anyone."""
+    login = HydraLogin(hydra, {"carol": User("carol", groups=("analysts",), allowed_scopes={BASE_SCOPE})})
+    store, errlog = tmp_path / "connect.json", tmp_path / "connect.log"
+    port = free_port()
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=[
+            *("-m", "server", "connect", gateway.mcp_url, "--sign-in"),
+            *("--token-store", str(store), "--callback-port", str(port)),
+        ],
+        env={**os.environ, "BROWSER": "true"},  # no real browser: `true` is the one webbrowser runs
+    )
+
+    async def browser() -> None:
+        deadline = time.monotonic() + 60
+        while "sign in at " not in errlog.read_text() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await anyio.sleep(0.2)
+        url = errlog.read_text().split("sign in at ", 1)[1].split()[0]
+        callback = await login.authorize(url, as_user="carol")
+        assert callback.startswith(f"http://127.0.0.1:{port}/callback?")
+        async with aiohttp.ClientSession() as session, session.get(callback) as resp:
+            assert resp.status == 200
+
+    with errlog.open("w") as err:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(browser)
+            async with Client(stdio_client(params, errlog=err)) as client:
+                assert await _tool_text(client, "echo") == "hello"
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    first = json.loads(store.read_text())
+    assert first["tokens"]["refresh_token"]
+    assert len(login.consents) == 1
+
+    first["expires_at"] = time.time() - 60  # the access token has expired since
+    store.write_text(json.dumps(first))
+    with errlog.open("w") as err, anyio.fail_after(120):  # were it to ask for a sign-in, it would wait
+        async with Client(stdio_client(params, errlog=err)) as client:
+            assert await _tool_text(client, "echo") == "hello"
+    assert "sign in at" not in errlog.read_text()
+    refreshed = json.loads(store.read_text())
+    assert refreshed["tokens"]["access_token"] != first["tokens"]["access_token"]
+    assert refreshed["expires_at"] > time.time()
+    assert len(login.consents) == 1  # nobody was asked again

@@ -33,6 +33,24 @@ def test_safe_settings_start_in_production() -> None:
     assert enforce_production(_production(**SAFE)) == []
 
 
+EXCHANGING_OVER_HTTP = {
+    "name": "inventory",
+    "url": "https://inventory.example/mcp",
+    "credential": "token_exchange",
+    "token_exchange": {"token_url": "http://sts.example/token", "client_id": "gw"},
+}
+BROKERED = {
+    "name": "saas",
+    "url": "https://saas.example/mcp",
+    "credential": "brokered",
+    "oauth": {
+        "authorize_url": "https://login.saas.example/auth",
+        "token_url": "https://login.saas.example/token",
+        "client_id": "gw",
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("setting", "change"),
     [
@@ -44,6 +62,8 @@ def test_safe_settings_start_in_production() -> None:
         ("server.allowed_hosts", {"server": {"metrics_auth": "token", "allowed_hosts": ["*:443"]}}),
         ("server.metrics_auth", {"server": {"metrics_auth": "open"}}),
         ("audit.chain_key", {"audit": {}}),
+        ("upstreams.credential_urls", {"upstreams": [EXCHANGING_OVER_HTTP]}),
+        ("credentials.key", {"upstreams": [BROKERED]}),
         ("audit.chain_key", {"data_dir": "/data", "audit": {"chain_key_file": "/data/audit-chain-key"}}),
     ],
 )
