@@ -257,7 +257,7 @@ def gateway_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = Non
 
 @contextlib.contextmanager
 def run_gateway(
-    data_dir: Path, extra_env: Mapping[str, str] | None = None, timeout: float = 30.0
+    data_dir: Path, extra_env: Mapping[str, str] | None = None, timeout: float = 120.0
 ) -> Iterator[GatewayProcess]:
     """Start `python -m server serve` on a free port, wait until `/readyz` says ready, stop it after."""
     port = free_port()
