@@ -126,7 +126,7 @@ async def quiesce(roots: list[int], limit: float = 60.0) -> None:
         before = now
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 60.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 240.0) -> None:
     """Until `url` answers anything over HTTP (an error status counts: the server is up)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
