@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -394,6 +395,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(STARTERS))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the targets on the way out
     calls, rounds = (200, 1) if args.quick else (args.calls, args.rounds)
     wanted = [p for p in STARTERS if not args.only or p in args.only.split(",")]
     load_before = os.getloadavg()
