@@ -122,6 +122,8 @@ class FastEdge:
         self._registry = registry
         self._server = server
         self._security = TransportSecurityMiddleware(security)
+        # the SDK deep-copies it per response; here it is serialized at once and never mutated
+        self._server_info = server.server_info_stamp
         # SSE responses, and cache hints (none are configured), are the SDK's
         self._enabled = json_response and not server.cache_hints
 
@@ -223,9 +225,9 @@ class FastEdge:
         dumped.setdefault("resultType", "complete")
         meta = dumped.get("_meta")
         if meta is None:
-            dumped["_meta"] = {types.SERVER_INFO_META_KEY: self._server.server_info_stamp}
+            dumped["_meta"] = {types.SERVER_INFO_META_KEY: self._server_info}
         elif isinstance(meta, dict) and meta.get(types.SERVER_INFO_META_KEY) is None:
-            dumped["_meta"] = {**meta, types.SERVER_INFO_META_KEY: self._server.server_info_stamp}
+            dumped["_meta"] = {**meta, types.SERVER_INFO_META_KEY: self._server_info}
         return dict(dumped)
 
 
