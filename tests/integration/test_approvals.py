@@ -272,7 +272,7 @@ async def _approval_story(gw: GatewayProcess, received: list[tuple[dict[str, Any
 
 async def test_a_call_nobody_approves_in_time_is_denied_and_recorded(tmp_path: Path) -> None:
     policies = policies_with(tmp_path, {"echo": {"approval": {"groups": ["admins"], "timeout_seconds": 1}}})
-    with run_gateway(tmp_path / "gw", {"CASTELLAN_POLICY__PATH": str(policies)}) as gw:
+    with run_gateway(tmp_path / "gw", {"CASTELLAN_POLICY__PATH": str(policies)}, timeout=180) as gw:
         analyst = gw.token("echo-bot", ["analysts"])
         started = time.monotonic()
         body = deny_body(await raw_call(gw, analyst, "echo", {"text": "hello"}))
