@@ -545,7 +545,8 @@ class ApprovalSettings(BaseModel):
     """One delivery attempt; failed attempts are retried with backoff until the request expires."""
     approval_page_url: str = ""
     """Where an approver can decide a request, `{id}` replaced by its id (in the webhook body and in
-    URL-mode elicitation). Default: none."""
+    URL-mode elicitation). Default: the console's page, `<base url>/console/approvals/{id}`, when the
+    console is enabled; else none."""
 
 
 class GuardrailSettings(BaseModel):

@@ -86,6 +86,8 @@ class ApprovalQueue:
                     "approvals.webhook_url needs approvals.webhook_secret (16 characters or more) to sign it"
                 )
             notifier = WebhookNotifier(cfg.webhook_url, secret.encode(), cfg.webhook_timeout_seconds)
+        if not cfg.approval_page_url and settings.console.enabled:  # the console's page for one request
+            cfg = cfg.model_copy(update={"approval_page_url": f"{settings.base_url}/console/approvals/{{id}}"})
         return cls(make_approval_store(settings), cfg, notifier=notifier, redactor=redactor, registry=registry)
 
     # The call's side --------------------------------------------------------------------------
@@ -186,12 +188,16 @@ class ApprovalQueue:
         self._announce("approval.requested", request)
         return request
 
+    def approval_url(self, request_id: str) -> str:
+        """The page where an approver decides this request ("" when none is configured)."""
+        return self._settings.approval_page_url.replace("{id}", request_id)
+
     def _announce(self, event: str, request: ApprovalRequest) -> None:
         if self._notifier is None:
             return
         payload: dict[str, Any] = {"approval": request.as_document(time.time())}
-        if self._settings.approval_page_url:
-            payload["approval_url"] = self._settings.approval_page_url.replace("{id}", request.id)
+        if url := self.approval_url(request.id):
+            payload["approval_url"] = url
         self._notifier.notify(event, payload, until=request.expires_at)
 
     # The approver's side ----------------------------------------------------------------------

@@ -10,8 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from aiohttp import web
 from server.approvals.webhook import SIGNATURE_HEADER, verify_signature
 from server.audit.traces import trace_id_for
 from server.testing import GatewayProcess, free_port, run_gateway
-from tests.integration.conftest import deny_body, raw_call, run_cli
-from tests.integration.test_upstream_servers import upstream
-from tests.mlflow_server import run_mlflow
+from tests.integration.conftest import deny_body, raw_call
+from tests.integration.test_upstream_servers import listed, upstream
+from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -42,6 +42,13 @@ def policies_with(tmp_path: Path, tools: dict[str, Any]) -> Path:
     return target
 
 
+def run_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` beside the gateway (a start-up of the CLI takes tens of seconds on a loaded machine)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args], env=gw.env(), capture_output=True, text=True, timeout=180, check=False
+    )
+
+
 def approvals_cli(gw: GatewayProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`castellan approvals ARGS` as an approver runs it, with their token in $CASTELLAN_TOKEN."""
     return subprocess.run(
@@ -49,7 +56,7 @@ def approvals_cli(gw: GatewayProcess, token: str, *args: str) -> subprocess.Comp
         env={**gw.env(), "CASTELLAN_TOKEN": token},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         check=False,
     )
 
@@ -93,6 +100,18 @@ async def webhook_receiver() -> AsyncIterator[tuple[str, list[tuple[dict[str, An
         await runner.cleanup()
 
 
+@contextmanager
+def mlflow_server(root: Path) -> Iterator[MlflowServer]:
+    """`mlflow server`, given the time it takes on a loaded 2-core machine (110 s seen at load 14)."""
+    root.mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(root, free_port())
+    try:
+        server.start(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
 def approval_span(tracking_uri: str, call_id: str, seconds: float = 120) -> dict[str, Any]:
     """The `approval` span of the call's trace in MLflow, once shipped (bounded wait)."""
     from mlflow.tracing.client import TracingClient
@@ -111,7 +130,7 @@ def approval_span(tracking_uri: str, call_id: str, seconds: float = 120) -> dict
         time.sleep(0.5)
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 async def test_a_destructive_call_by_an_analyst_waits_and_runs_once_when_an_admin_approves_it(
     tmp_path: Path,
 ) -> None:
@@ -128,13 +147,14 @@ async def test_a_destructive_call_by_an_analyst_waits_and_runs_once_when_an_admi
         del os.environ["UPSTREAM_DESTRUCTIVE"]
     try:
         async with webhook_receiver() as (hook_url, received):
-            with run_mlflow(tmp_path / "mlflow") as mlflow:
+            with mlflow_server(tmp_path / "mlflow") as mlflow:
                 env = {
                     "CASTELLAN_UPSTREAMS": json.dumps(
                         [{"name": "inventory", "url": f"http://127.0.0.1:{upstream_port}/mcp"}]
                     ),
                     "CASTELLAN_POLICY__PATH": str(policies),
                     "CASTELLAN_GRANTS__CACHE_TTL_SECONDS": "0",
+                    "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "1",
                     "CASTELLAN_APPROVALS__TIMEOUT_SECONDS": "90",
                     "CASTELLAN_APPROVALS__WEBHOOK_URL": hook_url,
                     "CASTELLAN_APPROVALS__WEBHOOK_SECRET": SECRET,
@@ -144,7 +164,7 @@ async def test_a_destructive_call_by_an_analyst_waits_and_runs_once_when_an_admi
                     "CASTELLAN_AUDIT__SHIP_INTERVAL_SECONDS": "0.2",
                     "MLFLOW_DISABLE_TELEMETRY": "true",
                 }
-                with run_gateway(tmp_path / "gw", env, timeout=90) as gw:
+                with run_gateway(tmp_path / "gw", env, timeout=240) as gw:
                     await _approval_story(gw, received, mlflow.url)
     finally:
         stack.__exit__(None, None, None)
@@ -159,8 +179,8 @@ async def _approval_story(gw: GatewayProcess, received: list[tuple[dict[str, Any
     alice_as_admin = gw.token("alice-laptop", ["admins"], subject="alice", scopes=APPROVE)
     admin = gw.token("ops-bot", ["admins"], subject="ops")
 
-    deadline = time.monotonic() + 20
-    while "inventory.discontinue" not in run_cli(gw, "tools", "list").stdout and time.monotonic() < deadline:  # noqa: ASYNC110
+    deadline = time.monotonic() + 60
+    while "inventory.discontinue" not in await listed(gw, admin) and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.3)
 
     first = asyncio.create_task(raw_call(gw, analyst, "inventory.discontinue", {"product": "gadget"}))
@@ -252,7 +272,7 @@ async def _approval_story(gw: GatewayProcess, received: list[tuple[dict[str, Any
 
 async def test_a_call_nobody_approves_in_time_is_denied_and_recorded(tmp_path: Path) -> None:
     policies = policies_with(tmp_path, {"echo": {"approval": {"groups": ["admins"], "timeout_seconds": 1}}})
-    with run_gateway(tmp_path / "gw", {"CASTELLAN_POLICY__PATH": str(policies)}) as gw:
+    with run_gateway(tmp_path / "gw", {"CASTELLAN_POLICY__PATH": str(policies)}, timeout=180) as gw:
         analyst = gw.token("echo-bot", ["analysts"])
         started = time.monotonic()
         body = deny_body(await raw_call(gw, analyst, "echo", {"text": "hello"}))

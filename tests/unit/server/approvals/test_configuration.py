@@ -38,3 +38,13 @@ def test_auto_puts_the_queue_where_the_meters_are(tmp_path: Path) -> None:
 
     assert approval_backend(load_settings(data_dir=tmp_path)) == "sqlite"
     assert approval_backend(load_settings(data_dir=tmp_path, metering={"backend": "redis"})) == "redis"
+
+
+def test_the_approval_page_is_the_console_s_unless_another_is_set(tmp_path: Path) -> None:
+    def page(**overrides: object) -> str:
+        queue = ApprovalQueue.from_settings(load_settings(data_dir=tmp_path, **overrides), Redactor())
+        return queue.approval_url("apr_1")
+
+    assert page() == "http://127.0.0.1:8750/console/approvals/apr_1"
+    assert page(console={"enabled": False}) == ""
+    assert page(approvals={"approval_page_url": "https://ops.example/a/{id}"}) == "https://ops.example/a/apr_1"
