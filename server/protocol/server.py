@@ -31,4 +31,6 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry, surface: Sur
     server.middleware.append(UnreadCallRecorder(handlers))
     if surface is not None:  # resources, prompts, completions: registered as sources serve them
         surface.attach(server)
+    if handlers.relaying is not None:  # inside the recorder: a tampered requestState is recorded as refused
+        server.middleware.append(handlers.relaying.boundary)
     return server
