@@ -106,7 +106,7 @@ class RelayingCalls:
     ) -> tuple[Relay, InputRequiredChannel | None]:
         token = progress_token(meta)
         level = meta.get(LOG_LEVEL_META_KEY)
-        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        modern = getattr(ctx, "protocol_version", None) in MODERN_PROTOCOL_VERSIONS
         if not modern and level is None:
             level = "debug"  # 2025-era: every level is sent unless the session set one (logging/setLevel)
         channel = InputRequiredChannel(ctx) if modern and relays else None
@@ -132,6 +132,9 @@ class RelayingCalls:
         relay, channel = self._relay(ctx, meta, self.wants(ctx, params, meta))
         if channel is not None and params.input_responses:
             channel.offered = dict(params.input_responses)
+        if getattr(ctx, "protocol_version", None) is None:
+            # the edge's lean path (2026-07-28 JSON, nothing relayable, no stream to cancel): run inline
+            return _checked(await run(replace(call, relay=relay)), None)
         task = asyncio.get_running_loop().create_task(run(replace(call, relay=relay)), name=f"call-{call.call_id}")
         if channel is None:
             return _checked(await self._finish(task, relay), ctx)
@@ -206,7 +209,7 @@ def _checked(call: Call, ctx: ServerRequestContext[Any, Any] | None) -> Call:
     """The finished call, or (2026-07-28) the protocol error an upstream answered that belongs to the
     agent: a capability it must declare (-32021, HTTP 400). The call is recorded either way."""
     relay = call.relay
-    modern = ctx is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+    modern = ctx is None or getattr(ctx, "protocol_version", None) in MODERN_PROTOCOL_VERSIONS
     if relay is not None and relay.protocol_error is not None and modern:
         error = relay.protocol_error
         raise RecordedError(code=error.code, message=error.message, data=error.data)
