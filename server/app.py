@@ -23,6 +23,7 @@ from server.credentials.callback import add_callback_route
 from server.gateway import Gateway, build_gateway
 from server.llm.route import add_llm_routes
 from server.protocol.fast import FastEdge
+from server.protocol.relay_http import RelayingSessions
 from server.protocol.server import build_mcp_server
 from server.registry import Tool
 from server.request_id import RequestIdMiddleware, request_id_of
@@ -81,7 +82,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     endpoint = TransportGuard(
         BearerAuthMiddleware(
             FastEdge(
-                sessions.handle_request,
+                RelayingSessions(sessions).handle_request,
                 gateway.handlers,
                 gateway.registry,
                 mcp_server,

@@ -7,12 +7,15 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.errors import CastellanError
 from server.identity import Identity
 from server.policy.engine import Decision
 from server.registry import Tool, ToolOutput
+
+if TYPE_CHECKING:
+    from server.relay.relay import Relay
 
 Action = Literal["call", "list", "llm", "read", "prompt", "complete", "sample", "elicit", "roots"]
 """What the agent (or, for sample/elicit/roots, an upstream during a call) asks for: docs/protocol.md."""
@@ -111,6 +114,8 @@ class Call:
     approval: Mapping[str, Any] | None = None
     """The human approval the call waited for (server/approvals), as its audit record states it."""
     timings: tuple[tuple[str, float], ...] = ()
+    relay: Relay | None = field(default=None, compare=False)
+    """What an upstream may relay to this caller while the tool runs (None: nothing can be)."""
 
     def timed(self, stage: str, seconds: float) -> Call:
         return self.evolve(timings=(*self.timings, (stage, seconds)))

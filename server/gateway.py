@@ -60,6 +60,7 @@ from server.prompts.resolve import ResolvePromptStage
 from server.protocol.acts import Acts
 from server.protocol.completions import CompletionHandlers
 from server.protocol.prompts import PromptHandlers
+from server.protocol.relay import relaying_calls
 from server.protocol.resources import ResourceHandlers
 from server.protocol.surface import Surface
 from server.protocol.tools import McpHandlers
@@ -349,7 +350,9 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
-    handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics)
+    handlers = McpHandlers(
+        ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying_calls(settings, engine, counter)
+    )
 
     # A resource read, a prompt and a completion are governed acts like a tool call: the same stages,
     # the target resolved from its catalog and what using it needs checked (docs/protocol.md).

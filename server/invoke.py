@@ -11,6 +11,7 @@ import structlog
 from server.call import Call
 from server.identity import Identity
 from server.registry import ToolOutput
+from server.relay.relay import CallCancelled, active_relay
 
 log = structlog.get_logger("castellan.invoke")
 
@@ -31,14 +32,20 @@ class InvokeStage:
         assert call.tool is not None
         spec = call.tool.spec
         bound = caller.set(call.identity)
+        relaying = active_relay.set(call.relay.bind(call) if call.relay is not None else None)
         try:
             with anyio.fail_after(self._timeout):
-                output = await call.tool.invoke(call.arguments)
+                work = call.tool.invoke(call.arguments)
+                # with a relay the agent can cancel the call (notifications/cancelled): the tool stops
+                output = await (call.relay.cancellable(work) if call.relay is not None else work)
+        except CallCancelled:
+            output = ToolOutput(text=f"tool {spec.name} was stopped: the agent cancelled the call", is_error=True)
         except TimeoutError:
             output = ToolOutput(text=f"tool {spec.name} timed out after {self._timeout:g}s", is_error=True)
         except Exception as exc:
             log.warning("tool_failed", tool=spec.name, call_id=call.call_id, error=repr(exc))
             output = ToolOutput(text=f"tool {spec.name} failed: {type(exc).__name__}: {exc}"[:2000], is_error=True)
         finally:
+            active_relay.reset(relaying)
             caller.reset(bound)
         return replace(call, output=output)

@@ -589,6 +589,20 @@ class ConsoleSettings(BaseModel):
     """Where a call's "MLflow trace" link points. Default: `audit.mlflow_tracking_uri` when it is http(s)."""
 
 
+class RelaySettings(BaseModel):
+    """What an upstream may relay to the agent during a call (see docs/protocol.md, "What is relayed")."""
+
+    request_timeout_seconds: float = Field(default=300.0, gt=0)
+    """How long a relayed request (sampling, elicitation, roots) waits for the agent's answer."""
+    round_ttl_seconds: float = Field(default=300.0, gt=0)
+    """2026-07-28: how long a call waits for the agent's next round before it is cancelled."""
+    max_waiting_calls: int = Field(default=10_000, gt=0)
+    state_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys (at least 32 bytes each) sealing the `requestState` of input-required results; the first
+    seals, all unseal (rotation). Empty: a key generated at start, held only by this process (a
+    waiting call lives in its process anyway)."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
 
@@ -616,6 +630,7 @@ class Settings(BaseSettings):
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
     @classmethod
     def settings_customise_sources(

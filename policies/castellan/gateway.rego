@@ -192,3 +192,26 @@ obligations["flags"] := flags if {
 	flags := {sprintf("%v:%v", [d.category, d.kind]) | some d in input.detections}
 	count(flags) > 0
 }
+
+# Requests an upstream relays to the agent during a call (input.action sample, elicit or roots; the
+# request is input.request, the upstream input.tool.upstream). config.upstreams.<name>.forbid lists
+# the actions an upstream may not take, e.g. ["sample"] so it cannot spend the agent's model.
+relayed_actions := {"sample", "elicit", "roots"}
+
+upstream_config := object.get(object.get(data.castellan.config, "upstreams", {}), input.tool.upstream, {})
+
+deny contains sprintf("upstream %v may not %v through the agent", [input.tool.upstream, input.action]) if {
+	input.action in relayed_actions
+	input.action in object.get(upstream_config, "forbid", [])
+}
+
+# An elicitation may not ask the agent's user for a secret: no requested field or message text may
+# name one (config.elicit_secret_words, matched in the normalised view of the request).
+deny contains sprintf("upstream %v may not elicit secrets (%v)", [input.tool.upstream, word]) if {
+	input.action == "elicit"
+	some entry in input.request.strings
+	some word in elicit_secret_words
+	contains(entry[1], word)
+}
+
+elicit_secret_words := {lower(w) | some w in object.get(data.castellan.config, "elicit_secret_words", [])}

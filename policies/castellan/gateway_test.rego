@@ -197,3 +197,25 @@ test_configured_kinds_in_arguments_are_denied if {
 		with data.castellan.config.guardrails as {"deny_in_arguments": ["card_number"]}
 	d.reasons == {"argument card holds a card_number (card.visa)"}
 }
+
+relayed := object.union(base, {
+	"action": "elicit",
+	"tool": {"name": "fx.ask", "securable": "main.upstreams.fx__ask", "annotations": {}, "upstream": "fx"},
+	"request": {"method": "elicitation/create", "params": {}, "strings": [["message", "what is your name?"]]},
+})
+
+test_relayed_elicitation_allowed if {
+	gateway.decision.allow with input as relayed
+}
+
+test_upstream_forbidden_to_sample if {
+	reasons := gateway.decision.reasons with input as object.union(relayed, {"action": "sample"})
+		with data.castellan.config.upstreams as {"fx": {"forbid": ["sample"]}}
+	reasons == {"upstream fx may not sample through the agent"}
+}
+
+test_elicitation_of_a_secret_denied if {
+	doc := object.union(relayed, {"request": {"method": "elicitation/create", "params": {},
+		"strings": [["requestedSchema", "api key"]]}})
+	not gateway.decision.allow with input as doc
+}

@@ -114,6 +114,10 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         record["guard"] = {"allow": guard.allow, "reasons": list(guard.reasons),
                            "obligations": dict(guard.obligations), "policy_version": guard.policy_version}  # fmt: skip
         record["flags"] = [*record["flags"], *guard.obligations.get("flags", ())]
+    if call.relay is not None and call.relay.spans:  # what the upstream relayed to the agent: child spans
+        record["relayed"] = list(call.relay.spans)
+    if call.relay is not None and call.relay.cancelled:
+        record["cancelled"] = True
     return base.apply(record)  # type: ignore[no-any-return]
 
 

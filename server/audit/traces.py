@@ -107,6 +107,7 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         )
         cursor += duration
     end_ns = max(end_ns, cursor)
+    spans += _relayed_spans(outcome, start_ns)
 
     tags = {f"castellan.{key}": str(decision[key]) for key in TAGS if decision.get(key) is not None}
     if outcome and outcome.get("flags"):
@@ -163,6 +164,30 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         ),
         spans=(root, *spans),
     )
+
+
+def _relayed_spans(outcome: dict[str, Any] | None, fallback_ns: int) -> list[SpanPlan]:
+    """What the upstream asked of the agent during the call (`relayed` in the outcome), one span each."""
+    spans = []
+    for relayed in (outcome or {}).get("relayed") or []:
+        if not isinstance(relayed, dict):
+            continue
+        started = relayed.get("started_at")
+        start = int(float(started) * 1e9) if isinstance(started, int | float) else fallback_ns
+        spans.append(
+            SpanPlan(
+                name=f"relay {relayed.get('action', '?')}",
+                span_type="LLM" if relayed.get("action") == "sample" else "TOOL",
+                start_ns=start,
+                end_ns=start + max(int(float(relayed.get("ms") or 0) * 1e6), 1_000),
+                ok=relayed.get("decision") == "allow" and relayed.get("outcome") == "answered",
+                inputs={"method": relayed.get("method"), "upstream": relayed.get("upstream")},
+                outputs={
+                    k: relayed.get(k) for k in ("decision", "stage", "reasons", "outcome", "tokens") if k in relayed
+                },
+            )
+        )
+    return spans
 
 
 def _stage_outputs(stage: str, decision: dict[str, Any], outcome: dict[str, Any] | None) -> Any:

@@ -104,15 +104,17 @@ class ChargeStage:
         output = call.output
         tokens_out = self._counter.count_output(output) if output else 0
         budget = call.budget
+        # tokens the agent's model spent on the upstream's sampling requests count against the budget too
+        sampled = call.relay.sampled_tokens if call.relay is not None else 0
         if budget is not None and budget.reserved_tokens and output is not None:
-            room = max(0, budget.reserved_tokens - call.tokens_in)
+            room = max(0, budget.reserved_tokens - call.tokens_in - sampled)
             if tokens_out > room:
                 note = f"\n[truncated: the result exceeded the {room} tokens reserved for it]"
                 text = self._counter.truncate(output.text, max(0, room - self._counter.count(note))) + note
                 output = rewritten(output, text, has_output_schema=_has_output_schema(call))
                 tokens_out = self._counter.count(text)
         reservation = budget.reservation if budget else call.call_id
-        tokens = call.tokens_in + tokens_out
+        tokens = call.tokens_in + tokens_out + sampled
         error = call.error
         if not await self._retries.settle(call.identity, reservation, tokens):
             error = AfterInvoke(

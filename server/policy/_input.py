@@ -100,6 +100,17 @@ def replay_document(recorded: Mapping[str, Any], arguments: Mapping[str, Any]) -
     }
 
 
+def build_relay_input(call: Call, action: str, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The document for a request an upstream raised during `call` (action sample, elicit or roots):
+    the call's own document, its action replaced, with the request as `request` (method, params, and
+    every string in the params normalised as in `normalized.strings`)."""
+    document = build_input(call)
+    request = canonical(dict(params))
+    document["action"] = action
+    document["request"] = {"method": method, "params": request, "strings": normalized_strings(request)}
+    return document
+
+
 def canonical(value: Any) -> Any:
     """`value` with every integral float made an integer (`1.0` → `1`, `-0.0` → `0`).
 

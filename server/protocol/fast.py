@@ -27,6 +27,7 @@ from mcp.server.runner import modern_error_data
 from mcp.server.streamable_http import check_accept_headers
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
     MCP_PARAM_HEADER_PREFIX,
     InboundModernRoute,
     classify_inbound_request,
@@ -185,6 +186,7 @@ class FastEdge:
             params=params,
             request_id=body["id"],
         )
+        status = 200
         try:
             if method == "tools/call":
                 result: Any = await self._handlers.call_tool(cast(Any, ctx), cast(types.CallToolRequestParams, typed))
@@ -194,11 +196,12 @@ class FastEdge:
         except Exception as exc:  # as the SDK's single-exchange path: a JSON-RPC error, never a traceback
             error = modern_error_data(exc)
             answer = {"jsonrpc": "2.0", "id": body["id"], "error": error.model_dump(mode="json", exclude_none=True)}
+            status = ERROR_CODE_HTTP_STATUS.get(error.code, 200)  # as the SDK: e.g. -32021 is a 400
         payload = json.dumps(answer, separators=(",", ":")).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 200,
+                "status": status,
                 "headers": [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")],
             }
         )

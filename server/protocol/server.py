@@ -31,4 +31,7 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry, surface: Sur
     server.middleware.append(UnreadCallRecorder(handlers))
     if surface is not None:  # resources, prompts, completions: registered as sources serve them
         surface.attach(server)
+    relaying = getattr(handlers, "relaying", None)
+    if relaying is not None:  # inside the recorder: a tampered requestState is recorded as refused
+        server.middleware.append(relaying.boundary)
     return server

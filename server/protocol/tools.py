@@ -20,6 +20,7 @@ from server.errors import AfterInvoke, CastellanError, Denied, InternalError
 from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
+from server.protocol.relay import RecordedError, RelayingCalls
 from server.registry import ToolSpec
 from server.request_id import request_id_of
 from server.runs import run_info
@@ -91,10 +92,14 @@ class McpHandlers:
     """`tools/list` through the lister, `tools/call` through the pipeline; both know the caller from
     the identity the HTTP edge verified."""
 
-    def __init__(self, lister: ToolLister, pipeline: Pipeline, metrics: Metrics) -> None:
+    def __init__(
+        self, lister: ToolLister, pipeline: Pipeline, metrics: Metrics, relaying: RelayingCalls | None = None
+    ) -> None:
         self._lister = lister
         self._pipeline = pipeline
         self._metrics = metrics
+        self.relaying = relaying
+        """Calls that can relay (server.protocol.relay); None: nothing is relayed."""
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -106,10 +111,17 @@ class McpHandlers:
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult:
+    ) -> types.CallToolResult | types.InputRequiredResult:
         request = ctx.request if isinstance(ctx.request, Request) else None
         call_id = uuid.uuid4().hex
         started = time.perf_counter()
+        meta = _as_mapping(params.meta) or {}
+        if self.relaying is not None and params.request_state is not None:
+            # the next round of a call waiting for the agent (2026-07-28): not a new call
+            resumed = await self.relaying.resume(ctx, params)
+            if isinstance(resumed, types.InputRequiredResult):
+                return resumed
+            return self._answer(resumed, started)
         # Whatever the caller sent, and whatever fails while it is handled, the call ends as a recorded
         # refusal: never a JSON-RPC internal error with no decision row.
         try:
@@ -128,17 +140,28 @@ class McpHandlers:
             call = await self._pipeline.refuse(_bare_call(ctx, call_id), error)
         else:
             try:
-                call = await self._pipeline.run(call)
+                if self.relaying is not None:
+                    outcome = await self.relaying.start(ctx, params, call, meta, self._pipeline.run)
+                    if isinstance(outcome, types.InputRequiredResult):
+                        return outcome
+                    call = outcome
+                else:
+                    call = await self._pipeline.run(call)
+            except RecordedError:  # a protocol error for a call already recorded (a missing capability)
+                raise
             except Exception as exc:
                 log.exception("pipeline_failed", call_id=call_id)
                 call = await self._pipeline.refuse(
                     call, InternalError("pipeline", f"internal error ({type(exc).__name__})")
                 )
+        return self._answer(call, started)
+
+    def _answer(self, call: Call, started: float) -> types.CallToolResult:
         try:
             self._observe(call, time.perf_counter() - started)
             return call_result(call)
         except Exception as exc:  # the call is recorded already; its caller still gets an answer
-            log.exception("call_result_failed", call_id=call_id)
+            log.exception("call_result_failed", call_id=call.call_id)
             return to_tool_result(
                 InternalError("result", f"internal error returning the result ({type(exc).__name__})")
             )
@@ -192,6 +215,8 @@ class UnreadCallRecorder(ServerMiddleware[Any]):
             reason = f"invalid tools/call params: {', '.join(fields[:5])}"[:300]
             await self._handlers.refuse_unread(ctx, Denied("request", reason))
             raise MCPError(code=types.INVALID_PARAMS, message="Invalid request parameters", data=reason) from None
+        except RecordedError:
+            raise
         except MCPError as exc:
             await self._handlers.refuse_unread(ctx, Denied("request", f"refused by the MCP layer: {exc.error.message}"))
             raise

@@ -2,6 +2,14 @@
 
 The connection lives in its own task (the client's context must be entered and left in one task);
 calls from request tasks go through it. A failed connection is retried on the next refresh.
+
+A call with a relay (something the upstream raises can reach the agent: see `server.relay`) goes
+through an SDK client session whose sampling, elicitation, roots, logging and progress callbacks
+forward to that call's relay. Over HTTP each such call gets a session of its own, declaring the
+agent's capabilities (so the upstream asks only for what the agent can give, and its requests
+cannot be confused with another call's); a stdio upstream has one session, so its relayed calls
+take turns on it. Calls with nothing to relay go through the lean client, which declares no client
+capability (a tool that needs one refuses with -32021).
 """
 
 from __future__ import annotations
@@ -11,13 +19,16 @@ import contextlib
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from mcp.shared.exceptions import MCPError
 from mcp_types import HEADER_MISMATCH
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.errors import BackendUnavailable
+from server.relay.channel import ELICIT, ROOTS, SAMPLE
+from server.relay.relay import Relay, RelayRefused
 from server.settings import UpstreamSettings
 from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, compiled, first_error_bounded
 from server.upstream.credentials import GatewayCredential, UpstreamCredential, gateway_headers
@@ -65,6 +76,11 @@ class UpstreamConnection:
         """Upstream tool name → input schema as last listed (the lean client mirrors its Mcp-Param headers)."""
         self._lean: HttpUpstreamClient | None = None
         """The pooled client for calls with nothing to relay (HTTP upstreams, once connected)."""
+        self._http: Any = None
+        """The shared session's HTTP pool (relayed calls' own sessions use it too)."""
+        self._relay: Relay | None = None
+        """The relay of the call on the shared session (stdio upstreams: one relayed call at a time)."""
+        self._relay_turn = asyncio.Lock()
 
     def _transport(self) -> tuple[Any, Any]:
         """The client transport, and an HTTP client to close afterwards (or None)."""
@@ -107,12 +123,15 @@ class UpstreamConnection:
             async with contextlib.AsyncExitStack() as stack:
                 if http is not None:
                     await stack.enter_async_context(http)
-                client = await stack.enter_async_context(Client(transport, mode="auto"))
+                # The shared session declares every relayable capability, so an upstream lists the tools
+                # that need them (server-everything hides its sampling tools otherwise); a request that
+                # arrives on it outside a relayed call is refused by `_shared_callbacks`.
+                client = await stack.enter_async_context(Client(transport, mode="auto", **self._shared_callbacks()))
                 # The SDK would check results against the upstream's output schema with Python's
                 # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
                 client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
                 _send_call_headers(client.session)
-                self._client, self.error = client, None
+                self._client, self._http, self.error = client, http, None
                 if self.settings.url:
                     self._lean = HttpUpstreamClient(
                         self.settings.url,
@@ -130,7 +149,7 @@ class UpstreamConnection:
                 self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
                 log.warning("upstream_disconnected", upstream=self.name, error=self.error)
         finally:
-            self._client = None
+            self._client = self._http = None
             lean, self._lean = self._lean, None
             if lean is not None:
                 await lean.close()
@@ -214,11 +233,14 @@ class UpstreamConnection:
         arguments: dict[str, Any],
         *,
         headers: dict[str, str] | None = None,
-        relay: Any = None,
+        relay: Relay | None = None,
         meta: dict[str, Any] | None = None,
     ) -> Any:
         """Calls `name` upstream. With nothing to relay (`relay` None) an HTTP upstream's call goes
-        through the pooled lean client (`headers` sent on its POST); otherwise through the SDK session."""
+        through the pooled lean client (`headers` sent on its POST); with a relay, through an SDK
+        session whose callbacks forward what the upstream raises to it (`server.relay`)."""
+        if relay is not None and self.settings.url:
+            return await self._call_own_session(name, arguments, relay, headers, meta)
         await self.connect()
         bound = _CALL_HEADERS.set(headers)  # the SDK session's POSTs carry them too (`_send_call_headers`)
         try:
@@ -235,16 +257,110 @@ class UpstreamConnection:
                     if not result.is_error:  # as the SDK: results that are errors are not schema-checked
                         await self._validate_result(name, result)
                     return result
-            return await self._client.call_tool(
-                name, arguments, read_timeout_seconds=self.settings.timeout_seconds, meta=meta
-            )
-        except ResultRefused:
+            if relay is None:
+                return await self._client.call_tool(
+                    name, arguments, read_timeout_seconds=self.settings.timeout_seconds, meta=meta
+                )
+            async with self._relay_turn:
+                self._relay = relay
+                try:
+                    return await self._client.call_tool(
+                        name, arguments, read_timeout_seconds=self.settings.timeout_seconds,
+                        progress_callback=_progress_to(relay), meta=cast(Any, meta),
+                    )  # fmt: skip
+                finally:
+                    self._relay = None
+        except (ResultRefused, MCPError):  # the upstream answered: the connection is fine
             raise
         except Exception:
             await self.close()  # reconnect on the next call or refresh
             raise
         finally:
             _CALL_HEADERS.reset(bound)
+
+    async def _call_own_session(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        relay: Relay,
+        headers: dict[str, str] | None,
+        meta: dict[str, Any] | None,
+    ) -> Any:
+        """A relayed call over HTTP, on a session of its own that declares what the agent supports."""
+
+        assert self.settings.url
+        try:
+            return await self._own_session(name, arguments, relay, headers, meta)
+        except BaseExceptionGroup as group:  # the session's task group wraps what the call raised
+            raise _first_leaf(group) from None
+
+    async def _own_session(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        relay: Relay,
+        headers: dict[str, str] | None,
+        meta: dict[str, Any] | None,
+    ) -> Any:
+        from mcp.client.client import Client
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp.shared._httpx_utils import create_mcp_http_client
+
+        assert self.settings.url
+        # A 2026-07-28 upstream needs no handshake: the session adopts what the shared one discovered.
+        known = getattr(getattr(self._client, "session", None), "discover_result", None) if not headers else None
+        mode: Any = getattr(self._client, "protocol_version", None) if known is not None else "auto"
+        if mode not in MODERN_PROTOCOL_VERSIONS:
+            mode, known = "auto", None
+        async with contextlib.AsyncExitStack() as stack:
+            if self._http is not None and not headers:
+                http = self._http  # the shared pool (its headers are the gateway's own)
+            else:
+                http = await stack.enter_async_context(
+                    create_mcp_http_client(headers={**gateway_headers(self.settings), **(headers or {})})
+                )
+            client = await stack.enter_async_context(
+                Client(
+                    streamable_http_client(self.settings.url, http_client=http),
+                    mode=mode,
+                    prior_discover=known,
+                    log_level=relay.log_level,  # type: ignore[arg-type]
+                    **_callbacks(lambda: relay, relay.supports),
+                )
+            )
+            client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
+            return await self._rounds(client, name, arguments, relay, meta)
+
+    async def _rounds(
+        self, client: Any, name: str, arguments: dict[str, Any], relay: Relay, meta: dict[str, Any] | None
+    ) -> Any:
+        """The call, its input-required rounds (2026-07-28 upstreams) driven here rather than by the SDK,
+        so each request keeps the upstream's key on its way to the agent. A request the gateway refuses
+        ends the call (`RelayRefused`)."""
+        import mcp_types as types
+
+        responses: dict[str, Any] | None = None
+        state: str | None = None
+        for _ in range(MAX_INPUT_ROUNDS):
+            result = await client.session.call_tool(
+                name, arguments, read_timeout_seconds=self.settings.timeout_seconds,
+                progress_callback=_progress_to(relay), meta=cast(Any, meta),
+                input_responses=responses, request_state=state, allow_input_required=True,
+            )  # fmt: skip
+            if not isinstance(result, types.InputRequiredResult):
+                return result
+            state = result.request_state
+            requests = result.input_requests or {}
+            if not requests:
+                responses = None
+                await asyncio.sleep(0.05)
+                continue
+            answers = await asyncio.gather(*(_ask(relay, key, request) for key, request in requests.items()))
+            responses = dict(zip(requests, answers, strict=True))
+        raise RuntimeError(f"upstream {self.name} asked for input more than {MAX_INPUT_ROUNDS} rounds")
+
+    def _shared_callbacks(self) -> dict[str, Any]:
+        return _callbacks(lambda: self._relay, lambda method: True)
 
     async def _validate_result(self, name: str, result: Any) -> None:
         """Raises `ResultRefused` (a tool failure) when a result breaks its tool's output schema."""
@@ -268,3 +384,91 @@ class UpstreamConnection:
                 await asyncio.wait_for(self._task, timeout=5)
             self._task = None
         self._client = None
+
+
+def _result_model(method: str, params: dict[str, Any]) -> Any:
+    import mcp_types as types
+
+    if method == SAMPLE:
+        return types.CreateMessageResultWithTools if params.get("tools") else types.CreateMessageResult
+    return types.ElicitResult if method == ELICIT else types.ListRootsResult
+
+
+MAX_INPUT_ROUNDS = 10
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception that matters in a task group's group: a refusal if there is one, else the first."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, RelayRefused)), leaves[0] if leaves else group)
+
+
+async def _ask(relay: Relay, key: str, request: Any) -> Any:
+    wire = request.model_dump(by_alias=True, mode="json", exclude_none=True)
+    params = dict(wire.get("params") or {})
+    params.pop("_meta", None)
+    result = await relay.request(wire["method"], params, key)
+    return _result_model(wire["method"], params).model_validate(result)
+
+
+def _callbacks(relay_of: Any, declares: Any) -> dict[str, Any]:
+    """SDK client callbacks that forward each request the upstream makes to the relay `relay_of()`
+    returns; only the capabilities `declares(method)` allows are declared to the upstream."""
+    import mcp_types as types
+
+    async def forward(method: str, params: Any) -> Any:
+        relay = relay_of()
+        wire = params.model_dump(by_alias=True, mode="json", exclude_none=True) if params is not None else {}
+        wire.pop("_meta", None)
+        if relay is None:
+            return types.ErrorData(code=types.INVALID_REQUEST, message="this call cannot relay requests to the agent")
+        try:
+            result = await relay.request(method, wire)
+        except RelayRefused as exc:
+            return types.ErrorData(code=exc.code, message=exc.message, data=exc.body)
+        return _result_model(method, wire).model_validate(result)
+
+    async def sampling(context: Any, params: Any) -> Any:
+        return await forward(SAMPLE, params)
+
+    async def elicitation(context: Any, params: Any) -> Any:
+        return await forward(ELICIT, params)
+
+    async def roots(context: Any) -> Any:
+        return await forward(ROOTS, None)
+
+    async def logging(params: Any) -> None:
+        relay = relay_of()
+        if relay is not None:
+            wire = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+            await relay.notify("notifications/message", wire)
+
+    callbacks: dict[str, Any] = {"logging_callback": logging}
+    if declares(SAMPLE):
+        callbacks["sampling_callback"] = sampling
+    if declares(ELICIT):
+        callbacks["elicitation_callback"] = elicitation
+    if declares(ROOTS):
+        callbacks["list_roots_callback"] = roots
+    return callbacks
+
+
+def _progress_to(relay: Relay) -> Any:
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        params: dict[str, Any] = {"progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        await relay.notify("notifications/progress", params)
+
+    return progress

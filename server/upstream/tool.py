@@ -7,10 +7,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from mcp.shared.exceptions import MCPError
+from mcp_types.jsonrpc import MISSING_REQUIRED_CLIENT_CAPABILITY
+
 from server.content import as_text, block_parts
 from server.errors import CastellanError
 from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
+from server.relay.relay import RelayRefused, active_relay
 from server.settings import UpstreamSettings
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import Status
@@ -88,7 +92,23 @@ class UpstreamTool:
             headers = await self._connection.credential.headers_for(caller.get())
         except CastellanError as exc:  # no credential for this caller (how to get one), or its service is down
             return ToolOutput(text="; ".join(exc.reasons), is_error=True)
-        result = await self._connection.call_tool(self.upstream_name, dict(arguments), headers=headers)
+        relay = active_relay.get()
+        try:  # with a relay, what the upstream raises during the call reaches the agent
+            result = await self._connection.call_tool(
+                self.upstream_name, dict(arguments), headers=headers,
+                relay=relay if relay is not None and relay.relays else None,
+            )  # fmt: skip
+        except RelayRefused as refused:  # the gateway refused what the tool asked of the agent
+            return ToolOutput(text=json.dumps(refused.body), is_error=True)
+        except MCPError as exc:
+            if exc.error.code != MISSING_REQUIRED_CLIENT_CAPABILITY or relay is None:
+                raise
+            # the tool needs a capability the agent did not declare: the agent is told so as the
+            # protocol error it is (2026-07-28), after the call is recorded
+            relay.protocol_error = exc.error
+            return ToolOutput(
+                text=f"tool {self.spec.name} needs a client capability: {exc.error.message}", is_error=True
+            )
         blocks = [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
         text = as_text(tuple(block_parts(blocks)))
