@@ -53,6 +53,7 @@ CREATE INDEX IF NOT EXISTS calls_policy ON calls (policy_version, seq);
 CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, seq);
 CREATE INDEX IF NOT EXISTS calls_outcome ON calls (outcome_seq);
 CREATE TABLE IF NOT EXISTS call_groups (grp TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (grp, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS call_groups_seq ON call_groups (seq);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 -- Summaries for the charts, kept exact as calls enter and leave (retention) the index.
 CREATE TABLE IF NOT EXISTS tool_15m (t INTEGER NOT NULL, tool TEXT NOT NULL, n INTEGER NOT NULL,
