@@ -225,6 +225,9 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
             if value not in _OUTCOMES:
                 raise ValueError(f"outcome must be one of {', '.join(_OUTCOMES)}")
             where.append(_OUTCOMES[value])
+        elif f.name not in ("limit", "offset") and value is not False:
+            # a filter the index does not hold (e.g. shadow_diff) is refused, never silently dropped
+            raise ValueError(f"the console index cannot filter by {f.name}")
     return (" AND ".join(where) or "1"), args
 
 
