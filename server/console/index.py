@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 _VERSION = 2
 SLOT = 900
+_FOLLOW_SECONDS = 300.0
+_FOLLOW_STEP = 5_000
 """Seconds per slot of the charts' summaries (calls, policy versions); agents' spend and reasons by hour."""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -51,6 +53,7 @@ CREATE INDEX IF NOT EXISTS calls_policy ON calls (policy_version, seq);
 CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, seq);
 CREATE INDEX IF NOT EXISTS calls_outcome ON calls (outcome_seq);
 CREATE TABLE IF NOT EXISTS call_groups (grp TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (grp, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS call_groups_seq ON call_groups (seq);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 -- Summaries for the charts, kept exact as calls enter and leave (retention) the index.
 CREATE TABLE IF NOT EXISTS tool_15m (t INTEGER NOT NULL, tool TEXT NOT NULL, n INTEGER NOT NULL,
@@ -222,6 +225,9 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
             if value not in _OUTCOMES:
                 raise ValueError(f"outcome must be one of {', '.join(_OUTCOMES)}")
             where.append(_OUTCOMES[value])
+        elif f.name not in ("limit", "offset") and value is not False:
+            # a filter the index does not hold (e.g. shadow_diff) is refused, never silently dropped
+            raise ValueError(f"the console index cannot filter by {f.name}")
     return (" AND ".join(where) or "1"), args
 
 
@@ -246,7 +252,8 @@ class ConsoleIndex:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-index")
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
-        self._refreshing: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._last_used = 0.0
 
     # -- the connection ---------------------------------------------------------------------------
 
@@ -284,6 +291,9 @@ class ConsoleIndex:
             return fn(self._connect())
 
     def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+
         def shut(conn: sqlite3.Connection) -> None:
             conn.close()
             self._conn = None
@@ -355,17 +365,25 @@ class ConsoleIndex:
             if state.behind == 0 or left <= 0:
                 return state
 
-    async def refresh(self, budget: int = 40_000) -> IndexState:
-        """Catch up (bounded, so a page never waits for a whole rebuild: the rest follows in the background)."""
+    async def refresh(self, budget: int = 2_000) -> IndexState:
+        """Catch up at most `budget` outbox positions now (a page never waits for a rebuild), and keep a
+        follower reading the rest, a step at a time, while pages are being asked for (5 minutes)."""
+        self._last_used = time.monotonic()
         state = await self.run(lambda c: self.catch_up(c, budget))
-        if state.behind and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.get_running_loop().create_task(self._finish())
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.get_running_loop().create_task(self._follow(), name="console-index")
         return state
 
-    async def _finish(self) -> None:
-        started = time.monotonic()
-        state = await self.run(lambda c: self.catch_up(c))
-        log.info("console_index_caught_up", calls=state.calls, seconds=round(time.monotonic() - started, 2))
+    async def _follow(self) -> None:
+        started, reported = time.monotonic(), False
+        while time.monotonic() - self._last_used < _FOLLOW_SECONDS:
+            state = await self.run(lambda c: self.catch_up(c, _FOLLOW_STEP))  # pages' queries run between steps
+            if state.behind == 0:
+                if not reported:
+                    log.info("console_index_caught_up", calls=state.calls,
+                             seconds=round(time.monotonic() - started, 2))  # fmt: skip
+                    reported = True
+                await asyncio.sleep(1.0)
 
     # -- queries ----------------------------------------------------------------------------------
 

@@ -6,9 +6,14 @@ refused. Screenshots go to $CASTELLAN_TEST_ARTIFACTS (a CI artefact directory) o
 
 from __future__ import annotations
 
+import asyncio
 import http.server
+import json
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +25,7 @@ import pytest
 from server.testing import GatewayProcess, free_port, run_gateway
 from tests.e2e.test_mlflow_ui import CHROMIUM, CHROMIUM_ARGS
 from tests.integration.test_audit_shipping import drive, metric, shipping_env
-from tests.mlflow_server import run_mlflow
+from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 
@@ -30,6 +35,18 @@ def _artifacts(tmp_path: Path) -> Path:
     path = Path(root) / "console" if root else tmp_path / "screenshots"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def mlflow_server(root: Path) -> Iterator[MlflowServer]:
+    """A real `mlflow server`, given longer to start than the shared fixture (2 cores shared by many)."""
+    root.mkdir(parents=True, exist_ok=True)
+    server = MlflowServer(root, free_port())
+    try:
+        server.start(timeout=300)
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager
@@ -61,11 +78,15 @@ def evil_site(target: str) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.mark.timeout(900)
 async def test_an_auditor_finds_a_denial_follows_it_to_mlflow_and_reads_the_charts(tmp_path: Path) -> None:
     if not CHROMIUM.exists():
         pytest.fail("chromium is missing: run scripts/install-test-deps")
     shots = _artifacts(tmp_path)
-    with run_mlflow(tmp_path / "mlflow") as mlflow, run_gateway(tmp_path / "gw", shipping_env(mlflow.url)) as gw:
+    with (
+        mlflow_server(tmp_path / "mlflow") as mlflow,
+        run_gateway(tmp_path / "gw", shipping_env(mlflow.url), timeout=180) as gw,
+    ):
         assert await drive(gw, gw.token("e2e-alpha", groups=["analysts"]), 1, 10, concurrency=2)
         assert await drive(gw, gw.token("e2e-beta", groups=["analysts"]), 11, 10, concurrency=2)
         with anyio.fail_after(90):
@@ -77,7 +98,7 @@ async def test_an_auditor_finds_a_denial_follows_it_to_mlflow_and_reads_the_char
             seen = await anyio.to_thread.run_sync(browse, gw, auditor, outsider, evil, shots)
     assert seen["results"] == ["demo.reset"]  # alpha's one denial (every tenth call), nothing of beta's
     assert "destructive" in seen["call"] or "deny" in seen["call"]
-    for span in ("authenticate", "policy"):
+    for span in ("demo.reset", "authenticate", "grants", "missing privilege"):  # the call refused at grants
         assert span in seen["trace"], seen["trace"][:2000]
     assert seen["charts_drawn"] >= 4
     assert "Refused" in seen["forged"]
@@ -96,7 +117,8 @@ def browse(gw: GatewayProcess, auditor: str, outsider: str, evil: str, shots: Pa
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = context.new_page()
             errors: list[str] = []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"{gw.base_url}/console/")
@@ -136,7 +158,7 @@ def browse(gw: GatewayProcess, auditor: str, outsider: str, evil: str, shots: Pa
             page.screenshot(path=shots / "charts.png", full_page=True)
             assert not [e for e in errors if "Content Security Policy" in e], errors
 
-            forged = page.context.new_page()
+            forged = context.new_page()  # the same browser, signed in: its cookie would go along
             forged.goto(evil)
             forged.get_by_role("button", name="Win a prize").click()
             forged.wait_for_load_state()
@@ -152,6 +174,77 @@ def browse(gw: GatewayProcess, auditor: str, outsider: str, evil: str, shots: Pa
             seen["outsider_error"] = other.get_by_role("alert").inner_text()
             other.goto(f"{gw.base_url}/console/audit")
             seen["outsider"] = other.url.removeprefix(gw.base_url)
+        finally:
+            browser.close()
+    return seen
+
+
+@pytest.mark.timeout(600)
+async def test_an_approver_approves_a_pending_call_in_the_browser_and_the_audit_trail_says_who(tmp_path: Path) -> None:
+    """An analyst's echo call waits for a lead; the lead approves it in the console with a comment; the
+    call runs, and its audit record names the lead as the approver."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is missing: run scripts/install-test-deps")
+    from tests.integration.conftest import raw_call
+    from tests.integration.test_approvals import policies_with
+
+    shots = _artifacts(tmp_path)
+    policies = policies_with(tmp_path, {"echo": {"approval": {"groups": ["leads"], "reason": "echo needs a lead",
+                                                              "timeout_seconds": 240}}})  # fmt: skip
+    with run_gateway(tmp_path / "gw", {"CASTELLAN_POLICY__PATH": str(policies)}, timeout=180) as gw:
+        analyst = gw.token("e2e-analyst", groups=["analysts"], subject="bob@example.com")
+        lead = gw.token("e2e-lead", groups=["leads"], subject="lena@example.com",
+                        scopes=["castellan:audit", "castellan:approve"])  # fmt: skip
+        waiting = asyncio.create_task(raw_call(gw, analyst, "echo", {"text": "please approve me"}))
+        seen = await anyio.to_thread.run_sync(approve_in_browser, gw, lead, shots)
+        with anyio.fail_after(60):
+            result = await waiting
+        records = await anyio.to_thread.run_sync(audit_records, gw, "echo")
+    assert "please approve me" in seen["pending"]
+    assert "echo needs a lead" in seen["pending"]
+    assert "Approved" in seen["after"]
+    assert result.get("isError") is not True, result
+    assert "please approve me" in json.dumps(result)
+    [record] = records
+    assert record["decision"] == "allow"
+    assert record["approval"]["decided_by"]["subject"] == "lena@example.com"
+    assert record["approval"]["comment"] == "checked with bob"
+    assert (shots / "approval.png").stat().st_size > 1000
+
+
+def audit_records(gw: GatewayProcess, tool: str) -> list[dict[str, Any]]:
+    """The tool's calls as `castellan audit search` prints them (the auditors' own reading of the trail)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "server", "audit", "search", "--tool", tool, "--format", "jsonl"],
+        env=gw.env(), capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def approve_in_browser(gw: GatewayProcess, lead: str, shots: Path) -> dict[str, str]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, str] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{gw.base_url}/console/sign-in")
+            page.get_by_label("Bearer token").fill(lead)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url("**/console/audit")
+            page.get_by_role("link", name="Approvals").click()
+            deadline = time.monotonic() + 60
+            while not page.get_by_role("button", name="Approve").count() and time.monotonic() < deadline:
+                page.wait_for_timeout(500)
+                page.reload()
+            seen["pending"] = page.inner_text("main")
+            page.get_by_label("Comment (recorded with your decision)").first.fill("checked with bob")
+            page.screenshot(path=shots / "approval.png", full_page=True)
+            page.get_by_role("button", name="Approve").first.click()
+            page.get_by_role("status").wait_for()
+            seen["after"] = page.inner_text("main")
+            page.screenshot(path=shots / "approved.png", full_page=True)
         finally:
             browser.close()
     return seen

@@ -62,6 +62,7 @@ def test_every_answer_carries_a_strict_content_security_policy(rig: ConsoleRig) 
         assert "unsafe-inline" not in csp
         assert "unsafe-eval" not in csp
         assert headers["x-frame-options"] == "DENY"
+        assert headers["referrer-policy"] == "same-origin"  # no-referrer would make the browser post `Origin: null`
         assert headers["x-content-type-options"] == "nosniff"
 
 

@@ -3,6 +3,7 @@ outbox: new records, retention, a replaced outbox."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sqlite3
 import time
@@ -217,3 +218,13 @@ async def test_the_chart_summaries_equal_the_calls_they_summarise_through_retent
             assert kept == direct
     finally:
         index.close()
+
+
+def test_a_filter_the_index_does_not_hold_is_refused_not_dropped() -> None:
+    from server.console.index import where_clause
+
+    fields = {f.name for f in dataclasses.fields(AuditQuery)}
+    if "shadow_diff" not in fields:
+        pytest.skip("no shadow filter in this AuditQuery")
+    with pytest.raises(ValueError, match="cannot filter by shadow_diff"):
+        where_clause(AuditQuery(shadow_diff=True))  # type: ignore[call-arg]
