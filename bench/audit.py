@@ -39,7 +39,8 @@ from server.audit.ship_process import SETTINGS_ENV
 from server.audit.shipper import Shipper
 from server.metrics import Metrics
 from server.settings import AuditSettings
-from tests.mlflow_server import run_mlflow
+from server.testing import free_port
+from tests.mlflow_server import MlflowServer
 
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("authenticate", "resolve", "admit", "grants", "validate", "policy", "record", "invoke", "obligations",
@@ -315,15 +316,19 @@ async def run(calls: int, ship_calls: int, server_calls: int, baseline_calls: in
             await ship_in_process(root, local, None, ship_calls, "local store (SQLite)"),
             await ship_process(root, local, ship_calls, "local store (SQLite)"),
         ]
-        with run_mlflow(root / "mlflow") as server:
+        server = MlflowServer(root / "mlflow", free_port())
+        (root / "mlflow").mkdir()
+        try:
+            await asyncio.to_thread(server.start, 600)  # a loaded machine can take minutes
             assert server.process is not None
+            label = "mlflow server (SQLite, 1 worker)"
             shipping += [
-                await ship_in_process(root, server.url, "client", baseline_calls, "mlflow server (SQLite, 1 worker)"),
-                await ship_in_process(root, server.url, None, baseline_calls, "mlflow server (SQLite, 1 worker)"),
-                await ship_process(
-                    root, server.url, server_calls, "mlflow server (SQLite, 1 worker)", server.process.pid
-                ),
+                await ship_in_process(root, server.url, "client", baseline_calls, label),
+                await ship_in_process(root, server.url, None, baseline_calls, label),
+                await ship_process(root, server.url, server_calls, label, server.process.pid),
             ]
+        finally:
+            server.stop()
     return {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "outbox": writes, "shipping": shipping}
 
 
