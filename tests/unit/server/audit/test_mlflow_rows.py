@@ -1,0 +1,84 @@
+"""Traces written as rows into a local MLflow store read back, through MLflow's own client, as the
+same traces MLflow's `log_spans` writes; written twice they are still one trace each."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+from server.audit.outbox import PendingCall
+from server.audit.search import AuditQuery
+from server.audit.traces import plan_trace
+
+
+def pending(call_id: str) -> PendingCall:
+    decision = {
+        "call_id": call_id,
+        "time": "2026-12-01T09:00:00+00:00",
+        "agent_id": "rows-bot",
+        "subject": "someone",
+        "tool": "echo",
+        "decision": "allow",
+        "reasons": ['a "quoted" reason'],
+        "arguments": {"text": "ünïcode ✓ \n", "n": 3},
+        "run_id": "run-1",
+        "policy_version": "v1",
+        "timings_ms": {"authenticate": 0.1, "policy": 0.2, "invoke": 1.0},
+    }
+    outcome = {"call_id": call_id, "is_error": True, "result_preview": "boom", "tokens_in": 3, "tokens_out": 1,
+               "latency_ms": 2.0, "timings_ms": {"authenticate": 0.1, "policy": 0.2, "invoke": 1.0}}  # fmt: skip
+    return PendingCall(call_id, [1, 2], decision, 0.0, outcome)
+
+
+def shape(trace: Any) -> dict[str, Any]:
+    tags = {k: v for k, v in trace.info.tags.items() if k.startswith("castellan.")}
+    spans = [
+        (s.name, s.span_type, s.parent_id is None, str(s.status.status_code), s.inputs, s.outputs, s.start_time_ns,
+         s.end_time_ns, {k: v for k, v in s.attributes.items() if k != "mlflow.traceRequestId"})
+        for s in trace.data.spans
+    ]  # fmt: skip
+    return {"state": str(trace.info.state), "tags": tags, "spans": spans, "time": trace.info.request_time}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return local_tracking_uri(tmp_path_factory.mktemp("mlflow"))
+
+
+def test_rows_read_back_as_the_trace_log_spans_writes(store: str) -> None:
+    from mlflow.tracing.client import TracingClient
+
+    rows, client = MlflowTarget(store, "rows"), MlflowTarget(store, "client")
+    assert rows._route(rows.experiment_id()) == "sql"
+    client._routes[client.experiment_id()] = "client"  # MLflow's own log_spans
+    a, b = plan_trace(pending("call-a")), plan_trace(pending("call-b"))
+    rows.write([a])
+    client.write([b])
+    reader = TracingClient(store)
+    got, want = shape(reader.get_trace(a.trace_id)), shape(reader.get_trace(b.trace_id))
+    want["tags"]["castellan.call_id"] = "call-a"  # the one difference: which call
+    for span in want["spans"]:
+        if "castellan.call_id" in span[-1]:
+            span[-1]["castellan.call_id"] = "call-a"
+            span[-1]["mlflow.traceTag.castellan.call_id"] = "call-a"
+    assert got == want
+    assert got["state"] == "ERROR"  # the outcome was an error
+
+
+def test_a_batch_written_twice_is_one_trace_per_call(store: str) -> None:
+    target = MlflowTarget(store, "twice")
+    plans = [plan_trace(pending(f"call-{i}")) for i in range(50)]
+    target.write(plans)
+    target.write(plans)
+    path = Path(store.removeprefix("sqlite:///"))
+    with sqlite3.connect(path) as conn:
+        experiment = int(target.experiment_id())
+        traces = conn.execute("SELECT COUNT(*) FROM trace_info WHERE experiment_id = ?", (experiment,)).fetchone()[0]
+        spans = conn.execute("SELECT COUNT(*) FROM spans WHERE experiment_id = ?", (experiment,)).fetchone()[0]
+    assert (traces, spans) == (50, 50 * len(plans[0].spans))
+    found = {row["call_id"] for row in target.search(AuditQuery(agent="rows-bot", limit=500))}
+    assert found >= {f"call-{i}" for i in range(50)}
