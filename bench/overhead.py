@@ -148,6 +148,7 @@ def main() -> None:
         "cpus": __import__("os").cpu_count(),
         "calls_per_round": args.calls,
         "rounds": args.rounds,
+        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     (RESULTS / "overhead.json").write_text(json.dumps({"meta": meta, "overhead": rows, "stages": stages}, indent=2))

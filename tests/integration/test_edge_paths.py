@@ -116,11 +116,25 @@ def start(stack: contextlib.ExitStack, tmp: Path, name: str, url: str, fast: boo
     for statement in ("USE SCHEMA ON SCHEMA main.upstream", "EXECUTE ON SCHEMA main.upstream"):
         done = run_cli(gw, "grants", "grant", *statement.split(), "TO", "analysts")
         assert done.returncode == 0, done.stderr
-    deadline = time.monotonic() + 30
-    while "up.echo" not in run_cli(gw, "tools", "list").stdout:
+    deadline = time.monotonic() + 120
+    while "up.echo" not in listed_names(gw):
         assert time.monotonic() < deadline, "the upstream's tools were not served"
-        time.sleep(0.3)
+        time.sleep(0.5)
     return gw
+
+
+def listed_names(gw: GatewayProcess) -> set[str]:
+    """The tools an analyst is shown (over HTTP: the CLI's start-up alone is seconds on a loaded machine)."""
+    body = json.dumps(request("tools/list", {}, "2026", 1)).encode()
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "authorization": f"Bearer {gw.token('lister', ['analysts'])}",
+        "mcp-protocol-version": PROTOCOL,
+        "mcp-method": "tools/list",
+    }
+    with urllib.request.urlopen(urllib.request.Request(gw.mcp_url, data=body, headers=headers), timeout=30) as resp:
+        return {t["name"] for t in json.loads(resp.read())["result"]["tools"]}
 
 
 @pytest.fixture(scope="module")
