@@ -59,6 +59,7 @@ from server.prompts.catalog import PromptCatalog
 from server.prompts.resolve import ResolvePromptStage
 from server.protocol.acts import Acts
 from server.protocol.completions import CompletionHandlers
+from server.protocol.logging import LogLevels
 from server.protocol.prompts import PromptHandlers
 from server.protocol.relay import relaying_calls
 from server.protocol.resources import ResourceHandlers
@@ -377,7 +378,9 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
 
     resolve_resource, resolve_prompt = ResolveResourceStage(resources), ResolvePromptStage(prompts)
-    acts = Acts(metrics)
+    levels = LogLevels()
+    handlers.decided = levels.decided
+    acts = Acts(metrics, levels)
     surface = Surface(
         resources=resources,
         resource_handlers=ResourceHandlers(
@@ -394,6 +397,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             acts,
         ),
         completion_handlers=CompletionHandlers(prompts, resources, act_pipeline(ResolveCompletionStage()), acts),
+        levels=levels,
         completes=lambda: upstreams is not None and upstreams.serves("completions"),
     )
     log.info(

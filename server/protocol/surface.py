@@ -12,6 +12,7 @@ from mcp.server.lowlevel import Server
 
 from server.prompts.catalog import PromptCatalog
 from server.protocol.completions import CompletionHandlers
+from server.protocol.logging import LogLevels
 from server.protocol.prompts import PromptHandlers
 from server.protocol.resources import ResourceHandlers
 from server.resources.catalog import ResourceCatalog
@@ -22,13 +23,15 @@ class Surface:
     """The handlers of the non-tool methods and the catalogs they serve. `attach` registers a
     method's handlers once something can answer it (`resources` is declared only when there are
     resources, `prompts` when there are prompts, `completions` when a source completes), and again
-    whenever a catalog changes. `completes` says whether any source declared completions."""
+    whenever a catalog changes. `completes` says whether any source declared completions. `logging`
+    is always declared: the gateway tells a client that asks what it decided for each of its acts."""
 
     resources: ResourceCatalog
     resource_handlers: ResourceHandlers
     prompts: PromptCatalog
     prompt_handlers: PromptHandlers
     completion_handlers: CompletionHandlers
+    levels: LogLevels
     completes: Callable[[], bool] = lambda: False
 
     def attach(self, server: Server[Any]) -> None:
@@ -37,6 +40,8 @@ class Surface:
         self.prompts.on_change(lambda: self.install(server))
 
     def install(self, server: Server[Any]) -> None:
+        if server.get_request_handler("logging/setLevel") is None:  # the gateway logs its decisions
+            server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, self.levels.set_level)
         if len(self.resources) and server.get_request_handler("resources/list") is None:
             h = self.resource_handlers
             server.add_request_handler("resources/list", types.PaginatedRequestParams, h.list_resources)
