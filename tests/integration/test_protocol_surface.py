@@ -53,6 +53,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
             # responses as SSE streams, so a request's log notifications can ride them (JSON responses
             # carry none: the relay routes a request that asks for them to the SSE path)
             "CASTELLAN_SERVER__JSON_RESPONSE": "false",
+            "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.3",  # list changes seen quickly
         }
         with run_gateway(tmp_path_factory.mktemp("resources") / "gw", env, timeout=120) as gw:
             yield gw
@@ -303,3 +304,40 @@ async def test_a_client_that_does_not_ask_hears_nothing(gateway: GatewayProcess)
         async with client:
             await client.call_tool("echo", {"text": "hello"})
     assert heard == []
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_agent_hears_of_a_tool_an_upstream_adds_without_reconnecting(
+    gateway: GatewayProcess, mode: str
+) -> None:
+    import anyio
+    import mcp_types as types
+
+    heard = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            heard.set()
+
+    token = cli_token(gateway, f"watcher-{mode}", "admins")
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        client = Client(
+            streamable_http_client(gateway.mcp_url, http_client=http),  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            message_handler=on_message,
+        )
+        async with client:
+            before = {t.name for t in (await client.list_tools()).tools}
+            if mode == "legacy":  # the session's standalone stream carries it
+                await client.call_tool("fixture.test_trigger_tool_change", {})
+                with anyio.fail_after(20):
+                    await heard.wait()
+            else:
+                async with client.listen(tools_list_changed=True) as subscription:
+                    await client.call_tool("fixture.test_trigger_tool_change", {})
+                    with anyio.fail_after(20):
+                        event = await anext(aiter(subscription))
+                assert type(event).__name__ == "ToolsListChanged"
+            after = {t.name for t in (await client.list_tools(cache_mode="bypass")).tools}
+    assert len(after - before) == 1
+    assert next(iter(after - before)).startswith("fixture.test_added_tool_")
