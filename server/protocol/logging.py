@@ -51,8 +51,12 @@ class LogLevels:
 
     def wants(self, ctx: ServerRequestContext[Any, Any], level: types.LoggingLevel) -> bool:
         """A message at `level` may go to this request's client: on 2026-07-28 the SDK filters by the
-        request's opt-in; on a 2025 session, only from the level it set."""
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        request's opt-in; on a 2025 session, only from the level it set. A request the edge's fast path
+        serves (no SDK context: it serves only requests that asked for no log) gets none."""
+        version = getattr(ctx, "protocol_version", None)
+        if version is None:
+            return False
+        if version in MODERN_PROTOCOL_VERSIONS:
             return True
         wanted = self._levels.get(connection_of(ctx))
         return wanted is not None and LEVELS.index(level) >= LEVELS.index(wanted)
@@ -62,7 +66,7 @@ class LogLevels:
         error = call.error
         decision = "allow" if error is None else error.verdict
         level: types.LoggingLevel = "info" if decision == "allow" else "error" if decision == "error" else "warning"
-        if ctx.request_id is None or not self.wants(ctx, level):
+        if getattr(ctx, "request_id", None) is None or not self.wants(ctx, level):
             return
         data: dict[str, Any] = {
             "event": "decision",
