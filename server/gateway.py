@@ -59,6 +59,8 @@ from server.prompts.catalog import PromptCatalog
 from server.prompts.resolve import ResolvePromptStage
 from server.protocol.acts import Acts
 from server.protocol.completions import CompletionHandlers
+from server.protocol.logging import LogLevels
+from server.protocol.notifications import ListChanges
 from server.protocol.prompts import PromptHandlers
 from server.protocol.relay import relaying_calls
 from server.protocol.resources import ResourceHandlers
@@ -163,6 +165,8 @@ class Gateway:
             raise BackendUnavailable("audit", status)
 
     async def close(self) -> None:
+        if self.surface is not None:
+            self.surface.changes.close()  # open subscriptions/listen streams end gracefully
         if self.upstreams is not None:
             await self.upstreams.close()
         for close_tool in self.closers:
@@ -377,7 +381,11 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
 
     resolve_resource, resolve_prompt = ResolveResourceStage(resources), ResolvePromptStage(prompts)
-    acts = Acts(metrics)
+    levels, changes = LogLevels(), ListChanges()
+    if upstreams is not None:
+        upstreams.on_lists_changed = changes.changed
+    handlers.decided = levels.decided
+    acts = Acts(metrics, levels)
     surface = Surface(
         resources=resources,
         resource_handlers=ResourceHandlers(
@@ -394,6 +402,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             acts,
         ),
         completion_handlers=CompletionHandlers(prompts, resources, act_pipeline(ResolveCompletionStage()), acts),
+        levels=levels,
+        changes=changes,
         completes=lambda: upstreams is not None and upstreams.serves("completions"),
     )
     log.info(

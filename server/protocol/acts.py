@@ -20,6 +20,7 @@ from server.errors import AfterInvoke, CastellanError, InternalError, NotFound
 from server.identity import Identity
 from server.metrics import Metrics
 from server.pipeline import Pipeline
+from server.protocol.logging import LogLevels
 from server.protocol.tools import _as_mapping, client_of
 from server.registry import Tool, ToolOutput
 from server.request_id import request_id_of
@@ -58,8 +59,9 @@ class Acts:
     """Runs a governed act through its pipeline; whatever fails while it is handled, the act ends as a
     recorded refusal (never a JSON-RPC internal error with no decision row)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, levels: LogLevels | None = None) -> None:
         self._metrics = metrics
+        self._levels = levels
 
     async def run(
         self,
@@ -93,6 +95,8 @@ class Acts:
             log.exception("pipeline_failed", call_id=call_id, action=action)
             call = await pipeline.refuse(call, InternalError("pipeline", f"internal error ({type(exc).__name__})"))
         self._observe(call, time.perf_counter() - started)
+        if self._levels is not None:
+            await self._levels.decided(ctx, call)
         return call
 
     def _observe(self, call: Call, elapsed: float) -> None:

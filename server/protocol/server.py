@@ -7,7 +7,7 @@ from typing import Any
 from mcp.server.lowlevel import Server
 
 from server import __version__
-from server.protocol.surface import Surface
+from server.protocol.surface import GatewayServer, Surface
 from server.protocol.tools import INSTRUCTIONS, McpHandlers, UnreadCallRecorder
 from server.registry import ToolRegistry
 
@@ -19,7 +19,7 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry, surface: Sur
         tool = registry.get(name)
         return dict(tool.spec.input_schema) if tool is not None else None
 
-    server: Server[Any] = Server(
+    server: Server[Any] = GatewayServer(
         "castellan",
         version=__version__,
         title="Castellan MCP gateway",

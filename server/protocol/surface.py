@@ -8,13 +8,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
 
 from server.prompts.catalog import PromptCatalog
 from server.protocol.completions import CompletionHandlers
+from server.protocol.logging import LogLevels
+from server.protocol.notifications import ListChanges, SessionTracker
 from server.protocol.prompts import PromptHandlers
 from server.protocol.resources import ResourceHandlers
 from server.resources.catalog import ResourceCatalog
+
+
+class GatewayServer(Server[Any]):
+    """The SDK server, declaring `listChanged` to 2025-era clients once the gateway sends list changes
+    (on 2026-07-28 the SDK derives it from `subscriptions/listen` being served)."""
+
+    list_changed = False
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        if notification_options is None and self.list_changed:
+            notification_options = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+        return super().create_initialization_options(notification_options, experimental_capabilities, extensions)
 
 
 @dataclass
@@ -22,21 +42,33 @@ class Surface:
     """The handlers of the non-tool methods and the catalogs they serve. `attach` registers a
     method's handlers once something can answer it (`resources` is declared only when there are
     resources, `prompts` when there are prompts, `completions` when a source completes), and again
-    whenever a catalog changes. `completes` says whether any source declared completions."""
+    whenever a catalog changes. `completes` says whether any source declared completions. `logging`
+    is always declared: the gateway tells a client that asks what it decided for each of its acts."""
 
     resources: ResourceCatalog
     resource_handlers: ResourceHandlers
     prompts: PromptCatalog
     prompt_handlers: PromptHandlers
     completion_handlers: CompletionHandlers
+    levels: LogLevels
+    changes: ListChanges
     completes: Callable[[], bool] = lambda: False
 
     def attach(self, server: Server[Any]) -> None:
+        server.middleware.append(SessionTracker(self.changes))
+        if isinstance(server, GatewayServer):
+            server.list_changed = True
         self.install(server)
         self.resources.on_change(lambda: self.install(server))
         self.prompts.on_change(lambda: self.install(server))
 
     def install(self, server: Server[Any]) -> None:
+        if server.get_request_handler("subscriptions/listen") is None:  # list changes, 2026-07-28
+            server.add_request_handler(
+                "subscriptions/listen", types.SubscriptionsListenRequestParams, self.changes.listen
+            )
+        if server.get_request_handler("logging/setLevel") is None:  # the gateway logs its decisions
+            server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, self.levels.set_level)
         if len(self.resources) and server.get_request_handler("resources/list") is None:
             h = self.resource_handlers
             server.add_request_handler("resources/list", types.PaginatedRequestParams, h.list_resources)

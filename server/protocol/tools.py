@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import mcp_types as types
@@ -100,6 +101,8 @@ class McpHandlers:
         self._metrics = metrics
         self.relaying = relaying
         """Calls that can relay (server.protocol.relay); None: nothing is relayed."""
+        self.decided: Callable[[ServerRequestContext[Any, Any], Call], Awaitable[None]] | None = None
+        """Told each call's outcome (the gateway's log notification of what it decided: protocol/logging.py)."""
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -121,6 +124,8 @@ class McpHandlers:
             resumed = await self.relaying.resume(ctx, params)
             if isinstance(resumed, types.InputRequiredResult):
                 return resumed
+            if self.decided is not None:
+                await self.decided(ctx, resumed)
             return self._answer(resumed, started)
         # Whatever the caller sent, and whatever fails while it is handled, the call ends as a recorded
         # refusal: never a JSON-RPC internal error with no decision row.
@@ -154,6 +159,8 @@ class McpHandlers:
                 call = await self._pipeline.refuse(
                     call, InternalError("pipeline", f"internal error ({type(exc).__name__})")
                 )
+        if self.decided is not None:
+            await self.decided(ctx, call)
         return self._answer(call, started)
 
     def _answer(self, call: Call, started: float) -> types.CallToolResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -41,6 +41,7 @@ class UpstreamManager:
         on_new_prompt: Callable[[PromptTarget], None] | None = None,
     ) -> None:
         self.prompts = prompts
+        self.on_lists_changed: Callable[[list[str]], Awaitable[None]] | None = None
         self._on_new_prompt = on_new_prompt
         self._known_prompts: set[str] = set()
         self._on_new_tool = on_new_tool
@@ -66,8 +67,39 @@ class UpstreamManager:
             await asyncio.sleep(self._refresh_seconds)
             await self.refresh()
 
+    def _served(self) -> dict[str, list[tuple[object, ...]]]:
+        """What agents are shown, by kind: a change in it is a list change (`on_lists_changed`)."""
+
+        def blocked(tool: object) -> str | None:
+            why = getattr(tool, "blocked_reason", None)
+            return why() if why is not None else None
+
+        return {
+            "tools": sorted((t.spec.name, t.spec.description, str(blocked(t))) for t in self._registry),
+            "resources": sorted(
+                (t.definition.uri, t.served_name, t.definition.description or "", str(t.blocked))
+                for t in (self.resources or ())
+            ),
+            "prompts": sorted(
+                (t.served_name, t.definition.description or "", str(t.blocked)) for t in (self.prompts or ())
+            ),
+        }
+
     async def refresh(self) -> None:
-        """Re-lists every upstream; records definitions with the pin store; updates the registry."""
+        """Re-lists every upstream; records definitions with the pin store; updates the registry and the
+        catalogs; tells `on_lists_changed` which lists agents are shown changed (tools an upstream added
+        or dropped, a definition quarantined or approved)."""
+        before = self._served()
+        await self._refresh_all()
+        after = self._served()
+        changed = [kind for kind in after if after[kind] != before[kind]]
+        if changed and self.on_lists_changed is not None:
+            try:
+                await self.on_lists_changed(changed)
+            except Exception:
+                log.exception("list_changed_failed")
+
+    async def _refresh_all(self) -> None:
         for connection in self.connections:
             try:
                 listed = await connection.list_tools()

@@ -68,7 +68,9 @@ def proxied_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         # (they have tests of their own); grants, policy and audit stay on.
         limits = {"calls_per_minute": 0, "max_repeats": 0, "max_run_calls": 0, "concurrent_calls": 0,
                   "max_identical_calls": 0, "max_calls_per_tool": 0}  # fmt: skip
-        env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams)}
+        # The upstream is re-listed often, so a list change it makes (server-stateless's triggers) reaches
+        # a listening client within the suite's wait.
+        env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams), "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.2"}
         env |= {f"CASTELLAN_METERING__LIMITS__{k.upper()}": str(v) for k, v in limits.items()}
         with run_gateway(root / "gw", env, timeout=120) as gw:  # a loaded CI machine starts it slowly
             token_file = root / "token"

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mcp import Client
@@ -47,7 +48,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
                 break  # it answers
             except OSError:
                 time.sleep(0.1)
-        env = {"CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": f"http://127.0.0.1:{port}/mcp"}])}
+        env = {
+            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": f"http://127.0.0.1:{port}/mcp"}]),
+            # responses as SSE streams, so a request's log notifications can ride them (JSON responses
+            # carry none: the relay routes a request that asks for them to the SSE path)
+            "CASTELLAN_SERVER__JSON_RESPONSE": "false",
+            "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.3",  # list changes seen quickly
+        }
         with run_gateway(tmp_path_factory.mktemp("resources") / "gw", env, timeout=120) as gw:
             yield gw
     finally:
@@ -248,3 +255,89 @@ async def test_completions_come_from_the_upstream_governed_and_audited(gateway: 
     records = [r for r in audited(gateway, agent) if r["action"] == "complete"]
     assert {r["decision"] for r in records} == {"allow", "deny"}
     assert any(r["arguments"] == {"arg1": "par"} for r in records)
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_a_client_that_asks_is_told_what_the_gateway_decided(gateway: GatewayProcess, mode: str) -> None:
+    import warnings
+
+    heard: list[Any] = []
+
+    async def on_log(params: Any) -> None:
+        heard.append(params)
+
+    token = cli_token(gateway, f"listener-{mode}", "analysts")
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        client = Client(
+            streamable_http_client(gateway.mcp_url, http_client=http),  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            logging_callback=on_log,
+            log_level="info" if mode != "legacy" else None,  # 2026-07-28: a per-request opt-in
+        )
+        async with client:
+            if mode == "legacy":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    await client.set_logging_level("info")
+            await client.call_tool("echo", {"text": "hello"})
+            with pytest.raises(MCPError):
+                await client.read_resource("test://static-binary")
+    decisions = [p.data for p in heard if p.logger == "castellan"]
+    assert [(d["action"], d["decision"]) for d in decisions] == [("call", "allow"), ("read", "deny")]
+    assert decisions[1]["stage"] == "grants"
+    assert [p.level for p in heard if p.logger == "castellan"] == ["info", "warning"]
+
+
+async def test_a_client_that_does_not_ask_hears_nothing(gateway: GatewayProcess) -> None:
+    heard: list[Any] = []
+
+    async def on_log(params: Any) -> None:
+        heard.append(params)
+
+    token = cli_token(gateway, "quiet", "analysts")
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        client = Client(
+            streamable_http_client(gateway.mcp_url, http_client=http),  # type: ignore[arg-type]
+            mode="legacy",
+            logging_callback=on_log,
+        )
+        async with client:
+            await client.call_tool("echo", {"text": "hello"})
+    assert heard == []
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_agent_hears_of_a_tool_an_upstream_adds_without_reconnecting(
+    gateway: GatewayProcess, mode: str
+) -> None:
+    import anyio
+    import mcp_types as types
+
+    heard = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            heard.set()
+
+    token = cli_token(gateway, f"watcher-{mode}", "admins")
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        client = Client(
+            streamable_http_client(gateway.mcp_url, http_client=http),  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            message_handler=on_message,
+        )
+        async with client:
+            before = {t.name for t in (await client.list_tools()).tools}
+            if mode == "legacy":  # the session's standalone stream carries it
+                await client.call_tool("fixture.test_trigger_tool_change", {})
+                with anyio.fail_after(20):
+                    await heard.wait()
+            else:
+                async with client.listen(tools_list_changed=True) as subscription:
+                    await client.call_tool("fixture.test_trigger_tool_change", {})
+                    with anyio.fail_after(20):
+                        event = await anext(aiter(subscription))
+                assert type(event).__name__ == "ToolsListChanged"
+            after = {t.name for t in (await client.list_tools(cache_mode="bypass")).tools}
+    assert len(after - before) == 1
+    assert next(iter(after - before)).startswith("fixture.test_added_tool_")
