@@ -169,7 +169,9 @@ async def test_operational_endpoints(gateway: GatewayProcess) -> None:
         async with s.get(f"{gateway.base_url}/metrics") as resp:
             metrics = await resp.text()
     assert ready["status"] == "ready"
-    assert ready["checks"] == {"policy": "ok", "grants": "ok", "metering": "ok", "audit": "ok", "disk": "ok"}
+    assert ready["checks"] == {
+        "policy": "ok", "grants": "ok", "metering": "ok", "audit": "ok", "disk": "ok", "approvals": "ok"
+    }  # fmt: skip
     assert "castellan_auth_failures_total" in metrics
     assert "castellan_stage_seconds_bucket" in metrics
 

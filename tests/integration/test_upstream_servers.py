@@ -90,6 +90,9 @@ async def test_an_upstream_tool_is_proxied_then_quarantined_when_its_description
         "INVENTORY_TOKEN": "gateway-own-credential",
         "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.5",
         "CASTELLAN_GRANTS__CACHE_TTL_SECONDS": "0",
+        # `whoami` echoes the Authorization header the upstream received; the default policy would mask
+        # that bearer token in the result (a secret), and here the test reads it to see whose it is.
+        "CASTELLAN_GUARDRAILS__RESULTS": "false",
     }
     with run_gateway(tmp_path / "gw", {**env, "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.5"}) as gw:
         token = gw.token("stock-bot", ["analysts"])
@@ -165,14 +168,20 @@ def counting_http_server() -> Iterator[tuple[str, list[str]]]:
 
 
 def outcome(gw: GatewayProcess, agent: str, tool: str) -> dict[str, Any]:
-    """The last audit outcome record of `agent`'s calls of `tool`."""
-    with sqlite3.connect(gw.data_dir / "audit.db") as db:
-        row = db.execute(
-            "SELECT o.record FROM outbox o JOIN outbox d ON d.call_id = o.call_id AND d.kind = 'decision' "
-            "WHERE o.kind = 'outcome' AND json_extract(d.record, '$.agent_id') = ? "
-            "AND json_extract(d.record, '$.tool') = ? ORDER BY o.seq DESC LIMIT 1",
-            (agent, tool),
-        ).fetchone()
+    """The last audit outcome record of `agent`'s calls of `tool`. An allowed call's outcome is
+    group-committed after its response (within audit.outcome_commit_seconds): wait for it, bounded."""
+    deadline = time.monotonic() + 30
+    while True:
+        with sqlite3.connect(gw.data_dir / "audit.db") as db:
+            row = db.execute(
+                "SELECT o.record FROM outbox o JOIN outbox d ON d.call_id = o.call_id AND d.kind = 'decision' "
+                "WHERE o.kind = 'outcome' AND json_extract(d.record, '$.agent_id') = ? "
+                "AND json_extract(d.record, '$.tool') = ? ORDER BY o.seq DESC LIMIT 1",
+                (agent, tool),
+            ).fetchone()
+        if row is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert row is not None, (agent, tool)
     record: dict[str, Any] = json.loads(row[0])
     return record
