@@ -162,7 +162,7 @@ def _called_tool(body: bytes) -> str | None:
     """The tool a `tools/call` request names; None for anything else (the transport judges what it is)."""
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
         return None
     if not isinstance(message, dict) or message.get("method") != "tools/call":
         return None

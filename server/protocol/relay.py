@@ -151,7 +151,7 @@ class RelayingCalls:
         try:
             state = json.loads(params.request_state or "")
             round_id = state["round"] if isinstance(state, dict) else None
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, RecursionError):
             round_id = None
         entry = self._rounds.take(round_id, principal_of(identity)) if isinstance(round_id, str) else None
         if entry is None:

@@ -28,7 +28,7 @@ def streams_notifications(body: bytes) -> bool:
     """The request is a `tools/call` whose `_meta` asks for progress or log messages."""
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: the SDK refuses it
         return False
     if not isinstance(message, dict) or message.get("method") != "tools/call":
         return False

@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import aiohttp
@@ -99,12 +100,17 @@ async def test_prompt_injection_in_a_result_is_passed_unchanged_and_flagged(stri
     assert result["structuredContent"] == {"text": poison}  # the agent gets what the tool returned
     benign = await raw_call(gw, token, "echo", {"text": "quarterly revenue was up"})
     assert benign.get("isError") is not True
-    with sqlite3.connect(gw.data_dir / "audit.db") as db:
-        rows = db.execute(
-            "SELECT json_extract(o.record, '$.flags'), json_extract(o.record, '$.injection_markers') FROM outbox o "
-            "JOIN outbox d ON d.call_id = o.call_id AND d.kind = 'decision' WHERE o.kind = 'outcome' "
-            "AND json_extract(d.record, '$.agent_id') = 'injected' ORDER BY o.seq"
-        ).fetchall()
+    deadline = time.monotonic() + 30  # outcomes are group-committed after the response: wait, bounded
+    while True:
+        with sqlite3.connect(gw.data_dir / "audit.db") as db:
+            rows = db.execute(
+                "SELECT json_extract(o.record, '$.flags'), json_extract(o.record, '$.injection_markers') FROM outbox o "
+                "JOIN outbox d ON d.call_id = o.call_id AND d.kind = 'decision' WHERE o.kind = 'outcome' "
+                "AND json_extract(d.record, '$.agent_id') = 'injected' ORDER BY o.seq"
+            ).fetchall()
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert json.loads(rows[0][0]) == ["prompt_injection"]
     assert set(json.loads(rows[0][1])) >= {"ignore_instructions", "credential_request"}
     assert json.loads(rows[1][0]) == []
