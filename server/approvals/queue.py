@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -92,10 +92,15 @@ class ApprovalQueue:
 
     # The call's side --------------------------------------------------------------------------
 
-    async def await_approval(self, call: Call, ask: ApprovalObligation) -> dict[str, Any]:
-        """Wait until `call` is approved (returns what its audit record says about the approval)."""
+    async def await_approval(
+        self, call: Call, ask: ApprovalObligation, on_waiting: Callable[[ApprovalRequest], None] | None = None
+    ) -> dict[str, Any]:
+        """Wait until `call` is approved (returns what its audit record says about the approval).
+        `on_waiting` is told the request once it exists (the in-band question to the agent's user)."""
         started = time.time()
         request = await self._request_for(call, ask, started)
+        if on_waiting is not None:
+            on_waiting(request)
         deadline = request.expires_at
         wakeup = asyncio.Event()
         self._wakeups.setdefault(request.id, set()).add(wakeup)
@@ -121,6 +126,8 @@ class ApprovalQueue:
                     self._outcomes.labels("denied").inc()
                     who = current.decided_by.subject or current.decided_by.agent_id if current.decided_by else "?"
                     why = f"approval denied by {who}" + (f": {current.comment}" if current.comment else "")
+                    if current.decided_by is not None and is_own_call(current.decided_by, current.caller):
+                        why = f"approval {current.id} {current.comment}"  # only `withdraw` decides so
                     raise self._refused(call, current, now, started, why)
                 if current.status == "expired" or now >= deadline:
                     if current.status == "pending":
@@ -216,16 +223,27 @@ class ApprovalQueue:
     async def deny(self, request_id: str, approver: Identity, comment: str = "") -> ApprovalRequest:
         return await self._decide(request_id, "denied", approver, comment)
 
-    async def _decide(self, request_id: str, status: Status, approver: Identity, comment: str) -> ApprovalRequest:
+    async def withdraw(self, request_id: str, caller: Identity, comment: str) -> ApprovalRequest:
+        """The call's own user withdrew it (declined the in-band question): denied, decided by the caller.
+        The one decision a caller makes on their own call, and only this one. Raises `ApprovalConflict`
+        when an approver decided first."""
+        return await self._decide(request_id, "denied", caller, comment, withdrawn=True)
+
+    async def _decide(
+        self, request_id: str, status: Status, approver: Identity, comment: str, *, withdrawn: bool = False
+    ) -> ApprovalRequest:
         request = await self._store.get(request_id)
         if request is None:
             raise ApprovalNotFound(f"no approval request {request_id}")
         verb = "approve" if status == "approved" else "deny"
-        if is_own_call(approver, request.caller):
+        if withdrawn:
+            if status != "denied" or not is_own_call(approver, request.caller):
+                raise ApprovalForbidden(f"only the call's own caller may withdraw request {request_id}")
+        elif is_own_call(approver, request.caller):
             log.warning("approval_refused_own_call", approval=request_id, approver=approver.subject,
                         approver_agent=approver.agent_id, caller=request.caller.as_dict())  # fmt: skip
             raise ApprovalForbidden(f"an approver can never {verb} their own call (request {request_id})")
-        if not set(approver.groups) & set(request.groups):
+        elif not set(approver.groups) & set(request.groups):
             log.warning("approval_refused_not_approver", approval=request_id, approver=approver.subject,
                         groups=list(approver.groups), approvers=list(request.groups))  # fmt: skip
             raise ApprovalForbidden(f"only members of {', '.join(request.groups)} may {verb} request {request_id}")
