@@ -215,7 +215,9 @@ test_upstream_forbidden_to_sample if {
 }
 
 test_elicitation_of_a_secret_denied if {
-	doc := object.union(relayed, {"request": {"method": "elicitation/create", "params": {},
-		"strings": [["requestedSchema", "api key"]]}})
+	doc := object.union(relayed, {"request": {
+		"method": "elicitation/create", "params": {},
+		"strings": [["requestedSchema", "api key"]],
+	}})
 	not gateway.decision.allow with input as doc
 }
