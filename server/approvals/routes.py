@@ -25,6 +25,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "The approval queue cannot answer"},
 }
 router = APIRouter(prefix="/admin/approvals", tags=["approvals"], responses=_ERRORS)
+_ONE = "(?:" + "|".join(STATUSES) + ")"
+_STATUS_PATTERN = f"^(?:all|{_ONE}(?:,{_ONE})*)$"
+"""What `status` takes, in the OpenAPI document too (anything else is a 422 before the handler)."""
 
 
 class DecisionBody(BaseModel):
@@ -41,7 +44,13 @@ def _queue(request: Request) -> ApprovalQueue:
 @router.get("", responses={400: {"model": ErrorBody, "description": "Unknown status"}})
 async def list_approvals(
     request: Request,
-    status: Annotated[str, Query(description="pending (default), approved, denied, expired, used, or all")] = "pending",
+    status: Annotated[
+        str,
+        Query(
+            description="pending (default), approved, denied, expired, used (comma-separated), or all",
+            pattern=_STATUS_PATTERN,
+        ),
+    ] = "pending",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> dict[str, Any]:
@@ -78,6 +87,7 @@ async def show_approval(request: Request, request_id: str) -> dict[str, Any]:
 
 
 _DECIDE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The body is not JSON"},
     404: {"model": ErrorBody, "description": "No such request"},
     409: {"model": ErrorBody, "description": "The request is no longer pending"},
 }
