@@ -187,6 +187,17 @@ def outbox(data_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
     return decisions, outcomes
 
 
+async def outcomes_committed(data_dir: Path, seconds: float = 30.0) -> None:
+    """Waits (bounded) until every allowed decision has its outcome: a running gateway group-commits
+    outcomes just after the response (audit.outcome_commit_seconds), later on a loaded machine."""
+
+    async def complete() -> bool:
+        decisions, outcomes = outbox(data_dir)
+        return all(d["call_id"] in outcomes for d in decisions if d.get("decision") == "allow")
+
+    await until(complete, seconds)
+
+
 def account(row: Row, sent: list[Sent], data_dir: Path, *, full_disk: bool = False) -> list[str]:
     """Fills the counts of `row` from what the agent saw and what the outbox holds; returns the problems.
 
@@ -640,6 +651,7 @@ async def test_opa_stalled_under_load(tmp_path: Path) -> None:
             stop.set()
             await running
             row.held = held(*await settled(gw))
+            await outcomes_committed(gw.data_dir)
             problems = account(row, sent, gw.data_dir)
     row.recover = f"{recovered:.1f} s (SIGCONT to the first allowed call)"
     ROWS.append(row)
