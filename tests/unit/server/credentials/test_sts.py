@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -90,25 +91,28 @@ async def test_requested_scopes_are_narrowed_to_the_subjects_grant(sts: httpx2.A
 
 
 @pytest.mark.parametrize(
-    ("form", "error"),
+    ("make_form", "error"),
     [
-        (_form(sign(claims(groups=["marketing"]))), "invalid_scope"),
-        (_form(sign(claims(groups=["admins"])), audience="https://other.example/mcp"), "invalid_target"),
-        (_form(sign(claims(groups=["admins"], aud="https://elsewhere.example"))), "invalid_request"),
-        (_form(sign(claims(groups=["admins"], iss="https://evil.example"))), "invalid_request"),
-        (_form(sign(claims(groups=["admins"])), actor_token="x", actor_token_type=ACCESS), "invalid_request"),
+        (lambda: _form(sign(claims(groups=["marketing"]))), "invalid_scope"),
+        (lambda: _form(sign(claims(groups=["admins"])), audience="https://other.example/mcp"), "invalid_target"),
+        (lambda: _form(sign(claims(groups=["admins"], aud="https://elsewhere.example"))), "invalid_request"),
+        (lambda: _form(sign(claims(groups=["admins"], iss="https://evil.example"))), "invalid_request"),
+        (lambda: _form(sign(claims(groups=["admins"])), actor_token="x", actor_token_type=ACCESS), "invalid_request"),
         (
-            _form(sign(claims(groups=["admins"])), requested_token_type="urn:ietf:params:oauth:token-type:id_token"),
+            lambda: _form(
+                sign(claims(groups=["admins"])), requested_token_type="urn:ietf:params:oauth:token-type:id_token"
+            ),
             "invalid_request",
         ),
-        (_form("not-a-token"), "invalid_request"),
+        (lambda: _form("not-a-token"), "invalid_request"),
     ],
     ids=["no-grant", "unlisted-audience", "foreign-audience", "foreign-issuer", "actor", "id-token", "garbage"],
 )
 async def test_what_the_service_will_not_exchange_is_refused_with_rfc_errors(
-    sts: httpx2.AsyncClient, form: dict[str, str], error: str
+    sts: httpx2.AsyncClient, make_form: Callable[[], dict[str, str]], error: str
 ) -> None:
-    response = await _exchange(sts, form)
+    # tokens signed when the test runs, not when it is collected (they live 300 s; a full suite is longer)
+    response = await _exchange(sts, make_form())
     assert response.status_code == 400
     assert response.json()["error"] == error
     assert "access_token" not in response.json()
