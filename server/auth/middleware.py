@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import structlog
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -19,6 +16,7 @@ from server.errors import Unauthenticated
 from server.http_errors import send_error
 from server.identity import Identity
 from server.metrics import Metrics
+from server.request_body import buffered, tool_call_params
 
 log = structlog.get_logger("castellan.auth")
 
@@ -85,7 +83,7 @@ class BearerAuthMiddleware:
             await self._reject(scope, receive, send, exc.error, "invalid_token", exc.description)
             return
         if self._scopes is not None and self._scopes.per_tool and scope.get("method") == "POST":
-            body, receive = await _buffered(receive)
+            body, receive = await buffered(receive)
             tool = _called_tool(body)
             missing = self._scopes.missing(tool, identity.scopes) if tool is not None else ()
             if tool is not None and missing:
@@ -135,37 +133,8 @@ class BearerAuthMiddleware:
         await send_error(scope, receive, send, 401, message, {"WWW-Authenticate": challenge})
 
 
-async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
-    """The request body (bounded by the transport guard's limit), and a `receive` that replays it."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    sent = False
-
-    async def replay() -> Any:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
-
-
 def _called_tool(body: bytes) -> str | None:
     """The tool a `tools/call` request names; None for anything else (the transport judges what it is)."""
-    try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
-        return None
-    if not isinstance(message, dict) or message.get("method") != "tools/call":
-        return None
-    params = message.get("params")
-    name = params.get("name") if isinstance(params, dict) else None
+    params = tool_call_params(body)
+    name = params.get("name") if params is not None else None
     return name if isinstance(name, str) else None

@@ -8,7 +8,6 @@ the session's GET stream in JSON mode: see `server.relay.channel.SessionChannel`
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from mcp.server._streamable_http_modern import handle_modern_request
@@ -17,23 +16,18 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from server.relay.needed import LOG_LEVEL_META_KEY, progress_token
+from server.request_body import buffered, tool_call_params
 
 _HEADER = MCP_PROTOCOL_VERSION_HEADER.lower().encode("ascii")
 
 
 def streams_notifications(body: bytes) -> bool:
     """The request is a `tools/call` whose `_meta` asks for progress or log messages."""
-    try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: the SDK refuses it
-        return False
-    if not isinstance(message, dict) or message.get("method") != "tools/call":
-        return False
-    params = message.get("params")
-    meta = params.get("_meta") if isinstance(params, dict) else None
+    params = tool_call_params(body)
+    meta = params.get("_meta") if params is not None else None
     return isinstance(meta, dict) and (progress_token(meta) is not None or meta.get(LOG_LEVEL_META_KEY) is not None)
 
 
@@ -55,32 +49,9 @@ class RelayingSessions:
         ):
             await sessions.handle_request(scope, receive, send)
             return
-        body, replay = await _buffered(receive)
+        body, replay = await buffered(receive)
         if not streams_notifications(body):
             await sessions.handle_request(scope, replay, send)
             return
         state: Any = getattr(sessions, "_lifespan_state", None)
         await handle_modern_request(sessions.app, sessions.security_settings, False, state, scope, replay, send)
-
-
-async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
-    """The whole body (the transport guard has bounded its size), and a `receive` that replays it."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
