@@ -24,13 +24,13 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from server.credentials.secrets import read_secret
 from server.credentials.store import Grant, GrantStore
-from server.errors import BackendUnavailable, Denied
+from server.credentials.token_endpoint import STAGE, post_form
+from server.errors import Denied
 from server.identity import Identity
 from server.settings import BrokeredOAuthSettings
 
 log = structlog.get_logger("castellan.credentials")
 
-STAGE = "credentials"
 CALLBACK_PATH = "/oauth/callback"
 
 
@@ -135,18 +135,13 @@ class BrokeredCredential:
         auth = aiohttp.BasicAuth(self._settings.client_id, self._secret) if self._secret else None
         if auth is None:
             form = {**form, "client_id": self._settings.client_id}
-        timeout = aiohttp.ClientTimeout(total=self._settings.timeout_seconds)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(self._settings.token_url, data=form, auth=auth) as resp,
-            ):
-                status = resp.status
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise BackendUnavailable(
-                STAGE, f"upstream {self.upstream}: authorization server unreachable ({type(exc).__name__})"
-            ) from None
+        status, body = await post_form(
+            self._settings.token_url,
+            form,
+            auth,
+            self._settings.timeout_seconds,
+            f"upstream {self.upstream}: authorization server unreachable",
+        )
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             error = body.get("error", f"HTTP {status}") if isinstance(body, dict) else f"HTTP {status}"
             log.info("brokered_token_refused", upstream=self.upstream, grant_type=form["grant_type"], error=error)

@@ -12,14 +12,14 @@ import structlog
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from server.credentials.secrets import read_secret
-from server.errors import BackendUnavailable, Denied
+from server.credentials.token_endpoint import STAGE, post_form
+from server.errors import Denied
 from server.settings import TokenExchangeSettings
 
 log = structlog.get_logger("castellan.credentials")
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
-STAGE = "credentials"
 
 
 class TokenExchanger:
@@ -78,18 +78,13 @@ class TokenExchanger:
         if self._settings.scopes:
             form["scope"] = " ".join(self._settings.scopes)
         auth = aiohttp.BasicAuth(self._settings.client_id, self._secret)
-        timeout = aiohttp.ClientTimeout(total=self._settings.timeout_seconds)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.post(self._settings.token_url, data=form, auth=auth) as resp,
-            ):
-                status = resp.status
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise BackendUnavailable(
-                STAGE, f"upstream {self._upstream}: token service unreachable ({type(exc).__name__})"
-            ) from None
+        status, body = await post_form(
+            self._settings.token_url,
+            form,
+            auth,
+            self._settings.timeout_seconds,
+            f"upstream {self._upstream}: token service unreachable",
+        )
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             error = body.get("error", f"HTTP {status}") if isinstance(body, dict) else f"HTTP {status}"
             description = body.get("error_description", "") if isinstance(body, dict) else ""

@@ -12,10 +12,11 @@ from typing import Protocol
 
 from server.auth.presented import PresentedTokens
 from server.credentials.brokered import BrokeredCredential
-from server.credentials.exchange import STAGE, TokenExchanger
+from server.credentials.exchange import TokenExchanger
 from server.credentials.sealing import Sealer
 from server.credentials.secrets import read_secret
 from server.credentials.store import GrantStore
+from server.credentials.token_endpoint import STAGE
 from server.errors import ConfigError, Denied
 from server.identity import Identity
 from server.settings import SecretSource, Settings, UpstreamSettings
