@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -13,6 +14,27 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _MAX_BATCH = 256
+
+
+def enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Puts `conn`'s database in WAL mode, waiting up to `timeout` seconds for other connections.
+
+    Switching the journal mode takes an exclusive lock, and SQLite answers "database is locked" at
+    once, without its busy handler, when another connection is opening the same new file at that
+    moment (two processes or queues starting together: about 1 open in 60 under a three-way race).
+    The switch is retried with a short backoff instead, so opening never fails on that race.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 class SqliteDatabase:
@@ -44,7 +66,7 @@ class SqliteDatabase:
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.executescript(self._schema)

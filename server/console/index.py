@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import structlog
 
 from server.audit.search import OUTCOMES, AuditQuery
+from server.sqlite import enable_wal
 
 log = structlog.get_logger("castellan.console")
 T = TypeVar("T")
@@ -263,7 +264,7 @@ class ConsoleIndex:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(f"file:{self.path}", uri=True, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn)
             if conn.execute("PRAGMA user_version").fetchone()[0] not in (0, _VERSION):
                 raise sqlite3.DatabaseError("index of another version")
             conn.executescript(_SCHEMA)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.credentials.sealing import Sealer
+from server.sqlite import enable_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS grants (
@@ -76,7 +77,7 @@ class GrantStore:
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._path, timeout=10, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(db)
         return db
 
     @staticmethod

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from server.sqlite import transaction
+from server.sqlite import enable_wal, transaction
 
 Status = Literal["approved", "quarantined"]
 
@@ -83,7 +83,7 @@ class PinStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._conn)
         self._conn.executescript(_SCHEMA)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(pins)")}
         if "approved_definition" not in columns:  # kept since the console shows a diff against it
