@@ -316,3 +316,33 @@ async def test_a_headless_demo_agent_signs_in_with_client_credentials(gateway: G
     # `castellan token` keeps working beside it: same key, same issuer.
     minted = gateway.token("cli-agent", ["analysts"])
     assert _claims(minted)["iss"] == claims["iss"] == gateway.base_url
+
+
+def test_check_config_in_production_refuses_the_dev_issuer_even_when_overridden(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from server.production import CHECKS
+    from server.testing import gateway_env
+
+    env = {
+        **os.environ,
+        **gateway_env(tmp_path, free_port()),
+        "CASTELLAN_ENVIRONMENT": "production",
+        "CASTELLAN_PRODUCTION_OVERRIDES": json.dumps(sorted(CHECKS)),  # every check waived, knowingly
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "check-config"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert "auth.dev_issuer: the dev issuer lets anyone" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("check-config: failed")
+    off = subprocess.run(
+        [sys.executable, "-m", "server", "check-config"],
+        env={**env, "CASTELLAN_AUTH__DEV_ISSUER": "false"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "FAILED  settings" not in off.stdout, off.stdout
