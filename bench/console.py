@@ -117,7 +117,7 @@ async def timed(session: aiohttp.ClientSession, url: str, requests: int, **kwarg
 
 
 async def sign_in(session: aiohttp.ClientSession, gw: GatewayProcess) -> None:
-    token = mint_dev_token(gw.data_dir, agent="bench-auditor", issuer="castellan-dev", audience=gw.mcp_url,
+    token = mint_dev_token(gw.data_dir, agent="bench-auditor", issuer=gw.issuer, audience=gw.mcp_url,
                            scopes=["castellan:audit", "castellan:admin"])  # fmt: skip
     async with session.get(f"{gw.base_url}/console/sign-in") as resp:
         csrf = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
@@ -129,7 +129,7 @@ async def sign_in(session: aiohttp.ClientSession, gw: GatewayProcess) -> None:
 
 async def measure(gw: GatewayProcess, sample: dict[str, Any], requests: int) -> dict[str, Any]:
     base = gw.base_url
-    admin = mint_dev_token(gw.data_dir, agent="bench-admin", issuer="castellan-dev", audience=gw.mcp_url,
+    admin = mint_dev_token(gw.data_dir, agent="bench-admin", issuer=gw.issuer, audience=gw.mcp_url,
                            scopes=["castellan:admin"])  # fmt: skip
     jar = aiohttp.CookieJar(unsafe=True)
     async with aiohttp.ClientSession(cookie_jar=jar) as session:

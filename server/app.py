@@ -14,6 +14,8 @@ from starlette.routing import Route
 from server import __version__
 from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.approvals.routes import add_approval_routes
+from server.auth.issuer.routes import issuer_routes
+from server.auth.issuer.server import build_dev_issuer
 from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.auth.scopes import tool_scopes
@@ -35,7 +37,8 @@ log = structlog.get_logger("castellan")
 METRICS_SCOPE = "castellan:metrics"
 DEV_TOKEN_HINT = (
     "dev mode: mint a token with `castellan token --agent NAME --groups analysts` (same directory and "
-    "CASTELLAN_* settings as the gateway, or --url {url}) and send `Authorization: Bearer <token>`"
+    "CASTELLAN_* settings as the gateway, or --url {url}) and send `Authorization: Bearer <token>`, "
+    "or sign in with an OAuth-capable MCP client (the gateway's dev issuer)"
 )
 
 
@@ -69,6 +72,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
                 if settings.console.enabled:
                     close_console(app)
                 await gateway.close()
+                if dev_issuer is not None:
+                    dev_issuer.close()
 
     app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
@@ -76,9 +81,10 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     scopes = tool_scopes(settings)
     metadata_document = protected_resource_metadata(
         settings.resource_url,
-        settings.auth.authorization_servers or [settings.auth.issuer],
+        settings.auth.authorization_servers or [settings.issuer],
         settings.auth.scopes_supported or scopes.supported(),
     )
+    dev_issuer = build_dev_issuer(settings, settings.auth.scopes_supported or scopes.supported())
     endpoint = TransportGuard(
         BearerAuthMiddleware(
             FastEdge(
@@ -102,6 +108,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     )
     app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
     _add_operational_routes(app, gateway, metadata_document)
+    if dev_issuer is not None:  # dev mode's own OAuth authorization server (docs/identity.md)
+        app.router.routes.extend(issuer_routes(dev_issuer))
     add_admin_routes(app)
     if gateway.grant_store is not None:  # brokered upstream grants: the authorization server returns here
         brokered = {n: c for n, c in gateway.upstream_credentials.items() if isinstance(c, BrokeredCredential)}

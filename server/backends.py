@@ -93,6 +93,8 @@ def _make_keys(s: Settings) -> KeySource:
     auth = s.auth
     if auth.mode == "dev":
         return StaticKeys(dev_public_keys(s.data_dir))
+    if not auth.issuer:
+        raise ConfigError("auth.mode = 'jwt' needs auth.issuer (the identity provider's issuer URL)")
     if auth.jwks_url and auth.keys_file:
         raise ConfigError("auth: set jwks_url or keys_file, not both")
     if auth.jwks_url:

@@ -225,7 +225,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     verifier = CachedVerifier(
         JwtVerifier(
             backends.make_key_source(settings),
-            issuer=settings.auth.issuer,
+            issuer=settings.issuer,
             audience=settings.audience,
             algorithms=settings.auth.algorithms,
             claims=settings.auth.claims,

@@ -23,6 +23,15 @@ def _dev_auth(s: Settings) -> str | None:
     return None
 
 
+def _dev_issuer_enabled(s: Settings) -> str | None:
+    if s.auth.mode == "dev" and s.auth.dev_issuer:
+        return (
+            "the dev issuer lets anyone who reaches the gateway sign in as any demo identity, admins included; "
+            "set auth.dev_issuer = false (this one cannot be overridden)"
+        )
+    return None
+
+
 def _demo(s: Settings) -> str | None:
     if s.demo:
         return "serves the demo tools, demo data and demo grants; set demo = false"
@@ -110,12 +119,17 @@ CHECKS: dict[str, Callable[[Settings], str | None]] = {
     "upstreams.credential_urls": _plain_http_credential_service,
     "audit.chain_key": _audit_chain_key,
     "auth.mode": _dev_auth,
+    "auth.dev_issuer": _dev_issuer_enabled,
     "auth.issuer": _dev_issuer,
     "auth.max_token_lifetime_seconds": _token_lifetime,
     "demo": _demo,
     "server.allowed_hosts": _wildcard_hosts,
     "server.metrics_auth": _open_metrics,
 }
+
+
+NEVER_OVERRIDDEN = frozenset({"auth.dev_issuer"})
+"""Refused in production even when listed in `production_overrides`: no deployment is safe with them."""
 
 
 def unsafe_settings(settings: Settings) -> list[UnsafeSetting]:
@@ -137,7 +151,7 @@ def enforce_production(settings: Settings) -> list[UnsafeSetting]:
     if settings.environment != "production":
         return []
     found = unsafe_settings(settings)
-    refused = [u for u in found if u.setting not in settings.production_overrides]
+    refused = [u for u in found if u.setting not in settings.production_overrides or u.setting in NEVER_OVERRIDDEN]
     if refused:
         lines = "; ".join(f"{u.setting}: {u.why}" for u in refused)
         raise ConfigError(

@@ -86,8 +86,14 @@ class ClaimNames(BaseModel):
 
 class AuthSettings(BaseModel):
     mode: Literal["dev", "jwt"] = "dev"
-    """`dev`: tokens minted by `castellan token` with a local key. `jwt`: any issuer's JWKS or keys."""
-    issuer: str = "castellan-dev"
+    """`dev`: tokens signed with a local key (the dev issuer, `castellan token`). `jwt`: any issuer's JWKS or keys."""
+    issuer: str = ""
+    """The trusted issuer (`iss`); required with `jwt`. Default in dev mode: the gateway's base URL (its own issuer)."""
+    dev_issuer: bool = True
+    """Dev mode: serve a local OAuth 2.1 authorization server at the gateway's base URL (RFC 8414 metadata,
+    code + PKCE, refresh, client credentials, dynamic registration, client ID metadata documents) whose
+    sign-in page lets anyone pick a demo identity. Refused with `environment = "production"`, whatever
+    the overrides say (docs/identity.md)."""
     audience: str = ""
     """Expected `aud` (RFC 8707 resource). Default: the gateway's resource URL."""
     jwks_url: str = ""
@@ -655,6 +661,11 @@ class Settings(BaseSettings):
     def resource_url(self) -> str:
         """This gateway's MCP endpoint: the RFC 8707 resource that tokens must be issued for."""
         return f"{self.base_url}/mcp"
+
+    @property
+    def issuer(self) -> str:
+        """The issuer whose tokens are trusted: `auth.issuer`, else in dev mode the gateway's own (its base URL)."""
+        return self.auth.issuer or (self.base_url if self.auth.mode == "dev" else "")
 
     @property
     def audience(self) -> str:

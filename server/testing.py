@@ -232,11 +232,16 @@ class GatewayProcess:
         """The environment the gateway runs with: for CLI commands that must see the same settings."""
         return {**os.environ, **gateway_env(self.data_dir, self.port, self.extra_env)}
 
+    @property
+    def issuer(self) -> str:
+        """The dev issuer: the gateway's own base URL (unless the test configured another)."""
+        return self.extra_env.get("CASTELLAN_AUTH__ISSUER") or self.base_url
+
     def token(self, agent: str, groups: Sequence[str] = (), **kwargs: Any) -> str:
         from server.auth.devkeys import mint_dev_token
 
         return mint_dev_token(
-            self.data_dir, agent=agent, issuer="castellan-dev", audience=self.mcp_url, groups=groups, **kwargs
+            self.data_dir, agent=agent, issuer=self.issuer, audience=self.mcp_url, groups=groups, **kwargs
         )
 
     def log(self) -> str:

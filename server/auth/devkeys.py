@@ -1,4 +1,4 @@
-"""Dev mode: a locally generated signing key, and `castellan token` to mint short-lived tokens with it."""
+"""Dev mode: a locally generated signing key, with which `castellan token` and the dev issuer mint tokens."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def mint_dev_token(
     scopes: Sequence[str] = (),
     subject: str | None = None,
     ttl_seconds: int = 3600,
+    client_id: str | None = None,
 ) -> str:
     """A signed JWT for `agent`, valid `ttl_seconds`, for this gateway's resource URL only."""
     key = load_or_create_dev_key(data_dir)
@@ -62,4 +63,6 @@ def mint_dev_token(
         "exp": now + ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
+    if client_id is not None:  # RFC 9068 §2.2: the OAuth client the token was issued to
+        claims["client_id"] = client_id
     return jwt.encode({"alg": DEV_ALGORITHM, "kid": key.kid, "typ": "JWT"}, claims, key)

@@ -63,6 +63,11 @@ def demo_banner(settings: Settings) -> str:
     return "\n".join(
         [
             f"Castellan demo: MCP endpoint {settings.resource_url}",
+            *(
+                [f"  sign in with any OAuth MCP client: dev issuer {settings.issuer} (demo identities, dev only)"]
+                if settings.auth.dev_issuer
+                else []
+            ),
             f"  token for an analyst:   {castellan} token --agent demo-agent --groups analysts",
             f"  token for an admin:     {castellan} token --agent ops-agent --groups admins",
             "  (run them from this directory, with the same CASTELLAN_* settings; they find this gateway's"
@@ -79,7 +84,8 @@ def serving_file(settings: Settings) -> Iterator[None]:
     check that its pid is alive.)"""
     path = settings.data_dir / SERVING_FILE
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "resource": settings.resource_url, "audience": settings.audience}))
+    serving = {"pid": os.getpid(), "resource": settings.resource_url, "audience": settings.audience}
+    path.write_text(json.dumps({**serving, "issuer": settings.issuer}))
     try:
         yield
     finally:

@@ -1,4 +1,4 @@
-"""`castellan token`: mint a dev token signed with the local key, for the gateway that is running."""
+"""`castellan token`: mint a dev token signed with the local key (the dev issuer's), for the running gateway."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from server.cli._common import config_option, settings_from
 from server.settings import SERVING_FILE, Settings
 
 
-def _running_audience(settings: Settings) -> str | None:
-    """The audience of the gateway serving from this data directory, if one is running."""
+def _running(settings: Settings, what: str) -> str | None:
+    """`audience` or `issuer` of the gateway serving from this data directory, if one is running."""
     try:
         serving = json.loads((settings.data_dir / SERVING_FILE).read_text())
         os.kill(int(serving["pid"]), 0)
-        return str(serving["audience"])
+        return str(serving[what])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _issuer_of_url(url: str) -> str:
+    """The dev issuer of the gateway whose MCP URL is `url`: its base URL (the URL without `/mcp`)."""
+    return url[: -len("/mcp")] if url.rstrip("/").endswith("/mcp") else url.rstrip("/")
 
 
 @click.command()
@@ -59,8 +64,11 @@ def token(
         mint_dev_token(
             settings.data_dir,
             agent=agent,
-            issuer=settings.auth.issuer,
-            audience=audience or url or _running_audience(settings) or settings.audience,
+            issuer=settings.auth.issuer
+            or (_issuer_of_url(url.rstrip("/")) if url else None)
+            or _running(settings, "issuer")
+            or settings.issuer,
+            audience=audience or url or _running(settings, "audience") or settings.audience,
             groups=[g.strip() for g in groups.split(",") if g.strip()],
             scopes=[s.strip() for s in scopes.split(",") if s.strip()],
             subject=subject,

@@ -38,7 +38,7 @@ async def post(gw: GatewayProcess, token: str, body: bytes | str, name: str = "e
 
 async def test_an_expired_token_cannot_be_replayed(strict_gateway: GatewayProcess) -> None:
     gw = strict_gateway
-    token = mint_dev_token(gw.data_dir, agent="replayer", issuer="castellan-dev", audience=gw.mcp_url,
+    token = mint_dev_token(gw.data_dir, agent="replayer", issuer=gw.issuer, audience=gw.mcp_url,
                            groups=["analysts"], ttl_seconds=2)  # fmt: skip
     assert (await raw_call(gw, token, "echo", {"text": "while valid"}))["structuredContent"] == {"text": "while valid"}
     await asyncio.sleep(3.1)  # the verified-token cache must not outlive the token
@@ -48,7 +48,7 @@ async def test_an_expired_token_cannot_be_replayed(strict_gateway: GatewayProces
 
 
 async def test_a_token_for_another_gateway_is_refused(strict_gateway: GatewayProcess) -> None:
-    other = mint_dev_token(strict_gateway.data_dir, agent="x", issuer="castellan-dev",
+    other = mint_dev_token(strict_gateway.data_dir, agent="x", issuer=strict_gateway.issuer,
                            audience="https://other-gateway.example/mcp", groups=["admins"])  # fmt: skip
     status, text = await post(strict_gateway, other, call_body("echo", {"text": "hi"}, 1))
     assert status == 401

@@ -274,7 +274,7 @@ async def test_a_full_disk_is_reported_and_the_shipper_survives_it_and_ships_eve
             "CASTELLAN_AUDIT__MIN_FREE_DISK_MB": "4",
         }
         with run_gateway(tmp_path / "gw", env, timeout=120) as gw:
-            token = mint_dev_token(disk, agent="disk", issuer="castellan-dev", audience=gw.mcp_url, groups=["analysts"])
+            token = mint_dev_token(disk, agent="disk", issuer=gw.issuer, audience=gw.mcp_url, groups=["analysts"])
 
             async def ready() -> dict[str, Any]:
                 async with aiohttp.ClientSession() as s, s.get(f"{gw.base_url}/readyz") as resp:

@@ -33,7 +33,7 @@ def dev_key(gateway: GatewayProcess) -> ECKey:
 
 def claims(gateway: GatewayProcess, **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    values = {"iss": "castellan-dev", "aud": gateway.mcp_url, "sub": "x", "agent_id": "x", "exp": now + 300}
+    values = {"iss": gateway.issuer, "aud": gateway.mcp_url, "sub": "x", "agent_id": "x", "exp": now + 300}
     values.update(overrides)
     return values
 
@@ -64,7 +64,7 @@ async def test_no_token_is_401_pointing_to_the_resource_metadata(gateway: Gatewa
     async with aiohttp.ClientSession() as s, s.get(metadata_url) as resp:
         document = await resp.json()
     assert document["resource"] == gateway.mcp_url
-    assert document["authorization_servers"] == ["castellan-dev"]
+    assert document["authorization_servers"] == [gateway.base_url]  # the dev issuer, not a placeholder
 
 
 async def test_a_valid_token_opens_a_session(gateway: GatewayProcess) -> None:

@@ -54,7 +54,7 @@ BROKERED = {
 @pytest.mark.parametrize(
     ("setting", "change"),
     [
-        ("auth.mode", {"auth": {**SAFE["auth"], "mode": "dev"}}),  # type: ignore[dict-item]
+        ("auth.mode", {"auth": {**SAFE["auth"], "mode": "dev", "dev_issuer": False}}),  # type: ignore[dict-item]
         ("auth.issuer", {"auth": {**SAFE["auth"], "issuer": "castellan-dev"}}),  # type: ignore[dict-item]
         ("auth.max_token_lifetime_seconds", {"auth": {**SAFE["auth"], "max_token_lifetime_seconds": 0}}),  # type: ignore[dict-item]
         ("demo", {"demo": True}),
@@ -89,3 +89,13 @@ def test_dev_mode_lists_what_production_would_refuse_without_refusing() -> None:
     settings = Settings()
     assert enforce_production(settings) == []
     assert {u.setting for u in unsafe_settings(settings)} >= {"auth.mode", "demo", "server.metrics_auth"}
+
+
+def test_the_dev_issuer_is_refused_in_production_even_when_overridden() -> None:
+    dev = {**SAFE, "auth": {**SAFE["auth"], "mode": "dev"}}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"auth\.dev_issuer: the dev issuer lets anyone"):
+        enforce_production(_production(**dev, production_overrides=list(CHECKS)))
+    off = {**SAFE, "auth": {**SAFE["auth"], "mode": "dev", "dev_issuer": False}}  # type: ignore[dict-item]
+    assert [u.setting for u in enforce_production(_production(**off, production_overrides=["auth.mode"]))] == [
+        "auth.mode"
+    ]

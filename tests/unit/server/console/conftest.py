@@ -39,7 +39,7 @@ class ConsoleRig:
 
     def token(self, *scopes: str, agent: str = "auditor", groups: tuple[str, ...] = ()) -> str:
         return mint_dev_token(
-            self.settings.data_dir, agent=agent, issuer="castellan-dev", audience=self.settings.resource_url,
+            self.settings.data_dir, agent=agent, issuer=self.settings.issuer, audience=self.settings.resource_url,
             scopes=scopes, subject=f"{agent}@example.com", groups=groups,
         )  # fmt: skip
 
