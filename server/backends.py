@@ -13,6 +13,7 @@ from server.auth.devkeys import dev_public_keys
 from server.auth.keys import JwksKeys, KeySource, StaticKeys
 from server.errors import ConfigError
 from server.grants.databricks import DatabricksGrants
+from server.grants.databricks_obo import DatabricksOnBehalfGrants, OnBehalf
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.metering.buffered import BufferedSqliteMeter
@@ -110,11 +111,21 @@ ENGINES: dict[str, Callable[[Settings], PolicyEngine]] = {
     "opa": _make_opa,
 }
 
-GRANT_SOURCES: dict[str, Callable[[Settings], GrantSource]] = {
-    "local": lambda s: LocalCatalog(s.data_file(s.grants.path, "catalog.db")),
-    "databricks": lambda s: DatabricksGrants.from_settings(
+
+def _make_databricks_grants(s: Settings, on_behalf: OnBehalf | None) -> GrantSource:
+    """As the gateway (its own SDK credentials), or on behalf of each caller (its token federated)."""
+    if s.grants.databricks_identity == "on_behalf_of_user":
+        if on_behalf is None:
+            raise ConfigError("grants.databricks_identity = 'on_behalf_of_user' needs the callers' tokens kept")
+        return DatabricksOnBehalfGrants(on_behalf, s.grants.timeout_seconds)
+    return DatabricksGrants.from_settings(
         s.grants.databricks_host, s.grants.databricks_profile, s.grants.timeout_seconds
-    ),
+    )
+
+
+GRANT_SOURCES: dict[str, Callable[[Settings, OnBehalf | None], GrantSource]] = {
+    "local": lambda s, _: LocalCatalog(s.data_file(s.grants.path, "catalog.db")),
+    "databricks": _make_databricks_grants,
 }
 
 METERS: dict[str, Callable[[Settings], Meter]] = {
@@ -160,8 +171,11 @@ def make_engine(s: Settings) -> PolicyEngine:
     return _pick("policy engine", ENGINES, s.policy.engine, s)
 
 
-def make_grant_source(s: Settings) -> GrantSource:
-    return _pick("grants backend", GRANT_SOURCES, s.grants.backend, s)
+def make_grant_source(s: Settings, on_behalf: OnBehalf | None = None) -> GrantSource:
+    """`on_behalf`: the federation of the callers' tokens, for a source that acts on their behalf."""
+    if s.grants.backend not in GRANT_SOURCES:
+        raise ConfigError(f"unknown grants backend {s.grants.backend!r}; choose from {sorted(GRANT_SOURCES)}")
+    return GRANT_SOURCES[s.grants.backend](s, on_behalf)
 
 
 def make_meter(s: Settings) -> Meter:

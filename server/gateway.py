@@ -29,6 +29,7 @@ from server.credentials.store import GrantStore
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
+from server.grants.databricks_obo import acts_on_behalf, on_behalf_for
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
@@ -217,10 +218,13 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         log.warning("production_override", setting=unsafe.setting, risk=unsafe.why)
     metrics = Metrics()
     closers: list[Callable[[], None]] = []
+    exchanging = any(u.credential == "token_exchange" for u in settings.upstreams)
+    presented = PresentedTokens() if exchanging or acts_on_behalf(settings) else None
+    on_behalf = on_behalf_for(settings, presented) if presented is not None else None
     if tools is None:
         from tools.catalog_tools import configured_tools
 
-        tools, closers = configured_tools(settings)
+        tools, closers = configured_tools(settings, on_behalf)
     registry = ToolRegistry(tools)
     verifier = CachedVerifier(
         JwtVerifier(
@@ -234,7 +238,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         )
     )
     engine = backends.make_engine(settings)
-    grant_source = backends.make_grant_source(settings)
+    grant_source = backends.make_grant_source(settings, on_behalf)
     if isinstance(grant_source, LocalCatalog):
         for tool in registry:  # every tool's function exists in the catalog, so it can be granted on
             grant_source.add_securable("FUNCTION", tool.spec.securable)
@@ -248,7 +252,6 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             register_models(grant_source, settings.llm, settings.demo)
     resources, prompts = ResourceCatalog(), PromptCatalog()
     upstreams = None
-    presented = PresentedTokens() if any(u.credential == "token_exchange" for u in settings.upstreams) else None
     grants_store = grant_store(settings)
     upstream_credentials: dict[str, UpstreamCredential] = {}
     if settings.upstreams:

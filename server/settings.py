@@ -176,6 +176,24 @@ class GrantSettings(BaseModel):
     databricks_host: str = ""
     """For `databricks`: the workspace URL. Empty: the SDK's usual configuration (env, profile)."""
     databricks_profile: str = ""
+    databricks_identity: Literal["gateway", "on_behalf_of_user"] = "gateway"
+    """For `databricks`: whose identity the workspace evaluates. `gateway`: the gateway's own credentials
+    ask Unity Catalog about each of the caller's principals. `on_behalf_of_user`: the caller's token is
+    federated at the workspace's token endpoint for a Databricks token of the caller's own, with which
+    the workspace answers for itself (docs/grants.md#on-behalf-of-user). Needs `databricks_host`."""
+    databricks_scopes: list[str] = Field(default_factory=lambda: ["all-apis"])
+    """For `on_behalf_of_user`: the scopes asked for in the token federation."""
+    databricks_client_id: str = ""
+    """For `on_behalf_of_user`: the service principal's application id when the workspace federates
+    through a service-principal federation policy; empty for an account-wide federation policy."""
+
+    @model_validator(mode="after")
+    def _on_behalf_needs_host(self) -> GrantSettings:
+        if self.databricks_identity == "on_behalf_of_user" and self.backend != "databricks":
+            raise ValueError("grants.databricks_identity = 'on_behalf_of_user' needs grants.backend = 'databricks'")
+        if self.databricks_identity == "on_behalf_of_user" and not self.databricks_host:
+            raise ValueError("grants.databricks_identity = 'on_behalf_of_user' needs grants.databricks_host")
+        return self
 
 
 class Limits(BaseModel):
@@ -449,6 +467,9 @@ class ToolSettings(BaseModel):
     Databricks workspace of `grants.databricks_host`/`databricks_profile`, served as tools."""
     databricks_warehouse_id: str = ""
     """The SQL warehouse that runs them (statement execution API)."""
+    databricks_identity: Literal["gateway", "on_behalf_of_user"] = "gateway"
+    """Who runs them: the gateway's own credentials, or the caller's own Databricks identity (its token
+    federated at the workspace, as for `grants.databricks_identity`; needs `grants.databricks_host`)."""
     upstream_refresh_seconds: float = Field(default=30.0, gt=0)
     """How often upstream tool lists are re-read (changed definitions are quarantined then)."""
     max_validation_steps: int = Field(default=100_000, ge=1_000)

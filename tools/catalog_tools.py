@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 import structlog
 
+from server.auth.presented import PresentedTokens
 from server.errors import ConfigError
+from server.grants.databricks_obo import OnBehalf, on_behalf_for
 from server.registry import Tool
 from server.sandbox import SandboxMode, detect_mode
 from server.sandbox.runtime import python_paths
@@ -42,7 +44,9 @@ def sandbox_mode(settings: Settings) -> SandboxMode:
     return mode
 
 
-def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], None]]]:
+def configured_tools(
+    settings: Settings, on_behalf: OnBehalf | None = None
+) -> tuple[list[Tool], list[Callable[[], None]]]:
     """The tools, and what to call at shutdown."""
     from tools import demo_tools
 
@@ -107,13 +111,19 @@ def configured_tools(settings: Settings) -> tuple[list[Tool], list[Callable[[], 
             for f in load_functions(modules)
         ]
     if settings.tools.databricks_functions:
-        tools += _databricks_functions(settings)
+        tools += _databricks_functions(settings, on_behalf)
     return tools, closers
 
 
-def _databricks_functions(settings: Settings) -> list[Tool]:
+def _databricks_functions(settings: Settings, on_behalf: OnBehalf | None) -> list[Tool]:
+    """`on_behalf`: the gateway's federation of its callers' tokens (without one, for a listing outside
+    a gateway, a federation that holds no caller's token: every call is refused)."""
     if not settings.tools.databricks_warehouse_id:
         raise ConfigError("tools.databricks_functions needs tools.databricks_warehouse_id (the SQL warehouse)")
+    if settings.tools.databricks_identity != "on_behalf_of_user":
+        on_behalf = None
+    elif on_behalf is None:
+        on_behalf = on_behalf_for(settings, PresentedTokens())
     try:
         from databricks.sdk import WorkspaceClient
         from databricks.sdk.core import Config
@@ -132,7 +142,7 @@ def _databricks_functions(settings: Settings) -> list[Tool]:
             )
         )
         found = uc_function_tools(
-            client, settings.tools.databricks_functions, settings.tools.databricks_warehouse_id, timeout
+            client, settings.tools.databricks_functions, settings.tools.databricks_warehouse_id, timeout, on_behalf
         )
     except Exception as exc:
         raise ConfigError(f"cannot read the Unity Catalog functions: {str(exc)[:300]}") from None

@@ -1,6 +1,8 @@
 """Unity Catalog functions on a Databricks workspace as tools: their definitions read from Unity
 Catalog (`functions.get`), their calls run as `SELECT catalog.schema.fn(:p, ...)` through the SDK's
-statement execution API on a SQL warehouse, with named, typed parameters (never string-built SQL)."""
+statement execution API on a SQL warehouse, with named, typed parameters (never string-built SQL).
+They run as the gateway, or, on behalf of the user, with the caller's own federated Databricks token
+(server/grants/databricks_obo.py), so the workspace's grants and `current_user()` are the caller's."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from databricks.sdk.errors.platform import Unauthenticated
+
+from server.errors import CastellanError
+from server.grants.databricks_obo import OnBehalf, run_as
 from server.registry import ToolOutput, ToolSpec
 
 # Unity Catalog column types as JSON Schema.
@@ -28,12 +34,22 @@ def _enum_value(value: Any) -> str:
 
 
 class UcFunctionTool:
-    """One Unity Catalog function. `client` is a `databricks.sdk.WorkspaceClient`."""
+    """One Unity Catalog function. `client` is a `databricks.sdk.WorkspaceClient` (the gateway's own);
+    with `on_behalf`, every call runs with the caller's federated token instead, and a caller without
+    one gets an error result naming why (the statement is not sent)."""
 
-    def __init__(self, client: Any, info: Any, warehouse_id: str, timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        info: Any,
+        warehouse_id: str,
+        timeout_seconds: float = 30.0,
+        on_behalf: OnBehalf | None = None,
+    ) -> None:
         if not _NAME.match(info.full_name or ""):
             raise ValueError(f"not a function name: {info.full_name!r}")
         self._client = client
+        self._on_behalf = on_behalf
         self._warehouse = warehouse_id
         self._timeout = timeout_seconds
         self._params = sorted(
@@ -65,7 +81,11 @@ class UcFunctionTool:
             annotations={"readOnlyHint": True, "openWorldHint": False},
         )
 
-    def _execute(self, arguments: Mapping[str, Any]) -> Any:
+    def upstream_input(self) -> dict[str, Any]:
+        """`input.upstream`: the workspace, and whose credential the call carries there."""
+        return {"name": "databricks", "credential": "on_behalf_of_user" if self._on_behalf else "gateway"}
+
+    def _execute(self, client: Any, arguments: Mapping[str, Any]) -> Any:
         from databricks.sdk.service.sql import StatementParameterListItem, StatementState
 
         given = [p for p in self._params if p.name in arguments]
@@ -81,7 +101,7 @@ class UcFunctionTool:
             )
             for p in given
         ]  # fmt: skip
-        response = self._client.statement_execution.execute_statement(
+        response = client.statement_execution.execute_statement(
             statement=statement,
             warehouse_id=self._warehouse,
             parameters=parameters,
@@ -95,8 +115,23 @@ class UcFunctionTool:
         return _typed(rows[0][0], self._returns)
 
     async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
+        token = ""
+        if self._on_behalf is None:
+            work = asyncio.to_thread(self._execute, self._client, dict(arguments))
+        else:
+            try:
+                token = await self._on_behalf.token()
+            except CastellanError as exc:  # no Databricks token for this caller: nothing is sent
+                return ToolOutput(text="; ".join(exc.reasons), is_error=True)
+            work = run_as(token, self._execute, self._on_behalf.client, dict(arguments))
         try:
-            result = await asyncio.wait_for(asyncio.to_thread(self._execute, dict(arguments)), self._timeout)
+            result = await asyncio.wait_for(work, self._timeout)
+        except Unauthenticated:
+            if self._on_behalf is None:
+                return ToolOutput(
+                    text=f"{self.spec.name} failed: the workspace refused the gateway's credentials", is_error=True
+                )
+            return ToolOutput(text="; ".join(self._on_behalf.refused(token).reasons), is_error=True)
         except TimeoutError:
             return ToolOutput(text=f"{self.spec.name} timed out after {self._timeout:g} s", is_error=True)
         except Exception as exc:
@@ -118,14 +153,17 @@ def _typed(value: str | None, type_name: str) -> Any:
     return value
 
 
-def uc_function_tools(client: Any, names: list[str], warehouse_id: str, timeout: float = 30.0) -> list[UcFunctionTool]:
-    """Tools for `names`: full function names, or `catalog.schema` for every function in a schema."""
-    tools = []
+def uc_function_tools(
+    client: Any, names: list[str], warehouse_id: str, timeout: float = 30.0, on_behalf: OnBehalf | None = None
+) -> list[UcFunctionTool]:
+    """Tools for `names`: full function names, or `catalog.schema` for every function in a schema.
+    Definitions are read with `client` (the gateway's own: there is no caller at start-up)."""
+    infos = []
     for name in names:
         if name.count(".") == 1:
             catalog, schema = name.split(".")
-            infos = list(client.functions.list(catalog_name=catalog, schema_name=schema))
-            tools += [UcFunctionTool(client, client.functions.get(i.full_name), warehouse_id, timeout) for i in infos]
+            listed = client.functions.list(catalog_name=catalog, schema_name=schema)
+            infos += [client.functions.get(i.full_name) for i in listed]
         else:
-            tools.append(UcFunctionTool(client, client.functions.get(name), warehouse_id, timeout))
-    return tools
+            infos.append(client.functions.get(name))
+    return [UcFunctionTool(client, info, warehouse_id, timeout, on_behalf) for info in infos]

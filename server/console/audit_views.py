@@ -49,6 +49,8 @@ def query_from(params: Mapping[str, str]) -> tuple[AuditQuery, int]:
         elif name == "outcome" and value not in OUTCOMES:
             raise BadFilter(f"outcome must be one of {', '.join(OUTCOMES)}")
         values[name] = value
+    if (params.get("shadow_diff") or "").strip() in ("1", "on", "true"):
+        values["shadow_diff"] = True  # only calls the shadow policy would have decided otherwise
     try:
         page = max(1, min(int(params.get("page") or 1), 100_000))
     except ValueError:
@@ -58,7 +60,7 @@ def query_from(params: Mapping[str, str]) -> tuple[AuditQuery, int]:
 
 def form_values(query: AuditQuery) -> dict[str, str]:
     """The form's fields as the user typed them (times back in the datetime-local shape)."""
-    out = {}
+    out = {"shadow_diff": "1" if query.shadow_diff else ""}
     for f in fields(query):
         if f.name in FILTERS:
             value = getattr(query, f.name)

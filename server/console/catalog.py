@@ -1,6 +1,6 @@
-"""What the catalog pages show: the tools with their securables, who holds which privilege on each
-(effective, read-only, from the local catalog), and quarantined upstream definitions with a diff
-against the approved one."""
+"""What the catalog pages show: the tools, resources and prompts with their securables, who holds which
+privilege on each (effective, read-only, from the local catalog), and quarantined upstream definitions
+with a diff against the approved one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from typing import Any
 
 from server.grants.local import LocalCatalog, ancestors
 from server.identity import PRINCIPAL_KINDS, Principal
+from server.prompts.catalog import PromptCatalog
 from server.registry import ToolRegistry
+from server.resources.catalog import ResourceCatalog
+from server.target import Target
 from server.upstream.pins import Pin, PinStore
 
 
@@ -41,6 +44,53 @@ def tools(registry: ToolRegistry, pins: PinStore | None) -> list[ToolEntry]:
             found[pin.tool] = ToolEntry(pin.tool, str(d.get("title") or ""), str(d.get("description") or ""), "",
                                         pin.upstream, pin.status, dict(d.get("annotations") or {}))  # fmt: skip
     return sorted(found.values(), key=lambda t: t.name)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetEntry:
+    """A resource, resource template or prompt: what it is, the securable it is governed as and the
+    privilege using it needs there (`READ` on a resource, `EXECUTE` on a prompt's function)."""
+
+    kind: str
+    name: str
+    title: str
+    description: str
+    securable: str
+    needs: str
+    upstream: str
+    status: str
+    detail: list[tuple[str, str]] = field(default_factory=list)
+    """(label, value) facts of its kind: a resource's URI and media type, a prompt's arguments."""
+
+
+def _entry(kind: str, target: Target, detail: list[tuple[str, str]]) -> TargetEntry:
+    spec = target.spec
+    needed = target.requirements()[-1]  # after USE CATALOG and USE SCHEMA: the target's own privilege
+    status = f"blocked: {target.blocked}" if target.blocked else "served"
+    needs = f"{needed.privilege} on {needed.securable_type}"
+    return TargetEntry(kind, spec.name, spec.title or "", spec.description, spec.securable, needs,
+                       spec.upstream or "", status, detail)  # fmt: skip
+
+
+def resources(catalog: ResourceCatalog) -> list[TargetEntry]:
+    """Every resource and template the upstreams serve (quarantined ones too, marked blocked)."""
+    found = []
+    for target in catalog:
+        d = target.definition
+        detail = [("URI template" if d.template else "URI", d.uri), ("Media type", d.mime_type or "")]
+        found.append(_entry("resource template" if d.template else "resource", target, detail))
+    return sorted(found, key=lambda e: e.name)
+
+
+def prompts(catalog: PromptCatalog) -> list[TargetEntry]:
+    """Every prompt the upstreams serve, with its declared arguments."""
+    found = []
+    for target in catalog:
+        arguments = ", ".join(
+            f"{a.get('name', '')}{'' if a.get('required') else ' (optional)'}" for a in target.definition.arguments
+        )
+        found.append(_entry("prompt", target, [("Arguments", arguments or "none")]))
+    return sorted(found, key=lambda e: e.name)
 
 
 @dataclass(frozen=True, slots=True)

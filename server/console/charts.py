@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server.console.index import GRAINS, SLOT, ConsoleIndex
+from server.console.index import GRAINS, SHADOW_CHANGES, SLOT, ConsoleIndex
 from server.errors import BackendUnavailable
 from server.identity import Identity
 from server.metering.limits import resolve_limits
@@ -34,6 +34,12 @@ class Chart:
     note: str = ""
     table_head: list[str] = field(default_factory=list)
     table: list[list[Any]] = field(default_factory=list)
+    empty: str = "No calls in this window."
+    """What the page says instead of the chart when there is nothing to draw."""
+    summary_head: list[str] = field(default_factory=list)
+    summary: list[list[Any]] = field(default_factory=list)
+    """A second table shown beside the chart (the chart's own numbers stay in `rows`)."""
+    summary_caption: str = ""
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -182,4 +188,54 @@ async def policy_versions(index: ConsoleIndex, window: str, now: float | None = 
         table_head=["version", "first decided", "last decided", "calls", "allow", "deny", "error", "deny rate",
                     "change from the version before"],
         table=table,
+    )  # fmt: skip
+
+
+# Per window: how many 15-minute slots make one bar of the shadow chart (30 minutes, 4 hours, a day).
+_SHADOW_BAR = {"24h": 2, "7d": 16, "30d": 96}
+_SHADOW_SERIES = {"allow_to_deny": "allow → deny", "deny_to_allow": "deny → allow",
+                  "obligations": "other obligations", "differs": "differs", "error": "shadow error"}  # fmt: skip
+
+
+async def shadow_disagreements(index: ConsoleIndex, window: str, now: float | None = None) -> Chart:
+    """Where the shadow policy (`policy.shadow_path`) would have decided otherwise, over time and by how,
+    and per pair of live and shadow versions how often it agreed: read before promoting a candidate."""
+    per_bar = _SHADOW_BAR[window]
+    bars = WINDOWS[window] // (SLOT * per_bar)
+    last = int((now or time.time()) // SLOT) + 1
+    first = last - bars * per_bar
+    rows = await index.aggregate(
+        "SELECT (slot - ?) / ?, change, SUM(n) FROM slot_shadow WHERE slot >= ? AND slot < ? GROUP BY 1, 2"
+        " HAVING SUM(n) != 0",
+        (first, per_bar, first, last),
+    )
+    versions = await index.aggregate(
+        "SELECT policy_version, shadow_version, SUM(n), SUM(n * (change = 'agree')),"
+        " SUM(n * (change = 'allow_to_deny')), SUM(n * (change = 'deny_to_allow')),"
+        " SUM(n * (change IN ('obligations', 'differs'))), SUM(n * (change = 'error')) FROM slot_shadow"
+        " WHERE slot >= ? AND slot < ? GROUP BY 1, 2 HAVING SUM(n) != 0 ORDER BY MIN(slot), 1, 2 LIMIT 50",
+        (first, last),
+    )
+    by_change: dict[str, list[float]] = {}
+    for bar, change, count in rows:
+        if change != "agree":
+            by_change.setdefault(str(change), [0] * bars)[bar] += count
+    fmt = "%H:%M" if window == "24h" else "%m-%d %H:%M" if window == "7d" else "%m-%d"
+    labels = [datetime.fromtimestamp((first + i * per_bar) * SLOT, UTC).strftime(fmt) for i in range(bars)]
+    order = [c for c in (*SHADOW_CHANGES, "error") if c in by_change]
+    series = [(_SHADOW_SERIES[c], by_change[c]) for c in order] or [("disagreements", [0] * bars)]
+    summary = []
+    for live, shadow, decided, agree, to_deny, to_allow, other, errors in versions:
+        differ = to_deny + to_allow + other
+        rate = f"{differ / (decided - errors):.1%}" if decided - errors else ""
+        summary.append([live or "?", shadow or "?", decided, agree, to_deny, to_allow, other, errors, rate])
+    return Chart(
+        "shadow-disagreements", "Shadow policy: calls it would have decided otherwise", "bar",
+        labels if versions else [], series, stacked=True,
+        empty="No shadow decisions in this window: set policy.shadow_path to decide a candidate policy beside the "
+              "live one, never enforced (docs/shadow-and-replay.md).",
+        summary_caption="Agreement per live and shadow policy version",
+        summary_head=["live version", "shadow version", "decided by both", "agree", "allow → deny", "deny → allow",
+                      "other obligations", "shadow errors", "disagreement rate"],
+        summary=summary,
     )  # fmt: skip

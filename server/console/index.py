@@ -29,7 +29,7 @@ from server.sqlite import enable_wal
 log = structlog.get_logger("castellan.console")
 T = TypeVar("T")
 
-_VERSION = 2
+_VERSION = 3
 SLOT = 900
 _FOLLOW_SECONDS = 300.0
 _FOLLOW_STEP = 5_000
@@ -42,7 +42,10 @@ CREATE TABLE IF NOT EXISTS calls (
   action TEXT, agent TEXT, subject TEXT, tool TEXT, decision TEXT, stage TEXT,
   policy_version TEXT, run_id TEXT, reasons TEXT,
   outcome_seq INTEGER, is_error INTEGER, interrupted INTEGER, flags TEXT,
-  tokens INTEGER, latency_ms REAL
+  tokens INTEGER, latency_ms REAL,
+  shadow TEXT, shadow_version TEXT, shadow_late INTEGER
+  -- shadow: what the shadow policy said against the live one (agree, allow_to_deny, deny_to_allow,
+  -- obligations, error); from the decision record (a refusal) or, shadow_late = 1, the outcome's
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts);
 CREATE INDEX IF NOT EXISTS calls_agent ON calls (agent, seq);
@@ -72,10 +75,15 @@ CREATE TABLE IF NOT EXISTS hour_agent (hour INTEGER NOT NULL, agent TEXT NOT NUL
   tokens INTEGER NOT NULL, last_seq INTEGER NOT NULL, PRIMARY KEY (hour, agent)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hour_reason (hour INTEGER NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
   PRIMARY KEY (hour, reason)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slot_shadow (slot INTEGER NOT NULL, policy_version TEXT NOT NULL,
+  shadow_version TEXT NOT NULL, change TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (slot, policy_version, shadow_version, change)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (name, value)) WITHOUT ROWID;
 """
 # Each summary of the calls `WHERE {where}`, added with sign +1 (entering) or -1 (leaving the index).
 GRAINS = {"15m": 900, "1h": 3600}
+SHADOW_CHANGES = ("allow_to_deny", "deny_to_allow", "obligations", "differs")
+"""The shadow verdicts that are disagreements (`agree` and `error` are not)."""
 """The time grains of the calls-by-tool and denials-by-stage summaries (table suffix: seconds)."""
 _SUMMARIES = (
     *(
@@ -107,6 +115,12 @@ _SUMMARIES = (
     FROM calls c, json_each(c.reasons) j WHERE {where} AND c.decision != 'allow' AND j.type = 'text' GROUP BY 1, 2
     ON CONFLICT (hour, reason) DO UPDATE SET n = n + excluded.n""",
 )
+# The shadow policy's verdicts, counted with the record that carried them: a refusal's with its decision
+# (`{where}` over decisions), an allowed call's with its outcome (`{where}` over outcomes, shadow_late).
+_SUMMARY_SHADOW = """INSERT INTO slot_shadow (slot, policy_version, shadow_version, change, n)
+    SELECT CAST(ts / 900 AS INTEGER), COALESCE(policy_version, ''), COALESCE(shadow_version, ''), shadow, ? * COUNT(*)
+    FROM calls WHERE {where} AND shadow IS NOT NULL GROUP BY 1, 2, 3, 4
+    ON CONFLICT (slot, policy_version, shadow_version, change) DO UPDATE SET n = n + excluded.n"""
 # Tokens arrive with the outcome, often after the decision's step: summed as outcomes enter (and leave).
 _SUMMARY_TOKENS = """INSERT INTO hour_agent (hour, agent, calls, tokens, last_seq)
     SELECT CAST(ts / 3600 AS INTEGER), agent, 0, ? * SUM(COALESCE(tokens, 0)), 0
@@ -120,12 +134,13 @@ _FACETS = (
     "INSERT OR IGNORE INTO facets SELECT 'group', grp FROM call_groups WHERE {where} GROUP BY 2",
 )
 _SUMMARY_TABLES = (*(f"{kind}_{g}" for kind in ("tool", "denial") for g in GRAINS), "slot_policy", "hour_agent",
-                   "hour_reason")  # fmt: skip
+                   "hour_reason", "slot_shadow")  # fmt: skip
 _PRUNE_SUMMARIES = (
     *(f"DELETE FROM {kind}_{g} WHERE n = 0" for kind in ("tool", "denial") for g in GRAINS),
     "DELETE FROM slot_policy WHERE n = 0",
     "DELETE FROM hour_agent WHERE calls = 0 AND tokens = 0",
     "DELETE FROM hour_reason WHERE n = 0",
+    "DELETE FROM slot_shadow WHERE n = 0",
 )
 
 
@@ -134,6 +149,8 @@ def _summarise(conn: sqlite3.Connection, where: str, args: Sequence[Any], sign: 
     for sql in _SUMMARIES:
         conn.execute(sql.format(where=where), (sign, *args))
     conn.execute(_SUMMARY_TOKENS.format(where=tokens_where), (sign, *tokens_args))
+    conn.execute(_SUMMARY_SHADOW.format(where=f"{where} AND shadow_late IS NULL"), (sign, *args))
+    conn.execute(_SUMMARY_SHADOW.format(where=f"{tokens_where} AND shadow_late = 1"), (sign, *tokens_args))
 
 
 # Column of the index for each equality filter of `AuditQuery` (and the console's own: group, stage).
@@ -153,13 +170,18 @@ _OUTCOMES = {
     "unfinished": "c.outcome_seq IS NULL AND c.decision = 'allow'",
 }
 assert set(_OUTCOMES) == set(OUTCOMES)
-_PROJECT_DECISIONS = """
+_SHADOW_OF = """CASE WHEN json_type(record, '$.shadow') IS NULL THEN NULL
+  WHEN json_extract(record, '$.shadow.error') IS NOT NULL THEN 'error'
+  WHEN json_extract(record, '$.shadow.differs') THEN COALESCE(json_extract(record, '$.shadow.change'), 'differs')
+  ELSE 'agree' END"""
+"""A record's shadow verdict against the live decision (server/policy/shadow.py `compare`)."""
+_PROJECT_DECISIONS = f"""
 INSERT OR IGNORE INTO calls (seq, call_id, ts, action, agent, subject, tool, decision, stage, policy_version,
-                             run_id, reasons)
+                             run_id, reasons, shadow, shadow_version)
 SELECT seq, call_id, ts, json_extract(record, '$.action'), json_extract(record, '$.agent_id'),
        json_extract(record, '$.subject'), json_extract(record, '$.tool'), json_extract(record, '$.decision'),
        json_extract(record, '$.stage'), json_extract(record, '$.policy_version'), json_extract(record, '$.run_id'),
-       json_extract(record, '$.reasons')
+       json_extract(record, '$.reasons'), {_SHADOW_OF}, json_extract(record, '$.shadow.policy_version')
 FROM audit.outbox WHERE seq > ? AND seq <= ? AND kind = 'decision'
 """
 _PROJECT_GROUPS = """
@@ -167,10 +189,14 @@ INSERT OR IGNORE INTO call_groups (grp, seq)
 SELECT g.value, o.seq FROM audit.outbox o, json_each(o.record, '$.groups') g
 WHERE o.seq > ? AND o.seq <= ? AND o.kind = 'decision' AND g.type = 'text'
 """
-_PROJECT_OUTCOMES = """
+_PROJECT_OUTCOMES = f"""
 UPDATE calls SET outcome_seq = o.seq, is_error = o.is_error, interrupted = o.interrupted, flags = o.flags,
-                 tokens = o.tokens, latency_ms = o.latency_ms
-FROM (SELECT seq, call_id, json_extract(record, '$.is_error') AS is_error,
+                 tokens = o.tokens, latency_ms = o.latency_ms,
+                 shadow_late = CASE WHEN calls.shadow IS NULL AND o.shadow IS NOT NULL THEN 1 END,
+                 shadow = COALESCE(calls.shadow, o.shadow), shadow_version = COALESCE(calls.shadow_version,
+                 o.shadow_version)
+FROM (SELECT seq, call_id, {_SHADOW_OF} AS shadow, json_extract(record, '$.shadow.policy_version') AS shadow_version,
+             json_extract(record, '$.is_error') AS is_error,
              json_extract(record, '$.interrupted') AS interrupted, json_extract(record, '$.flags') AS flags,
              COALESCE(json_extract(record, '$.tokens_in'), 0) + COALESCE(json_extract(record, '$.tokens_out'), 0)
                AS tokens, json_extract(record, '$.latency_ms') AS latency_ms
@@ -226,6 +252,8 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
             if value not in _OUTCOMES:
                 raise ValueError(f"outcome must be one of {', '.join(_OUTCOMES)}")
             where.append(_OUTCOMES[value])
+        elif f.name == "shadow_diff" and value is True:
+            where.append(f"c.shadow IN ({', '.join(repr(c) for c in SHADOW_CHANGES)})")
         elif f.name not in ("limit", "offset") and value is not False:
             # a filter the index does not hold (e.g. shadow_diff) is refused, never silently dropped
             raise ValueError(f"the console index cannot filter by {f.name}")

@@ -88,8 +88,8 @@ class DatabricksGrants:
             confirmed = [p.name for p in dict.fromkeys(principals) if p.name != ACCOUNT_USERS and self._exists(p)]
             who = list(dict.fromkeys([*confirmed, ACCOUNT_USERS]))
             for principal in who:
-                held |= self._effective(securable_type, securable, principal)
-            if self._owner(securable_type, securable) in who:
+                held |= effective_privileges(self._client, securable_type, securable, principal)
+            if owner_of(self._client, securable_type, securable) in who:
                 held.add(ALL_PRIVILEGES)
         except NotFound:
             return frozenset()
@@ -99,27 +99,6 @@ class DatabricksGrants:
             held |= ALL_EXPANDS_TO
             held.discard(ALL_PRIVILEGES)
         return frozenset(held)
-
-    def _effective(self, securable_type: str, securable: str, principal: str) -> set[str]:
-        held: set[str] = set()
-        page_token: str | None = None
-        # Unity Catalog has no MCP resources: a resource is governed as the volume of that name, and
-        # READ on it is READ VOLUME (docs/protocol.md).
-        uc_type = "volume" if securable_type == "RESOURCE" else securable_type.lower()
-        while True:
-            page = self._client.grants.get_effective(
-                uc_type, securable, principal=principal, max_results=0, page_token=page_token
-            )
-            for assignment in page.privilege_assignments or []:
-                if assignment.principal != principal:
-                    continue
-                for privilege in assignment.privileges or []:
-                    if privilege.privilege is not None:
-                        name = normalize_privilege(privilege.privilege.value)
-                        held.add("READ" if uc_type == "volume" and name == "READ VOLUME" else name)
-            page_token = page.next_page_token
-            if not page_token:
-                return held
 
     def _exists(self, principal: Principal) -> bool:
         """The workspace has a principal of this kind with exactly this name (cached `kind_ttl` s)."""
@@ -146,23 +125,6 @@ class DatabricksGrants:
             self._kinds[principal] = (now, exists)
         return exists
 
-    def _owner(self, securable_type: str, securable: str) -> str | None:
-        from databricks.sdk.errors.platform import NotFound
-
-        api = {
-            "CATALOG": self._client.catalogs,
-            "SCHEMA": self._client.schemas,
-            "FUNCTION": self._client.functions,
-            "TABLE": self._client.tables,
-            "RESOURCE": self._client.volumes,
-        }[securable_type]
-        try:
-            info = api.read(securable) if securable_type == "RESOURCE" else api.get(securable)
-        except NotFound:
-            return None
-        owner = getattr(info, "owner", None)
-        return owner if isinstance(owner, str) and owner else None
-
     async def check(self) -> None:
         def probe() -> None:
             list(self._client.catalogs.list(max_results=1))
@@ -174,3 +136,45 @@ class DatabricksGrants:
 
     async def close(self) -> None:
         return None
+
+
+def effective_privileges(client: Any, securable_type: str, securable: str, principal: str) -> set[str]:
+    """What Unity Catalog says `principal` holds on the securable (`grants.get_effective`, every page)."""
+    held: set[str] = set()
+    page_token: str | None = None
+    # Unity Catalog has no MCP resources: a resource is governed as the volume of that name, and
+    # READ on it is READ VOLUME (docs/protocol.md).
+    uc_type = "volume" if securable_type == "RESOURCE" else securable_type.lower()
+    while True:
+        page = client.grants.get_effective(
+            uc_type, securable, principal=principal, max_results=0, page_token=page_token
+        )
+        for assignment in page.privilege_assignments or []:
+            if assignment.principal != principal:
+                continue
+            for privilege in assignment.privileges or []:
+                if privilege.privilege is not None:
+                    name = normalize_privilege(privilege.privilege.value)
+                    held.add("READ" if uc_type == "volume" and name == "READ VOLUME" else name)
+        page_token = page.next_page_token
+        if not page_token:
+            return held
+
+
+def owner_of(client: Any, securable_type: str, securable: str) -> str | None:
+    """The securable's owner, from its own endpoint (`functions.get`, `tables.get`, ...); None if unknown."""
+    from databricks.sdk.errors.platform import NotFound
+
+    api = {
+        "CATALOG": client.catalogs,
+        "SCHEMA": client.schemas,
+        "FUNCTION": client.functions,
+        "TABLE": client.tables,
+        "RESOURCE": client.volumes,
+    }[securable_type]
+    try:
+        info = api.read(securable) if securable_type == "RESOURCE" else api.get(securable)
+    except NotFound:
+        return None
+    owner = getattr(info, "owner", None)
+    return owner if isinstance(owner, str) and owner else None

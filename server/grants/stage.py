@@ -9,6 +9,7 @@ from server.call import Call, GrantCheck
 from server.errors import Denied
 from server.grants.cache import CachedGrants
 from server.grants.source import Requirement, function_requirements, holds
+from server.invoke import caller
 
 
 def requirements(call: Call) -> tuple[Requirement, ...]:
@@ -50,9 +51,13 @@ class GrantsStage:
         needed = base_requirements(call) if self._function_only else requirements(call)
         checked = call.grants.has if call.grants else ()  # by the function-only pass
         needed = tuple(r for r in needed if str(r) not in checked)
-        held = await asyncio.gather(
-            *(self._grants.privileges(principals, r.securable_type, r.securable) for r in needed)
-        )
+        bound = caller.set(call.identity)  # a source acting on the caller's behalf reads whose call it is
+        try:
+            held = await asyncio.gather(
+                *(self._grants.privileges(principals, r.securable_type, r.securable) for r in needed)
+            )
+        finally:
+            caller.reset(bound)
         has = [str(r) for r, privs in zip(needed, held, strict=True) if holds(r, privs)]
         missing = [str(r) for r, privs in zip(needed, held, strict=True) if not holds(r, privs)]
         if missing:

@@ -29,6 +29,23 @@ and `POST /api/2.0/sql/statements` runs `SELECT `c`.`s`.`f`(p => :p, ...) AS res
 parameters (`{"name", "value", "type"}`, values as strings) against Python stand-ins for the function
 bodies, answering a `StatementResponse` (`status.state`, `manifest.schema.columns`,
 `result.data_array` with values as strings, the JSON_ARRAY format).
+
+OAuth token federation, for the on-behalf-of-user mode ("Authenticate with an identity provider
+token"): `POST /oidc/v1/token` with the form `grant_type=urn:ietf:params:oauth:grant-type:token-exchange`,
+`subject_token` (a JWT), `subject_token_type=urn:ietf:params:oauth:token-type:jwt` and `scope`
+(`all-apis`), answered `{"access_token", "token_type": "Bearer", "expires_in", "scope"}`, or an OAuth
+error (`{"error": "invalid_grant", "error_description"}`, HTTP 400/401). Its federation policy is the
+test's: `federation_keys` verify the JWT's signature, and `federation_issuer`, `federation_audience`
+and `exp` are checked; `sub` names the workspace principal (registered in the catalog as a user or
+service principal). `GET /api/2.0/preview/scim/v2/Me` names a token's principal (`userName`) and its
+groups (`groups[].display`, memberships resolved by the catalog, nested ones included).
+
+With a federated token the workspace answers as that principal, which is not a workspace admin: it may
+read effective permissions only for itself, its groups and `account users` (403 `PERMISSION_DENIED`
+otherwise), and a statement calling a function it lacks `USE CATALOG`, `USE SCHEMA` or `EXECUTE` on
+fails (`status.state` FAILED, `[INSUFFICIENT_PERMISSIONS]`). Bodies declared `with_user` also get the
+caller as `current_user` (what Databricks SQL's `current_user()` gives). Every request's
+`Authorization` header is kept in `authorizations` (path, header), so tests can read the wire.
 """
 
 from __future__ import annotations
@@ -37,7 +54,7 @@ import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +65,10 @@ from server.identity import Principal
 from tests.fakes.loopback import serve_app
 
 TOKEN = "dapi-castellan-test"
+"""The gateway's own token: a workspace admin."""
+ADMIN = "castellan-gateway@example.com"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 _PLURAL = {"catalogs": "CATALOG", "schemas": "SCHEMA", "functions": "FUNCTION", "tables": "TABLE"}
 _SCIM = {
     "Users": ("user", "userName"),
@@ -65,6 +86,8 @@ class FakeFunction:
     returns: str
     comment: str
     body: Callable[..., Any]
+    with_user: bool = False
+    """The body is given `current_user=` (the principal the statement runs as)."""
 
 
 _CALL = re.compile(r"^SELECT `(\w+)`\.`(\w+)`\.`(\w+)`\((.*)\) AS result$")
@@ -80,17 +103,90 @@ class FakeWorkspace:
     statements: list[dict[str, Any]] = field(default_factory=list)
     scim_restricted: bool = False
     """Answer SCIM lists as Databricks does for non-admin callers: entries without their names."""
+    federation_keys: Any = None
+    """A `joserfc` key set the federation policy trusts (None: token federation is refused)."""
+    federation_issuer: str = ""
+    federation_audience: str = ""
+    federated_lifetime: int = 3600
+    federations: list[dict[str, str]] = field(default_factory=list)
+    """Every token federation request's form."""
+    issued: dict[str, str] = field(default_factory=dict)
+    """Federated Databricks token -> the principal it stands for."""
+    authorizations: list[tuple[str, str]] = field(default_factory=list)
 
     def _error(self, status: int, code: str, message: str) -> web.Response:
         return web.json_response({"error_code": code, "message": message}, status=status)
 
     def _guard(self, request: web.Request) -> web.Response | None:
         self.requests.append(request.path_qs)
+        header = request.headers.get("Authorization", "")
+        self.authorizations.append((request.path, header))
         if self.down:
             return self._error(503, "TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable.")
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if header != f"Bearer {TOKEN}" and header.removeprefix("Bearer ") not in self.issued:
             return self._error(401, "UNAUTHENTICATED", "Invalid access token.")
         return None
+
+    def _caller(self, request: web.Request) -> str | None:
+        """The principal a federated token stands for; None for the gateway's own (admin) token."""
+        return self.issued.get(request.headers.get("Authorization", "").removeprefix("Bearer "))
+
+    def groups_of(self, principal: str) -> list[str]:
+        """The groups `principal` is in, nested memberships included."""
+        members = self.catalog.export()["members"]
+        found: list[str] = []
+        todo = [principal]
+        while todo:
+            current = todo.pop()
+            for m in members:
+                if m["member"] == current and m["group"] not in found:
+                    found.append(m["group"])
+                    todo.append(m["group"])
+        return sorted(found)
+
+    async def federate(self, request: web.Request) -> web.Response:
+        form = dict(await request.post())
+        self.federations.append({k: str(v) for k, v in form.items()})
+        if self.down:
+            return self._error(503, "TEMPORARILY_UNAVAILABLE", "The service is temporarily unavailable.")
+
+        def refused(description: str, error: str = "invalid_grant") -> web.Response:
+            return web.json_response({"error": error, "error_description": description}, status=400)
+
+        if form.get("grant_type") != TOKEN_EXCHANGE or form.get("subject_token_type") != JWT_TYPE:
+            return refused("unsupported grant or subject token type", "unsupported_grant_type")
+        if self.federation_keys is None:
+            return refused("no federation policy matches the token")
+        from joserfc import jwt
+        from joserfc.errors import JoseError
+
+        try:
+            token = jwt.decode(str(form.get("subject_token", "")), self.federation_keys)
+            jwt.JWTClaimsRegistry(
+                iss={"essential": True, "value": self.federation_issuer},
+                aud={"essential": True, "value": self.federation_audience},
+                exp={"essential": True},
+            ).validate(token.claims)
+        except (JoseError, ValueError) as exc:
+            return refused(f"the subject token does not satisfy the federation policy: {type(exc).__name__}")
+        subject = str(token.claims.get("sub", ""))
+        if self.catalog.kind_of(subject) not in ("user", "service_principal"):
+            return refused(f"no workspace principal {subject!r}")
+        issued = f"dbx-obo-{uuid.uuid4().hex}"
+        self.issued[issued] = subject
+        return web.json_response(
+            {"access_token": issued, "token_type": "Bearer", "expires_in": self.federated_lifetime,
+             "scope": form.get("scope", "all-apis")}
+        )  # fmt: skip
+
+    async def me(self, request: web.Request) -> web.Response:
+        if (refused := self._guard(request)) is not None:
+            return refused
+        name = self._caller(request) or ADMIN
+        groups = self.groups_of(name)
+        return web.json_response(
+            {"id": f"user-{name}", "userName": name, "groups": [{"display": g, "value": f"group-{g}"} for g in groups]}
+        )
 
     async def effective(self, request: web.Request) -> web.Response:
         if (refused := self._guard(request)) is not None:
@@ -100,6 +196,11 @@ class FakeWorkspace:
         if self.catalog.securable_type(name) != securable_type:
             return self._error(404, "NOT_FOUND", f"{securable_type.title()} '{name}' does not exist.")
         principal = request.query.get("principal")
+        acting = self._caller(request)
+        if acting is not None and principal not in (acting, "account users", *self.groups_of(acting)):
+            return self._error(
+                403, "PERMISSION_DENIED", f"User does not have MANAGE on {securable_type.title()} '{name}'."
+            )
         if request.query.get("max_results") == "0" and "page_token" not in request.query:
             return web.json_response({"privilege_assignments": [], "next_page_token": "page-2"})
         kind = self.catalog.kind_of(principal) if principal else None  # a bare name, as Unity Catalog takes it
@@ -159,6 +260,14 @@ class FakeWorkspace:
             return self._error(404, "NOT_FOUND", f"Function '{name}' does not exist.")
         given = {p["name"]: _CASTS.get(p.get("type", "STRING"), str)(p["value"]) for p in body.get("parameters", [])}
         statement_id = uuid.uuid4().hex
+        acting = self._caller(request)
+        if acting is not None:
+            missing = self._missing_to_call(acting, name)
+            if missing:
+                error = {"error_code": "PERMISSION_DENIED", "message": f"[INSUFFICIENT_PERMISSIONS] {missing}"}
+                return web.json_response({"statement_id": statement_id, "status": {"state": "FAILED", "error": error}})
+            if fn.with_user:
+                given["current_user"] = acting
         try:
             value = fn.body(**given)
         except Exception as exc:
@@ -174,6 +283,21 @@ class FakeWorkspace:
                 "result": {"chunk_index": 0, "row_offset": 0, "row_count": 1, "data_array": [[str(value)]]},
             }
         )  # fmt: skip
+
+    def _missing_to_call(self, principal: str, function: str) -> str:
+        kind = self.catalog.kind_of(principal)
+        principals = [Principal(kind, principal)] if kind else []  # type: ignore[arg-type]
+        catalog, schema, _ = function.split(".")
+        held = {d.privilege for d in self.catalog.effective_detail(principals, function)}
+        held_schema = {d.privilege for d in self.catalog.effective_detail(principals, f"{catalog}.{schema}")}
+        held_catalog = {d.privilege for d in self.catalog.effective_detail(principals, catalog)}
+        for privilege, where, have in (
+            ("USE CATALOG", catalog, held_catalog), ("USE SCHEMA", f"{catalog}.{schema}", held_schema),
+            ("EXECUTE", function, held),
+        ):  # fmt: skip
+            if privilege not in have and "ALL PRIVILEGES" not in have:
+                return f"User does not have {privilege} on '{where}'."
+        return ""
 
     async def scim_list(self, request: web.Request) -> web.Response:
         if (refused := self._guard(request)) is not None:
@@ -220,6 +344,8 @@ async def serve(catalog: LocalCatalog) -> AsyncIterator[tuple[FakeWorkspace, str
     workspace = FakeWorkspace(catalog)
     app = web.Application()
     app.router.add_get("/.well-known/databricks-config", _no_metadata)
+    app.router.add_post("/oidc/v1/token", workspace.federate)
+    app.router.add_get("/api/2.0/preview/scim/v2/Me", workspace.me)
     app.router.add_get("/api/2.1/unity-catalog/effective-permissions/{type}/{name}", workspace.effective)
     app.router.add_get("/api/2.1/unity-catalog/catalogs", workspace.list_catalogs)
     app.router.add_get("/api/2.1/unity-catalog/{kind:catalogs|schemas|functions|tables}/{name}", workspace.info)
@@ -227,3 +353,33 @@ async def serve(catalog: LocalCatalog) -> AsyncIterator[tuple[FakeWorkspace, str
     app.router.add_get("/api/2.0/preview/scim/v2/{resource:Users|ServicePrincipals|Groups}", workspace.scim_list)
     async with serve_app(app) as url:
         yield workspace, url
+
+
+@contextlib.contextmanager
+def serve_in_thread(catalog: LocalCatalog) -> Iterator[tuple[FakeWorkspace, str]]:
+    """`serve` on an event loop of its own thread, for tests whose gateway is built synchronously
+    (its SDK clients read the workspace while they are constructed)."""
+    import asyncio
+    import threading
+
+    served: list[tuple[FakeWorkspace, str]] = []
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with serve(catalog) as workspace_and_url:
+            served.append(workspace_and_url)
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        if not ready.wait(10):
+            raise RuntimeError("the fake workspace did not start")
+        yield served[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()

@@ -1,4 +1,5 @@
-"""Catalog pages: tools and their securables, who holds what, quarantined upstream definitions."""
+"""Catalog pages: tools, resources and prompts and their securables, who holds what, quarantined upstream
+definitions."""
 
 from __future__ import annotations
 
@@ -25,7 +26,41 @@ async def catalog_page(request: Request) -> Response:
     pins = _pins(request)
     entries = await asyncio.to_thread(catalog.tools, console.gateway.registry, pins)
     held = await asyncio.to_thread(catalog.quarantined, pins) if pins else []
+    resources, prompts = _targets(request)
     return console.render(request, "catalog/tools.html", user, tools=entries, quarantined=held,
+                          resources=resources, prompts=prompts,
+                          grants_backend=console.gateway.settings.grants.backend)  # fmt: skip
+
+
+def _targets(request: Request) -> tuple[list[catalog.TargetEntry], list[catalog.TargetEntry]]:
+    surface = console_of(request).gateway.surface
+    if surface is None:
+        return [], []
+    return catalog.resources(surface.resources), catalog.prompts(surface.prompts)
+
+
+async def resource_page(request: Request) -> Response:
+    return await _target_page(request, "resources")
+
+
+async def prompt_page(request: Request) -> Response:
+    return await _target_page(request, "prompts")
+
+
+async def _target_page(request: Request, kind: str) -> Response:
+    """One resource or prompt: what it is, its securable, and who holds what on it (read-only)."""
+    console = console_of(request)
+    user = await console.require(request)
+    name = request.path_params["name"]
+    resources, prompts = _targets(request)
+    entry = next((e for e in (resources if kind == "resources" else prompts) if e.name == name), None)
+    if entry is None:
+        return console.render(request, "not_found.html", user, status=404, what=f"No {kind[:-1]} {name}.")
+    source = console.gateway.grant_source
+    holdings = None
+    if isinstance(source, LocalCatalog) and entry.securable:
+        holdings = await asyncio.to_thread(catalog.holders, source, entry.securable)
+    return console.render(request, "catalog/target.html", user, target=entry, holdings=holdings,
                           grants_backend=console.gateway.settings.grants.backend)  # fmt: skip
 
 
@@ -50,4 +85,6 @@ async def tool_page(request: Request) -> Response:
 ROUTES = [
     Route("/catalog", catalog_page, methods=["GET"]),
     Route("/catalog/tools/{name:path}", tool_page, methods=["GET"]),
+    Route("/catalog/resources/{name:path}", resource_page, methods=["GET"]),
+    Route("/catalog/prompts/{name:path}", prompt_page, methods=["GET"]),
 ]

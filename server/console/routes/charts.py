@@ -25,6 +25,7 @@ async def charts_page(request: Request) -> Response:
         await charts.token_spend(console.index, gateway.meter, gateway.settings.metering, window),
         await charts.denial_reasons(console.index, window),
         await charts.policy_versions(console.index, window),
+        await charts.shadow_disagreements(console.index, window),
     ]
     return console.render(request, "charts.html", user, charts=found, window=window, windows=list(charts.WINDOWS),
                           index=state)  # fmt: skip

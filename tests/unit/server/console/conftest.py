@@ -70,8 +70,10 @@ class ConsoleRig:
         action: str = "call",
         policy_version: str = "v1",
         tokens: int = 10,
+        shadow: dict[str, Any] | None = None,
     ) -> str:
-        """One call's records in the gateway's own outbox: a decision, and an outcome when allowed."""
+        """One call's records in the gateway's own outbox: a decision, and an outcome when allowed.
+        `shadow`: what a shadow policy said (in the decision record of a refusal, the outcome's otherwise)."""
         call = make_call(
             tool_name=tool, identity=make_identity(agent_id=agent, groups=groups), run=RunInfo(run_id=run_id),
             arguments=arguments or {"q": "hello"}, action=action,
@@ -80,6 +82,10 @@ class ConsoleRig:
         call = replace(call, decision=replace(call.decision, policy_version=policy_version))  # type: ignore[arg-type]
         if denied:
             call = replace(call, error=Denied(stage, denied))
+            if shadow is not None:
+                call = replace(call, decision=replace(call.decision, allow=False, shadow=shadow))  # type: ignore[arg-type]
+        elif shadow is not None:
+            call = replace(call, shadow=shadow)
         portal = self.client.portal  # type: ignore[attr-defined]
         portal.call(self.outbox.write, "decision", call.call_id, decision_record(call))
         if not denied:

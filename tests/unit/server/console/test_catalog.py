@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from server.console.catalog import holders, quarantined
 from server.grants.local import LocalCatalog
@@ -54,3 +55,48 @@ def test_the_catalog_pages_list_tools_and_who_may_call_them(rig: ConsoleRig) -> 
     assert "analysts" in tool
     assert "EXECUTE" in tool
     assert rig.client.get("/console/catalog/tools/nope").status_code == 404
+
+
+def test_the_catalog_shows_resources_and_prompts_with_their_securables_and_holders(rig: ConsoleRig) -> None:
+    from server.prompts.target import PromptDefinition, PromptTarget
+    from server.resources.target import ResourceDefinition, ResourceTarget
+
+    async def never(*_: object) -> Any:
+        raise AssertionError("the console reads no resource and gets no prompt")
+
+    gateway = rig.client.app.state.gateway  # type: ignore[attr-defined]
+    readme = ResourceTarget(
+        ResourceDefinition(uri="docs://handbook/readme", name="readme", mime_type="text/markdown"),
+        name="docs.readme", securable="main.upstream.docs__resource__readme", reader=never, upstream="docs",
+    )  # fmt: skip
+    page = ResourceTarget(
+        ResourceDefinition(uri="docs://handbook/{page}", name="page", template=True),
+        name="docs.page", securable="main.upstream.docs__resource__page", reader=never, upstream="docs",
+    )  # fmt: skip
+    summarise = PromptTarget(
+        PromptDefinition(name="summarise", description="Summarise a document",
+                         arguments=({"name": "doc", "required": True}, {"name": "tone"})),
+        name="docs.summarise", securable="main.upstream.docs__prompt__summarise", getter=never, upstream="docs",
+    )  # fmt: skip
+    gateway.surface.resources.sync("docs", [readme, page])
+    gateway.surface.prompts.sync("docs", [summarise])
+    catalog: LocalCatalog = gateway.grant_source
+    catalog.add_securable("RESOURCE", readme.spec.securable)
+    catalog.add_securable("FUNCTION", summarise.spec.securable)
+    catalog.grant("READ", readme.spec.securable, "analysts")
+    catalog.grant("EXECUTE", summarise.spec.securable, "analysts")
+
+    rig.sign_in("castellan:audit")
+    listing = rig.client.get("/console/catalog").text
+    for text in ("docs.readme", "docs://handbook/readme", "resource template", "docs://handbook/{page}",
+                 "READ on RESOURCE", "docs.summarise", "doc, tone (optional)", "EXECUTE on FUNCTION",
+                 "main.upstream.docs__prompt__summarise"):  # fmt: skip
+        assert text in listing, text
+    resource = rig.client.get("/console/catalog/resources/docs.readme").text
+    assert "main.upstream.docs__resource__readme" in resource
+    assert '<th scope="row">analysts</th><td>group</td><td>READ <span class="note">(direct)</span>' in resource
+    prompt = rig.client.get("/console/catalog/prompts/docs.summarise").text
+    assert '<th scope="row">analysts</th><td>group</td><td>EXECUTE <span class="note">(direct)</span>' in prompt
+    assert "text/markdown" not in prompt
+    assert rig.client.get("/console/catalog/prompts/docs.readme").status_code == 404  # a resource is no prompt
+    assert rig.client.get("/console/catalog/resources/nope").status_code == 404

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import re
 
 from server.console.session import COOKIE
@@ -197,6 +199,37 @@ def test_the_charts_show_calls_denials_spend_reasons_and_policy_versions(rig: Co
     assert '<th scope="row">policy: no</th><td>2</td>' in page  # the top reason, as a table too
     assert '<th scope="row">alpha</th><td>20</td>' in page  # spend from the audit log (10 in + 10 out)
     assert "+" in page.split('id="policy-versions"')[1]  # the deny rate's change from v1 to v2
+
+
+def _shadow(change: str | None, version: str = "cand-1") -> dict[str, object]:
+    return {"allow": change != "allow_to_deny", "reasons": [], "obligations": {}, "policy_version": version,
+            "differs": change is not None, "change": change}  # fmt: skip
+
+
+def test_the_shadow_chart_counts_disagreements_by_kind_with_each_versions_agreement(rig: ConsoleRig) -> None:
+    rig.sign_in("castellan:audit")
+    page = rig.client.get("/console/charts", params={"window": "24h"}).text
+    assert "No shadow decisions in this window" in page  # no shadow policy: said so, nothing drawn
+    assert 'id="shadow-disagreements"' not in page
+    for _ in range(3):
+        rig.record(tool="echo", shadow=_shadow(None))  # agreed (an allowed call: in its outcome record)
+    rig.record(tool="echo", shadow=_shadow("allow_to_deny"))
+    rig.record(tool="echo", shadow=_shadow("allow_to_deny"))
+    rig.record(tool="echo", denied="policy: no", shadow=_shadow("deny_to_allow"))  # in the decision record
+    rig.record(tool="echo", shadow={"error": "timed out", "differs": False, "policy_version": "cand-1"})
+    rig.record(tool="echo")  # no shadow decision at all: not counted
+    page = rig.client.get("/console/charts", params={"window": "24h"}).text
+    shadow = page.split('id="shadow-disagreements-title"')[1]
+    assert 'id="shadow-disagreements"' in shadow
+    spec = json.loads(html.unescape(shadow.split("data-chart='")[1].split("'")[0]))
+    assert {s["name"]: sum(s["values"]) for s in spec["series"]} == {
+        "allow → deny": 2, "deny → allow": 1, "shadow error": 1,
+    }  # fmt: skip
+    # the agreement table: decided by both 7, agree 3, allow->deny 2, deny->allow 1, other 0, errors 1; 3 of 6 differ
+    cells = ["v1</th>", "cand-1", "7", "3", "2", "1", "0", "1", "50.0%</td>"]
+    assert '<th scope="row">' + "</td><td>".join(cells).replace("</th></td>", "</th>") in shadow
+    found = rig.client.get("/console/audit", params={"shadow_diff": "1"}).text
+    assert "Calls 1\u20133, newest first" in found  # the chart's link: the three calls decided otherwise
 
 
 def test_a_request_for_another_host_name_is_refused(rig: ConsoleRig) -> None:
