@@ -29,7 +29,6 @@ from tests.fakes import databricks_uc
 from tests.fakes.databricks_uc import FakeFunction, FakeWorkspace
 
 BASE = "http://127.0.0.1:8750"
-ISSUER = "castellan-dev"
 ALICE, BOB, MALLORY = "alice@example.com", "bob@example.com", "mallory@example.com"
 NET_PRICE, WHOAMI = "sales.pricing.net_price", "sales.pricing.whoami"
 
@@ -67,7 +66,7 @@ class Rig:
 
     def token(self, subject: str, ttl: int = 3600) -> str:
         return mint_dev_token(
-            self.settings.data_dir, agent="bot", issuer=ISSUER, audience=self.settings.resource_url,
+            self.settings.data_dir, agent="bot", issuer=self.settings.issuer, audience=self.settings.resource_url,
             subject=subject, scopes=("mcp:tools",), ttl_seconds=ttl,
         )  # fmt: skip
 
@@ -122,7 +121,7 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
             },
         )
         workspace.federation_keys = dev_public_keys(settings.data_dir)
-        workspace.federation_issuer = ISSUER
+        workspace.federation_issuer = settings.issuer
         workspace.federation_audience = settings.resource_url
         with TestClient(create_app(settings), base_url=BASE) as client:
             yield Rig(client, settings, workspace)
