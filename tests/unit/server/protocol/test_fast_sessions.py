@@ -206,3 +206,23 @@ async def test_a_cancelled_request_is_interrupted_and_answered_cancelled() -> No
     assert await running == (True, None)
     assert interrupted
     assert await flights.run("s1", 6, asyncio.sleep(0, result="fine")) == (False, "fine")
+
+
+def test_a_call_served_lean_is_governed_and_recorded_with_the_sessions_client(apps: Any) -> None:
+    (lean, lean_settings), _ = apps
+    agent = Agent(lean, lean_settings)
+    agent.open()
+    before = served(lean)
+    assert agent.request("tools/call", {"name": "echo", "arguments": {"text": "recorded"}})[0] == 200
+    status, refused = agent.request("tools/call", {"name": "no.such.tool", "arguments": {}})
+    assert status == 200
+    assert refused["result"]["isError"] is True
+    assert served(lean) == before + 2
+    outbox = lean.app.state.gateway.outbox  # type: ignore[attr-defined]
+    decisions = lean.portal.call(outbox.recent, 10)  # type: ignore[attr-defined]
+    by_tool = {d["tool"]: d for d in decisions}
+    assert by_tool["echo"]["decision"] == "allow"
+    assert by_tool["echo"]["arguments"] == {"text": "recorded"}
+    assert by_tool["echo"]["client"]["name"] == "a"  # from the session's initialize, as the SDK path records
+    assert by_tool["echo"]["agent_id"] == "agent-1"
+    assert by_tool["no.such.tool"]["decision"] == "deny"
