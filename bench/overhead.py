@@ -1,8 +1,10 @@
 """Overhead of governance: the same `echo` tool direct vs behind Castellan (every stage on, embedded
-defaults), driven by the same client in the same run, interleaved. Prints a table and writes
-bench/results/overhead.{json,md}.
+defaults), driven by the same client in the same run, interleaved, in both protocol eras (2026-07-28
+stateless, and a 2025-11-25 session). Reports latency and calls/s ratios, and the gateway's CPU per
+call from its process's CPU time: its own, and with its shipper's once that has gone quiet (the
+shipper ships what the round left behind). Prints a table and writes bench/results/overhead.{json,md}.
 
-    .venv/bin/python -m bench.overhead [--calls 2000] [--rounds 3]
+    .venv/bin/python -m bench.overhead [--calls 2000] [--rounds 3] [--era 2026|2025|both]
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.load import Sample, drive
+from bench.load import Era, Sample, drive
+from bench.peers import quiesce, root_cpu, tree_cpu
 from server.testing import free_port, run_gateway
 
 RESULTS = Path(__file__).parent / "results"
@@ -58,45 +61,58 @@ def merge(samples: list[Sample]) -> Sample:
     )
 
 
-async def measure(direct_url: str, gateway_url: str, token: str, calls: int, rounds: int) -> list[dict[str, Any]]:
+async def measure(
+    direct_url: str, gateway_url: str, token: str, calls: int, rounds: int, eras: tuple[Era, ...], gateway_pid: int
+) -> list[dict[str, Any]]:
     rows = []
-    for concurrency in (1, 16, 64):
-        await drive(direct_url, None, 200, concurrency)  # warm-up
-        await drive(gateway_url, token, 200, concurrency)
-        direct, gateway = [], []
-        for _ in range(rounds):  # interleaved, so drift on the machine hits both alike
-            direct.append(await drive(direct_url, None, calls, concurrency))
-            gateway.append(await drive(gateway_url, token, calls, concurrency))
-        d, g = merge(direct), merge(gateway)
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "calls": len(g.latencies),
-                "direct_p50_ms": d.percentile(0.5) * 1e3,
-                "direct_p99_ms": d.percentile(0.99) * 1e3,
-                "direct_cps": d.calls_per_second,
-                "gateway_p50_ms": g.percentile(0.5) * 1e3,
-                "gateway_p99_ms": g.percentile(0.99) * 1e3,
-                "gateway_cps": g.calls_per_second,
-                "p50_ratio": g.percentile(0.5) / d.percentile(0.5),
-                "cps_ratio": g.calls_per_second / d.calls_per_second,
-                "errors": d.errors + g.errors,
-            }
-        )
+    for era in eras:
+        for concurrency in (1, 16, 64):
+            await drive(direct_url, None, 200, concurrency, era=era)  # warm-up
+            await drive(gateway_url, token, 200, concurrency, era=era)
+            await quiesce([gateway_pid])
+            direct, gateway = [], []
+            own = total = 0.0
+            for _ in range(rounds):  # interleaved, so drift on the machine hits both alike
+                direct.append(await drive(direct_url, None, calls, concurrency, era=era))
+                own_before, total_before = root_cpu([gateway_pid]), tree_cpu([gateway_pid])
+                gateway.append(await drive(gateway_url, token, calls, concurrency, era=era))
+                own += root_cpu([gateway_pid]) - own_before
+                await quiesce([gateway_pid])  # the shipper finishes what this round left it
+                total += tree_cpu([gateway_pid]) - total_before
+            d, g = merge(direct), merge(gateway)
+            rows.append(
+                {
+                    "era": era,
+                    "concurrency": concurrency,
+                    "calls": len(g.latencies),
+                    "direct_p50_ms": d.percentile(0.5) * 1e3,
+                    "direct_p99_ms": d.percentile(0.99) * 1e3,
+                    "direct_cps": d.calls_per_second,
+                    "gateway_p50_ms": g.percentile(0.5) * 1e3,
+                    "gateway_p99_ms": g.percentile(0.99) * 1e3,
+                    "gateway_cps": g.calls_per_second,
+                    "p50_ratio": g.percentile(0.5) / d.percentile(0.5),
+                    "cps_ratio": g.calls_per_second / d.calls_per_second,
+                    "gateway_cpu_ms": own / len(g.latencies) * 1e3,
+                    "with_shipper_cpu_ms": total / len(g.latencies) * 1e3,
+                    "errors": d.errors + g.errors,
+                }
+            )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| conc | direct p50 ms | direct p99 ms | direct calls/s | gateway p50 ms | gateway p99 ms | gateway calls/s "
-        "| p50 b/a | calls/s b/a | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| era | conc | direct p50 ms | direct p99 ms | direct calls/s | gateway p50 ms | gateway p99 ms "
+        "| gateway calls/s | p50 b/a | calls/s b/a | gateway CPU ms/call | + shipper | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['concurrency']} | {r['direct_p50_ms']:.2f} | {r['direct_p99_ms']:.2f} | {r['direct_cps']:.0f} "
-            f"| {r['gateway_p50_ms']:.2f} | {r['gateway_p99_ms']:.2f} | {r['gateway_cps']:.0f} "
-            f"| {r['p50_ratio']:.2f} | {r['cps_ratio']:.2f} | {r['errors']} |"
+            f"| {r['era']} | {r['concurrency']} | {r['direct_p50_ms']:.2f} | {r['direct_p99_ms']:.2f} "
+            f"| {r['direct_cps']:.0f} | {r['gateway_p50_ms']:.2f} | {r['gateway_p99_ms']:.2f} | {r['gateway_cps']:.0f} "
+            f"| {r['p50_ratio']:.2f} | {r['cps_ratio']:.2f} | {r['gateway_cpu_ms']:.2f} "
+            f"| {r['with_shipper_cpu_ms']:.2f} | {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -131,12 +147,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000, help="calls per round and concurrency level")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--era", choices=("2026", "2025", "both"), default="both")
     args = parser.parse_args()
+    eras: tuple[Era, ...] = ("2026", "2025") if args.era == "both" else (args.era,)
+    load_at_start = [round(x, 2) for x in __import__("os").getloadavg()]
     direct_proc, direct_url = start_direct()
     try:
         with tempfile.TemporaryDirectory() as tmp, run_gateway(Path(tmp), UNLIMITED) as gw:
             token = gw.token("bench-agent", ["analysts"])
-            rows = asyncio.run(measure(direct_url, gw.mcp_url, token, args.calls, args.rounds))
+            rows = asyncio.run(measure(direct_url, gw.mcp_url, token, args.calls, args.rounds, eras, gw.process.pid))
             stages = stage_costs(gw.base_url)
     finally:
         direct_proc.terminate()
@@ -148,6 +167,8 @@ def main() -> None:
         "cpus": __import__("os").cpu_count(),
         "calls_per_round": args.calls,
         "rounds": args.rounds,
+        "eras": list(eras),
+        "load_average_start": load_at_start,
         "load_average": [round(x, 2) for x in __import__("os").getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -85,16 +85,20 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
         settings.auth.scopes_supported or scopes.supported(),
     )
     dev_issuer = build_dev_issuer(settings, settings.auth.scopes_supported or scopes.supported())
+    edge = FastEdge(
+        RelayingSessions(sessions).handle_request,
+        gateway.handlers,
+        gateway.registry,
+        mcp_server,
+        sdk_settings(hosts, origins),
+        json_response=settings.server.json_response and settings.server.fast_path,
+        sessions=sessions,
+        levels=gateway.surface.levels if gateway.surface is not None else None,
+    )
+    app.state.edge = edge
     endpoint = TransportGuard(
         BearerAuthMiddleware(
-            FastEdge(
-                RelayingSessions(sessions).handle_request,
-                gateway.handlers,
-                gateway.registry,
-                mcp_server,
-                sdk_settings(hosts, origins),
-                json_response=settings.server.json_response and settings.server.fast_path,
-            ),
+            edge,
             gateway.verifier,
             metadata_url(settings.base_url, settings.resource_url),
             gateway.metrics,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import replace
 
 import anyio
 import structlog
@@ -48,4 +47,4 @@ class InvokeStage:
         finally:
             active_relay.reset(relaying)
             caller.reset(bound)
-        return replace(call, output=output)
+        return call.evolve(output=output)

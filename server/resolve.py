@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from server.call import Call
 from server.errors import Denied
 from server.registry import ToolRegistry
@@ -28,4 +26,4 @@ class ResolveStage:
         reason = blocked() if blocked is not None else None
         if reason:
             raise Denied(self.name, str(reason))
-        return replace(call, tool=tool)
+        return call.evolve(tool=tool)

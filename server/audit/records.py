@@ -42,7 +42,7 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         "tool": call.tool_name,
         "securable": call.tool.spec.securable if call.tool else None,
         "upstream": call.tool.spec.upstream if call.tool else None,
-        "arguments": redact.apply(dict(call.arguments)),
+        "arguments": {},  # redacted below, once, with the decision's fields too
         "run_id": call.run.run_id,
         "run_depth": call.run.depth,
         "traceparent": call.run.traceparent,
@@ -66,10 +66,14 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
         record["approval"] = dict(approval)
     if decision is not None and decision.shadow is not None:
         record["shadow"] = dict(decision.shadow)
+    redacted: dict[str, Any] = base.apply(record)
+    # `redact` is `base` plus the decision's fields: one pass of it over what the caller sent (another
+    # over its output would redact the markers again, `[[REDACTED]]`)
+    redacted["arguments"] = redact.apply(dict(call.arguments))
     replayable = _replay_input(call)
     if replayable is not None:
-        record["decision_input"] = redact.apply(replayable)
-    return base.apply(record)  # type: ignore[no-any-return]
+        redacted["decision_input"] = redact.apply(replayable)
+    return redacted
 
 
 def _replay_input(call: Call) -> dict[str, Any] | None:
@@ -94,7 +98,7 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         "call_id": call.call_id,
         "is_error": output.is_error if output else call.error is not None,
         "error": "; ".join(call.error.reasons) if call.error else None,
-        "result_preview": redact.apply(preview)[:RESULT_PREVIEW_CHARS] if output else None,
+        "result_preview": None,  # redacted below, once
         "result_chars": content.total_chars(found),
         "content": content.summary(found) if output else None,
         "content_returned": output.returned if output else None,  # before an obligation or truncation
@@ -118,7 +122,10 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
         record["relayed"] = list(call.relay.spans)
     if call.relay is not None and call.relay.cancelled:
         record["cancelled"] = True
-    return base.apply(record)  # type: ignore[no-any-return]
+    redacted: dict[str, Any] = base.apply(record)
+    if output:
+        redacted["result_preview"] = redact.apply(preview)[:RESULT_PREVIEW_CHARS]
+    return redacted
 
 
 def _redacted_text(text: str, redact: Redactor) -> str:

@@ -226,6 +226,7 @@ class Redactor:
     def __init__(self, fields: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
         self._fields = frozenset(f.lower() for f in fields)
         self._scanner = _scanner(tuple(patterns))
+        self._keys: dict[str, tuple[str, int]] = {}
 
     @classmethod
     def from_settings(cls, settings: AuditSettings) -> Redactor:
@@ -244,6 +245,7 @@ class Redactor:
         clone = Redactor.__new__(Redactor)
         clone._fields = self._fields | {f.lower() for f in extra}
         clone._scanner = self._scanner
+        clone._keys = {}
         return clone
 
     def text(self, value: str) -> str:
@@ -251,21 +253,49 @@ class Redactor:
         return self._scanner.redact(value)
 
     def apply(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is str:
+            return self._scanner.redact(value)
+        if kind is dict:
+            return self._mapping(value)
+        if kind is list or kind is tuple:
+            return [self.apply(v) for v in value]
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
         if isinstance(value, str):
             return self._scanner.redact(value)
         if isinstance(value, Mapping):
-            return {self._key(k): self._member(k, v) for k, v in value.items()}
+            return self._mapping(value)
         if isinstance(value, list | tuple):
             return [self.apply(v) for v in value]
         return value
 
-    def _key(self, key: Any) -> Any:
-        return self._scanner.redact(key) if isinstance(key, str) else key
+    def _mapping(self, value: Mapping[Any, Any]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for key, member in value.items():
+            if not isinstance(key, str):
+                out[key] = self.apply(member)
+                continue
+            redacted_key, kind = self._key(key)
+            if kind == _NAMED or (kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member)):
+                out[redacted_key] = REDACTED
+            else:
+                out[redacted_key] = self.apply(member)
+        return out
 
-    def _member(self, key: Any, value: Any) -> Any:
-        if isinstance(key, str):
-            if key.lower() in self._fields:
-                return REDACTED
-            if isinstance(value, str) and _SECRET_NAME.search(key) and _high_entropy(value):
-                return REDACTED
-        return self.apply(value)
+    def _key(self, key: str) -> tuple[str, int]:
+        """The key redacted, and what its name says of its value (member names repeat: remembered)."""
+        known = self._keys.get(key)
+        if known is None:
+            kind = _NAMED if key.lower() in self._fields else _SECRET_LOOKING if _SECRET_NAME.search(key) else _PLAIN
+            known = (self._scanner.redact(key), kind)
+            if len(self._keys) >= _KEY_ENTRIES:  # names a caller chooses must not grow it without bound
+                self._keys.clear()
+            self._keys[key] = known
+        return known
+
+
+_PLAIN, _NAMED, _SECRET_LOOKING = 0, 1, 2
+"""What a member's name says: nothing; it is a configured field (always redacted); it looks secret
+(its high-entropy string value is redacted)."""
+_KEY_ENTRIES = 4096

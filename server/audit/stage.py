@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import structlog
 
@@ -26,7 +25,7 @@ class RecordStage:
 
     async def run(self, call: Call) -> Call:
         await self._outbox.write("decision", call.call_id, decision_record(call, self._redactor))
-        return replace(call, recorded=True)
+        return call.evolve(recorded=True)
 
 
 class AuditStage:

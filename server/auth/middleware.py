@@ -16,7 +16,7 @@ from server.errors import Unauthenticated
 from server.http_errors import send_error
 from server.identity import Identity
 from server.metrics import Metrics
-from server.request_body import buffered, tool_call_params
+from server.request_body import Body, buffered, tool_call_params
 
 log = structlog.get_logger("castellan.auth")
 
@@ -83,7 +83,7 @@ class BearerAuthMiddleware:
             await self._reject(scope, receive, send, exc.error, "invalid_token", exc.description)
             return
         if self._scopes is not None and self._scopes.per_tool and scope.get("method") == "POST":
-            body, receive = await buffered(receive)
+            body, receive = await buffered(scope, receive)
             tool = _called_tool(body)
             missing = self._scopes.missing(tool, identity.scopes) if tool is not None else ()
             if tool is not None and missing:
@@ -133,7 +133,7 @@ class BearerAuthMiddleware:
         await send_error(scope, receive, send, 401, message, {"WWW-Authenticate": challenge})
 
 
-def _called_tool(body: bytes) -> str | None:
+def _called_tool(body: Body) -> str | None:
     """The tool a `tools/call` request names; None for anything else (the transport judges what it is)."""
     params = tool_call_params(body)
     name = params.get("name") if params is not None else None

@@ -27,6 +27,12 @@ class CachedGrants:
         self._max_entries = max_entries
         self._entries: dict[tuple[tuple[Principal, ...], str, str], tuple[float, frozenset[str]]] = {}
 
+    def fresh(self, principals: Sequence[Principal], securable_type: str, securable: str) -> frozenset[str] | None:
+        """The cached privileges while they are within `ttl` (what `privileges` would answer without
+        asking the source), else None."""
+        hit = self._entries.get((tuple(principals), securable_type, securable))
+        return hit[1] if hit is not None and time.monotonic() - hit[0] < self._ttl else None
+
     async def privileges(self, principals: Sequence[Principal], securable_type: str, securable: str) -> frozenset[str]:
         # Keyed on kind and name: the service principal `admins` and the group `admins` never share an entry.
         key = (tuple(principals), securable_type, securable)

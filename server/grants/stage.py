@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from server.call import Call, GrantCheck
 from server.errors import Denied
@@ -51,16 +50,27 @@ class GrantsStage:
         needed = base_requirements(call) if self._function_only else requirements(call)
         checked = call.grants.has if call.grants else ()  # by the function-only pass
         needed = tuple(r for r in needed if str(r) not in checked)
-        bound = caller.set(call.identity)  # a source acting on the caller's behalf reads whose call it is
-        try:
-            held = await asyncio.gather(
-                *(self._grants.privileges(principals, r.securable_type, r.securable) for r in needed)
-            )
-        finally:
-            caller.reset(bound)
-        has = [str(r) for r, privs in zip(needed, held, strict=True) if holds(r, privs)]
-        missing = [str(r) for r, privs in zip(needed, held, strict=True) if not holds(r, privs)]
+        # fresh cache entries are read here; only the rest are asked for, concurrently (a task each)
+        held: list[frozenset[str] | None] = [
+            self._grants.fresh(principals, r.securable_type, r.securable) for r in needed
+        ]
+        misses = [i for i, privs in enumerate(held) if privs is None]
+        if misses:
+            bound = caller.set(call.identity)  # a source acting on the caller's behalf reads whose call it is
+            try:
+                asked = await asyncio.gather(
+                    *(
+                        self._grants.privileges(principals, needed[i].securable_type, needed[i].securable)
+                        for i in misses
+                    )
+                )
+            finally:
+                caller.reset(bound)
+            for i, privs in zip(misses, asked, strict=True):
+                held[i] = privs
+        has = [str(r) for r, privs in zip(needed, held, strict=True) if privs is not None and holds(r, privs)]
+        missing = [str(r) for r, privs in zip(needed, held, strict=True) if privs is None or not holds(r, privs)]
         if missing:
             found = GrantCheck(has=(*checked, *has), missing=tuple(missing))  # the record shows both
             raise Denied(self.name, *(f"missing privilege {m}" for m in missing), grants=found)
-        return replace(call, grants=GrantCheck(has=(*checked, *has), missing=()))
+        return call.evolve(grants=GrantCheck(has=(*checked, *has), missing=()))

@@ -90,7 +90,7 @@ class GuardArgumentsStage:
         if not found:
             return call
         _count(self._counter, found)
-        return replace(call, detections=found)
+        return call.evolve(detections=found)
 
 
 class GuardResultStage:
@@ -122,7 +122,7 @@ class GuardResultStage:
         decision = await self._engine.decide(result_input(call, found))
         if not decision.allow:
             raise Denied(self.name, *(decision.reasons or ("result refused by policy",)), decision=call.decision)
-        call = replace(call, result_detections=found, result_decision=decision)
+        call = call.evolve(result_detections=found, result_decision=decision)
         kinds = frozenset(decision.obligations.get("redact_detections", ()))
         if not kinds:
             return call
@@ -133,7 +133,7 @@ class GuardResultStage:
         if masked.returned is None:  # what the tool returned, for the audit record
             masked = replace(masked, returned=content.summary(content.parts(output)))
         log.info("result_masked", call_id=call.call_id, tool=call.tool_name, kinds=sorted(kinds))
-        return replace(call, output=masked)
+        return call.evolve(output=masked)
 
 
 def guard_stages_for(

@@ -80,7 +80,7 @@ class AdmitStage:
             tool_calls_limit=limits.max_calls_per_tool,
             tool_calls_window_seconds=limits.tool_calls_window_seconds,
         )
-        return replace(call, budget=budget, tokens_in=tokens_in)
+        return call.evolve(budget=budget, tokens_in=tokens_in)
 
 
 class ChargeStage:
@@ -124,7 +124,7 @@ class ChargeStage:
                 withheld=False,
             )
         charged = replace(budget, charged=True) if budget is not None else None
-        return replace(call, output=output, tokens_out=tokens_out, budget=charged, error=error)
+        return call.evolve(output=output, tokens_out=tokens_out, budget=charged, error=error)
 
 
 class ReleaseReservation:

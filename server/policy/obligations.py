@@ -72,7 +72,7 @@ class ObligationsStage:
             output = _capped(output, int(limit), call.tool is not None and call.tool.spec.output_schema is not None)
         if output is not original and output.returned is None:  # what the tool returned, for the audit
             output = replace(output, returned=content.summary(content.parts(original)))
-        return replace(call, output=output)
+        return call.evolve(output=output)
 
 
 def _capped(output: ToolOutput, cut: int, has_output_schema: bool) -> ToolOutput:

@@ -42,5 +42,5 @@ class PolicyStage:
         if shadowed:  # an allowed call does not: it decides while the call is recorded and runs
             assert self._shadow is not None
             pending = self._shadow.begin(document, decision, call.tool_name, call.call_id)
-            return replace(call, decision=decision, shadow_pending=pending)
-        return replace(call, decision=decision)
+            return call.evolve(decision=decision, shadow_pending=pending)
+        return call.evolve(decision=decision)

@@ -18,14 +18,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, cast
 
+import anyio
 import mcp_types as types
 import structlog
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.lowlevel import Server
-from mcp.server.runner import modern_error_data
-from mcp.server.streamable_http import check_accept_headers
+from mcp.server.request_state import RequestStateBoundary
+from mcp.server.runner import ServerRunner, modern_error_data
+from mcp.server.streamable_http import REQUEST_CANCELLED, check_accept_headers
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from mcp.shared.exceptions import NoBackChannelError
 from mcp.shared.inbound import (
     ERROR_CODE_HTTP_STATUS,
     MCP_PARAM_HEADER_PREFIX,
@@ -34,22 +40,47 @@ from mcp.shared.inbound import (
     find_duplicated_routing_header,
     validate_mcp_param_headers,
 )
-from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp.shared.jsonrpc_dispatcher import handler_exception_to_error_data
+from mcp.shared.message import ServerMessageMetadata
+from mcp.shared.transport_context import TransportContext
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    INTERNAL_ERROR,
+    PROTOCOL_VERSION_META_KEY,
+    ErrorData,
+    JSONRPCError,
+    JSONRPCRequest,
+    jsonrpc_message_adapter,
+)
 from mcp_types import methods as surface
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.protocol.tools import McpHandlers
+from server.protocol.fast_sessions import Flights, SessionConnections, Sessions
+from server.protocol.logging import LogLevels
+from server.protocol.notifications import SessionTracker
+from server.protocol.tools import McpHandlers, UnreadCallRecorder
 from server.registry import ToolRegistry
 from server.relay.needed import relay_needed
+from server.request_body import Body, buffered
 
 log = structlog.get_logger("castellan.edge")
 
 SERVED = frozenset({"tools/call", "tools/list"})
 ENVELOPE_KEYS = frozenset({PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY})
 PARAM_KEYS = {"tools/call": frozenset({"name", "arguments", "_meta"}), "tools/list": frozenset({"cursor", "_meta"})}
+KNOWN_MIDDLEWARE = (
+    OpenTelemetryMiddleware,
+    UnreadCallRecorder,
+    RequestStateBoundary,
+    SessionTracker,
+    SessionConnections,
+)
+"""SDK server middleware the 2026-07-28 path may skip for a plain call: each passes it through untouched
+(the OpenTelemetry span aside: with no tracer provider configured it is a no-op)."""
 _VERSION_HEADER = b"mcp-protocol-version"
 _PARAM_PREFIX = MCP_PARAM_HEADER_PREFIX.lower()
 
@@ -117,7 +148,11 @@ class FastEdge:
         security: TransportSecuritySettings,
         *,
         json_response: bool,
+        sessions: StreamableHTTPSessionManager | None = None,
+        levels: LogLevels | None = None,
     ) -> None:
+        """`sessions`: the SDK's session manager, for the 2025-era lean path (None: 2025 is the SDK's).
+        `levels`: the log levels 2025 sessions set (a session that set one is the SDK's to serve)."""
         self._sdk = sdk
         self._handlers = handlers
         self._registry = registry
@@ -127,31 +162,41 @@ class FastEdge:
         self._server_info = server.server_info_stamp
         # SSE responses, and cache hints (none are configured), are the SDK's
         self._enabled = json_response and not server.cache_hints
+        unknown = [type(m).__name__ for m in server.middleware if not isinstance(m, KNOWN_MIDDLEWARE)]
+        # the 2026-07-28 path calls the handlers without the SDK's server middleware: only while every
+        # middleware installed is one shown to leave a plain call alone (the 2025 path runs them all)
+        self._modern = self._enabled and not unknown
+        if unknown:
+            log.info("fast_path_modern_off", reason=f"SDK server middleware it does not know: {', '.join(unknown)}")
+        self._manager = sessions
+        self._sessions: Sessions | None = None
+        self._levels = levels
+        self._flights = Flights()
+        self.served = 0
+        """Requests answered here (for tests and the bench: which path answered)."""
+        if self._enabled and sessions is not None and sessions.json_response and not sessions.stateless:
+            connections = SessionConnections()
+            server.middleware.append(connections)  # learns each session's connection from its handshake
+            self._sessions = Sessions(sessions, connections)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._enabled or scope["type"] != "http" or scope["method"] != "POST" or not _modern(scope):
+        if not self._enabled or scope["type"] != "http" or scope["method"] != "POST":
             await self._sdk(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        messages: list[Message] = []
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        if not await self._serve(scope, body, send):
+        version = _version(scope)
+        if version in MODERN_PROTOCOL_VERSIONS and self._modern:
+            serve = self._serve
+        elif self._sessions is not None and (version is None or version in HANDSHAKE_PROTOCOL_VERSIONS):
+            serve = self._serve_session
+        else:
+            await self._sdk(scope, receive, send)
+            return
+        body, receive = await buffered(scope, receive)
+        if not await serve(scope, body, send):
+            await self._sdk(scope, receive, send)
 
-            async def replay() -> Message:
-                return messages.pop(0) if messages else await receive()
-
-            await self._sdk(scope, replay, send)
-
-    async def _serve(self, scope: Scope, raw: bytes, send: Send) -> bool:
-        """Answers the request and returns True, or returns False having sent nothing."""
+    async def _serve(self, scope: Scope, raw: Body, send: Send) -> bool:
+        """A 2026-07-28 request: answers it and returns True, or returns False having sent nothing."""
         request = Request(scope)
         if await self._security.validate_request(request, is_post=True) is not None:
             return False
@@ -159,10 +204,7 @@ class FastEdge:
             return False
         if find_duplicated_routing_header((k.decode("latin-1"), "") for k, _ in scope["headers"]) is not None:
             return False
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return False
+        body = raw.message()
         headers = dict(request.headers)
         verdict = fast_route(body, headers)
         if verdict is None:
@@ -206,6 +248,92 @@ class FastEdge:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+        self.served += 1
+        return True
+
+    async def _serve_session(self, scope: Scope, raw: Body, send: Send) -> bool:
+        """A request on a 2025-era session: answers a plain `tools/call` or `tools/list` as the SDK's
+        transport, dispatcher and runner would and returns True, or returns False having sent nothing.
+
+        The SDK's own kernel (`ServerRunner`) runs the request over the session's real connection, so the
+        init gate, the params validation, the server middleware (the unread-call recorder among them),
+        the handler and the result's wire shape are the SDK's; what is skipped is the transport's
+        memory streams, the dispatcher's task and the response models."""
+        assert self._sessions is not None
+        request = Request(scope)
+        if await self._security.validate_request(request, is_post=True) is not None:
+            return False
+        session = self._sessions.find(scope, request.headers)
+        if session is None:
+            return False
+        message = raw.message()
+        if not isinstance(message, dict):
+            return False
+        if message.get("method") == "notifications/cancelled":
+            self._flights.cancel(session.session_id, message.get("params"))
+            return False  # the SDK acknowledges it (and cancels what it runs itself)
+        if not check_accept_headers(request)[0] or not _json_content(request.headers.get("content-type", "")):
+            return False
+        route = session_route(message)
+        if route is None:
+            return False
+        request_id, method, params = route
+        try:
+            parsed = jsonrpc_message_adapter.validate_python(message, by_name=False)
+        except ValidationError:
+            return False
+        if not isinstance(parsed, JSONRPCRequest):
+            return False
+        connection = session.connection
+        capabilities = connection.client_capabilities
+        declared = capabilities.model_dump(exclude_none=True) if capabilities is not None else {}
+        level_set = self._levels is not None and self._levels.connection_level(connection) is not None
+        if relay_needed(declared, (params or {}).get("_meta"), log_level_set=level_set):
+            return False
+        runner: ServerRunner[Any] = ServerRunner(
+            self._server, connection, getattr(self._manager, "_lifespan_state", None)
+        )
+        dctx = _SessionDispatch(request_id, ServerMessageMetadata(request_context=request, can_send_request=False))
+        status_body: bytes
+        with self._sessions.in_flight(session):
+            try:
+                cancelled, result = await self._flights.run(
+                    session.session_id, request_id, runner.on_request(dctx, method, params)
+                )
+            except Exception as exc:  # as the SDK's dispatcher: the exception's error, or code 0
+                error = handler_exception_to_error_data(exc)
+                if error is None:
+                    log.exception("handler_raised", method=method)
+                    error = ErrorData(code=0, message=str(exc))
+                status_body = _error_body(request_id, error)
+            else:
+                if cancelled:
+                    status_body = _error_body(
+                        request_id, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
+                    )
+                else:
+                    status_body = json.dumps(
+                        {"jsonrpc": "2.0", "id": request_id, "result": result}, separators=(",", ":")
+                    ).encode()
+        if session.transport.is_terminated:  # the session ended while the request ran: as the SDK answers
+            response = session.transport._create_error_response(
+                "Session terminated before the request completed", HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR
+            )
+            await response(scope, _no_body, send)
+        else:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-length", str(len(status_body)).encode()),
+                        (b"content-type", b"application/json"),
+                        (b"mcp-session-id", session.session_id.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": status_body})
+        self.served += 1
         return True
 
     def _param_headers_refused(self, params: Mapping[str, Any], headers: Mapping[str, str]) -> bool:
@@ -234,11 +362,79 @@ class FastEdge:
         return dict(dumped)
 
 
-def _modern(scope: Scope) -> bool:
+def session_route(message: dict[str, Any]) -> tuple[str | int, str, dict[str, Any] | None] | None:
+    """(id, method, params) of a plain 2025-era `tools/call` or `tools/list` request the lean path may
+    serve, else None (the SDK serves it). Pure."""
+    if message.keys() - {"jsonrpc", "id", "method", "params"} or message.get("jsonrpc") != "2.0":
+        return None
+    request_id, method, params = message.get("id"), message.get("method"), message.get("params")
+    if method not in SERVED or isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        return None
+    if params is None and method == "tools/list" and "params" not in message:
+        return request_id, method, None
+    if not isinstance(params, dict) or params.keys() - PARAM_KEYS[method]:
+        return None  # a task, or anything else this path does not know
+    meta = params.get("_meta", {})
+    if not isinstance(meta, dict) or any(k.startswith("io.modelcontextprotocol/") for k in meta):
+        return None
+    return request_id, method, params
+
+
+@dataclass(slots=True)
+class _SessionDispatch:
+    """The dispatch context of a request served on the lean 2025 path, as the SDK's dispatcher makes it
+    for a JSON-response POST: no server-to-client request on the request's own channel (the JSON body
+    carries only the response; the relay and the SDK use the session's GET stream), and request-scoped
+    notifications dropped, as that transport drops them."""
+
+    _request_id: str | int
+    message_metadata: ServerMessageMetadata
+    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
+    transport: TransportContext = field(
+        default_factory=lambda: TransportContext(kind="streamable-http", can_send_request=False)
+    )
+
+    @property
+    def request_id(self) -> str | int:
+        return self._request_id
+
+    @property
+    def can_send_request(self) -> bool:
+        return False
+
+    async def send_raw_request(self, method: str, params: Mapping[str, Any] | None, opts: Any = None) -> Any:
+        raise NoBackChannelError(method)
+
+    async def notify(self, method: str, params: Mapping[str, Any] | None, opts: Any = None) -> None:
+        return None
+
+    async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
+        return None
+
+
+def _error_body(request_id: str | int, error: ErrorData) -> bytes:
+    return (
+        JSONRPCError(jsonrpc="2.0", id=request_id, error=error)
+        .model_dump_json(by_alias=True, exclude_unset=True)
+        .encode()
+    )
+
+
+def _json_content(content_type: str) -> bool:
+    """The SDK transport's Content-Type check."""
+    return any(part.strip() == "application/json" for part in content_type.split(";")[0].split(","))
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _version(scope: Scope) -> str | None:
+    """The request's MCP-Protocol-Version header (the first, as the SDK's manager reads it)."""
     for key, value in scope["headers"]:
         if key == _VERSION_HEADER:
-            return value.decode("latin-1") in MODERN_PROTOCOL_VERSIONS
-    return False
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _client_params(verdict: InboundModernRoute) -> _ClientParams | None:

@@ -43,6 +43,10 @@ class LogLevels:
         """The level this request's 2025-era session set (None: it set none, or it is 2026-07-28)."""
         return self._levels.get(connection_of(ctx))
 
+    def connection_level(self, connection: Any) -> types.LoggingLevel | None:
+        """The level the 2025-era session on `connection` set (None: it set none)."""
+        return self._levels.get(connection)
+
     async def set_level(
         self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
     ) -> types.EmptyResult:

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import replace
 from typing import Any
 
 import mcp_types as types
@@ -134,8 +133,8 @@ class RelayingCalls:
             channel.offered = dict(params.input_responses)
         if getattr(ctx, "protocol_version", None) is None:
             # the edge's lean path (2026-07-28 JSON, nothing relayable, no stream to cancel): run inline
-            return _checked(await run(replace(call, relay=relay)), None)
-        task = asyncio.get_running_loop().create_task(run(replace(call, relay=relay)), name=f"call-{call.call_id}")
+            return _checked(await run(call.evolve(relay=relay)), None)
+        task = asyncio.get_running_loop().create_task(run(call.evolve(relay=relay)), name=f"call-{call.call_id}")
         if channel is None:
             return _checked(await self._finish(task, relay), ctx)
         entry = Round(principal=principal_of(call.identity), task=task, relay=relay, channel=channel)

@@ -19,12 +19,12 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from server.relay.needed import LOG_LEVEL_META_KEY, progress_token
-from server.request_body import buffered, tool_call_params
+from server.request_body import Body, buffered, tool_call_params
 
 _HEADER = MCP_PROTOCOL_VERSION_HEADER.lower().encode("ascii")
 
 
-def streams_notifications(body: bytes) -> bool:
+def streams_notifications(body: Body) -> bool:
     """The request is a `tools/call` whose `_meta` asks for progress or log messages."""
     params = tool_call_params(body)
     meta = params.get("_meta") if params is not None else None
@@ -49,7 +49,7 @@ class RelayingSessions:
         ):
             await sessions.handle_request(scope, receive, send)
             return
-        body, replay = await buffered(receive)
+        body, replay = await buffered(scope, receive)
         if not streams_notifications(body):
             await sessions.handle_request(scope, replay, send)
             return

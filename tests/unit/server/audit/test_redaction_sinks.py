@@ -172,3 +172,29 @@ def test_exports_redact_records_written_before_a_detector_existed(
     assert table.exit_code == 0, table.output
     assert not leaks(files_under(exports) + table.output.encode(), secrets), f"seed {SEED}"
     assert "[REDACTED]" in (exports / "calls.csv").read_text()
+
+
+def test_a_secret_in_the_arguments_is_marked_once_in_the_record(redactor: Redactor) -> None:
+    call = allowed(make_call(arguments={"text": "connect with password=hunter2hunter2"}))
+    record = decision_record(call, redactor)
+    assert record["arguments"]["text"] == "connect with password=[REDACTED]"
+    done = call.evolve(output=ToolOutput(text="echo: password=hunter2hunter2"))
+    assert outcome_record(done, 0.0, redactor)["result_preview"] == "echo: password=[REDACTED]"
+
+
+def test_the_redactor_leaves_no_member_unscanned_whatever_its_container() -> None:
+    from types import MappingProxyType
+
+    redactor = Redactor(["ssn"])
+    value = {
+        "ssn": "123-45-6789",
+        "api_token": "q8Zr2LmX0pVt7NcK4wYs",
+        "password=hunter2hunter2": ("token=abcdefgh1234", MappingProxyType({"ssn": 1})),
+        7: ["Bearer abcdefghijklmnop"],
+    }
+    assert redactor.apply(value) == {
+        "ssn": "[REDACTED]",
+        "api_token": "[REDACTED]",
+        "password=[REDACTED]": ["token=[REDACTED]", {"ssn": "[REDACTED]"}],
+        7: ["Bearer [REDACTED]"],
+    }
