@@ -1,7 +1,9 @@
 """Console pages on 100,000 audited calls: each page's answer time through a real gateway process
 (HTTP on loopback, signed in), against the baseline in the same run: the same filters through the
 outbox's own JSON search (`/admin/audit`, server/audit/search.py). Also the console index's build
-from cold and the full chain verification. Writes bench/results/console.{json,md}.
+from cold and the full chain verification. A shadow policy decided 60% of the calls (5% of those
+otherwise), and the gateway fronts the conformance fixture server, so the catalog lists resources and
+prompts. Writes bench/results/console.{json,md}.
 
     .venv/bin/python -m bench.console [--calls 100000] [--requests 30]
 """
@@ -10,13 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,7 @@ from server.audit.keys import chain_key_for
 from server.audit.outbox import SqliteOutbox
 from server.auth.devkeys import mint_dev_token
 from server.settings import Settings
-from server.testing import GatewayProcess, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway
 
 RESULTS = Path(__file__).parent / "results"
 AGENTS = [f"agent-{i:02d}" for i in range(50)]
@@ -76,6 +84,14 @@ def seed(data_dir: Path, calls: int, seed_value: int = 11) -> dict[str, Any]:
             "policy_engine": "embedded", "obligations": {}, "grants": ["EXECUTE"], "grants_missing": [],
             "timings_ms": {"authenticate": 0.05, "resolve": 0.01, "admit": 0.4, "grants": 0.03, "policy": 0.2},
         }  # fmt: skip
+        shadow = None
+        if (not deny or stage == "policy") and rng.random() < 0.6:  # the shadow decides where policy does
+            differs = rng.random() < 0.05
+            shadow = {"allow": deny == differs, "reasons": ["candidate: retired"] if differs and not deny else [],
+                      "obligations": {}, "policy_version": f"sha256:c{i // 50_000:03x}", "differs": differs,
+                      "change": ("deny_to_allow" if deny else "allow_to_deny") if differs else None}  # fmt: skip
+            if deny:
+                decision["shadow"] = shadow
         rows = [("decision", ts, decision)]
         if not deny:
             rows.append(("outcome", ts + 0.02, {
@@ -83,7 +99,7 @@ def seed(data_dir: Path, calls: int, seed_value: int = 11) -> dict[str, Any]:
                 "result_preview": "result " + "y" * rng.randint(10, 300), "result_chars": 300,
                 "tokens_in": rng.randint(10, 400), "tokens_out": rng.randint(10, 800), "latency_ms": 3.2,
                 "timings_ms": {**decision["timings_ms"], "invoke": 2.5, "charge": 0.2}, "flags": [],
-                "injection_markers": [],
+                "injection_markers": [], **({"shadow": shadow} if shadow else {}),
             }))  # fmt: skip
         for kind, when, record in rows:
             seq += 1
@@ -151,6 +167,7 @@ async def measure(gw: GatewayProcess, sample: dict[str, Any], requests: int) -> 
             "stage": {"stage": "grants"},
             "reason text": {"reason": "token budget"},
             "time range": {"since": since, "until": until},
+            "shadow disagreements": {"shadow_diff": "1"},
         }
         pages: dict[str, Any] = {}
         for name, params in filters.items():
@@ -163,6 +180,11 @@ async def measure(gw: GatewayProcess, sample: dict[str, Any], requests: int) -> 
                                                     params={"window": window})  # fmt: skip
         pages["catalog"] = await timed(session, f"{base}/console/catalog", requests)
         pages["catalog tool"] = await timed(session, f"{base}/console/catalog/tools/echo", requests)
+        pages["catalog resource"] = await timed(session, f"{base}/console/catalog/resources/fixture.static-text",
+                                                requests)  # fmt: skip
+        pages["catalog prompt"] = await timed(
+            session, f"{base}/console/catalog/prompts/fixture.test_prompt_with_arguments", requests
+        )
         started = time.perf_counter()
         async with session.get(f"{base}/console/audit/chain/verify") as resp:
             verified = "Intact" in await resp.text()
@@ -170,8 +192,15 @@ async def measure(gw: GatewayProcess, sample: dict[str, Any], requests: int) -> 
 
         baseline: dict[str, Any] = {}
         headers = {"authorization": f"Bearer {admin}"}
-        for name in ("no filter", "one agent's denials", "no match (agent)", "group and tool", "reason text"):
-            params = {k: v for k, v in filters[name].items()} | {"limit": "50"}
+        for name in (
+            "no filter",
+            "one agent's denials",
+            "no match (agent)",
+            "group and tool",
+            "reason text",
+            "shadow disagreements",
+        ):
+            params = {k: ("true" if k == "shadow_diff" else v) for k, v in filters[name].items()} | {"limit": "50"}
             baseline[f"audit: {name}"] = await timed(session, f"{base}/admin/audit", max(5, requests // 3),
                                                      params=params, headers=headers)  # fmt: skip
         floor = await timed(session, f"{base}/healthz", requests)
@@ -188,7 +217,9 @@ def write_results(result: dict[str, Any]) -> None:
         "",
         f"{result['calls']:,} calls ({result['records']:,} outbox records, 7 days, 50 agents, 25 tools, 15% denied)"
         f" served by a real gateway process; each page {result['requests']} times after one warm-up, signed in,"
-        f" over HTTP on loopback. Load average at the start: {result['load']}. Target: every page under 300 ms.",
+        f" over HTTP on loopback. Load average (1 min) at the start: {result['load']}, at the end:"
+        f" {result.get('load_end', '?')} (2 cores shared). A shadow policy decided 60% of the calls; the catalog"
+        " lists the conformance fixture server's resources and prompts. Target: every page under 300 ms.",
         "",
         "| page | p50 ms | p95 ms | max ms | baseline: outbox JSON search p50 ms |",
         "|---|---:|---:|---:|---:|",
@@ -212,6 +243,28 @@ def write_results(result: dict[str, Any]) -> None:
     (RESULTS / "console.md").write_text("\n".join(lines) + "\n")
 
 
+@contextlib.contextmanager
+def upstream() -> Iterator[str]:
+    """The conformance fixture server (resources, a template, prompts) on a free port, for the catalog."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=0.5)
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100_000)
@@ -224,10 +277,13 @@ def main() -> None:
         seeded = seed(data_dir, args.calls)
         print(f"seeded {seeded['records']} records in {time.perf_counter() - started:.1f} s")
         load = Path("/proc/loadavg").read_text().split()[0]
-        env = {"CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0"}
-        with run_gateway(data_dir, env, timeout=120) as gw:
-            result = asyncio.run(measure(gw, seeded, args.requests))
-    result.update(calls=args.calls, records=seeded["records"], requests=args.requests, load=load)
+        with upstream() as url:
+            env = {"CASTELLAN_METERING__LIMITS__CALLS_PER_MINUTE": "0",
+                   "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": url}])}  # fmt: skip
+            with run_gateway(data_dir, env, timeout=120) as gw:
+                result = asyncio.run(measure(gw, seeded, args.requests))
+        load_end = Path("/proc/loadavg").read_text().split()[0]
+    result.update(calls=args.calls, records=seeded["records"], requests=args.requests, load=load, load_end=load_end)
     write_results(result)
     print((RESULTS / "console.md").read_text())
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.grants.local import LocalCatalog, ancestors
+from server.grants.source import APPLICABLE
 from server.identity import PRINCIPAL_KINDS, Principal
 from server.prompts.catalog import PromptCatalog
 from server.registry import ToolRegistry
@@ -111,13 +112,18 @@ def holders(catalog: LocalCatalog, securable: str) -> list[Holding]:
     owner = catalog.owner(securable)
     if owner:
         names[owner] = None
+    # what bears on using it: the privileges its type takes, and the USE privileges that reach it (an
+    # EXECUTE inherited from the catalog means nothing on a resource)
+    securable_type = catalog.securable_type(securable)
+    relevant = APPLICABLE.get(securable_type or "", frozenset()) | {"USE CATALOG", "USE SCHEMA"}
     out = []
     for name in names:
         kind = catalog.kind_of(name) or "group"
         if kind not in PRINCIPAL_KINDS:
             continue
         detail = catalog.effective_detail([Principal(kind, name)], securable)
-        privileges = [(d.privilege, d.inherited_from or ("owner" if owner == name else "direct")) for d in detail]
+        privileges = [(d.privilege, d.inherited_from or ("owner" if owner == name else "direct")) for d in detail
+                      if securable_type is None or d.privilege in relevant]  # fmt: skip
         if privileges:
             out.append(Holding(name, kind.replace("_", " "), sorted(privileges)))
     return sorted(out, key=lambda h: (h.kind, h.principal))

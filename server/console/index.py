@@ -56,6 +56,8 @@ CREATE INDEX IF NOT EXISTS calls_stage ON calls (stage, seq);
 CREATE INDEX IF NOT EXISTS calls_policy ON calls (policy_version, seq);
 CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, seq);
 CREATE INDEX IF NOT EXISTS calls_outcome ON calls (outcome_seq);
+CREATE INDEX IF NOT EXISTS calls_shadow_diff ON calls (seq)
+  WHERE shadow IN ('allow_to_deny', 'deny_to_allow', 'obligations', 'differs');
 CREATE TABLE IF NOT EXISTS call_groups (grp TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (grp, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS call_groups_seq ON call_groups (seq);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -84,6 +86,8 @@ CREATE TABLE IF NOT EXISTS facets (name TEXT NOT NULL, value TEXT NOT NULL, PRIM
 GRAINS = {"15m": 900, "1h": 3600}
 SHADOW_CHANGES = ("allow_to_deny", "deny_to_allow", "obligations", "differs")
 """The shadow verdicts that are disagreements (`agree` and `error` are not)."""
+_SHADOW_DIFF = f"shadow IN ({', '.join(repr(c) for c in SHADOW_CHANGES)})"
+assert f"WHERE {_SHADOW_DIFF};" in _SCHEMA  # the partial index answers exactly this condition
 """The time grains of the calls-by-tool and denials-by-stage summaries (table suffix: seconds)."""
 _SUMMARIES = (
     *(
@@ -253,7 +257,7 @@ def where_clause(query: AuditQuery) -> tuple[str, list[Any]]:
                 raise ValueError(f"outcome must be one of {', '.join(_OUTCOMES)}")
             where.append(_OUTCOMES[value])
         elif f.name == "shadow_diff" and value is True:
-            where.append(f"c.shadow IN ({', '.join(repr(c) for c in SHADOW_CHANGES)})")
+            where.append(f"c.{_SHADOW_DIFF}")
         elif f.name not in ("limit", "offset") and value is not False:
             # a filter the index does not hold (e.g. shadow_diff) is refused, never silently dropped
             raise ValueError(f"the console index cannot filter by {f.name}")

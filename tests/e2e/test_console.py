@@ -248,3 +248,120 @@ def approve_in_browser(gw: GatewayProcess, lead: str, shots: Path) -> dict[str, 
         finally:
             browser.close()
     return seen
+
+
+@contextmanager
+def conformance_upstream() -> Iterator[str]:
+    """The conformance fixture server (tools, resources, a template, prompts; the official SDK's server)."""
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=0.5)
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.timeout(900)
+async def test_an_auditor_reads_the_shadow_chart_and_finds_a_resource_and_a_prompt_in_the_catalog(
+    tmp_path: Path,
+) -> None:
+    """A candidate policy that retires echo decides beside the live one; the auditor sees its
+    disagreements charted (and tabled), and the upstream's resources and prompts in the catalog with
+    their securables and who holds what on them."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is missing: run scripts/install-test-deps")
+    import shutil
+
+    from server.settings import REPO_ROOT
+    from tests.integration.conftest import raw_call
+    from tests.integration.test_shadow_and_replay import CANDIDATE_RULE
+
+    shots = _artifacts(tmp_path)
+    candidate = tmp_path / "candidate"
+    shutil.copytree(REPO_ROOT / "policies", candidate)
+    (candidate / "castellan" / "retire_echo.rego").write_text(CANDIDATE_RULE)
+    with conformance_upstream() as upstream:
+        env = {
+            "CASTELLAN_POLICY__SHADOW_PATH": str(candidate),
+            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": upstream}]),
+        }
+        with run_gateway(tmp_path / "gw", env, timeout=180) as gw:
+            analyst = gw.token("e2e-analyst", groups=["analysts"])
+            for i in range(4):  # allowed live, denied by the candidate: four disagreements
+                await raw_call(gw, analyst, "echo", {"text": f"hello {i}"})
+            await raw_call(gw, analyst, "clock.now", {})  # the candidate agrees
+            auditor = gw.token("e2e-auditor", scopes=["castellan:audit"], subject="ann@example.com")
+            seen = await anyio.to_thread.run_sync(read_shadow_and_catalog, gw, auditor, shots)
+    assert "allow → deny" in seen["shadow"]
+    assert "Agreement per live and shadow policy version" in seen["shadow"]
+    assert seen["shadow_row"][2:5] == ["5", "1", "4"]  # decided by both, agree, allow -> deny
+    assert "fixture.static-text" in seen["catalog"]
+    assert "fixture.test_prompt_with_arguments" in seen["catalog"]
+    assert "main.upstream.fixture__resource__test_static_text" in seen["resource"]
+    assert "READ on RESOURCE" in seen["resource"]
+    assert "admins" in seen["resource"]  # ALL PRIVILEGES on main, inherited (demo grants)
+    assert "EXECUTE on FUNCTION" in seen["prompt"]
+    for name in ("charts-shadow", "catalog", "catalog-resource", "catalog-prompt"):
+        assert (shots / f"{name}.png").stat().st_size > 1000
+
+
+def read_shadow_and_catalog(gw: GatewayProcess, auditor: str, shots: Path) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{gw.base_url}/console/sign-in")
+            page.get_by_label("Bearer token").fill(auditor)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url("**/console/audit")
+
+            page.get_by_role("link", name="Charts").click()
+            page.wait_for_url("**/console/charts")
+            deadline = time.monotonic() + 90  # allowed calls' outcomes (the shadow verdicts) are group-committed
+            while not page.locator("canvas#shadow-disagreements").count() and time.monotonic() < deadline:
+                time.sleep(1)
+                page.reload()
+            page.locator("canvas#shadow-disagreements[data-drawn]").wait_for(timeout=30_000)
+            section = page.locator("section", has=page.locator("#shadow-disagreements-title"))
+            seen["shadow"] = section.inner_text() + json.dumps(
+                json.loads(page.locator("canvas#shadow-disagreements").get_attribute("data-chart") or "{}")
+            , ensure_ascii=False)  # fmt: skip
+            seen["shadow_row"] = section.locator("table.summary tbody tr").first.locator("th, td").all_inner_texts()
+            section.scroll_into_view_if_needed()
+            page.screenshot(path=shots / "charts-shadow.png", full_page=True)
+
+            page.get_by_role("link", name="Catalog").click()
+            page.wait_for_url("**/console/catalog")
+            seen["catalog"] = page.inner_text("main")
+            page.screenshot(path=shots / "catalog.png", full_page=True)
+            page.get_by_role("link", name="fixture.static-text", exact=True).click()
+            page.wait_for_url("**/console/catalog/resources/*")
+            seen["resource"] = page.inner_text("main")
+            page.screenshot(path=shots / "catalog-resource.png", full_page=True)
+            page.go_back()
+            page.get_by_role("link", name="fixture.test_prompt_with_arguments", exact=True).click()
+            page.wait_for_url("**/console/catalog/prompts/*")
+            seen["prompt"] = page.inner_text("main")
+            page.screenshot(path=shots / "catalog-prompt.png", full_page=True)
+        finally:
+            browser.close()
+    return seen

@@ -95,6 +95,9 @@ def test_the_catalog_shows_resources_and_prompts_with_their_securables_and_holde
     resource = rig.client.get("/console/catalog/resources/docs.readme").text
     assert "main.upstream.docs__resource__readme" in resource
     assert '<th scope="row">analysts</th><td>group</td><td>READ <span class="note">(direct)</span>' in resource
+    held = resource.split("Who holds what")[1]
+    assert "READ <span" in held.split('<th scope="row">admins</th>')[1]  # ALL PRIVILEGES on main, as it bears here
+    assert "EXECUTE" not in held  # inherited from the catalog, but nothing a resource takes
     prompt = rig.client.get("/console/catalog/prompts/docs.summarise").text
     assert '<th scope="row">analysts</th><td>group</td><td>EXECUTE <span class="note">(direct)</span>' in prompt
     assert "text/markdown" not in prompt
