@@ -153,7 +153,9 @@ class TaskCalls:
         if support == "forbidden" or (version is not None and version not in MODERN_PROTOCOL_VERSIONS):
             return False
         if declared_tasks(ctx, params):
-            return True
+            # a task is found by its starter's identity: without one it could never be polled
+            request = ctx.request if isinstance(ctx.request, Request) else None
+            return request is not None and identity_of(request.scope) is not None
         if support == "required":
             raise _missing_extension(f"tool {params.name[:128]}")
         return False

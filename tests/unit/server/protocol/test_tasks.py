@@ -243,6 +243,11 @@ async def test_a_tool_that_requires_tasks_is_refused_to_a_caller_that_did_not_de
     assert not tasks().wanted(ctx(make_identity(), version="2025-11-25"), params)  # the extension is 2026-07-28's
 
 
+async def test_a_caller_without_an_identity_gets_a_plain_call() -> None:
+    params = types.CallToolRequestParams(name="slow", arguments={})
+    assert not tasks().wanted(ctx(None), params)
+
+
 async def test_a_caller_may_declare_the_extension_on_one_request() -> None:
     meta = {"io.modelcontextprotocol/clientCapabilities": TASKS}
     params = types.CallToolRequestParams.model_validate({"name": "slow", "arguments": {}, "_meta": meta})
