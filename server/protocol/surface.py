@@ -35,7 +35,12 @@ class GatewayServer(Server[Any]):
     ) -> InitializationOptions:
         if notification_options is None and self.list_changed:
             notification_options = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
-        return super().create_initialization_options(notification_options, experimental_capabilities, extensions)
+        if extensions is None:  # the 2025-era handshake: without the extensions served on 2026-07-28 only
+            extensions = {k: v for k, v in self.extensions.items() if k not in self.modern_extensions}
+        options = super().create_initialization_options(notification_options, experimental_capabilities, extensions)
+        if not options.capabilities.extensions:
+            options.capabilities.extensions = None
+        return options
 
     modern_extensions: frozenset[str] = frozenset({"io.modelcontextprotocol/tasks"})
     """Extensions served on 2026-07-28 only: not declared to a 2025-era client (its `initialize`)."""

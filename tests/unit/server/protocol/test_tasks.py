@@ -280,3 +280,16 @@ async def test_a_quick_call_is_answered_plainly_and_becomes_no_task() -> None:
     answered = await calls.run(ctx(owner), runs.call, runs.first, runs.resume, runs.answer)
     assert isinstance(answered, types.CallToolResult)
     assert len(calls) == 0
+
+
+def test_the_extension_is_declared_to_2026_clients_only() -> None:
+    from server.protocol.surface import GatewayServer
+
+    server = GatewayServer("castellan")
+    tasks().attach(server)
+    modern = server.get_capabilities(protocol_version="2026-07-28")
+    assert modern.extensions is not None
+    assert "io.modelcontextprotocol/tasks" in modern.extensions
+    legacy = server.create_initialization_options().capabilities  # a 2025-era initialize
+    assert legacy.extensions is None
+    assert legacy.model_dump(exclude_none=True).get("tasks") is None  # nor the 2025-era tasks capability
