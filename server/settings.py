@@ -640,8 +640,9 @@ class TasksSettings(BaseModel):
     max_ttl_seconds: float = Field(default=86_400.0, gt=0)
     """The longest a caller may ask a task to be kept; a running task is cancelled when it expires."""
     promote_after_seconds: float = Field(default=0.5, ge=0)
-    """A call that answers (or asks the agent something) sooner is answered as a plain call; one
-    still running then becomes a task. 0: every call to a tool that supports tasks becomes one."""
+    """A call whose tool answers (or asks the agent something) sooner after it started is answered as
+    a plain call; one still running then becomes a task. 0: every call to a tool that supports tasks
+    becomes one."""
     poll_interval_ms: int = Field(default=500, gt=0)
     """The polling interval the gateway suggests to the caller."""
     max_tasks: int = Field(default=10_000, gt=0)

@@ -48,6 +48,27 @@ from server.tasks.support import TASKS_EXTENSION
 
 log = structlog.get_logger("castellan.tasks")
 _CLOSE_SECONDS = 10.0
+_POLL_SECONDS = 0.02
+_BEFORE_TOOL = 10
+"""The stages before the tool (an approval that waits, say) count once they take this many windows."""
+
+
+class ToolWatch:
+    """What the window before a call becomes a task watches: the call's relay, once the pipeline has
+    it (`seen`). The tool has started once the relay is bound to the call (the invoke stage binds it);
+    it is asking the agent while the relay decides a request."""
+
+    def __init__(self) -> None:
+        self.relay: Any = None
+
+    def seen(self, relay: Any) -> None:
+        self.relay = relay
+
+    def started(self) -> bool:
+        return self.relay is not None and getattr(self.relay, "call", None) is not None
+
+    def asking(self) -> bool:
+        return self.relay is not None and getattr(self.relay, "deciding", 0) > 0
 
 
 First = Callable[[], Awaitable[Call | types.InputRequiredResult]]
@@ -161,19 +182,26 @@ class TaskCalls:
         return False
 
     async def run(
-        self, ctx: ServerRequestContext[Any, Any], call: Call, first: First, resume: Resume, answer: Answer
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call: Call,
+        first: First,
+        resume: Resume,
+        answer: Answer,
+        watch: ToolWatch | None = None,
     ) -> types.CallToolResult | types.InputRequiredResult | dict[str, Any]:
-        """Start the call; if it answers, or asks the agent something, within `promote_after_seconds`,
-        answer as a plain call would (SEP-2663's immediate result; an input round stays a plain
-        round, and its next round may become the task). Otherwise the call becomes a task: its
-        creation is audited durably before the caller hears of it, and the `CreateTaskResult` is
-        answered. When the task cannot be kept (the store is full, its record cannot be written)
-        the call goes on as a plain call."""
+        """Start the call; if its tool answers, or asks the agent something, within
+        `promote_after_seconds` of starting, answer as a plain call would (SEP-2663's immediate
+        result; an input round stays a plain round, and its next round may become the task).
+        Otherwise the call becomes a task: its creation is audited durably before the caller hears
+        of it, and the `CreateTaskResult` is answered. When the task cannot be kept (the store is
+        full, its record cannot be written) the call goes on as a plain call.
+
+        `watch` tells when the tool started (the stages before it, under load, do not count) and
+        whether it is asking the agent something; without it the window counts from now."""
         work: asyncio.Task[Call | types.InputRequiredResult] = asyncio.ensure_future(first())
-        window = self._settings.promote_after_seconds
         try:
-            if window > 0:
-                await asyncio.wait({work}, timeout=window)
+            await self._window(work, watch)
         except asyncio.CancelledError:
             work.cancel()
             await asyncio.wait({work})
@@ -184,6 +212,21 @@ class TaskCalls:
                 return created
         outcome = await work
         return outcome if isinstance(outcome, types.InputRequiredResult) else await answer(outcome)
+
+    async def _window(self, work: asyncio.Task[Any], watch: ToolWatch | None) -> None:
+        window = self._settings.promote_after_seconds
+        if window <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        started = began if watch is None else None
+        while not work.done():
+            now = loop.time()
+            if started is None and (watch is None or watch.started() or now - began > _BEFORE_TOOL * window):
+                started = now
+            if started is not None and now - started >= window and not (watch is not None and watch.asking()):
+                return
+            await asyncio.wait({work}, timeout=min(window, _POLL_SECONDS))
 
     async def _create(
         self, call: Call, work: asyncio.Task[Call | types.InputRequiredResult], resume: Resume, answer: Answer

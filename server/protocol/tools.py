@@ -22,7 +22,7 @@ from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.protocol.relay import RecordedError, RelayingCalls
-from server.protocol.tasks import TaskCalls
+from server.protocol.tasks import TaskCalls, ToolWatch
 from server.registry import ToolSpec
 from server.request_id import request_id_of
 from server.runs import run_info
@@ -194,10 +194,17 @@ class McpHandlers:
         assert relaying is not None
         assert tasks is not None
 
+        watch = ToolWatch() if call is not None else None  # a next round: its tool runs already
+
+        async def run(started: Call) -> Call:
+            if watch is not None:
+                watch.seen(started.relay)
+            return await self._pipeline.run(started)
+
         async def first() -> Call | types.InputRequiredResult:
             if call is None:
                 return await relaying.resume(ctx, params)
-            return await relaying.start(ctx, params, call, meta, self._pipeline.run)
+            return await relaying.start(ctx, params, call, meta, run)
 
         async def resume(responses: dict[str, Any], state: str | None) -> Call | types.InputRequiredResult:
             update = {"input_responses": responses, "request_state": state}
@@ -210,7 +217,7 @@ class McpHandlers:
 
         # the next round of a waiting call: its call id is known once it ends
         owner = call if call is not None else _bare_call(ctx, "")
-        return await tasks.run(ctx, owner, first, resume, answer)
+        return await tasks.run(ctx, owner, first, resume, answer, watch)
 
     def _answer(self, call: Call, started: float) -> types.CallToolResult:
         try:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from server.auth.middleware import IDENTITY_SCOPE_KEY
 from server.call import Call
 from server.identity import Identity
-from server.protocol.tasks import TaskCalls, TaskIdParams, TaskUpdateParams
+from server.protocol.tasks import TaskCalls, TaskIdParams, TaskUpdateParams, ToolWatch
 from server.registry import ToolOutput, ToolRegistry, ToolSpec
 from server.settings import TasksSettings
 from server.tasks.audit import TaskAudit
@@ -293,3 +293,24 @@ def test_the_extension_is_declared_to_2026_clients_only() -> None:
     legacy = server.create_initialization_options().capabilities  # a 2025-era initialize
     assert legacy.extensions is None
     assert legacy.model_dump(exclude_none=True).get("tasks") is None  # nor the 2025-era tasks capability
+
+
+async def test_the_window_counts_from_the_tools_start_and_an_ask_in_progress_keeps_the_call_plain() -> None:
+    owner = make_identity()
+    calls = TaskCalls(TasksSettings(promote_after_seconds=0.2), registry(), TaskAudit(MemoryOutbox()))
+    runs = Runs(make_call(tool_name="slow", identity=owner))
+    relay = SimpleNamespace(call=None, deciding=0)
+    watch = ToolWatch()
+    watch.seen(relay)
+    asks = types.InputRequiredResult.model_validate({"inputRequests": {"k": {"method": "roots/list"}}})
+
+    async def first() -> Call | types.InputRequiredResult:
+        await asyncio.sleep(0.5)  # the stages before the tool, slow on a loaded machine
+        relay.call = runs.call  # the invoke stage binds the relay
+        relay.deciding = 1  # the tool asks the agent; policy takes its time deciding
+        await asyncio.sleep(0.4)
+        return asks
+
+    answered = await calls.run(ctx(owner), runs.call, first, runs.resume, runs.answer, watch)
+    assert answered is asks  # a plain input round, not a task
+    assert len(calls) == 0
