@@ -66,12 +66,14 @@ from server.protocol.prompts import PromptHandlers
 from server.protocol.relay import relaying_calls
 from server.protocol.resources import ResourceHandlers
 from server.protocol.surface import Surface
+from server.protocol.tasks import TaskCalls
 from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.resources.catalog import ResourceCatalog
 from server.resources.resolve import ResolveResourceStage
 from server.settings import Settings
+from server.tasks.audit import TaskAudit
 from server.upstream.credentials import UpstreamCredential, attach_credentials, grant_store, make_credentials
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
@@ -166,6 +168,8 @@ class Gateway:
             raise BackendUnavailable("audit", status)
 
     async def close(self) -> None:
+        if self.handlers.tasks is not None:
+            await self.handlers.tasks.close()  # running tasks are cancelled, and recorded so
         if self.surface is not None:
             self.surface.changes.close()  # open subscriptions/listen streams end gracefully
         if self.upstreams is not None:
@@ -360,6 +364,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     handlers = McpHandlers(
         ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying_calls(settings, engine, counter)
     )
+    if settings.tasks.enabled:  # long-running calls as tasks (2026-07-28 extension): docs/protocol.md
+        handlers.tasks = TaskCalls(settings.tasks, registry, TaskAudit(outbox, redactor))
 
     # A resource read, a prompt and a completion are governed acts like a tool call: the same stages,
     # the target resolved from its catalog and what using it needs checked (docs/protocol.md).

@@ -30,6 +30,8 @@ class ToolSpec:
     annotations: Mapping[str, Any] = field(default_factory=dict)
     title: str | None = None
     upstream: str | None = None
+    task_support: str = "forbidden"
+    """Whether a call may run as a task (`optional`, `required`; server/protocol/tasks.py)."""
 
     def __post_init__(self) -> None:
         if not _TOOL_NAME.match(self.name):

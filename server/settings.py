@@ -630,6 +630,27 @@ class RelaySettings(BaseModel):
     waiting call lives in its process anyway)."""
 
 
+class TasksSettings(BaseModel):
+    """The tasks extension (`io.modelcontextprotocol/tasks`, 2026-07-28): a call to a tool that
+    supports tasks may run as a task the caller polls (see docs/protocol.md, "Tasks")."""
+
+    enabled: bool = True
+    default_ttl_seconds: float = Field(default=3600.0, gt=0)
+    """How long a task (and its result) is kept from its creation, unless the caller asks for less."""
+    max_ttl_seconds: float = Field(default=86_400.0, gt=0)
+    """The longest a caller may ask a task to be kept; a running task is cancelled when it expires."""
+    promote_after_seconds: float = Field(default=0.5, ge=0)
+    """A call whose tool answers (or asks the agent something) sooner after it started is answered as
+    a plain call; one still running then becomes a task. 0: every call to a tool that supports tasks
+    becomes one."""
+    poll_interval_ms: int = Field(default=500, gt=0)
+    """The polling interval the gateway suggests to the caller."""
+    max_tasks: int = Field(default=10_000, gt=0)
+    """Tasks kept by this process at once (running or finished, until they expire)."""
+    max_tasks_per_identity: int = Field(default=100, gt=0)
+    """Tasks one identity (subject and agent) may hold at once."""
+
+
 class Settings(BaseSettings):
     """Everything configurable. Precedence: explicit values, then env vars, then the TOML file."""
 
@@ -658,6 +679,7 @@ class Settings(BaseSettings):
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    tasks: TasksSettings = Field(default_factory=TasksSettings)
 
     @classmethod
     def settings_customise_sources(

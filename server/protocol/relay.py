@@ -166,12 +166,16 @@ class RelayingCalls:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # The agent cancelled (or went away): stop the tool; the pipeline still records the call.
-            relay.cancel()
-            if isinstance(relay.channel, InputRequiredChannel):
-                relay.channel.abandon()
-            await asyncio.wait({task})
+            await self._stop(task, relay)
             raise
+
+    @staticmethod
+    async def _stop(task: asyncio.Task[Call], relay: Relay) -> None:
+        # The agent cancelled (or went away): stop the tool; the pipeline still records the call.
+        relay.cancel()
+        if isinstance(relay.channel, InputRequiredChannel):
+            relay.channel.abandon()
+        await asyncio.wait({task})
 
     async def _advance(self, entry: Round) -> Call | types.InputRequiredResult:
         channel = entry.channel
@@ -183,7 +187,8 @@ class RelayingCalls:
                     await asyncio.wait({entry.task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
                     waiter.cancel()
-                    await self._finish(entry.task, entry.relay)
+                    # stopped at once: a plain asyncio cancel (a task's) is delivered only once
+                    await self._stop(entry.task, entry.relay)
                     raise
                 waiter.cancel()
             if entry.task.done():

@@ -25,12 +25,16 @@ def build_mcp_server(handlers: McpHandlers, registry: ToolRegistry, surface: Sur
         title="Castellan MCP gateway",
         instructions=INSTRUCTIONS,
         on_list_tools=handlers.list_tools,
-        on_call_tool=handlers.call_tool,
+        # a task's CreateTaskResult is a dict: an extension's result shape, which the SDK's types do not name
+        on_call_tool=handlers.call_tool,  # type: ignore[arg-type]
         get_tool_input_schema=input_schema,
     )
     server.middleware.append(UnreadCallRecorder(handlers))
     if surface is not None:  # resources, prompts, completions: registered as sources serve them
         surface.attach(server)
+    tasks = getattr(handlers, "tasks", None)
+    if tasks is not None:  # the tasks extension (2026-07-28): tasks/get, tasks/update, tasks/cancel
+        tasks.attach(server)
     relaying = getattr(handlers, "relaying", None)
     if relaying is not None:  # inside the recorder: a tampered requestState is recorded as refused
         server.middleware.append(relaying.boundary)

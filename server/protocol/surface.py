@@ -10,6 +10,7 @@ from typing import Any
 import mcp_types as types
 from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from server.prompts.catalog import PromptCatalog
 from server.protocol.completions import CompletionHandlers
@@ -34,7 +35,33 @@ class GatewayServer(Server[Any]):
     ) -> InitializationOptions:
         if notification_options is None and self.list_changed:
             notification_options = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
-        return super().create_initialization_options(notification_options, experimental_capabilities, extensions)
+        if extensions is None:  # the 2025-era handshake: without the extensions served on 2026-07-28 only
+            extensions = {k: v for k, v in self.extensions.items() if k not in self.modern_extensions}
+        options = super().create_initialization_options(notification_options, experimental_capabilities, extensions)
+        if not options.capabilities.extensions:
+            options.capabilities.extensions = None
+        return options
+
+    modern_extensions: frozenset[str] = frozenset({"io.modelcontextprotocol/tasks"})
+    """Extensions served on 2026-07-28 only: not declared to a 2025-era client (its `initialize`)."""
+
+    def get_capabilities(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+        *,
+        protocol_version: str | None = None,
+    ) -> types.ServerCapabilities:
+        legacy = extensions is None and protocol_version not in MODERN_PROTOCOL_VERSIONS
+        if legacy:
+            extensions = {k: v for k, v in self.extensions.items() if k not in self.modern_extensions}
+        capabilities = super().get_capabilities(
+            notification_options, experimental_capabilities, extensions, protocol_version=protocol_version
+        )
+        if legacy and not capabilities.extensions:
+            capabilities.extensions = None
+        return capabilities
 
 
 @dataclass

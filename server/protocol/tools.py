@@ -22,6 +22,7 @@ from server.listing import ToolLister
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.protocol.relay import RecordedError, RelayingCalls
+from server.protocol.tasks import TaskCalls, ToolWatch
 from server.registry import ToolSpec
 from server.request_id import request_id_of
 from server.runs import run_info
@@ -103,6 +104,8 @@ class McpHandlers:
         """Calls that can relay (server.protocol.relay); None: nothing is relayed."""
         self.decided: Callable[[ServerRequestContext[Any, Any], Call], Awaitable[None]] | None = None
         """Told each call's outcome (the gateway's log notification of what it decided: protocol/logging.py)."""
+        self.tasks: TaskCalls | None = None
+        """Calls that may become tasks (server/protocol/tasks.py); None: none do."""
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -114,13 +117,16 @@ class McpHandlers:
 
     async def call_tool(
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
-    ) -> types.CallToolResult | types.InputRequiredResult:
+    ) -> types.CallToolResult | types.InputRequiredResult | dict[str, Any]:
         request = ctx.request if isinstance(ctx.request, Request) else None
         call_id = uuid.uuid4().hex
         started = time.perf_counter()
         meta = _as_mapping(params.meta) or {}
+        tasked = self.relaying is not None and self.tasks is not None and await self._tasked(ctx, params)
         if self.relaying is not None and params.request_state is not None:
             # the next round of a call waiting for the agent (2026-07-28): not a new call
+            if tasked:
+                return await self._as_task(ctx, params, None, started)
             resumed = await self.relaying.resume(ctx, params)
             if isinstance(resumed, types.InputRequiredResult):
                 return resumed
@@ -145,6 +151,8 @@ class McpHandlers:
             call = await self._pipeline.refuse(_bare_call(ctx, call_id), error)
         else:
             try:
+                if tasked:
+                    return await self._as_task(ctx, params, call, started)
                 if self.relaying is not None:
                     outcome = await self.relaying.start(ctx, params, call, meta, self._pipeline.run)
                     if isinstance(outcome, types.InputRequiredResult):
@@ -162,6 +170,54 @@ class McpHandlers:
         if self.decided is not None:
             await self.decided(ctx, call)
         return self._answer(call, started)
+
+    async def _tasked(self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams) -> bool:
+        """Whether the call may become a task; a tool that needs tasks, from a caller that did not
+        declare them, is refused (recorded, then the -32021 protocol error)."""
+        assert self.tasks is not None
+        try:
+            return self.tasks.wanted(ctx, params)
+        except MCPError as exc:
+            await self.refuse_unread(ctx, Denied("tasks", exc.error.message))
+            raise RecordedError(code=exc.error.code, message=exc.error.message, data=exc.error.data) from None
+
+    async def _as_task(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        params: types.CallToolRequestParams,
+        call: Call | None,
+        started: float,
+    ) -> types.CallToolResult | types.InputRequiredResult | dict[str, Any]:
+        """Run the call (or, `call` None, the next round of a waiting one) so it may become a task: the
+        same relay and pipeline, its result kept for `tasks/get` (server/protocol/tasks.py)."""
+        relaying, tasks, meta = self.relaying, self.tasks, _as_mapping(params.meta) or {}
+        assert relaying is not None
+        assert tasks is not None
+
+        watch = ToolWatch() if call is not None else None  # a next round: its tool runs already
+
+        async def run(started: Call) -> Call:
+            if watch is not None:
+                watch.seen(started.relay)
+            return await self._pipeline.run(started)
+
+        async def first() -> Call | types.InputRequiredResult:
+            if call is None:
+                return await relaying.resume(ctx, params)
+            return await relaying.start(ctx, params, call, meta, run)
+
+        async def resume(responses: dict[str, Any], state: str | None) -> Call | types.InputRequiredResult:
+            update = {"input_responses": responses, "request_state": state}
+            return await relaying.resume(ctx, params.model_copy(update=update))
+
+        async def answer(done: Call) -> types.CallToolResult:
+            if self.decided is not None:
+                await self.decided(ctx, done)
+            return self._answer(done, started)
+
+        # the next round of a waiting call: its call id is known once it ends
+        owner = call if call is not None else _bare_call(ctx, "")
+        return await tasks.run(ctx, owner, first, resume, answer, watch)
 
     def _answer(self, call: Call, started: float) -> types.CallToolResult:
         try:

@@ -16,6 +16,7 @@ PROGRESS_TOKEN_PARSED = "progress_token"
 LOG_LEVEL_META_KEY = "io.modelcontextprotocol/logLevel"
 CLIENT_CAPABILITIES_META_KEY = "io.modelcontextprotocol/clientCapabilities"
 RELAYABLE_CAPABILITIES = ("sampling", "elicitation", "roots")
+TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 
 
 def relay_needed(
@@ -40,6 +41,9 @@ def relay_needed(
     if capabilities is None:
         declared = meta.get(CLIENT_CAPABILITIES_META_KEY)
         capabilities = declared if isinstance(declared, Mapping) else {}
+    extensions = capabilities.get("extensions")
+    if isinstance(extensions, Mapping) and TASKS_EXTENSION in extensions:
+        return True  # the call may become a task (server/protocol/tasks.py)
     return any(capabilities.get(name) is not None for name in RELAYABLE_CAPABILITIES)
 
 

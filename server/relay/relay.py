@@ -101,6 +101,8 @@ class Relay:
         self._running: asyncio.Future[Any] | None = None
         self.protocol_error: Any = None
         """An upstream's protocol error the agent should get as one (`ErrorData`: a missing capability)."""
+        self.upstream_error: Any = None
+        """Any protocol error the upstream answered the call with (`ErrorData`): a task that ends so failed."""
         self.deciding = 0
         """Requests being decided right now (the edge waits for them before it answers a round)."""
 

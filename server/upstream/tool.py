@@ -16,6 +16,7 @@ from server.invoke import caller
 from server.registry import ToolOutput, ToolSpec
 from server.relay.relay import RelayRefused, active_relay
 from server.settings import UpstreamSettings
+from server.tasks.support import task_support_of
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import Status
 
@@ -23,7 +24,7 @@ from server.upstream.pins import Status
 def definition_of(tool: Any) -> dict[str, Any]:
     """What is pinned: everything an agent (or its model) reads about the tool."""
     annotations = getattr(tool, "annotations", None)
-    return {
+    definition = {
         "name": tool.name,
         "title": getattr(tool, "title", None),
         "description": tool.description or "",
@@ -31,6 +32,12 @@ def definition_of(tool: Any) -> dict[str, Any]:
         "output_schema": _dump(getattr(tool, "outputSchema", None) or getattr(tool, "output_schema", None)),
         "annotations": _dump(annotations),
     }
+    # Task support only when declared, so the pins of tools that declare none are unchanged.
+    declared = {"meta": _dump(getattr(tool, "meta", None)), "execution": _dump(getattr(tool, "execution", None))}
+    support = task_support_of(declared)
+    if support != "forbidden":
+        definition["task_support"] = support
+    return definition
 
 
 def _dump(value: Any) -> Any:
@@ -71,6 +78,7 @@ class UpstreamTool:
             output_schema=definition.get("output_schema"),
             annotations=annotations,
             upstream=settings.name,
+            task_support=definition.get("task_support") or "forbidden",
         )
 
     def upstream_input(self) -> dict[str, Any]:
@@ -101,6 +109,8 @@ class UpstreamTool:
         except RelayRefused as refused:  # the gateway refused what the tool asked of the agent
             return ToolOutput(text=json.dumps(refused.body), is_error=True)
         except MCPError as exc:
+            if relay is not None:  # a task that ends so has failed (server/protocol/tasks.py)
+                relay.upstream_error = exc.error
             if exc.error.code != MISSING_REQUIRED_CLIENT_CAPABILITY or relay is None:
                 raise
             # the tool needs a capability the agent did not declare: the agent is told so as the

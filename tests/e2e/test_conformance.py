@@ -102,6 +102,10 @@ def test_conformance_suite(
         print(f"\nMCP conformance {' '.join(selection)}: {total.group(0) if total else 'no total'}")
     assert total is not None, output[-4000:]
     assert done.returncode == 0, f"unexpected failures or stale expected failures:\n{summary}"
+    # The tasks extension's scenarios are not scored by the suite's exit code: each must pass all the same.
+    for checks in (tmp_path / "results").glob("server-tasks-*/checks.json"):
+        failed = [c["id"] for c in json.loads(checks.read_text()) if c["status"] == "FAILURE"]
+        assert not failed, f"{checks.parent.name}: {failed}"
     # Every governed call the suite made went through the pipeline and is in the audit log.
     audit = subprocess.run(
         [sys.executable, "-m", "server", "audit", "search", "--agent", "conformance-suite", "--tool",
