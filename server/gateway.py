@@ -71,6 +71,7 @@ from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.resources.catalog import ResourceCatalog
 from server.resources.resolve import ResolveResourceStage
+from server.resources.subscriptions import ResourceSubscriptions
 from server.settings import Settings
 from server.upstream.credentials import UpstreamCredential, attach_credentials, grant_store, make_credentials
 from server.upstream.manager import UpstreamManager
@@ -385,8 +386,10 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
 
     resolve_resource, resolve_prompt = ResolveResourceStage(resources), ResolvePromptStage(prompts)
     levels, changes = LogLevels(), ListChanges()
+    subscriptions = ResourceSubscriptions(resources, changes.bus)
     if upstreams is not None:
         upstreams.on_lists_changed = changes.changed
+        upstreams.watch_resources(subscriptions)
     handlers.decided = levels.decided
     acts = Acts(metrics, levels)
     surface = Surface(
@@ -396,6 +399,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             Pipeline([authenticate, resolve_resource, grants_stage, policy], metrics),
             act_pipeline(resolve_resource),
             acts,
+            subscriptions,
         ),
         prompts=prompts,
         prompt_handlers=PromptHandlers(
