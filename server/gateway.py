@@ -358,9 +358,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
-    handlers = McpHandlers(
-        ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying_calls(settings, engine, counter)
-    )
+    relaying = relaying_calls(settings, engine, counter)
+    handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying)
 
     # A resource read, a prompt and a completion are governed acts like a tool call: the same stages,
     # the target resolved from its catalog and what using it needs checked (docs/protocol.md).
@@ -391,7 +390,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstreams.on_lists_changed = changes.changed
         upstreams.watch_resources(subscriptions)
     handlers.decided = levels.decided
-    acts = Acts(metrics, levels)
+    acts = Acts(metrics, levels, relaying)  # reads and prompts relay what their upstream asks, as calls do
     surface = Surface(
         resources=resources,
         resource_handlers=ResourceHandlers(

@@ -74,9 +74,11 @@ class ResourceHandlers:
 
     async def read_resource(
         self, ctx: ServerRequestContext[Any, Any], params: types.ReadResourceRequestParams
-    ) -> types.ReadResourceResult:
+    ) -> types.ReadResourceResult | types.InputRequiredResult:
         uri = str(params.uri)
-        call = await self._acts.run(self._read, ctx, action="read", name=uri, arguments={"uri": uri}, meta=params.meta)
+        call = await self._acts.run_relaying(self._read, ctx, params, action="read", name=uri, arguments={"uri": uri})
+        if isinstance(call, types.InputRequiredResult):  # the upstream asks the agent first (2026-07-28)
+            return call
         if not returnable(call):
             raise to_mcp_error(call.error or InternalError("read", "no result"), uri=uri)
         if call.output is not None and call.output.is_error:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -264,14 +264,14 @@ class UpstreamConnection:
             lambda c: self._client.list_resource_templates(cursor=c, cache_mode="bypass"), "resource_templates"
         )
 
-    async def read_resource(self, uri: str) -> Any:
-        return await self._request(lambda: self._client.read_resource(uri, cache_mode="bypass"))
+    async def read_resource(self, uri: str, relay: Relay | None = None) -> Any:
+        return await self._relayed(relay, lambda client: client.read_resource(uri, cache_mode="bypass"))
 
     async def list_prompts(self) -> list[Any]:
         return await self._paged(lambda c: self._client.list_prompts(cursor=c, cache_mode="bypass"), "prompts")
 
-    async def get_prompt(self, name: str, arguments: dict[str, str]) -> Any:
-        return await self._request(lambda: self._client.get_prompt(name, arguments))
+    async def get_prompt(self, name: str, arguments: dict[str, str], relay: Relay | None = None) -> Any:
+        return await self._relayed(relay, lambda client: client.get_prompt(name, arguments))
 
     async def complete(self, ref: Any, argument: dict[str, str], context: dict[str, str] | None) -> Any:
         return await self._request(lambda: self._client.complete(ref, argument, context_arguments=context))
@@ -381,6 +381,14 @@ class UpstreamConnection:
         headers: dict[str, str] | None,
         meta: dict[str, Any] | None,
     ) -> Any:
+        async with self._relay_session(relay, headers) as client:
+            client.session.validate_tool_result = self._validate_result
+            return await self._rounds(client, name, arguments, relay, meta)
+
+    @contextlib.asynccontextmanager
+    async def _relay_session(self, relay: Relay, headers: dict[str, str] | None) -> AsyncIterator[Any]:
+        """An SDK client session of the relayed request's own (HTTP upstreams), declaring what the agent
+        supports, whose callbacks forward what the upstream asks to `relay`."""
         from mcp.client.client import Client
         from mcp.client.streamable_http import streamable_http_client
         from mcp.shared._httpx_utils import create_mcp_http_client
@@ -407,8 +415,28 @@ class UpstreamConnection:
                     **_callbacks(lambda: relay, relay.supports),
                 )
             )
-            client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
-            return await self._rounds(client, name, arguments, relay, meta)
+            yield client
+
+    async def _relayed(self, relay: Relay | None, send: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+        """A request other than `tools/call` (`prompts/get`, `resources/read`) that may raise requests
+        for the agent: with a relay that can carry them, on a session whose callbacks forward them to
+        it (the SDK client drives a 2026-07-28 upstream's input-required rounds through the same
+        callbacks); else on the shared session, which refuses them."""
+        if relay is None or not relay.relays:
+            return await self._request(lambda: send(self._client))
+        await self.connect()
+        if not self.settings.url:
+            async with self._relay_turn:  # stdio: one session, relayed requests take turns on it
+                self._relay = relay
+                try:
+                    return await self._request(lambda: send(self._client))
+                finally:
+                    self._relay = None
+        try:
+            async with self._relay_session(relay, None) as client:
+                return await asyncio.wait_for(send(client), timeout=self.settings.timeout_seconds)
+        except BaseExceptionGroup as group:  # the session's task group wraps what the request raised
+            raise _first_leaf(group) from None
 
     async def _rounds(
         self, client: Any, name: str, arguments: dict[str, Any], relay: Relay, meta: dict[str, Any] | None
