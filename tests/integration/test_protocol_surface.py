@@ -111,7 +111,10 @@ async def test_an_admin_lists_and_reads_the_upstreams_resources(gateway: Gateway
         assert {"test://static-text", "test://static-binary", "test://watched-resource"} <= set(by_uri)
         assert by_uri["test://static-text"].name == "fixture.static-text"  # namespaced like its tools
         templates = await client.list_resource_templates()
-        assert [t.uri_template for t in templates.resource_templates] == ["test://template/{id}/data"]
+        upstream_templates = [
+            t.uri_template for t in templates.resource_templates if t.uri_template.startswith("test:")
+        ]
+        assert upstream_templates == ["test://template/{id}/data"]
 
         text = await client.read_resource("test://static-text")
         assert text.contents[0].text == "This is the content of the static text resource."  # type: ignore[union-attr]
