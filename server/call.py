@@ -17,7 +17,7 @@ from server.registry import Tool, ToolOutput
 if TYPE_CHECKING:
     from server.relay.relay import Relay
 
-Action = Literal["call", "list", "llm", "read", "prompt", "complete", "sample", "elicit", "roots", "task"]
+Action = Literal["call", "list", "llm", "read", "subscribe", "prompt", "complete", "sample", "elicit", "roots", "task"]
 """What the agent (or, for sample/elicit/roots, an upstream during a call) asks for: docs/protocol.md."""
 
 

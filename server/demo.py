@@ -16,7 +16,13 @@ DEMO_GRANTS: tuple[tuple[str, str, str], ...] = (
     ("analysts", "USE SCHEMA", "main.support"),
     ("analysts", "SELECT", "main.sales.orders"),
     ("analysts", "SELECT", "main.support.docs"),
+    # Castellan's own resources (server/resources/own.py): analysts may see what orders and the
+    # documents hold, not the customers table's schema and sample.
+    ("analysts", "READ", "main.sales.orders__resource"),
+    ("analysts", "READ", "main.support.docs__resource"),
+    ("analysts", "READ", "main.support.docs__documents"),
 )
+DEMO_RESOURCES = ("main.sales.orders__resource", "main.support.docs__resource", "main.support.docs__documents")
 
 
 def seed_demo_grants(catalog: LocalCatalog) -> None:
@@ -28,4 +34,6 @@ def seed_demo_grants(catalog: LocalCatalog) -> None:
     for schema in ("main.sales", "main.support"):
         catalog.add_securable("SCHEMA", schema, owner="admins")
     catalog.set_owner("main", "admins")
+    for resource in DEMO_RESOURCES:  # granted on before the gateway serves them
+        catalog.add_securable("RESOURCE", resource)
     catalog.grant_many(DEMO_GRANTS)

@@ -71,7 +71,11 @@ from server.protocol.tools import McpHandlers
 from server.registry import Tool, ToolRegistry
 from server.resolve import ResolveStage
 from server.resources.catalog import ResourceCatalog
+from server.resources.own import SOURCE as OWN_SOURCE
+from server.resources.own import own_resources
 from server.resources.resolve import ResolveResourceStage
+from server.resources.subscriptions import ResourceSubscriptions
+from server.resources.target import ResourceTarget
 from server.settings import Settings
 from server.tasks.audit import TaskAudit
 from server.upstream.credentials import UpstreamCredential, attach_credentials, grant_store, make_credentials
@@ -216,6 +220,18 @@ def shadow_policy_for(settings: Settings, metrics: Metrics) -> ShadowPolicy | No
     return ShadowPolicy(engine, settings.policy.shadow_timeout_seconds, metrics.registry)
 
 
+def own_resources_for(settings: Settings, registry: ToolRegistry) -> list[ResourceTarget]:
+    """Castellan's own resources (server/resources/own.py): the tables' schemas and samples, and the
+    documents of the index `docs.search` searches, when it serves one."""
+    if not settings.tools.table_resources:
+        return []
+    from tools.catalog_tools import table_catalog
+    from tools.doc_search import DocSearchTool
+
+    index = next((t.index for t in registry if isinstance(t, DocSearchTool)), None)
+    return own_resources(table_catalog(settings), index)
+
+
 def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Gateway:
     """Wire every component from `settings`. Raises `ConfigError` for anything that cannot work."""
     for unsafe in enforce_production(settings):
@@ -241,6 +257,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             max_lifetime_seconds=settings.auth.max_token_lifetime_seconds,
         )
     )
+    own = own_resources_for(settings, registry)
     engine = backends.make_engine(settings)
     grant_source = backends.make_grant_source(settings, on_behalf)
     if isinstance(grant_source, LocalCatalog):
@@ -250,11 +267,14 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
 
         for table in table_catalog(settings).names():
             grant_source.add_securable("TABLE", table)
+        for resource in own:  # the gateway's own resources, as upstream ones are added when listed
+            grant_source.add_securable("RESOURCE", resource.spec.securable)
         if settings.demo:
             seed_demo_grants(grant_source)
         if settings.llm.upstream_url:
             register_models(grant_source, settings.llm, settings.demo)
     resources, prompts = ResourceCatalog(), PromptCatalog()
+    resources.sync(OWN_SOURCE, own)
     upstreams = None
     grants_store = grant_store(settings)
     upstream_credentials: dict[str, UpstreamCredential] = {}
@@ -361,9 +381,8 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],
     )
     list_pipeline = Pipeline([authenticate, resolve, grants_stage, policy], metrics)
-    handlers = McpHandlers(
-        ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying_calls(settings, engine, counter)
-    )
+    relaying = relaying_calls(settings, engine, counter)
+    handlers = McpHandlers(ToolLister(registry, list_pipeline), call_pipeline, metrics, relaying=relaying)
     if settings.tasks.enabled:  # long-running calls as tasks (2026-07-28 extension): docs/protocol.md
         handlers.tasks = TaskCalls(settings.tasks, registry, TaskAudit(outbox, redactor))
 
@@ -391,10 +410,12 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
 
     resolve_resource, resolve_prompt = ResolveResourceStage(resources), ResolvePromptStage(prompts)
     levels, changes = LogLevels(), ListChanges()
+    subscriptions = ResourceSubscriptions(resources, changes.bus)
     if upstreams is not None:
         upstreams.on_lists_changed = changes.changed
+        upstreams.watch_resources(subscriptions)
     handlers.decided = levels.decided
-    acts = Acts(metrics, levels)
+    acts = Acts(metrics, levels, relaying)  # reads and prompts relay what their upstream asks, as calls do
     surface = Surface(
         resources=resources,
         resource_handlers=ResourceHandlers(
@@ -402,6 +423,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             Pipeline([authenticate, resolve_resource, grants_stage, policy], metrics),
             act_pipeline(resolve_resource),
             acts,
+            subscriptions,
         ),
         prompts=prompts,
         prompt_handlers=PromptHandlers(

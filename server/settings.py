@@ -434,6 +434,8 @@ class ToolSettings(BaseModel):
     """The documents table `docs.search` indexes (empty: no document search)."""
     docs_embedder: Literal["auto", "hashing", "minilm", "none"] = "auto"
     """Vector search: `auto` is MiniLM when the `embeddings` extra is installed, else a hashing embedder."""
+    table_resources: bool = True
+    """Serve each table's schema and a sample, and the indexed documents, as resources (docs/protocol.md)."""
     function_modules: list[str] = Field(default_factory=list)
     """Python modules whose `@catalog_function`s become tools (the demo adds `tools.demo_functions`)."""
     function_timeout_seconds: float = Field(default=10.0, gt=0)

@@ -155,6 +155,12 @@ class DocIndex:
     def _set_version(self, version: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO state VALUES ('version', ?)", (str(version),))
 
+    def document(self, doc_id: str) -> tuple[str, str] | None:
+        """The indexed document `doc_id`: its title and body, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT title, body FROM docs WHERE doc_id = ?", (doc_id,)).fetchone()
+        return (str(row[0]), str(row[1])) if row is not None else None
+
     def count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0])
 

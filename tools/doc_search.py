@@ -62,6 +62,11 @@ class DocSearchTool:
             annotations={"readOnlyHint": True, "idempotentHint": True, "openWorldHint": False},
         )
 
+    @property
+    def index(self) -> DocIndex:
+        """The index searched (its documents are also served as resources: server/resources/own.py)."""
+        return self._index
+
     def required_grants(self, arguments: Mapping[str, Any]) -> tuple[Requirement, ...]:
         return table_requirements([self._index.table])
 

@@ -33,7 +33,10 @@ def definition_of(item: Any) -> PromptDefinition:
 
 def upstream_getter(connection: UpstreamConnection) -> Getter:
     async def get(name: str, arguments: dict[str, str]) -> dict[str, Any]:
-        return _dump(await connection.get_prompt(name, arguments))
+        from server.relay.relay import active_relay
+
+        # with the prompt's relay, what the upstream asks while it builds it reaches the agent
+        return _dump(await connection.get_prompt(name, arguments, relay=active_relay.get()))
 
     return get
 

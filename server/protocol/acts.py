@@ -21,6 +21,7 @@ from server.identity import Identity
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from server.protocol.logging import LogLevels
+from server.protocol.relay import RecordedError, RelayingCalls, RoundParams
 from server.protocol.tools import _as_mapping, client_of
 from server.registry import Tool, ToolOutput
 from server.request_id import request_id_of
@@ -57,11 +58,38 @@ def to_mcp_error(exc: CastellanError, **data: Any) -> MCPError:
 
 class Acts:
     """Runs a governed act through its pipeline; whatever fails while it is handled, the act ends as a
-    recorded refusal (never a JSON-RPC internal error with no decision row)."""
+    recorded refusal (never a JSON-RPC internal error with no decision row). With `relaying`, a read or
+    a prompt can ask the agent things while it runs (`run_relaying`), as a tool call can."""
 
-    def __init__(self, metrics: Metrics, levels: LogLevels | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, levels: LogLevels | None = None, relaying: RelayingCalls | None = None
+    ) -> None:
         self._metrics = metrics
         self._levels = levels
+        self.relaying = relaying
+
+    def _call(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        action: Action,
+        name: str,
+        arguments: Mapping[str, Any],
+        meta: object,
+        tool: Tool | None,
+    ) -> Call:
+        request, identity, request_id = caller_of(ctx)
+        call_id = uuid.uuid4().hex
+        return Call(
+            tool_name=name[:1024],
+            arguments=dict(arguments),
+            identity=identity,
+            run=run_info(_as_mapping(meta), request.headers if request else None, fallback=call_id),
+            action=action,
+            call_id=call_id,
+            request_id=request_id,
+            client=client_of(ctx, request),
+            tool=tool,
+        )
 
     async def run(
         self,
@@ -75,25 +103,51 @@ class Acts:
         tool: Tool | None = None,
     ) -> Call:
         """`tool`: a target the edge resolved already (a completion's); the resolve stage checks it."""
-        request, identity, request_id = caller_of(ctx)
-        call_id = uuid.uuid4().hex
         started = time.perf_counter()
-        call = Call(
-            tool_name=name[:1024],
-            arguments=dict(arguments),
-            identity=identity,
-            run=run_info(_as_mapping(meta), request.headers if request else None, fallback=call_id),
-            action=action,
-            call_id=call_id,
-            request_id=request_id,
-            client=client_of(ctx, request),
-            tool=tool,
-        )
+        call = self._call(ctx, action, name, arguments, meta, tool)
         try:
             call = await pipeline.run(call)
         except Exception as exc:
-            log.exception("pipeline_failed", call_id=call_id, action=action)
+            log.exception("pipeline_failed", call_id=call.call_id, action=action)
             call = await pipeline.refuse(call, InternalError("pipeline", f"internal error ({type(exc).__name__})"))
+        return await self._done(ctx, call, started)
+
+    async def run_relaying(
+        self,
+        pipeline: Pipeline,
+        ctx: ServerRequestContext[Any, Any],
+        params: RoundParams,
+        *,
+        action: Action,
+        name: str,
+        arguments: Mapping[str, Any],
+    ) -> Call | types.InputRequiredResult:
+        """The act, able to relay what its upstream asks to the agent: on a 2025 session as requests on
+        the act's stream; on 2026-07-28 as `input_required` results whose sealed `requestState` the
+        agent's retry (`params.request_state`) brings back to the same running pipeline. Each relayed
+        request is a decision of its own (`server.relay`)."""
+        relaying = self.relaying
+        if relaying is None:
+            return await self.run(pipeline, ctx, action=action, name=name, arguments=arguments, meta=params.meta)
+        started = time.perf_counter()
+        if params.request_state is not None:  # the next round of an act waiting for the agent
+            resumed = await relaying.resume(ctx, params)
+            return (
+                resumed if isinstance(resumed, types.InputRequiredResult) else await self._done(ctx, resumed, started)
+            )
+        call = self._call(ctx, action, name, arguments, params.meta, None)
+        try:
+            outcome = await relaying.start(ctx, params, call, _as_mapping(params.meta) or {}, pipeline.run)
+        except RecordedError:  # a protocol error for an act recorded already (a missing capability)
+            raise
+        except Exception as exc:
+            log.exception("pipeline_failed", call_id=call.call_id, action=action)
+            outcome = await pipeline.refuse(call, InternalError("pipeline", f"internal error ({type(exc).__name__})"))
+        if isinstance(outcome, types.InputRequiredResult):
+            return outcome
+        return await self._done(ctx, outcome, started)
+
+    async def _done(self, ctx: ServerRequestContext[Any, Any], call: Call, started: float) -> Call:
         self._observe(call, time.perf_counter() - started)
         if self._levels is not None:
             await self._levels.decided(ctx, call)

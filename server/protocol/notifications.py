@@ -3,10 +3,12 @@ added one, a definition was quarantined or approved) without reconnecting, in bo
 
 from __future__ import annotations
 
+import asyncio
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
+import mcp_types as types
 import structlog
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.subscriptions import (
@@ -35,8 +37,31 @@ class ListChanges:
 
     def __init__(self) -> None:
         self.bus = InMemorySubscriptionBus()
-        self.listen = ListenHandler(self.bus)
+        self._listen = ListenHandler(self.bus)
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.listened: Callable[[ServerRequestContext[Any, Any], list[str]], Awaitable[list[str]]] | None = None
+        """Decides a listen stream's `resourceSubscriptions` (the ones the caller may have); None: none honored."""
+        self.unlistened: Callable[[list[str]], Coroutine[Any, Any, None]] | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    async def listen(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SubscriptionsListenRequestParams
+    ) -> types.SubscriptionsListenResult:
+        """`subscriptions/listen`: the SDK's handler, with the resource subscriptions the caller asked for
+        cut to those it may have (`listened`); the acknowledgment says which are honored."""
+        asked = list(params.notifications.resource_subscriptions or ())
+        honored = await self.listened(ctx, asked) if asked and self.listened is not None else []
+        if asked:
+            notifications = params.notifications.model_copy(update={"resource_subscriptions": honored or None})
+            params = params.model_copy(update={"notifications": notifications})
+        try:
+            return await self._listen(ctx, params)
+        finally:
+            if honored and self.unlistened is not None:
+                # the stream is being cancelled (the client went away): release in a task of its own
+                task = asyncio.get_running_loop().create_task(self.unlistened(honored))
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
 
     def seen(self, ctx: ServerRequestContext[Any, Any]) -> None:
         if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
@@ -60,7 +85,7 @@ class ListChanges:
         log.info("list_changed", kinds=sorted(set(kinds)))
 
     def close(self) -> None:
-        self.listen.close()
+        self._listen.close()
 
 
 class SessionTracker(ServerMiddleware[Any]):

@@ -52,10 +52,12 @@ class PromptHandlers:
 
     async def get_prompt(
         self, ctx: ServerRequestContext[Any, Any], params: types.GetPromptRequestParams
-    ) -> types.GetPromptResult:
-        call = await self._acts.run(
-            self._get, ctx, action="prompt", name=params.name, arguments=dict(params.arguments or {}), meta=params.meta
+    ) -> types.GetPromptResult | types.InputRequiredResult:
+        call = await self._acts.run_relaying(
+            self._get, ctx, params, action="prompt", name=params.name, arguments=dict(params.arguments or {})
         )
+        if isinstance(call, types.InputRequiredResult):  # the upstream asks the agent first (2026-07-28)
+            return call
         if not returnable(call):
             raise to_mcp_error(call.error or InternalError("prompt", "no result"), name=params.name)
         assert call.output is not None

@@ -36,6 +36,8 @@ from server.relay.rounds import Round, Rounds
 from server.settings import Settings
 
 RunPipeline = Callable[[Call], Coroutine[Any, Any, Call]]
+RoundParams = types.CallToolRequestParams | types.GetPromptRequestParams | types.ReadResourceRequestParams
+"""The requests whose results may be `input_required` (2026-07-28): each can relay."""
 _SETTLE_POLLS = 200
 """How many short waits (at most ~1 s) for the tool's concurrent requests to finish their decisions."""
 
@@ -88,9 +90,7 @@ class RelayingCalls:
         self._timeout = governor.timeout_seconds
         self.boundary = boundary
 
-    def wants(
-        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams, meta: Mapping[str, Any]
-    ) -> bool:
+    def wants(self, ctx: ServerRequestContext[Any, Any], params: RoundParams, meta: Mapping[str, Any]) -> bool:
         if params.request_state is not None or params.input_responses is not None:
             return True
         try:
@@ -121,7 +121,7 @@ class RelayingCalls:
     async def start(
         self,
         ctx: ServerRequestContext[Any, Any],
-        params: types.CallToolRequestParams,
+        params: RoundParams,
         call: Call,
         meta: Mapping[str, Any],
         run: RunPipeline,
@@ -141,7 +141,7 @@ class RelayingCalls:
         return await self._advance(entry)
 
     async def resume(
-        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+        self, ctx: ServerRequestContext[Any, Any], params: RoundParams
     ) -> Call | types.InputRequiredResult:
         """The agent's next round of a waiting call. Raises `MCPError` (invalid params) for a state
         that names no waiting call of this caller."""

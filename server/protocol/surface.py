@@ -26,6 +26,8 @@ class GatewayServer(Server[Any]):
     (on 2026-07-28 the SDK derives it from `subscriptions/listen` being served)."""
 
     list_changed = False
+    subscribes: Callable[[], bool] = staticmethod(lambda: False)
+    """Resource updates are delivered (some upstream sends them): `resources.subscribe` is declared only then."""
 
     def create_initialization_options(
         self,
@@ -61,6 +63,10 @@ class GatewayServer(Server[Any]):
         )
         if legacy and not capabilities.extensions:
             capabilities.extensions = None
+        # On 2026-07-28 the SDK declares `subscribe` whenever subscriptions/listen is served; the gateway
+        # says so only when an update can really reach the subscriber.
+        if capabilities.resources is not None and capabilities.resources.subscribe and not self.subscribes():
+            capabilities.resources = capabilities.resources.model_copy(update={"subscribe": False})
         return capabilities
 
 
@@ -83,8 +89,14 @@ class Surface:
 
     def attach(self, server: Server[Any]) -> None:
         server.middleware.append(SessionTracker(self.changes))
+        subscriptions = self.resource_handlers.subscriptions
         if isinstance(server, GatewayServer):
             server.list_changed = True
+            if subscriptions is not None:
+                server.subscribes = subscriptions.served
+        if subscriptions is not None:
+            self.changes.listened = self.resource_handlers.listened
+            self.changes.unlistened = self.resource_handlers.unlistened
         self.install(server)
         self.resources.on_change(lambda: self.install(server))
         self.prompts.on_change(lambda: self.install(server))
@@ -103,6 +115,16 @@ class Surface:
                 "resources/templates/list", types.PaginatedRequestParams, h.list_resource_templates
             )
             server.add_request_handler("resources/read", types.ReadResourceRequestParams, h.read_resource)
+        subscriptions = self.resource_handlers.subscriptions
+        if (
+            len(self.resources)
+            and subscriptions is not None
+            and subscriptions.served()
+            and server.get_request_handler("resources/subscribe") is None
+        ):  # 2025 sessions; 2026-07-28 subscribes on subscriptions/listen
+            h = self.resource_handlers
+            server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, h.subscribe)
+            server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, h.unsubscribe)
         if len(self.prompts) and server.get_request_handler("prompts/list") is None:
             p = self.prompt_handlers
             server.add_request_handler("prompts/list", types.PaginatedRequestParams, p.list_prompts)

@@ -115,3 +115,39 @@ class ResourceTarget(Target):
             return ToolOutput(text=f"{uri}: {error['message']}", is_error=True, structured={"source_error": error})
         blocks = tuple({"type": "resource", "resource": dict(c)} for c in contents)
         return ToolOutput(text=as_text(tuple(block_parts(blocks))), content=blocks)
+
+
+class SubscribeTarget(Target):
+    """A subscription to `resource` as a pipeline target: the same securable and privilege (`READ`),
+    what policy sees of it the same (`input.resource`); its `invoke` subscribes (`subscribe`) and
+    returns nothing to meter. A resource whose source sends no updates is an error from the source."""
+
+    def __init__(self, resource: ResourceTarget, subscribe: Callable[[], Awaitable[None]], *, watchable: bool) -> None:
+        spec = resource.spec
+        super().__init__(
+            name=spec.name,
+            securable=spec.securable,
+            privilege=resource._privilege,
+            upstream=spec.upstream,
+            title=spec.title,
+            description=spec.description,
+        )
+        self.served_name = resource.served_name
+        self.resource = resource
+        self._subscribe = subscribe
+        self._watchable = watchable
+
+    def blocked_reason(self) -> str | None:
+        return self.resource.blocked_reason()
+
+    def decision_input(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        return self.resource.decision_input(arguments)
+
+    async def invoke(self, arguments: Mapping[str, Any]) -> ToolOutput:
+        uri = str(arguments["uri"])
+        if not self._watchable:
+            message = f"{uri}: its upstream does not send resource updates"
+            error = {"code": -32602, "message": message}
+            return ToolOutput(text=message, is_error=True, structured={"source_error": error})
+        await self._subscribe()
+        return ToolOutput(text="")

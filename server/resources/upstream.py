@@ -39,7 +39,10 @@ def resource_securable(settings: UpstreamSettings, uri: str) -> str:
 
 def upstream_reader(connection: UpstreamConnection) -> Callable[[str], Any]:
     async def read(uri: str) -> list[dict[str, Any]]:
-        result = await connection.read_resource(uri)
+        from server.relay.relay import active_relay
+
+        # with the read's relay, what the upstream asks while it reads reaches the agent (input rounds)
+        result = await connection.read_resource(uri, relay=active_relay.get())
         return [_dump(c) for c in result.contents]
 
     return read

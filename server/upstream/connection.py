@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from typing import Any, cast
 
 import structlog
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp_types import HEADER_MISMATCH
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
@@ -81,6 +82,12 @@ class UpstreamConnection:
         self._relay: Relay | None = None
         """The relay of the call on the shared session (stdio upstreams: one relayed call at a time)."""
         self._relay_turn = asyncio.Lock()
+        self.on_resource_updated: Callable[[str], Coroutine[Any, Any, None]] | None = None
+        """Told each `notifications/resources/updated` the upstream sends (`watch_resources`)."""
+        self._watching: frozenset[str] = frozenset()
+        self._watching_client: Any = None
+        self._listening: asyncio.Task[None] | None = None
+        self._delivering: set[asyncio.Task[None]] = set()
 
     def _transport(self) -> tuple[Any, Any]:
         """The client transport, and an HTTP client to close afterwards (or None)."""
@@ -126,7 +133,9 @@ class UpstreamConnection:
                 # The shared session declares every relayable capability, so an upstream lists the tools
                 # that need them (server-everything hides its sampling tools otherwise); a request that
                 # arrives on it outside a relayed call is refused by `_shared_callbacks`.
-                client = await stack.enter_async_context(Client(transport, mode="auto", **self._shared_callbacks()))
+                client = await stack.enter_async_context(
+                    Client(transport, mode="auto", message_handler=self._on_message, **self._shared_callbacks())
+                )
                 # The SDK would check results against the upstream's output schema with Python's
                 # backtracking re; ours runs the checked schema on RE2 at a bounded cost.
                 client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
@@ -177,6 +186,76 @@ class UpstreamConnection:
         capabilities = getattr(self._client, "server_capabilities", None) if self._client is not None else None
         return getattr(capabilities, capability, None) is not None
 
+    def sends_resource_updates(self) -> bool:
+        """The upstream declared `resources.subscribe` (2025: `resources/subscribe`; 2026-07-28: listen streams)."""
+        capabilities = getattr(self._client, "server_capabilities", None) if self._client is not None else None
+        return getattr(getattr(capabilities, "resources", None), "subscribe", None) is True
+
+    async def watch_resources(self, uris: frozenset[str]) -> None:
+        """From now on the upstream sends updates of `uris` (and no others): on a 2025 upstream by
+        `resources/subscribe` / `resources/unsubscribe` on the shared session, on a 2026-07-28 one by a
+        `subscriptions/listen` stream for the set, opened again whenever it changes."""
+        await self.connect()
+        client = self._client
+        before = self._watching if self._watching_client is client else frozenset()
+        if getattr(client, "protocol_version", None) in MODERN_PROTOCOL_VERSIONS:
+            if uris != before or self._listening is None or self._listening.done():
+                await self._listen(client, uris)
+        else:
+            with warnings.catch_warnings():  # deprecated at 2026-07-28; this upstream speaks 2025
+                warnings.simplefilter("ignore", MCPDeprecationWarning)
+                for uri in sorted(uris - before):
+                    await self._request(lambda u=uri: client.subscribe_resource(u))
+                for uri in sorted(before - uris):
+                    await self._request(lambda u=uri: client.unsubscribe_resource(u))
+        self._watching, self._watching_client = uris, client
+
+    async def keep_watching(self) -> None:
+        """After a reconnection the upstream forgot what it sent updates of: subscribe again."""
+        if self._watching and self._client is not None and self._watching_client is not self._client:
+            await self.watch_resources(self._watching)
+
+    async def _listen(self, client: Any, uris: frozenset[str]) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listening
+            self._listening = None
+        if not uris:
+            return
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def hold() -> None:
+            try:
+                async with client.listen(resource_subscriptions=sorted(uris)) as subscription:
+                    acked.set_result(None)
+                    async for event in subscription:
+                        uri = getattr(event, "uri", None)
+                        if isinstance(uri, str) and self.on_resource_updated is not None:
+                            await self.on_resource_updated(uri)
+            except Exception as exc:
+                if not acked.done():
+                    acked.set_exception(exc)
+                else:
+                    log.warning("upstream_listen_ended", upstream=self.name, error=str(exc)[:300])
+
+        self._listening = asyncio.get_running_loop().create_task(hold(), name=f"upstream-{self.name}-listen")
+        await asyncio.wait_for(asyncio.shield(acked), timeout=self.settings.timeout_seconds)
+
+    async def _on_message(self, message: Any) -> None:
+        """The shared session's notifications: a 2025 upstream's resource updates are passed on (a
+        2026-07-28 upstream's arrive on the listen stream, `_listen`)."""
+        import mcp_types as types
+
+        if not isinstance(message, types.ResourceUpdatedNotification) or self.on_resource_updated is None:
+            return
+        if getattr(self._client, "protocol_version", None) in MODERN_PROTOCOL_VERSIONS:
+            return
+        # not awaited here: the session's receive loop must not wait for the agents' streams
+        task = asyncio.get_running_loop().create_task(self.on_resource_updated(str(message.params.uri)))
+        self._delivering.add(task)
+        task.add_done_callback(self._delivering.discard)
+
     async def list_resources(self) -> list[Any]:
         return await self._paged(lambda c: self._client.list_resources(cursor=c, cache_mode="bypass"), "resources")
 
@@ -185,14 +264,14 @@ class UpstreamConnection:
             lambda c: self._client.list_resource_templates(cursor=c, cache_mode="bypass"), "resource_templates"
         )
 
-    async def read_resource(self, uri: str) -> Any:
-        return await self._request(lambda: self._client.read_resource(uri, cache_mode="bypass"))
+    async def read_resource(self, uri: str, relay: Relay | None = None) -> Any:
+        return await self._relayed(relay, lambda client: client.read_resource(uri, cache_mode="bypass"))
 
     async def list_prompts(self) -> list[Any]:
         return await self._paged(lambda c: self._client.list_prompts(cursor=c, cache_mode="bypass"), "prompts")
 
-    async def get_prompt(self, name: str, arguments: dict[str, str]) -> Any:
-        return await self._request(lambda: self._client.get_prompt(name, arguments))
+    async def get_prompt(self, name: str, arguments: dict[str, str], relay: Relay | None = None) -> Any:
+        return await self._relayed(relay, lambda client: client.get_prompt(name, arguments))
 
     async def complete(self, ref: Any, argument: dict[str, str], context: dict[str, str] | None) -> Any:
         return await self._request(lambda: self._client.complete(ref, argument, context_arguments=context))
@@ -302,6 +381,14 @@ class UpstreamConnection:
         headers: dict[str, str] | None,
         meta: dict[str, Any] | None,
     ) -> Any:
+        async with self._relay_session(relay, headers) as client:
+            client.session.validate_tool_result = self._validate_result
+            return await self._rounds(client, name, arguments, relay, meta)
+
+    @contextlib.asynccontextmanager
+    async def _relay_session(self, relay: Relay, headers: dict[str, str] | None) -> AsyncIterator[Any]:
+        """An SDK client session of the relayed request's own (HTTP upstreams), declaring what the agent
+        supports, whose callbacks forward what the upstream asks to `relay`."""
         from mcp.client.client import Client
         from mcp.client.streamable_http import streamable_http_client
         from mcp.shared._httpx_utils import create_mcp_http_client
@@ -328,8 +415,28 @@ class UpstreamConnection:
                     **_callbacks(lambda: relay, relay.supports),
                 )
             )
-            client.session.validate_tool_result = self._validate_result  # type: ignore[method-assign]
-            return await self._rounds(client, name, arguments, relay, meta)
+            yield client
+
+    async def _relayed(self, relay: Relay | None, send: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+        """A request other than `tools/call` (`prompts/get`, `resources/read`) that may raise requests
+        for the agent: with a relay that can carry them, on a session whose callbacks forward them to
+        it (the SDK client drives a 2026-07-28 upstream's input-required rounds through the same
+        callbacks); else on the shared session, which refuses them."""
+        if relay is None or not relay.relays:
+            return await self._request(lambda: send(self._client))
+        await self.connect()
+        if not self.settings.url:
+            async with self._relay_turn:  # stdio: one session, relayed requests take turns on it
+                self._relay = relay
+                try:
+                    return await self._request(lambda: send(self._client))
+                finally:
+                    self._relay = None
+        try:
+            async with self._relay_session(relay, None) as client:
+                return await asyncio.wait_for(send(client), timeout=self.settings.timeout_seconds)
+        except BaseExceptionGroup as group:  # the session's task group wraps what the request raised
+            raise _first_leaf(group) from None
 
     async def _rounds(
         self, client: Any, name: str, arguments: dict[str, Any], relay: Relay, meta: dict[str, Any] | None
@@ -378,6 +485,9 @@ class UpstreamConnection:
             raise ResultRefused(f"tool {name} returned structured content that breaks its output schema: {problem}")
 
     async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
         self._stop.set()
         if self._task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):

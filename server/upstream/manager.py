@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from server.prompts.upstream import definition_of as prompt_definition
 from server.prompts.upstream import upstream_prompt
 from server.registry import Tool, ToolRegistry
 from server.resources.catalog import ResourceCatalog
+from server.resources.subscriptions import ResourceSubscriptions
 from server.resources.target import ResourceTarget
 from server.resources.upstream import definition_of as resource_definition
 from server.resources.upstream import upstream_target
@@ -53,6 +55,12 @@ class UpstreamManager:
         self.pins = pins
         self._refresh_seconds = refresh_seconds
         self._task: asyncio.Task[None] | None = None
+
+    def watch_resources(self, subscriptions: ResourceSubscriptions) -> None:
+        """Each upstream's resource updates reach `subscriptions`, which tells it what to watch."""
+        for connection in self.connections:
+            connection.on_resource_updated = functools.partial(subscriptions.updated, connection.name)
+            subscriptions.source(connection.name, connection.watch_resources, connection.sends_resource_updates)
 
     def serves(self, capability: str) -> bool:
         """Some upstream declared `capability` (`completions`, ...) when it connected."""
@@ -109,6 +117,10 @@ class UpstreamManager:
             self._serve(connection, listed)
             if self.resources is not None:
                 await self._refresh_resources(connection, self.resources)
+                try:
+                    await connection.keep_watching()  # a reconnected upstream forgot its subscriptions
+                except Exception as exc:
+                    log.warning("upstream_watch_failed", upstream=connection.name, error=str(exc)[:300])
             if self.prompts is not None:
                 await self._refresh_prompts(connection, self.prompts)
 

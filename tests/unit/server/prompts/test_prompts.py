@@ -91,3 +91,24 @@ async def test_a_source_that_completes_nothing_gives_no_values() -> None:
     completion = CompletionTarget(prompt(), {"type": "ref/prompt", "name": "files.summarise"}, "topic")
     output = await completion.invoke({"topic": "ru"})
     assert output.structured == {"completion": {"values": []}}
+
+
+def test_a_prompt_collides_by_name_in_any_case_and_by_securable_within_its_own_listing() -> None:
+    catalog = PromptCatalog()
+    catalog.sync("files", [prompt()])
+    clash = catalog.collision("docs", prompt("FILES.Summarise"))
+    assert clash == "prompt 'FILES.Summarise' of docs collides with files's; theirs keeps serving"
+    assert catalog.collision("files", prompt()) is None  # its own, listed again
+    twin = catalog.collision("files", prompt("files.other"), [prompt()])  # the same securable in one listing
+    assert twin == "prompt 'files.other' of files has the securable of 'files.summarise'"
+
+
+def test_a_prompt_catalog_tells_its_listeners_of_a_change_only() -> None:
+    catalog = PromptCatalog()
+    heard: list[int] = []
+    catalog.on_change(lambda: heard.append(1))
+    catalog.sync("files", [prompt()])
+    catalog.sync("files", [prompt()])
+    catalog.sync("files", [])
+    assert len(heard) == 2
+    assert len(catalog) == 0
