@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from server.app import create_app
 from server.audit.search import AuditQuery
 from server.auth.devkeys import dev_public_keys, mint_dev_token
 from server.errors import ConfigError
+from server.grants import databricks_federation
 from server.grants.local import LocalCatalog
 from server.settings import Settings
 from tests.fakes import databricks_uc
@@ -181,7 +183,9 @@ def test_a_token_the_workspace_will_not_federate_is_denied_with_the_reason_audit
     assert "refused to federate" in json.dumps(record)
 
 
-def test_a_federated_token_the_workspace_revoked_denies_once_and_an_expiring_one_is_renewed(rig: Rig) -> None:
+def test_a_federated_token_the_workspace_revoked_denies_once_and_an_expiring_one_is_renewed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     alice = rig.token(ALICE)
     assert rig.call(alice, WHOAMI, {})["structuredContent"] == {"result": ALICE}
     rig.workspace.issued.clear()  # the workspace no longer honours the token the gateway cached
@@ -192,11 +196,12 @@ def test_a_federated_token_the_workspace_revoked_denies_once_and_an_expiring_one
     ]
     assert rig.call(alice, WHOAMI, {})["structuredContent"] == {"result": ALICE}  # federated afresh
 
-    rig.workspace.federated_lifetime = 61  # usable for one second past the leeway
+    rig.workspace.federated_lifetime = 120  # the gateway uses it for 60 s, until the leeway before expiry
     rig.workspace.issued.clear()
     assert rig.call(alice, WHOAMI, {})["isError"] is True
     assert rig.call(alice, WHOAMI, {})["structuredContent"] == {"result": ALICE}
-    time.sleep(1.2)
+    later = time.time() + 61  # the gateway's clock moves past that point; the token is still valid
+    monkeypatch.setattr(databricks_federation, "time", SimpleNamespace(time=lambda: later))
     before = len(rig.workspace.federations)
     assert rig.call(alice, WHOAMI, {})["structuredContent"] == {"result": ALICE}
     assert len(rig.workspace.federations) == before + 1  # renewed before it expired, not refused
