@@ -365,6 +365,7 @@ class DevIssuer:
         data_dir: Path,
         scopes: list[str],
         token_ttl: int = 3600,
+        private_documents: bool = False,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.resource_url = resource_url
@@ -374,7 +375,7 @@ class DevIssuer:
         self.scopes = list(dict.fromkeys([*scopes, *OPERATOR_SCOPES, "offline_access"]))
         self.key: ECKey = load_or_create_dev_key(data_dir)
         self.store = IssuerStore(data_dir / "dev-issuer.db")
-        self.documents = ClientDocuments(self.metadata())
+        self.documents = ClientDocuments(self.metadata(), allow_private=private_documents)
         self.agents = _load_or_create_agents(data_dir / AGENTS_FILE)
         self.server = _Server(self)
 
@@ -454,4 +455,5 @@ def build_dev_issuer(settings: Settings, scopes: list[str]) -> DevIssuer | None:
         data_dir=settings.data_dir,
         scopes=scopes,
         token_ttl=settings.auth.dev_token_ttl_seconds,
+        private_documents=settings.auth.dev_issuer_private_documents,
     )
