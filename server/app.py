@@ -16,7 +16,7 @@ from server.admin import ADMIN_SCOPE, add_admin_routes, authorize
 from server.approvals.routes import add_approval_routes
 from server.auth.issuer.routes import issuer_routes
 from server.auth.issuer.server import build_dev_issuer
-from server.auth.metadata import metadata_path, metadata_url, protected_resource_metadata
+from server.auth.metadata import authorization_servers, metadata_path, metadata_url, protected_resource_metadata
 from server.auth.middleware import BearerAuthMiddleware
 from server.auth.scopes import tool_scopes
 from server.console.app import close_console, mount_console
@@ -81,7 +81,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
     scopes = tool_scopes(settings)
     metadata_document = protected_resource_metadata(
         settings.resource_url,
-        settings.auth.authorization_servers or [settings.issuer],
+        authorization_servers(settings),
         settings.auth.scopes_supported or scopes.supported(),
     )
     dev_issuer = build_dev_issuer(settings, settings.auth.scopes_supported or scopes.supported())

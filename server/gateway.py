@@ -200,6 +200,7 @@ class Gateway:
             shutdown.insert(0, self.approvals.close)
         if self.shadow is not None:
             shutdown.append(self.shadow.close)
+        shutdown.extend(credential.close for credential in self.upstream_credentials.values())  # token services
         for closer in shutdown:
             try:
                 await closer()

@@ -94,6 +94,9 @@ class AuthSettings(BaseModel):
     code + PKCE, refresh, client credentials, dynamic registration, client ID metadata documents) whose
     sign-in page lets anyone pick a demo identity. Refused with `environment = "production"`, whatever
     the overrides say (docs/identity.md)."""
+    dev_issuer_private_documents: bool = False
+    """Let the dev issuer fetch client ID metadata documents from loopback, private and link-local
+    addresses (tests host them on 127.0.0.1). Off: refused, as the fetch is an SSRF surface."""
     audience: str = ""
     """Expected `aud` (RFC 8707 resource). Default: the gateway's resource URL."""
     jwks_url: str = ""

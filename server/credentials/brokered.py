@@ -24,7 +24,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
 from server.credentials.secrets import read_secret
 from server.credentials.store import Grant, GrantStore
-from server.credentials.token_endpoint import STAGE, post_form
+from server.credentials.token_endpoint import STAGE, TokenEndpoint
 from server.errors import Denied
 from server.identity import Identity
 from server.settings import BrokeredOAuthSettings
@@ -52,6 +52,11 @@ class BrokeredCredential:
         what = f"upstream {upstream} oauth.client_secret"
         self._secret = read_secret(settings.client_secret, what) if has_secret else None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._endpoint = TokenEndpoint()
+
+    async def close(self) -> None:
+        """Close the pooled connections to the authorization server (at gateway shutdown)."""
+        await self._endpoint.close()
 
     async def headers_for(self, identity: Identity | None) -> dict[str, str] | None:
         if identity is None or not identity.subject:
@@ -135,7 +140,7 @@ class BrokeredCredential:
         auth = aiohttp.BasicAuth(self._settings.client_id, self._secret) if self._secret else None
         if auth is None:
             form = {**form, "client_id": self._settings.client_id}
-        status, body = await post_form(
+        status, body = await self._endpoint.post_form(
             self._settings.token_url,
             form,
             auth,

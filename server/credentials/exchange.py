@@ -12,7 +12,7 @@ import structlog
 from authlib.oauth2.rfc6749 import OAuth2Token
 
 from server.credentials.secrets import read_secret
-from server.credentials.token_endpoint import STAGE, post_form
+from server.credentials.token_endpoint import STAGE, TokenEndpoint
 from server.errors import Denied
 from server.settings import TokenExchangeSettings
 
@@ -39,6 +39,11 @@ class TokenExchanger:
         self._cache: OrderedDict[bytes, OAuth2Token] = OrderedDict()
         self._max_entries = max_entries
         self._locks: dict[bytes, asyncio.Lock] = {}
+        self._endpoint = TokenEndpoint()
+
+    async def close(self) -> None:
+        """Close the pooled connections to the token service (at gateway shutdown)."""
+        await self._endpoint.close()
 
     async def token_for(self, subject_token: str) -> str:
         key = hashlib.sha256(subject_token.encode()).digest()
@@ -78,7 +83,7 @@ class TokenExchanger:
         if self._settings.scopes:
             form["scope"] = " ".join(self._settings.scopes)
         auth = aiohttp.BasicAuth(self._settings.client_id, self._secret)
-        status, body = await post_form(
+        status, body = await self._endpoint.post_form(
             self._settings.token_url,
             form,
             auth,

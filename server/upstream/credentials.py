@@ -88,6 +88,9 @@ class UpstreamCredential(Protocol):
 
     async def headers_for(self, identity: Identity | None) -> dict[str, str] | None: ...
 
+    async def close(self) -> None:
+        """Free what it holds (pooled connections to a token service); at gateway shutdown."""
+
 
 class GatewayCredential:
     """The connection's own headers serve every call (None: nothing per call)."""
@@ -95,6 +98,9 @@ class GatewayCredential:
     mode = "gateway"
 
     async def headers_for(self, identity: Identity | None) -> dict[str, str] | None:
+        return None
+
+    async def close(self) -> None:
         return None
 
 
@@ -115,6 +121,9 @@ class ExchangedCredential:
         if subject_token is None:
             raise Denied(STAGE, f"upstream {self._upstream}: the caller's token is not at hand to exchange")
         return {"Authorization": f"Bearer {await self._exchanger.token_for(subject_token)}"}
+
+    async def close(self) -> None:
+        await self._exchanger.close()
 
 
 def make_credentials(

@@ -121,6 +121,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, tls: tuple[Path, Path]) ->
     env = {
         "CASTELLAN_AUTH__TOOL_SCOPES": json.dumps({STEP_UP_TOOL: [STEP_UP_SCOPE]}),
         "SSL_CERT_FILE": str(tls[0]),  # the gateway trusts the metadata documents' test certificate
+        "CASTELLAN_AUTH__DEV_ISSUER_PRIVATE_DOCUMENTS": "true",  # they are hosted on 127.0.0.1
     }
     with run_gateway(tmp_path_factory.mktemp("gateway"), env, timeout=120) as gw:
         yield gw

@@ -25,7 +25,7 @@ from typing import Any
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2 import AuthorizationServer, OAuth2Error
 from authlib.oauth2.rfc6749 import OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc6749.grants import AuthorizationCodeGrant, ClientCredentialsGrant, RefreshTokenGrant
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload, JsonPayload, JsonRequest
 from authlib.oauth2.rfc6749.util import scope_to_list
@@ -38,7 +38,14 @@ from joserfc.jwk import ECKey, KeySet
 from server.auth.devkeys import load_or_create_dev_key, mint_dev_token
 from server.auth.issuer.client_documents import ClientDocuments, client_claims
 from server.auth.issuer.identities import DEMO_IDENTITIES, OPERATOR_SCOPES, DemoIdentity, demo_identity
-from server.auth.issuer.store import AuthorizationCode, IssuerClient, IssuerStore, RefreshToken, SignIn
+from server.auth.issuer.store import (
+    AuthorizationCode,
+    IssuerClient,
+    IssuerStore,
+    RefreshToken,
+    RefreshTokenReused,
+    SignIn,
+)
 from server.settings import Settings
 
 AGENTS_FILE = "dev-issuer-agents.json"
@@ -196,7 +203,7 @@ class _RefreshGrant(RefreshTokenGrant):  # type: ignore[misc]
         return SignIn(identity, tuple(scope_to_list(refresh_token.scope) or ())) if identity else None
 
     def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
-        self.server.issuer.store.revoke_refresh_token(refresh_token)
+        pass  # save_token rotated it, atomically with storing its successor
 
 
 class _ClientCredentialsGrant(ClientCredentialsGrant):  # type: ignore[misc]
@@ -324,7 +331,14 @@ class _Server(AuthorizationServer):  # type: ignore[misc]
         refresh = token.get("refresh_token")
         if refresh and isinstance(request.user, SignIn):
             client_id, identity, scope = request.client.client_id, request.user.identity.name, token.get("scope", "")
-            self.issuer.store.save_refresh_token(refresh, client_id, identity, scope, REFRESH_TTL_SECONDS)
+            old = getattr(request, "refresh_token", None)
+            if not isinstance(old, RefreshToken):  # a new grant: a new family
+                self.issuer.store.save_refresh_token(refresh, client_id, identity, scope, REFRESH_TTL_SECONDS)
+                return
+            try:
+                self.issuer.store.rotate_refresh_token(old, refresh, client_id, identity, scope, REFRESH_TTL_SECONDS)
+            except RefreshTokenReused:
+                raise InvalidGrantError("the refresh token was already used; its sign-in is revoked") from None
 
     def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
         return request  # the routes build it (FormRequest)
@@ -351,6 +365,7 @@ class DevIssuer:
         data_dir: Path,
         scopes: list[str],
         token_ttl: int = 3600,
+        private_documents: bool = False,
     ) -> None:
         self.issuer = issuer.rstrip("/")
         self.resource_url = resource_url
@@ -360,7 +375,7 @@ class DevIssuer:
         self.scopes = list(dict.fromkeys([*scopes, *OPERATOR_SCOPES, "offline_access"]))
         self.key: ECKey = load_or_create_dev_key(data_dir)
         self.store = IssuerStore(data_dir / "dev-issuer.db")
-        self.documents = ClientDocuments(self.metadata())
+        self.documents = ClientDocuments(self.metadata(), allow_private=private_documents)
         self.agents = _load_or_create_agents(data_dir / AGENTS_FILE)
         self.server = _Server(self)
 
@@ -440,4 +455,5 @@ def build_dev_issuer(settings: Settings, scopes: list[str]) -> DevIssuer | None:
         data_dir=settings.data_dir,
         scopes=scopes,
         token_ttl=settings.auth.dev_token_ttl_seconds,
+        private_documents=settings.auth.dev_issuer_private_documents,
     )

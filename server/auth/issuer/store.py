@@ -1,4 +1,10 @@
-"""What the dev issuer remembers: registered clients and refresh tokens (SQLite), authorization codes (memory)."""
+"""What the dev issuer remembers: registered clients and refresh tokens (SQLite), authorization codes (memory).
+
+Refresh tokens rotate, and each one belongs to a family: every token descended from one authorization
+grant. A rotated token is kept (as rotated) until it would have expired, so that its reuse is seen: a
+reused refresh token means it leaked (the client or the thief holds its successor), and the whole family
+is revoked (OAuth 2.1 §4.3.1, RFC 9700 §4.14.2).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
 from authlib.oauth2.rfc6749 import ClientMixin
 
 from server.auth.issuer.identities import DemoIdentity
@@ -21,9 +28,15 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, document TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     token_sha256 TEXT PRIMARY KEY, client_id TEXT NOT NULL, identity TEXT NOT NULL, scope TEXT NOT NULL,
-    expires_at REAL NOT NULL);
+    expires_at REAL NOT NULL, family TEXT NOT NULL DEFAULT '', rotated INTEGER NOT NULL DEFAULT 0);
 """
+_FAMILY_COLUMNS = (  # a dev-issuer.db written before refresh-token families
+    "ALTER TABLE refresh_tokens ADD COLUMN family TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE refresh_tokens ADD COLUMN rotated INTEGER NOT NULL DEFAULT 0",
+    "UPDATE refresh_tokens SET family = token_sha256 WHERE family = ''",
+)
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+log = structlog.get_logger("castellan.issuer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +156,7 @@ class RefreshToken:
     scope: str
     expires_at: float
     token_sha256: str = field(repr=False)
+    family: str = field(default="", repr=False)
 
     def check_client(self, client: IssuerClient) -> bool:
         return client.client_id == self.client_id
@@ -160,6 +174,10 @@ class IssuerStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(refresh_tokens)")}
+        if "family" not in columns:
+            for statement in _FAMILY_COLUMNS:
+                self._db.execute(statement)
         self._lock = threading.Lock()
         self._codes: dict[str, AuthorizationCode] = {}
         self._code_ttl = code_ttl
@@ -199,26 +217,66 @@ class IssuerStore:
     def code_expiry(self) -> float:
         return time.time() + self._code_ttl
 
-    def save_refresh_token(self, token: str, client_id: str, identity: str, scope: str, ttl: float) -> None:
+    def save_refresh_token(
+        self, token: str, client_id: str, identity: str, scope: str, ttl: float, *, family: str | None = None
+    ) -> None:
+        """Store a new refresh token: the first of a new family (a grant), or a successor in `family`."""
         with self._lock:
-            self._db.execute(
-                "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?)",
-                (_digest(token), client_id, identity, scope, time.time() + ttl),
-            )
-            self._db.execute("DELETE FROM refresh_tokens WHERE expires_at < ?", (time.time(),))
+            self._insert_refresh_token(token, client_id, identity, scope, ttl, family)
+
+    def rotate_refresh_token(
+        self, old: RefreshToken, token: str, client_id: str, identity: str, scope: str, ttl: float
+    ) -> None:
+        """Replace `old` by `token` in its family, atomically. Raises `RefreshTokenReused` (and revokes
+        the family) when `old` was rotated meanwhile: two refreshes raced with the same token."""
+        with self._lock:
+            marked = self._db.execute(
+                "UPDATE refresh_tokens SET rotated = 1 WHERE token_sha256 = ? AND rotated = 0", (old.token_sha256,)
+            ).rowcount
+            if marked != 1:
+                self._revoke_family(old.family)
+                raise RefreshTokenReused(old.family)
+            self._insert_refresh_token(token, client_id, identity, scope, ttl, old.family)
 
     def refresh_token(self, token: str) -> RefreshToken | None:
+        """The live refresh token `token` is, or None. Presenting a rotated token revokes its family."""
         with self._lock:
             row = self._db.execute(
-                "SELECT client_id, identity, scope, expires_at, token_sha256 FROM refresh_tokens "
+                "SELECT client_id, identity, scope, expires_at, token_sha256, family, rotated FROM refresh_tokens "
                 "WHERE token_sha256 = ? AND expires_at >= ?",
                 (_digest(token), time.time()),
             ).fetchone()
-        return RefreshToken(*row) if row else None
+            if row is not None and row[6]:
+                revoked = self._revoke_family(row[5])
+                log.warning("refresh_token_reused", client_id=row[0], identity=row[1], family_revoked=revoked)
+                return None
+        return RefreshToken(*row[:6]) if row else None
 
     def revoke_refresh_token(self, token: RefreshToken) -> None:
         with self._lock:
             self._db.execute("DELETE FROM refresh_tokens WHERE token_sha256 = ?", (token.token_sha256,))
+
+    def _insert_refresh_token(
+        self, token: str, client_id: str, identity: str, scope: str, ttl: float, family: str | None
+    ) -> None:
+        digest = _digest(token)
+        self._db.execute(
+            "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, 0)",
+            (digest, client_id, identity, scope, time.time() + ttl, family or digest),
+        )
+        self._db.execute("DELETE FROM refresh_tokens WHERE expires_at < ?", (time.time(),))
+
+    def _revoke_family(self, family: str) -> int:
+        """Delete every token of `family` (the caller holds the lock); how many were still live."""
+        live = self._db.execute(
+            "SELECT COUNT(*) FROM refresh_tokens WHERE family = ? AND rotated = 0", (family,)
+        ).fetchone()[0]
+        self._db.execute("DELETE FROM refresh_tokens WHERE family = ?", (family,))
+        return int(live)
+
+
+class RefreshTokenReused(Exception):
+    """A rotated refresh token was presented again; its family (named here) is revoked."""
 
 
 def _digest(token: str) -> str:

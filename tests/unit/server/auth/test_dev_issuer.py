@@ -113,6 +113,29 @@ def test_a_code_works_once_and_only_with_its_verifier(web: TestClient) -> None:
     assert _token(web, client_id, code).json()["error"] == "invalid_grant"
 
 
+def _refresh(web: TestClient, client_id: str, refresh_token: str) -> Any:
+    form = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id}
+    return web.post("/oauth2/token", data=form)
+
+
+def test_reusing_a_rotated_refresh_token_revokes_its_whole_family(web: TestClient) -> None:
+    client_id = _register(web, grant_types=["authorization_code", "refresh_token"], scope="demo:clock")
+
+    def sign_in() -> str:
+        resp = _token(web, client_id, _code(_sign_in(web, _authorize(web, client_id, scope="demo:clock"))))
+        return str(resp.json()["refresh_token"])
+
+    first = sign_in()
+    second = _refresh(web, client_id, first)
+    assert second.status_code == 200, second.text
+    successor = second.json()["refresh_token"]
+    other = sign_in()
+
+    assert _refresh(web, client_id, first).json()["error"] == "invalid_grant"  # the leaked, rotated token
+    assert _refresh(web, client_id, successor).json()["error"] == "invalid_grant"  # its family went with it
+    assert _refresh(web, client_id, other).status_code == 200  # another sign-in's family is untouched
+
+
 def test_a_sign_in_posted_from_another_site_is_refused(web: TestClient) -> None:
     client_id = _register(web)
     resp = _sign_in(web, _authorize(web, client_id), origin="https://evil.example")
