@@ -273,6 +273,7 @@ class Shipper:
             "last_error": self.last_error,
             "fault": self.fault,
             "target": self._target.tracking_uri,
+            "batch": self.batch,
             "updated": time.time(),
         }
         try:
