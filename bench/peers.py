@@ -14,11 +14,11 @@ Peers (a peer that does not install or start here is reported as skipped, with t
   URL`: the two-process chain is how it fronts an HTTP server; both processes count as its CPU).
 - fastmcp 4.2's `create_proxy`: its default (a backend session per request) and with one connected
   backend client reused by every request.
-- IBM mcp-contextforge-gateway 1.0.7 (1.1 needs Python >= 3.12) and litellm[proxy]: installed (so
-  their versions are on record) but not driven yet: registering the upstream in them (ContextForge:
-  loopback upstreams allowed, strong secrets, its 100/min rate limit raised; LiteLLM: an `mcp_servers`
-  entry) is not written, and they are reported as skipped. The issue's outside measurement had them
-  4-13x behind Castellan's defaults.
+- IBM mcp-contextforge-gateway 1.0.7 (1.1 needs Python >= 3.12): the upstream registered through its
+  admin API (a gateway, then a virtual server holding its echo tool), loopback upstreams allowed,
+  generated strong secrets, its rate limits off. 2025 era only.
+- litellm[proxy]: the upstream as an `mcp_servers` entry of its config, its aggregate `/mcp/`
+  endpoint, the master key as bearer token. 2025 era only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import subprocess
@@ -278,22 +279,101 @@ def start_fastmcp(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list
     return targets
 
 
-def not_driven(peer: str, dist: str) -> Callable[[contextlib.ExitStack, Path, str], list[Target]]:
-    """A peer the bench installs (so its version is known) but does not drive yet: reported as skipped."""
+def _http_json(url: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    """One admin API request (POST when `body` is given) with a bearer token; its JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    request.add_header("Authorization", f"Bearer {token}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"{url}: {exc.code} {exc.read()[:300]!r}") from None
 
-    def start(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list[Target]:
-        version = version_of(install(peer), dist)
-        raise NotImplementedError(f"{dist} {version} installs here; registering the upstream in it is not written yet")
 
-    return start
+def start_contextforge(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list[Target]:
+    """ContextForge with its own SQLite database, the upstream registered as a gateway through its
+    admin API and exposed by a virtual server (`/servers/<id>/mcp`, the tool `up-echo`). What it
+    needs to run here: strong generated secrets (it refuses weak ones in every environment), loopback
+    upstreams allowed (its SSRF guard blocks them by default) and its rate limits off (100 calls a
+    minute by default). It speaks the 2025 era only (2026-07-28 is refused with a 400)."""
+    env = install("contextforge")
+    port = free_port()
+    home = tmp / "contextforge"
+    home.mkdir()
+    settings = {
+        "MCG_HOST": "127.0.0.1",
+        "MCG_PORT": str(port),
+        "HOME": str(home),
+        "DATABASE_URL": f"sqlite:///{home / 'mcp.db'}",
+        "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+        "AUTH_ENCRYPTION_SECRET": secrets.token_urlsafe(48),
+        "PLATFORM_ADMIN_EMAIL": "admin@example.com",
+        "PLATFORM_ADMIN_PASSWORD": secrets.token_urlsafe(24),
+        "BASIC_AUTH_PASSWORD": secrets.token_urlsafe(24),
+        "SSRF_ALLOW_LOCALHOST": "true",
+        "SSRF_ALLOW_PRIVATE_NETWORKS": "true",
+        "RATE_LIMITING_ENABLED": "false",
+        "TOOL_RATE_LIMIT": "1000000",
+        "RATE_LIMIT_MEDIUM_RPM": "1000000",
+        "CACHE_TYPE": "database",
+        "MCPGATEWAY_UI_ENABLED": "false",
+        "MCPGATEWAY_ADMIN_API_ENABLED": "true",
+        "LOG_LEVEL": "WARNING",
+    }
+    base = f"http://127.0.0.1:{port}"
+    pid = stack.enter_context(
+        process([str(env / "bin" / "mcpgateway")], f"{base}/health", tmp / "contextforge.log", settings)
+    )
+    minted = subprocess.run(
+        [str(env / "bin" / "python"), "-m", "mcpgateway.utils.create_jwt_token", "--username", "admin@example.com",
+         "--exp", "600", "--admin", "--secret", settings["JWT_SECRET_KEY"]],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **settings}, check=True,
+    )  # fmt: skip
+    token = minted.stdout.strip().splitlines()[-1]
+    gateway = _http_json(f"{base}/gateways", token, {"name": "up", "url": upstream, "transport": "STREAMABLEHTTP"})
+    tools = [t for t in _http_json(f"{base}/tools", token) if t.get("gatewayId") == gateway["id"]]
+    echo = next((t for t in tools if t.get("originalName") == "echo"), None)
+    if echo is None:
+        raise RuntimeError(f"the upstream's echo tool did not appear in ContextForge: {tools}")
+    server = _http_json(f"{base}/servers", token, {"server": {"name": "bench", "associated_tools": [echo["id"]]}})
+    url = f"{base}/servers/{server['id']}/mcp"
+    version = version_of(env, "mcp-contextforge-gateway")
+    return [Target("ContextForge", url, echo["name"], ("2025",), [pid], token, version=version)]
+
+
+def start_litellm(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list[Target]:
+    """LiteLLM's proxy with the upstream as an `mcp_servers` entry of its config (no database; the
+    master key as the bearer token), on its aggregate `/mcp/` endpoint (the tool `up-echo`). It
+    speaks the 2025 era only (2026-07-28 is refused with a 400)."""
+    env = install("litellm")
+    port = free_port()
+    key = f"sk-{secrets.token_urlsafe(24)}"
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "model_list": [],
+                "mcp_servers": {"up": {"url": upstream, "transport": "http"}},
+                "general_settings": {"master_key": key},
+                "litellm_settings": {"telemetry": False},
+            }
+        )
+    )
+    argv = [str(env / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    settings = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HOME": str(tmp)}
+    base = f"http://127.0.0.1:{port}"
+    pid = stack.enter_context(process(argv, f"{base}/health/liveliness", tmp / "litellm.log", settings))
+    return [Target("LiteLLM", f"{base}/mcp/", "up-echo", ("2025",), [pid], key, version=version_of(env, "litellm"))]
 
 
 STARTERS: dict[str, Callable[[contextlib.ExitStack, Path, str], list[Target]]] = {
     "castellan": start_castellan,
     "mcp-proxy": start_mcp_proxy,
     "fastmcp": start_fastmcp,
-    "contextforge": not_driven("contextforge", "mcp-contextforge-gateway"),
-    "litellm": not_driven("litellm", "litellm"),
+    "contextforge": start_contextforge,
+    "litellm": start_litellm,
 }
 
 

@@ -515,6 +515,13 @@ class AuditSettings(BaseModel):
     mlflow_experiment: str = "castellan-audit"
     """The experiment the traces go to, created at start-up when missing."""
     ship_batch: int = Field(default=100, ge=1, le=1000)
+    """The most calls one write to MLflow carries. The shipper halves its batch when a tracking
+    server times out or refuses the request's size (408, 413, 504) and doubles it back after a few
+    confirmed writes; a call is marked shipped only once confirmed, and re-shipping upserts."""
+    mlflow_spans: Literal["stages", "call"] = "stages"
+    """The trace's shape: `stages`, a root span and a child span per pipeline stage; `call`, the root
+    span alone, each stage's duration and findings as its `castellan.stages` attribute (a tracking
+    server ingests it at about half the CPU: bench/results/shipping.md). Tags are the same."""
     ship_interval_seconds: float = Field(default=0.5, gt=0)
     """How often the shipper looks for new records when idle."""
     ship_backoff_max_seconds: float = Field(default=30.0, gt=0)

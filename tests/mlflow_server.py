@@ -21,6 +21,7 @@ class MlflowServer:
     root: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -33,7 +34,7 @@ class MlflowServer:
                 sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination", str(self.root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
             ],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # No job runner: its eight worker processes (online scoring, archival) would take the CPU the

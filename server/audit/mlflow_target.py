@@ -30,6 +30,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+TOO_LARGE_STATUSES = frozenset({408, 413, 504})
+"""A tracking server's answers that say the request, not the server, was the problem."""
+
+
+class BatchTooLarge(Exception):
+    """The tracking server timed out on a batch or refused its size: a smaller batch may pass. The
+    batch may still have been written (a timeout says nothing): re-shipping it upserts the same traces."""
+
+
 def local_tracking_uri(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'mlflow.db').resolve()}"
 
@@ -46,6 +55,8 @@ class MlflowTarget:
         self._log_spans = True
         self._routes: dict[str, str] = {}
         self._sql: dict[str, SqliteTraceWriter] = {}
+        self.compress = False
+        """gzip each OTLP request (no gain on loopback, where it only costs CPU: bench/results/shipping.md)."""
 
     def experiment_id(self) -> str:
         """The experiment's id, created when missing (resolved once, at start-up)."""
@@ -192,7 +203,9 @@ class MlflowTarget:
             from server.audit import otlp  # protobuf: imported by the shipper only
 
             try:
-                otlp.post(client.store.get_host_creds(), experiment_id, otlp.export_request(plans))
+                otlp.post(
+                    client.store.get_host_creds(), experiment_id, otlp.export_request(plans), compress=self.compress
+                )
                 return
             except MlflowException as exc:
                 if exc.get_http_status_code() not in (404, 405, 501):  # type: ignore[no-untyped-call]

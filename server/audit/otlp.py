@@ -7,6 +7,7 @@ spans and attributes, and posted with MLflow's own HTTP helper (its credentials,
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from server.audit.mlflow_sql import span_attributes, span_ids
+from server.audit.mlflow_target import TOO_LARGE_STATUSES, BatchTooLarge
 from server.audit.traces import TracePlan
 
 OTLP_TRACES_PATH = "/v1/traces"
@@ -79,15 +81,51 @@ def export_request(plans: Sequence[TracePlan]) -> bytes:
     return body
 
 
-def post(host_creds: Any, experiment_id: str, body: bytes) -> None:
-    """Posts one request; returns once the server confirmed it (raises otherwise)."""
+def post(host_creds: Any, experiment_id: str, body: bytes, *, compress: bool = False) -> None:
+    """Posts one request; returns once the server confirmed it. Raises `BatchTooLarge` when the server
+    timed out or refused the request's size (408, 413, 504: a smaller batch may pass), MLflow's
+    exception otherwise. `compress`: gzip the body (`Content-Encoding: gzip`, which MLflow decodes)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-    response = http_request(  # type: ignore[no-untyped-call]
-        host_creds=host_creds,
-        endpoint=OTLP_TRACES_PATH,
-        method="POST",
-        data=body,
-        extra_headers={"Content-Type": "application/x-protobuf", EXPERIMENT_HEADER: experiment_id},
-    )
+    headers = {"Content-Type": "application/x-protobuf", EXPERIMENT_HEADER: experiment_id}
+    if compress:
+        body, headers["Content-Encoding"] = gzip.compress(body, compresslevel=1), "gzip"
+    try:
+        response = http_request(  # type: ignore[no-untyped-call]
+            host_creds=host_creds,
+            endpoint=OTLP_TRACES_PATH,
+            method="POST",
+            data=body,
+            extra_headers=headers,
+            raise_on_status=False,  # the status is read here: MLflow's mapping loses 408/413/504
+        )
+    except MlflowException as exc:
+        if _timed_out(exc):
+            raise BatchTooLarge(f"{OTLP_TRACES_PATH} timed out on {len(body)} bytes") from exc
+        raise
+    if response.status_code in TOO_LARGE_STATUSES:
+        raise BatchTooLarge(f"{OTLP_TRACES_PATH} answered {response.status_code} to {len(body)} bytes")
     verify_rest_response(response, OTLP_TRACES_PATH)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a read timed out somewhere down `exc`'s chain. MLflow wraps what requests raises, and
+    with its retries off requests reports a read timeout as urllib3's `MaxRetryError` inside a
+    `ConnectionError`, not as its own `Timeout`."""
+    import requests
+    import urllib3.exceptions
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        found = stack.pop()
+        if found is None or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, requests.exceptions.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
+            return True
+        if isinstance(found, urllib3.exceptions.MaxRetryError):
+            stack.append(found.reason)
+        stack += [found.__cause__, found.__context__, *(a for a in found.args if isinstance(a, BaseException))]
+    return False

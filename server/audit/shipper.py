@@ -25,14 +25,16 @@ from typing import Any
 
 import structlog
 
-from server.audit.mlflow_target import MlflowTarget
+from server.audit.mlflow_target import BatchTooLarge, MlflowTarget
 from server.audit.outbox import SqliteOutbox
-from server.audit.traces import plan_trace
+from server.audit.traces import as_one_span, plan_trace
 from server.metrics import Metrics
 from server.settings import AuditSettings
 
 log = structlog.get_logger("castellan.audit.shipper")
 _CHECKPOINTS_SHIPPED = "checkpoints_shipped_through"
+_GROW_AFTER = 4
+"""Confirmed writes in a row after which a shrunk batch doubles back (up to `audit.ship_batch`)."""
 
 
 class ShipperBusy(RuntimeError):
@@ -104,6 +106,10 @@ class Shipper:
         self._fault_at = 0.0
         self._next_housekeeping = 0.0
         self._checkpoint_position = (0, 0)
+        self.batch = settings.ship_batch
+        """How many calls the next write carries: halved when the server times out on a batch or
+        refuses its size, doubled back after `_GROW_AFTER` confirmed writes."""
+        self._confirmed_in_a_row = 0
 
     def start(self) -> None:
         """Ships in the background, once it holds the outbox's shipping lock (waiting for it while
@@ -134,6 +140,13 @@ class Shipper:
                     delay = 0.0
             except asyncio.CancelledError:
                 raise
+            except BatchTooLarge as exc:
+                # A smaller batch at once; at one call a batch it is an outage like any other.
+                self.last_error = _describe(exc)
+                self.failures += 1
+                self._metrics.ship_failures.inc()
+                backoff = 0.0 if self.batch > 1 else min(self._settings.ship_backoff_max_seconds, max(0.5, backoff * 2))
+                delay = backoff
             except Exception as exc:  # MLflow down, disk full, a bug: reported, retried, never fatal
                 backoff = min(self._settings.ship_backoff_max_seconds, max(0.5, backoff * 2))
                 if self.last_error is None:
@@ -182,13 +195,26 @@ class Shipper:
 
     async def ship_once(self) -> int:
         """Ships one batch; returns how many calls it shipped (0: nothing ready)."""
-        pending = await self._outbox.pending(self._settings.ship_batch)
+        pending = await self._outbox.pending(self.batch)
         if not pending:
             return 0
         plans = [plan_trace(p) for p in pending]
+        if self._settings.mlflow_spans == "call":
+            plans = [as_one_span(p) for p in plans]
         started = time.perf_counter()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._target.write, plans)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._target.write, plans)
+        except BatchTooLarge as exc:
+            self._confirmed_in_a_row = 0
+            if len(pending) > 1:
+                self.batch = max(1, len(pending) // 2)
+                log.warning("audit_ship_batch_shrunk", batch=self.batch, error=_describe(exc))
+            raise
         self._metrics.ship_seconds.observe(time.perf_counter() - started)
+        self._confirmed_in_a_row += 1
+        if self.batch < self._settings.ship_batch and self._confirmed_in_a_row >= _GROW_AFTER:
+            self.batch, self._confirmed_in_a_row = min(self._settings.ship_batch, self.batch * 2), 0
+            log.info("audit_ship_batch_grown", batch=self.batch)
         await self._outbox.mark_shipped([seq for p in pending for seq in p.seqs])
         self.shipped += len(pending)
         self._metrics.shipped.inc(len(pending))
@@ -247,6 +273,7 @@ class Shipper:
             "last_error": self.last_error,
             "fault": self.fault,
             "target": self._target.tracking_uri,
+            "batch": self.batch,
             "updated": time.time(),
         }
         try:

@@ -1,0 +1,231 @@
+"""Shipping to an `mlflow server`, measured where the time goes: the server's own CPU per trace for
+each way of writing a batch, beside the local store, in one run. Writes bench/results/shipping.{json,md}.
+
+- One OTLP request per batch to `/v1/traces` (the only batched trace write MLflow 3.17 has: its
+  client's `log_spans` posts the same request; `start_trace` is one request per trace and puts the
+  spans in an artifact), the trace as a root span and one span per stage (`audit.mlflow_spans =
+  "stages"`) or as its root span alone (`"call"`); gzip on and off; the server with 1 and 2 workers,
+  fed by 1 or 2 shippers' worth of concurrent requests (the shipper sends one at a time).
+- The real shipper (outbox read, trace plans, the write, marking shipped) into the server and into
+  the local store, both span forms: calls/s, its CPU per call, lost and duplicated calls.
+
+    .venv/bin/python -m bench.shipping [--traces 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.audit import arrived, check, fill, group_cpu
+from server.audit import otlp
+from server.audit.keys import ChainKey
+from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
+from server.audit.outbox import SqliteOutbox
+from server.audit.shipper import Shipper
+from server.audit.traces import TracePlan, as_one_span, plan_trace
+from server.metrics import Metrics
+from server.settings import AuditSettings
+from server.testing import free_port
+from tests.mlflow_server import MlflowServer
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 100
+
+
+async def planned(root: Path, calls: int, spans: str) -> list[TracePlan]:
+    key = ChainKey.generate()
+    path = root / f"plans-{uuid.uuid4().hex[:8]}.db"
+    await fill(path, key, calls)
+    outbox = SqliteOutbox(path, key=key)
+    pending = await outbox.pending(calls)
+    await outbox.close()
+    plans = [plan_trace(p) for p in pending]
+    return [as_one_span(p) for p in plans] if spans == "call" else plans
+
+
+def ingest(server: MlflowServer, plans: list[TracePlan], streams: int, compress: bool) -> dict[str, Any]:
+    """Posts `plans` in batches of BATCH from `streams` threads; the server's CPU per trace."""
+    assert server.process is not None
+    experiment = f"ingest-{uuid.uuid4().hex[:8]}"
+    target = MlflowTarget(server.url, experiment)
+    experiment_id = target.experiment_id()
+    creds = target._tracing().store.get_host_creds()
+    otlp.post(creds, experiment_id, otlp.export_request(plans[:BATCH]), compress=compress)  # warm-up
+    batches = [plans[i : i + BATCH] for i in range(BATCH, len(plans), BATCH)]
+    body_bytes = sum(len(otlp.export_request(b)) for b in batches[:1])
+
+    def send(batch: list[TracePlan]) -> None:
+        otlp.post(creds, experiment_id, otlp.export_request(batch), compress=compress)
+
+    server_cpu, started, client_cpu = group_cpu(server.process.pid), time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(send, batches))
+    wall, client_cpu = time.perf_counter() - started, time.process_time() - client_cpu
+    server_cpu = group_cpu(server.process.pid) - server_cpu
+    traces = sum(len(b) for b in batches)
+    got = arrived(server.url, experiment)
+    ids = [p.call_id for p in plans]
+    return {
+        "traces": traces,
+        "spans_per_trace": len(plans[0].spans),
+        "request_kb": round(body_bytes / 1024, 1),
+        "calls_per_s": traces / wall,
+        "server_cpu_ms_per_trace": server_cpu / traces * 1e3,
+        "client_cpu_ms_per_trace": client_cpu / traces * 1e3,
+        "lost": len(set(ids) - set(got)),
+        "duplicated": len(got) - len(set(got)),
+    }
+
+
+async def ship(root: Path, uri: str, calls: int, spans: str, batch: int, label: str, pid: int | None) -> dict[str, Any]:
+    """The real shipper's loop in this process, as bench.audit measures it, in the given span form."""
+    key = ChainKey.generate()
+    experiment = f"ship-{uuid.uuid4().hex[:8]}"
+    ids = await fill(root / f"{experiment}.db", key, calls)
+    outbox = SqliteOutbox(root / f"{experiment}.db", key=key)
+    target = MlflowTarget(uri, experiment)
+    await asyncio.to_thread(target.experiment_id)
+    shipper = Shipper(outbox, target, AuditSettings(ship_batch=batch, mlflow_spans=spans), Metrics())  # type: ignore[arg-type]
+    server0 = group_cpu(pid) if pid else 0.0
+    cpu, started, shipped = time.process_time(), time.perf_counter(), 0
+    while got := await shipper.ship_once():
+        shipped += got
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    server_cpu = group_cpu(pid) - server0 if pid else None
+    await shipper.stop(drain_seconds=0)
+    result = {
+        "target": label,
+        "spans": spans,
+        "calls": shipped,
+        "calls_per_s": shipped / wall,
+        "shipper_cpu_ms_per_call": cpu / max(shipped, 1) * 1e3,
+        "server_cpu_ms_per_call": server_cpu / max(shipped, 1) * 1e3 if server_cpu is not None else None,
+        **check(ids, await asyncio.to_thread(arrived, uri, experiment), outbox),
+    }
+    await outbox.close()
+    return result
+
+
+def with_server(root: Path, workers: int) -> MlflowServer:
+    home = root / f"mlflow-{workers}-{uuid.uuid4().hex[:6]}"
+    home.mkdir()
+    server = MlflowServer(home, free_port(), workers=workers)
+    server.start(600)
+    return server
+
+
+async def run(root: Path, traces: int, ship_calls: int, local_calls: int) -> dict[str, Any]:
+    configs = [  # (spans, workers, streams, gzip)
+        ("stages", 1, 1, False),
+        ("call", 1, 1, False),
+        ("call", 1, 1, True),
+        ("call", 2, 2, False),
+        ("stages", 2, 2, False),
+    ]
+    ingestion = []
+    servers: dict[int, MlflowServer] = {}
+    try:
+        for spans, workers, streams, compress in configs:
+            if workers not in servers:
+                servers[workers] = await asyncio.to_thread(with_server, root, workers)
+            # Fresh calls for every row: a trace id already stored (in any experiment) is an update.
+            plans = await planned(root, traces + BATCH, spans)
+            try:
+                row = await asyncio.to_thread(ingest, servers[workers], plans, streams, compress)
+            except Exception as exc:  # a configuration the server cannot take is a finding, not the end
+                row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            row.update(spans=spans, workers=workers, streams=streams, gzip=compress)
+            print(json.dumps(row), flush=True)
+            ingestion.append(row)
+        server = servers[1]
+        assert server.process is not None
+        shipping = []
+        for spans in ("stages", "call"):
+            shipping.append(await ship(root, server.url, ship_calls, spans, BATCH, "mlflow server (1 worker)",
+                                       server.process.pid))  # fmt: skip
+            print(json.dumps(shipping[-1]), flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+    local = local_tracking_uri(root)
+    for spans in ("stages", "call"):
+        shipping.append(await ship(root, local, local_calls, spans, 1000, "local store (SQLite)", None))
+        print(json.dumps(shipping[-1]), flush=True)
+    return {"ingestion": ingestion, "shipping": shipping}
+
+
+def render(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# Shipping to an mlflow server: where the time goes",
+        "",
+        f"`python -m bench.shipping` ({meta['time']}); {meta['cpus']} cores shared with other work, load average "
+        f"{meta['load_before'][0]:.1f} before, {meta['load_after'][0]:.1f} after: compare rows within this run. "
+        f"Batches of {BATCH} calls to the server; each call as the gateway writes it.",
+        "",
+        "Server ingestion of one OTLP request per batch (`/v1/traces`), server CPU from /proc (all its processes):",
+        "",
+        "| spans | spans/trace | request KiB | gzip | server workers | concurrent requests | traces | calls/s "
+        "| server CPU ms/trace | sender CPU ms/trace | lost | duplicated |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['spans']} | | | {'yes' if r['gzip'] else 'no'} | {r['workers']} | {r['streams']} "
+            f"| failed: {r['error']} | | | | | |"
+            if "error" in r
+            else f"| {r['spans']} | {r['spans_per_trace']} | {r['request_kb']} | {'yes' if r['gzip'] else 'no'} "
+            f"| {r['workers']} | {r['streams']} | {r['traces']} | {r['calls_per_s']:.0f} "
+            f"| {r['server_cpu_ms_per_trace']:.2f} | {r['client_cpu_ms_per_trace']:.2f} | {r['lost']} "
+            f"| {r['duplicated']} |"
+            for r in result["ingestion"]
+        ),
+        "",
+        "The shipper end to end (outbox read, plans, write, marked shipped; in-process; 100 calls a batch to "
+        "the server, 1,000 into the local store):",
+        "",
+        "| target | spans | calls | calls/s | shipper CPU ms/call | server CPU ms/call | lost | duplicated | chain |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        *(
+            f"| {s['target']} | {s['spans']} | {s['calls']} | {s['calls_per_s']:.0f} "
+            f"| {s['shipper_cpu_ms_per_call']:.3f} "
+            f"| {'n/a' if s['server_cpu_ms_per_call'] is None else format(s['server_cpu_ms_per_call'], '.2f')} "
+            f"| {s['lost']} | {s['duplicated']} | {'intact' if s['chain_intact'] else 'BROKEN'} |"
+            for s in result["shipping"]
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traces", type=int, default=600, help="traces per ingestion row")
+    parser.add_argument("--ship-calls", type=int, default=400)
+    parser.add_argument("--local-calls", type=int, default=3000)
+    args = parser.parse_args()
+    import tempfile
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="castellan-shipping-") as tmp:
+        result = asyncio.run(run(Path(tmp), args.traces, args.ship_calls, args.local_calls))
+    result["meta"] = {
+        "cpus": os.cpu_count(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "shipping.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "shipping.md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
