@@ -29,6 +29,7 @@ from server.credentials.store import GrantStore
 from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
+from server.grants.changes import GrantChanges
 from server.grants.databricks_obo import acts_on_behalf, on_behalf_for
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
@@ -116,6 +117,8 @@ class Gateway:
     grant_store: GrantStore | None = None
     """Brokered per-user grants (server/credentials/), when an upstream brokers them."""
     shadow: ShadowPolicy | None = None
+    grant_changes: GrantChanges | None = None
+    """Watches the local catalog: a grant change drops the cache and is announced as list changes."""
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -133,6 +136,8 @@ class Gateway:
             self.shipper.start()
         if self.upstreams is not None:
             await self.upstreams.start()
+        if self.grant_changes is not None:
+            await self.grant_changes.start()
 
     async def readiness(self) -> dict[str, str]:
         """Each backend's state: "ok" or why it cannot serve. Ready only when all are ok."""
@@ -172,6 +177,8 @@ class Gateway:
             raise BackendUnavailable("audit", status)
 
     async def close(self) -> None:
+        if self.grant_changes is not None:
+            await self.grant_changes.stop()
         if self.handlers.tasks is not None:
             await self.handlers.tasks.close()  # running tasks are cancelled, and recorded so
         if self.surface is not None:
@@ -476,6 +483,16 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstream_credentials=upstream_credentials,
         grant_store=grants_store,
         shadow=shadow,
+        grant_changes=(
+            GrantChanges(
+                settings.data_file(settings.grants.path, "catalog.db"),
+                grants,
+                changes.changed,
+                settings.grants.watch_seconds,
+            )
+            if isinstance(grant_source, LocalCatalog) and settings.grants.watch_seconds > 0
+            else None
+        ),
         housekeeping=(
             AuditHousekeeping(outbox, settings.audit, settings.data_dir, metrics)
             if isinstance(outbox, SqliteOutbox)

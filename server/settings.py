@@ -171,7 +171,11 @@ class GrantSettings(BaseModel):
     path: Path | None = None
     """SQLite file of the local catalog. Default: `<data_dir>/catalog.db`."""
     cache_ttl_seconds: float = Field(default=30.0, ge=0)
-    """A revoke takes effect within this time."""
+    """A revoke takes effect within this time (at once for `local` while `watch_seconds` is on)."""
+    watch_seconds: float = Field(default=2.0, ge=0)
+    """For `local`: how often the gateway looks for grant changes made by anyone (the CLI, the admin API,
+    another replica on the same file). A change drops the grant cache and tells connected agents that
+    their tools, resources and prompts lists changed. 0: not watched."""
     max_stale_seconds: float = Field(default=300.0, ge=0)
     """While the source cannot answer, cached answers up to this old are used; older ones deny."""
     timeout_seconds: float = Field(default=10.0, gt=0)

@@ -345,3 +345,60 @@ async def test_an_agent_hears_of_a_tool_an_upstream_adds_without_reconnecting(
             after = {t.name for t in (await client.list_tools(cache_mode="bypass")).tools}
     assert len(after - before) == 1
     assert next(iter(after - before)).startswith("fixture.test_added_tool_")
+
+
+BINARY = "main.upstream.fixture__resource__test_static_binary"
+
+
+@pytest.mark.parametrize("mode", ERAS)
+async def test_an_agent_hears_of_a_grant_and_a_revoke_made_with_the_cli_without_reconnecting(
+    gateway: GatewayProcess, mode: str
+) -> None:
+    """`castellan grants` writes the catalog from another process; the gateway notices the commit, drops its
+    grant cache and tells connected agents their lists changed: the next listing shows the new view."""
+    import anyio
+    import mcp_types as types
+
+    heard: list[str] = []
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ResourceListChangedNotification):
+            heard.append(mode)
+            changed.set()
+
+    def binary_listed(listed: types.ListResourcesResult) -> bool:
+        return "test://static-binary" in {str(r.uri) for r in listed.resources}
+
+    async def cli_then_hear(client: Client, *args: str) -> None:
+        nonlocal changed
+        changed = anyio.Event()
+        if mode == "legacy":  # the session's standalone stream carries it
+            assert run_cli(gateway, "grants", *args).returncode == 0
+            with anyio.fail_after(30):
+                await changed.wait()
+        else:
+            async with client.listen(resources_list_changed=True) as subscription:
+                assert run_cli(gateway, "grants", *args).returncode == 0
+                with anyio.fail_after(30):
+                    event = await anext(aiter(subscription))
+            assert type(event).__name__ == "ResourcesListChanged"
+
+    schema = ("grant", "USE", "SCHEMA", "ON", "SCHEMA", "main.upstream", "TO", "analysts")
+    assert run_cli(gateway, "grants", *schema).returncode == 0
+    token = cli_token(gateway, f"grant-watcher-{mode}", "analysts")
+    async with create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http:
+        client = Client(
+            streamable_http_client(gateway.mcp_url, http_client=http),  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            message_handler=on_message,
+        )
+        async with client:
+            assert not binary_listed(await client.list_resources(cache_mode="bypass"))
+            await cli_then_hear(client, "grant", "READ", "ON", "RESOURCE", BINARY, "TO", "analysts")
+            assert binary_listed(await client.list_resources(cache_mode="bypass"))  # at once: the cache was dropped
+            await cli_then_hear(client, "revoke", "READ", "ON", "RESOURCE", BINARY, "FROM", "analysts")
+            assert not binary_listed(await client.list_resources(cache_mode="bypass"))
+            with pytest.raises(MCPError) as refused:  # the revoke holds from the next act
+                await client.read_resource("test://static-binary", cache_mode="bypass")
+            assert refused.value.code == DENIED
