@@ -4,8 +4,9 @@ code + PKCE S256), on authlib's client pieces.
 The authorization server is the one the gateway trusts (`auth.authorization_servers`, else the issuer:
 in dev mode the gateway's own dev issuer), found from its RFC 8414 metadata (OpenID discovery as a
 fallback, which Hydra serves). The client is `console.oauth_client_id` (and its secret, from env or a
-file), or, when none is configured, one registered dynamically (RFC 7591) at the first sign-in and kept
-for the process. The code is exchanged here, server-side; the access token it yields is then treated
+file), or, when none is configured, one registered dynamically (RFC 7591, a public client) at the first
+sign-in and kept in `<data_dir>/console-oauth-client.json` (so a restart neither registers again nor
+strands a sign-in in flight). The code is exchanged here, server-side; the access token it yields is then treated
 exactly as a pasted bearer token (the routes verify it with the gateway's verifier).
 
 A sign-in in flight is a `Flow` (state, PKCE verifier), kept sealed in a short-lived cookie of its own;
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -40,6 +44,7 @@ CALLBACK_PATH = "/console/oauth/callback"
 SCOPES = ("castellan:audit", "castellan:approve", "castellan:admin")
 """Asked for at every sign-in; whatever the server grants decides the roles."""
 FLOW_TTL_SECONDS = 600.0
+CLIENT_FILE = "console-oauth-client.json"
 _TIMEOUT_SECONDS = 10.0
 
 
@@ -123,13 +128,17 @@ class ConsoleOAuth:
         client_secret: str | None = None,
         http: OAuthHttp | None = None,
         label: str = "",
+        client_file: Path | None = None,
     ) -> None:
+        """`client_file`: where a dynamically registered client is kept (None: for this process only)."""
         self.issuer = issuer.rstrip("/")
         self.resource = resource
         self.redirect_uri = redirect_uri
         self.label = label or (urlsplit(issuer).netloc or issuer)
         self.http: OAuthHttp = http or AiohttpOAuthHttp()
         self._client = _Client(client_id, client_secret) if client_id else None
+        self._client_file = client_file
+        self._configured = bool(client_id)
         self._metadata: AuthorizationServerMetadata | None = None
         self._lock = asyncio.Lock()
 
@@ -152,6 +161,7 @@ class ConsoleOAuth:
             client_id=console.oauth_client_id,
             client_secret=secret,
             label="this gateway's dev issuer" if own else "",
+            client_file=settings.data_dir / CLIENT_FILE,
         )
 
     async def start(self) -> tuple[str, Flow]:
@@ -203,6 +213,8 @@ class ConsoleOAuth:
         if auth is None:
             form["client_id"] = client.client_id
         status, body = await self.http.post(metadata["token_endpoint"], form=form, auth=auth)
+        if status != 200 and isinstance(body, dict) and body.get("error") == "invalid_client" and not self._configured:
+            self._forget(client)  # the server no longer knows the client it registered: register at the next start
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             raise SignInFailed(f"the token endpoint refused the code: {_described(body, status)}")
         if str(body.get("token_type", "bearer")).lower() != "bearer":
@@ -247,8 +259,41 @@ class ConsoleOAuth:
             return self._client
         async with self._lock:
             if self._client is None:
-                self._client = await self._register(metadata)
+                self._client = self._registered() or await self._register(metadata)
         return self._client
+
+    def _registered(self) -> _Client | None:
+        """The client registered earlier for this issuer and redirect URI, if kept."""
+        if self._client_file is None:
+            return None
+        try:
+            kept = json.loads(self._client_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(kept, dict) or not kept.get("client_id"):
+            return None
+        if kept.get("issuer") != self.issuer or kept.get("redirect_uri") != self.redirect_uri:
+            return None  # registered for another issuer or address: register again
+        return _Client(str(kept["client_id"]), kept.get("client_secret") or None)
+
+    def _forget(self, client: _Client) -> None:
+        log.info("console_oauth_client_forgotten", issuer=self.issuer, client_id=client.client_id)
+        self._client = None
+        if self._client_file is not None:
+            self._client_file.unlink(missing_ok=True)
+
+    def _keep(self, client: _Client) -> None:
+        if self._client_file is None:
+            return
+        document = {"issuer": self.issuer, "redirect_uri": self.redirect_uri, "client_id": client.client_id}
+        if client.secret:
+            document["client_secret"] = client.secret
+        self._client_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._client_file.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(document, fh, indent=2)
+        os.replace(tmp, self._client_file)
 
     async def _register(self, metadata: AuthorizationServerMetadata) -> _Client:
         endpoint = metadata.get("registration_endpoint")
@@ -269,7 +314,9 @@ class ConsoleOAuth:
             raise SignInFailed(f"the authorization server refused to register the console: {_described(body, status)}")
         log.info("console_oauth_client_registered", issuer=self.issuer, client_id=body["client_id"])
         secret = body.get("client_secret")
-        return _Client(str(body["client_id"]), str(secret) if secret else None)
+        client = _Client(str(body["client_id"]), str(secret) if secret else None)
+        self._keep(client)
+        return client
 
 
 def _described(body: Any, status: int) -> str:

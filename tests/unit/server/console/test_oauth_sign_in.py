@@ -61,6 +61,8 @@ class FakeAuthorizationServer:
         self.asked.append(("POST " + url, {"form": dict(form or {}), "json": dict(json or {}), "auth": auth}))
         if url.endswith("/oauth2/register"):
             return 201, {"client_id": "castellan-console-1234", **dict(json or {})}
+        if self.token_status == 401:
+            return 401, {"error": "invalid_client", "error_description": "unknown client"}
         if self.token_status != 200:
             return self.token_status, {"error": "invalid_grant", "error_description": "the code was already used"}
         token = mint_dev_token(
@@ -143,6 +145,20 @@ def test_the_authorization_request_asks_for_the_console_scopes_for_this_gateway_
     assert registration["json"]["token_endpoint_auth_method"] == "none"
     rig.start()
     assert len([w for w, _ in rig.server.asked if w.endswith("/oauth2/register")]) == 1
+
+
+def test_the_registered_client_is_kept_across_a_restart_and_forgotten_once_the_server_refuses_it(
+    tmp_path: Path,
+) -> None:
+    for rig in _rig(tmp_path, {}):
+        first = rig.start()["client_id"]
+    for rig in _rig(tmp_path, {"token_status": 401}):
+        params = rig.start()
+        assert params["client_id"] == first
+        assert not [w for w, _ in rig.server.asked if w.endswith("/oauth2/register")]
+        rig.callback(code="the-code", state=params["state"])  # answered invalid_client
+        rig.start()
+        assert len([w for w, _ in rig.server.asked if w.endswith("/oauth2/register")]) == 1
 
 
 def test_the_flow_cookie_is_sealed_http_only_and_scoped_to_the_callback(rig: OAuthRig) -> None:
