@@ -195,6 +195,8 @@ class ConsoleOAuth:
         metadata = await self.metadata()
         if "iss" in params and params["iss"].rstrip("/") != str(metadata["issuer"]).rstrip("/"):  # RFC 9207
             raise SignInFailed("the answer came from another authorization server (iss mismatch)")
+        if "iss" not in params and metadata.get("authorization_response_iss_parameter_supported"):
+            raise SignInFailed("the answer does not name its issuer, which this authorization server always does")
         if "error" in params:
             described = params.get("error_description") or params["error"]
             raise SignInFailed(f"the authorization server said: {described}")

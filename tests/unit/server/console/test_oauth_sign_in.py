@@ -31,6 +31,7 @@ class FakeAuthorizationServer:
     granted: tuple[str, ...] = ("castellan:audit", "castellan:admin")
     issuer: str = ""
     registration: bool = True
+    names_issuer: bool = False
     token_status: int = 200
     asked: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -46,6 +47,8 @@ class FakeAuthorizationServer:
             "response_types_supported": ["code"],
             "code_challenge_methods_supported": ["S256"],
         }
+        if self.names_issuer:
+            metadata["authorization_response_iss_parameter_supported"] = True
         if self.registration:
             metadata["registration_endpoint"] = f"{issuer}/oauth2/register"
         return 200, metadata
@@ -238,6 +241,11 @@ def test_a_denied_authorization_and_an_answer_from_another_issuer_are_refused(ri
     params = rig.start()
     mixed_up = rig.callback(code="the-code", state=params["state"], iss="https://evil.example")
     assert "iss mismatch" in mixed_up.text
+    rig.server.names_issuer = True
+    rig.console.oauth._metadata = None  # type: ignore[union-attr]
+    params = rig.start()
+    unnamed = rig.callback(code="the-code", state=params["state"])
+    assert "does not name its issuer" in unnamed.text
     assert rig.server.token_requests() == []
 
 
