@@ -630,6 +630,14 @@ class ConsoleSettings(BaseModel):
     """The console's read-side index of the audit log (rebuildable; default `<data_dir>/console-index.db`)."""
     mlflow_ui_url: str = ""
     """Where a call's "MLflow trace" link points. Default: `audit.mlflow_tracking_uri` when it is http(s)."""
+    oauth_sign_in: bool = True
+    """Offer "Sign in with <issuer>" (authorization code + PKCE at the gateway's authorization server)
+    beside the bearer-token form, when the gateway knows an authorization server."""
+    oauth_client_id: str = ""
+    """The console's client at the authorization server (redirect URI `<base_url>/console/oauth/callback`).
+    Empty: the console registers itself dynamically (RFC 7591) at the first sign-in (the dev issuer)."""
+    oauth_client_secret: SecretSource = Field(default_factory=SecretSource)
+    """The client's secret (env or file), for a confidential client; unset: a public client (PKCE only)."""
 
 
 class RelaySettings(BaseModel):

@@ -20,6 +20,7 @@ from server.console.chain_status import ChainChecker
 from server.console.context import Console, NotPermitted, SignInRequired, console_of, redirect
 from server.console.guard import CsrfGuard, HostGuard, SecurityHeaders
 from server.console.index import ConsoleIndex
+from server.console.oauth import ConsoleOAuth
 from server.console.routes import approvals, audit, auth, catalog, charts
 from server.console.session import COOKIE, PRE_COOKIE, SessionSealer
 from server.transport import allowed_hosts
@@ -58,6 +59,7 @@ def make_console(gateway: Gateway) -> Console:
         secure_cookies=settings.base_url.startswith("https://"),
         trusted_origins=(settings.base_url, *settings.server.allowed_origins),
         mlflow_ui_url=_mlflow_ui(gateway),
+        oauth=ConsoleOAuth.from_settings(settings) if settings.console.oauth_sign_in else None,
     )
 
 

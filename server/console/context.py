@@ -13,6 +13,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from server.audit.redaction import Redactor
 from server.console.chain_status import ChainChecker
 from server.console.index import ConsoleIndex
+from server.console.oauth import ConsoleOAuth
 from server.console.roles import Role, may_enter, roles_from_scopes
 from server.console.session import COOKIE, PRE_COOKIE, SessionSealer
 from server.errors import Unauthenticated
@@ -65,6 +66,8 @@ class Console:
     chain: ChainChecker | None = None
     env: Environment = field(init=False)
     mlflow_experiment_id: str | None = None
+    oauth: ConsoleOAuth | None = None
+    """"Sign in with <issuer>"; None when the gateway knows no authorization server."""
 
     def __post_init__(self) -> None:
         self.env = Environment(

@@ -20,10 +20,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from server.console.oauth import FLOW_TTL_SECONDS, Flow
+
 COOKIE = "castellan_console"
 PRE_COOKIE = "castellan_console_pre"
 """Before sign-in: a random value the sign-in form's CSRF token is bound to."""
+FLOW_COOKIE = "castellan_console_oauth"
+"""During an OAuth sign-in: the sealed `Flow` (state, PKCE verifier) the callback must match."""
 _AAD = b"castellan-console-session-v1"
+_FLOW_AAD = b"castellan-console-oauth-flow-v1"
 
 
 def _b64(data: bytes) -> str:
@@ -84,6 +89,24 @@ class SessionSealer:
             return None
         age = (now or time.time()) - session.issued_at
         return session if 0 <= age <= self.max_age else None
+
+    def seal_flow(self, flow: Flow) -> str:
+        body = json.dumps({"s": flow.state, "v": flow.verifier, "i": flow.started_at}).encode()
+        nonce = os.urandom(12)
+        return _b64(nonce + self._aead.encrypt(nonce, body, _FLOW_AAD))
+
+    def open_flow(self, cookie: str | None, now: float | None = None) -> Flow | None:
+        """The flow sealed in `cookie`, or None (forged, altered, a session cookie, or too old)."""
+        if not cookie or len(cookie) > 1024:
+            return None
+        try:
+            raw = _unb64(cookie)
+            body = json.loads(self._aead.decrypt(raw[:12], raw[12:], _FLOW_AAD))
+            flow = Flow(state=str(body["s"]), verifier=str(body["v"]), started_at=float(body["i"]))
+        except Exception:  # forged, altered, truncated, sealed by another key: no flow
+            return None
+        age = (now or time.time()) - flow.started_at
+        return flow if 0 <= age <= FLOW_TTL_SECONDS else None
 
     def csrf_token(self, binding: str) -> str:
         """The form token for a session id (or, before sign-in, the pre-session cookie's value)."""

@@ -365,3 +365,64 @@ def read_shadow_and_catalog(gw: GatewayProcess, auditor: str, shots: Path) -> di
         finally:
             browser.close()
     return seen
+
+
+@pytest.mark.timeout(600)
+async def test_a_person_signs_in_through_the_dev_issuers_page_by_clicking(tmp_path: Path) -> None:
+    """ "Sign in with this gateway's dev issuer": the browser goes to the dev issuer's sign-in page, the
+    person picks the administrator and allows; the console exchanged the code (PKCE) and verified the
+    token, and shows the audit trail. An analyst (no castellan:* scope granted) stays at the sign-in page."""
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is missing: run scripts/install-test-deps")
+    shots = _artifacts(tmp_path)
+    with run_gateway(tmp_path / "gw", {}, timeout=180) as gw:
+        seen = await anyio.to_thread.run_sync(sign_in_at_the_issuer, gw, shots)
+        log = gw.log_path.read_text()
+    assert seen["issuer_page"].startswith("/oauth2/authorize?")
+    assert "code_challenge_method=S256" in seen["issuer_page"]
+    assert "Castellan dev sign-in" in seen["issuer_text"]
+    assert "Castellan console" in seen["issuer_text"]  # the client the console registered for itself
+    assert seen["landed"] == "/console/audit"
+    assert "olivia" in seen["signed_in_as"]
+    assert seen["analyst"] == "/console/sign-in"
+    assert "castellan:audit" in seen["analyst_error"]
+    assert log.count("console_oauth_client_registered") == 1  # registered once, used by both sign-ins
+    for name in ("oauth-sign-in", "oauth-issuer", "oauth-signed-in"):
+        assert (shots / f"{name}.png").stat().st_size > 1000
+
+
+def sign_in_at_the_issuer(gw: GatewayProcess, shots: Path) -> dict[str, str]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, str] = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{gw.base_url}/console/")
+            page.screenshot(path=shots / "oauth-sign-in.png")
+            page.get_by_role("link", name="Sign in with this gateway's dev issuer").click()
+            page.wait_for_url("**/oauth2/authorize?*")
+            seen["issuer_page"] = page.url.removeprefix(gw.base_url)
+            seen["issuer_text"] = page.inner_text("body")
+            page.get_by_label("olivia").check()
+            page.screenshot(path=shots / "oauth-issuer.png", full_page=True)
+            page.get_by_role("button", name="Sign in and allow").click()
+            page.wait_for_url("**/console/audit")
+            seen["landed"] = page.url.removeprefix(gw.base_url)
+            seen["signed_in_as"] = page.inner_text("header")
+            page.screenshot(path=shots / "oauth-signed-in.png", full_page=True)
+
+            analyst = browser.new_page()
+            analyst.goto(f"{gw.base_url}/console/sign-in")
+            analyst.get_by_role("link", name="Sign in with this gateway's dev issuer").click()
+            analyst.wait_for_url("**/oauth2/authorize?*")
+            analyst.get_by_label("alice").check()
+            analyst.get_by_role("button", name="Sign in and allow").click()
+            analyst.wait_for_url("**/console/oauth/callback?*")
+            seen["analyst_error"] = analyst.get_by_role("alert").inner_text()
+            analyst.goto(f"{gw.base_url}/console/audit")
+            seen["analyst"] = analyst.url.removeprefix(gw.base_url)
+        finally:
+            browser.close()
+    return seen
