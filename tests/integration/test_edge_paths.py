@@ -98,9 +98,10 @@ def records(gw: GatewayProcess, agent: str) -> list[dict[str, Any]]:
 
 
 def comparable(value: Any) -> Any:
-    """`value` without what differs between any two calls (ids, clocks, durations, the client's port)."""
+    """`value` without what differs between any two calls (ids, clocks, durations, the client's port) or
+    between the two gateways (in dev mode each is its own token issuer, named by its own base URL)."""
     if isinstance(value, dict):
-        varying = {*VARYING, "address"}
+        varying = {*VARYING, "address", "issuer"}
         return {k: comparable(v) for k, v in value.items() if k not in varying and not k.endswith(("_ms", "_at"))}
     if isinstance(value, list):
         return [comparable(v) for v in value]
