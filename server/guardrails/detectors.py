@@ -53,16 +53,21 @@ class Finding:
 _EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"
 )
-# 13 to 19 digits, in groups a person writes (spaces or dashes between them).
-_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
+# 13 to 19 digits, in groups a person writes (spaces or dashes between them). A run of digits inside a
+# longer word (a hex id, a hash, a base64 blob) is no number a person wrote: the digit detectors need
+# neither a letter nor a digit on either side (_NOT_IN_WORD / _NOT_BEFORE_WORD).
+_NOT_IN_WORD, _NOT_BEFORE_WORD = r"(?<![\dA-Za-z-])", r"(?![\dA-Za-z])"
+_CARD = re.compile(rf"{_NOT_IN_WORD}\d(?:[ -]?\d){{12,18}}{_NOT_BEFORE_WORD}")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]){11,30}(?![A-Za-z0-9])")
 _PHONE = re.compile(r"(?<![\w+(\-])(?:\+|00|\()?\d[\d ().\-/]{5,20}\d(?![\w])")
 # What looks like a phone number's digits but is a date or a time.
 _DATE = re.compile(r"^\(?\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|^\d{1,2}:\d{2}")
 _PHONE_WORDS = ("phone", "tel", "call", "mobile", "cell", "fax", "whatsapp", "sms", "handy", "portable")
-_SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
-_DIGITS = {n: re.compile(rf"(?<![\d])\d(?:[ .-]?\d){{{n - 1}}}(?![\d])") for n in (9, 10, 11)}
-_NIR = re.compile(r"(?<![\dA-Za-z])[12][ ]?\d{2}[ ]?\d{2}[ ]?(?:\d{2}|2[AB])[ ]?\d{3}[ ]?\d{3}[ ]?\d{2}(?![\d])", re.I)
+_SSN = re.compile(rf"{_NOT_IN_WORD}\d{{3}}-\d{{2}}-\d{{4}}(?![\dA-Za-z-])")
+_DIGITS = {n: re.compile(rf"(?<![\dA-Za-z])\d(?:[ .-]?\d){{{n - 1}}}{_NOT_BEFORE_WORD}") for n in (9, 10, 11)}
+_NIR = re.compile(
+    r"(?<![\dA-Za-z])[12][ ]?\d{2}[ ]?\d{2}[ ]?(?:\d{2}|2[AB])[ ]?\d{3}[ ]?\d{3}[ ]?\d{2}" + _NOT_BEFORE_WORD, re.I
+)
 _DNI = re.compile(r"(?<![\dA-Za-z])\d{8}-?[A-Za-z](?![A-Za-z0-9])")
 _NIE = re.compile(r"(?<![\dA-Za-z])[XYZxyz]-?\d{7}-?[A-Za-z](?![A-Za-z0-9])")
 _CODICE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{6}\d{2}[A-Za-z]\d{2}[A-Za-z]\d{3}[A-Za-z](?![A-Za-z0-9])")

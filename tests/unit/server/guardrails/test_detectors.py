@@ -65,3 +65,31 @@ def test_non_ascii_text_takes_the_full_scan() -> None:
     assert found("Überweisung an DE89 3704 0044 0532 0130 00 für Müller") == [
         ("iban.de", "DE89 3704 0044 0532 0130 00")
     ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2a9ac495f74a4111111111111111cea",  # a hex id whose digits hold a Luhn-valid Visa number (seen in CI)
+        "x4111111111111111",
+        "4111111111111111ab",
+        "id536-90-4399z",
+        "sha 9f4111111111111111e0",
+        "bsn a111222333",
+    ],
+)
+def test_digits_inside_a_longer_word_are_no_number_a_person_wrote(text: str) -> None:
+    assert found(text, "bsn") == []
+
+
+def test_random_hex_ids_and_hashes_hold_no_personal_data() -> None:
+    """The class, not the one sample: ids an agent echoes (uuid4 hex, sha256 digests) are never masked."""
+    import hashlib
+    import random
+
+    rng = random.Random(20261201)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(3000)]
+    ids += [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)]
+    # digit-heavy ids make a hit likely on the old patterns: hex of decimal-looking numbers
+    ids += [f"{rng.randrange(10**18, 10**19)}{rng.choice('abcdef')}{rng.randrange(10**15)}" for _ in range(3000)]
+    assert [(i, found(i)) for i in ids if found(i)] == []
