@@ -21,6 +21,7 @@ def catalog(path: Path) -> LocalCatalog:
     c = LocalCatalog(path)
     c.add_principal("alice", "user")
     c.add_securable("CATALOG", "main")
+    c.add_securable("SCHEMA", "main.tools")
     return c
 
 
@@ -40,6 +41,8 @@ async def test_a_grant_and_a_revoke_from_another_process_are_each_announced_once
     try:
         assert await cache.privileges(ALICE, "CATALOG", "main") == frozenset()
         assert await changes.look() is False  # nothing changed: nothing said
+        gateway_side.add_securable("FUNCTION", "main.tools.new_tool")  # an upstream's new tool registered
+        assert await changes.look() is False  # no grant changed (the manager announces the tool itself)
         cli = LocalCatalog(path)  # `castellan grants` in a process of its own
         cli.grant("USE CATALOG", "main", "alice")
         assert await changes.look() is True
