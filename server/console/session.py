@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -72,38 +73,43 @@ class SessionSealer:
                     f.write(secrets.token_urlsafe(32))
         return cls(path.read_text().strip().encode(), max_age)
 
-    def seal(self, token: str, now: float | None = None) -> tuple[str, Session]:
-        session = Session(token=token, sid=secrets.token_urlsafe(16), issued_at=now or time.time())
-        body = json.dumps({"t": session.token, "s": session.sid, "i": session.issued_at}).encode()
+    def _seal(self, body: dict[str, Any], aad: bytes) -> str:
         nonce = os.urandom(12)
-        return _b64(nonce + self._aead.encrypt(nonce, body, _AAD)), session
+        return _b64(nonce + self._aead.encrypt(nonce, json.dumps(body).encode(), aad))
 
-    def open(self, cookie: str | None, now: float | None = None) -> Session | None:
-        if not cookie or len(cookie) > 8192:
+    def _open(self, cookie: str | None, aad: bytes, max_chars: int) -> Any:
+        """The JSON sealed in `cookie` under `aad`, or None (absent, too long, forged, altered, truncated,
+        sealed by another key or for the other purpose)."""
+        if not cookie or len(cookie) > max_chars:
             return None
         try:
             raw = _unb64(cookie)
-            body = json.loads(self._aead.decrypt(raw[:12], raw[12:], _AAD))
+            return json.loads(self._aead.decrypt(raw[:12], raw[12:], aad))
+        except Exception:
+            return None
+
+    def seal(self, token: str, now: float | None = None) -> tuple[str, Session]:
+        session = Session(token=token, sid=secrets.token_urlsafe(16), issued_at=now or time.time())
+        return self._seal({"t": session.token, "s": session.sid, "i": session.issued_at}, _AAD), session
+
+    def open(self, cookie: str | None, now: float | None = None) -> Session | None:
+        body = self._open(cookie, _AAD, 8192)
+        try:
             session = Session(token=str(body["t"]), sid=str(body["s"]), issued_at=float(body["i"]))
-        except Exception:  # forged, altered, truncated, sealed by another key: no session
+        except Exception:  # no body, or not a session's
             return None
         age = (now or time.time()) - session.issued_at
         return session if 0 <= age <= self.max_age else None
 
     def seal_flow(self, flow: Flow) -> str:
-        body = json.dumps({"s": flow.state, "v": flow.verifier, "i": flow.started_at}).encode()
-        nonce = os.urandom(12)
-        return _b64(nonce + self._aead.encrypt(nonce, body, _FLOW_AAD))
+        return self._seal({"s": flow.state, "v": flow.verifier, "i": flow.started_at}, _FLOW_AAD)
 
     def open_flow(self, cookie: str | None, now: float | None = None) -> Flow | None:
         """The flow sealed in `cookie`, or None (forged, altered, a session cookie, or too old)."""
-        if not cookie or len(cookie) > 1024:
-            return None
+        body = self._open(cookie, _FLOW_AAD, 1024)
         try:
-            raw = _unb64(cookie)
-            body = json.loads(self._aead.decrypt(raw[:12], raw[12:], _FLOW_AAD))
             flow = Flow(state=str(body["s"]), verifier=str(body["v"]), started_at=float(body["i"]))
-        except Exception:  # forged, altered, truncated, sealed by another key: no flow
+        except Exception:  # no body, or not a flow's
             return None
         age = (now or time.time()) - flow.started_at
         return flow if 0 <= age <= FLOW_TTL_SECONDS else None
