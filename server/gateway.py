@@ -30,7 +30,7 @@ from server.demo import seed_demo_grants
 from server.errors import BackendUnavailable
 from server.grants.cache import CachedGrants
 from server.grants.changes import GrantChanges
-from server.grants.databricks_obo import acts_on_behalf, on_behalf_for
+from server.grants.databricks_obo import OnBehalf, acts_on_behalf, on_behalf_for
 from server.grants.local import LocalCatalog
 from server.grants.source import GrantSource
 from server.grants.stage import GrantsStage
@@ -119,6 +119,8 @@ class Gateway:
     shadow: ShadowPolicy | None = None
     grant_changes: GrantChanges | None = None
     """Watches the local catalog: a grant change drops the cache and is announced as list changes."""
+    on_behalf: OnBehalf | None = None
+    """The federation of callers' tokens at a Databricks workspace, when grants or tools act on their behalf."""
 
     async def start(self) -> None:
         """Start background work (the policy watcher, the audit shipper); needs the running event loop.
@@ -208,6 +210,8 @@ class Gateway:
         if self.shadow is not None:
             shutdown.append(self.shadow.close)
         shutdown.extend(credential.close for credential in self.upstream_credentials.values())  # token services
+        if self.on_behalf is not None:
+            shutdown.append(self.on_behalf.close)
         for closer in shutdown:
             try:
                 await closer()
@@ -483,6 +487,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
         upstream_credentials=upstream_credentials,
         grant_store=grants_store,
         shadow=shadow,
+        on_behalf=on_behalf,
         grant_changes=(
             GrantChanges(
                 settings.data_file(settings.grants.path, "catalog.db"),

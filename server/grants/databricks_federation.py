@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from server.auth.presented import PresentedTokens
-from server.credentials.token_endpoint import STAGE, post_form
+from server.credentials.token_endpoint import STAGE, TokenEndpoint
 from server.errors import Denied
 from server.identity import Identity
 
@@ -48,7 +48,8 @@ class DatabricksTokenFederation:
 
     Raises `Denied` (stage `credentials`) when there is no caller token to federate or the workspace
     refuses it (its `error` and description in the reason), `BackendUnavailable` when the endpoint
-    cannot be reached. Never falls back to the gateway's own credentials."""
+    cannot be reached. Never falls back to the gateway's own credentials. Its requests share one pooled
+    session (`TokenEndpoint`), closed by `close()` at gateway shutdown."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class DatabricksTokenFederation:
         self._max_entries = max_entries
         self._cache: OrderedDict[tuple[str, str], FederatedToken] = OrderedDict()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._endpoint = TokenEndpoint()
 
     async def token_for(self, identity: Identity | None) -> str:
         if identity is None:
@@ -100,6 +102,10 @@ class DatabricksTokenFederation:
         self._cache.move_to_end(key)
         return token.access_token
 
+    async def close(self) -> None:
+        """Close the pooled session; a federation after this raises `BackendUnavailable`."""
+        await self._endpoint.close()
+
     def forget(self, identity: Identity | None, token: str) -> None:
         """Drop `identity`'s cached `token` (the workspace refused it): its next call federates again."""
         if identity is None:
@@ -118,7 +124,7 @@ class DatabricksTokenFederation:
         }
         if self._client_id:
             form["client_id"] = self._client_id
-        status, body = await post_form(
+        status, body = await self._endpoint.post_form(
             self.token_url, form, None, self._timeout, f"databricks token federation unreachable at {self.token_url}"
         )
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):

@@ -81,6 +81,11 @@ class OnBehalf:
         """The current caller's Databricks token. Raises `Denied` / `BackendUnavailable` as the federation does."""
         return await self.federation.token_for(caller.get())
 
+    async def close(self) -> None:
+        """At gateway shutdown: the federation's pooled session (grants and tools share it, so it is
+        closed once, here, not by either of them)."""
+        await self.federation.close()
+
     def refused(self, token: str) -> Denied:
         """The workspace refused the current caller's `token` (revoked, expired early): it is not used
         again, and the call is denied."""

@@ -223,3 +223,16 @@ def test_on_behalf_of_user_grants_need_the_databricks_backend_and_its_host() -> 
         Settings(grants={"backend": "databricks", "databricks_identity": "on_behalf_of_user"})
     with pytest.raises((ConfigError, ValueError)):
         Settings(grants={"databricks_identity": "as_whoever"})
+
+
+def test_federations_share_one_pooled_session_that_closes_with_the_gateway(rig: Rig) -> None:
+    gateway = rig.client.app.state.gateway  # type: ignore[attr-defined]
+    assert rig.call(rig.token(ALICE), WHOAMI, {})["structuredContent"] == {"result": ALICE}
+    assert rig.call(rig.token(BOB), WHOAMI, {})["structuredContent"] == {"result": BOB}
+    endpoint = gateway.on_behalf.federation._endpoint
+    session = endpoint._session
+    assert session is not None  # both users federated over the one kept session
+    assert not session.closed
+    rig.client.__exit__(None, None, None)  # the gateway shuts down
+    assert session.closed
+    assert endpoint._closed
