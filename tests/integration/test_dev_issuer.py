@@ -5,7 +5,6 @@ click it."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime
 import http.server
@@ -22,37 +21,21 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import httpx2
 import pytest
-from mcp.client.auth import OAuthClientProvider, TokenStorage
+from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
 from server.testing import GatewayProcess, free_port, run_gateway
+from tests.oauth_clients import MemoryStorage, tool_text
+from tests.oauth_clients import claims as jwt_claims
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
 
 STEP_UP_TOOL = "clock.now"
 STEP_UP_SCOPE = "demo:clock"
 REDIRECT = "http://127.0.0.1:1/callback"  # never fetched: the callback handler reads the redirect
-
-
-class MemoryStorage(TokenStorage):
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
 
 
 class SignInPage:
@@ -162,17 +145,6 @@ def document_host(tls: tuple[Path, Path], documents: dict[str, dict[str, Any]]) 
         server.server_close()
 
 
-def _claims(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
-
-
-async def _tool_text(client: Client, name: str) -> str:
-    result = await client.call_tool(name, {"text": "hello"} if name == "echo" else {})
-    assert not result.is_error, result
-    return " ".join(getattr(block, "text", "") for block in result.content)
-
-
 def _provider(
     gateway: GatewayProcess, page: SignInPage, storage: MemoryStorage, untick: list[tuple[str, ...]], **kwargs: Any
 ) -> OAuthClientProvider:
@@ -214,7 +186,7 @@ async def test_the_official_client_signs_in_at_the_demo_gateways_own_issuer_refr
     http.event_hooks["response"].append(record)
     async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
         # 1. 401 → protected resource metadata → the gateway's own issuer → registration → sign-in page.
-        assert await _tool_text(client, "echo") == "hello"
+        assert await tool_text(client, "echo") == "hello"
         assert challenges[0][0] == 401
         assert "Development only" in page.pages[0]
         assert storage.client is not None
@@ -223,7 +195,7 @@ async def test_the_official_client_signs_in_at_the_demo_gateways_own_issuer_refr
         first = storage.tokens
         assert first is not None
         assert first.refresh_token
-        claims = _claims(first.access_token)
+        claims = jwt_claims(first.access_token)
         assert claims["iss"] == gateway.base_url  # a real issuer, not the placeholder `castellan-dev`
         assert (claims["sub"], claims["agent_id"], claims["groups"]) == ("alice", registered, ["analysts"])
         assert claims["aud"] == gateway.mcp_url
@@ -232,7 +204,7 @@ async def test_the_official_client_signs_in_at_the_demo_gateways_own_issuer_refr
 
         # 2. Refresh once the access token has expired: no new sign-in; the used refresh token is spent.
         provider.context.token_expiry_time = time.time() - 1
-        assert await _tool_text(client, "echo") == "hello"
+        assert await tool_text(client, "echo") == "hello"
         assert storage.tokens is not None
         assert storage.tokens.access_token != first.access_token
         assert storage.tokens.refresh_token != first.refresh_token
@@ -249,13 +221,13 @@ async def test_the_official_client_signs_in_at_the_demo_gateways_own_issuer_refr
 
         # 3. Step-up: the tool needs a scope the token lacks: HTTP 403 insufficient_scope; the client signs
         #    in again (this time the scope is ticked) and the retried call runs.
-        assert await _tool_text(client, STEP_UP_TOOL)
+        assert await tool_text(client, STEP_UP_TOOL)
         status, challenge = challenges[-1]
         assert status == 403
         assert 'error="insufficient_scope"' in challenge
         assert STEP_UP_SCOPE in challenge
         assert len(page.pages) == 2
-        assert STEP_UP_SCOPE in _claims(storage.tokens.access_token)["scope"].split()
+        assert STEP_UP_SCOPE in jwt_claims(storage.tokens.access_token)["scope"].split()
 
 
 async def test_a_client_id_metadata_document_signs_in_without_registering(
@@ -274,12 +246,12 @@ async def test_a_client_id_metadata_document_signs_in_without_registering(
         provider = _provider(gateway, page, storage, untick=[], client_metadata_url=f"{base}/client.json")
         http = create_mcp_http_client(auth=provider)
         async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
-            assert await _tool_text(client, "echo") == "hello"
+            assert await tool_text(client, "echo") == "hello"
     assert storage.client is not None
     assert storage.client.client_id == f"{base}/client.json"  # no dynamic registration
     assert "Metadata-document client" in page.pages[0]
     assert storage.tokens is not None
-    claims = _claims(storage.tokens.access_token)
+    claims = jwt_claims(storage.tokens.access_token)
     assert (claims["client_id"], claims["sub"]) == (f"{base}/client.json", "alice")
 
 
@@ -309,14 +281,14 @@ async def test_a_headless_demo_agent_signs_in_with_client_credentials(gateway: G
         async with s.post(f"{gateway.base_url}/oauth2/token", data=form, auth=wrong) as resp:
             assert resp.status == 401
             assert (await resp.json())["error"] == "invalid_client"
-    claims = _claims(token)
+    claims = jwt_claims(token)
     assert (claims["sub"], claims["agent_id"], claims["groups"]) == ("demo-agent", "demo-agent", ["analysts"])
     http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
     async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
-        assert await _tool_text(client, "echo") == "hello"
+        assert await tool_text(client, "echo") == "hello"
     # `castellan token` keeps working beside it: same key, same issuer.
     minted = gateway.token("cli-agent", ["analysts"])
-    assert _claims(minted)["iss"] == claims["iss"] == gateway.base_url
+    assert jwt_claims(minted)["iss"] == claims["iss"] == gateway.base_url
 
 
 def test_check_config_in_production_refuses_the_dev_issuer_even_when_overridden(tmp_path: Path) -> None:

@@ -10,49 +10,30 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import anyio
 import httpx2
 import pytest
-from mcp.client.auth import OAuthClientProvider, TokenStorage
+from mcp.client.auth import OAuthClientProvider
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
 from bench.load import call_body, call_headers
 from server.testing import GatewayProcess, free_port, run_gateway
 from tests.hydra import Hydra, HydraLogin, User, run_hydra
+from tests.oauth_clients import MemoryStorage, tool_text
+from tests.oauth_clients import claims as jwt_claims
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
 
 BASE_SCOPE = "mcp:tools"
 ADMIN_SCOPE = "castellan:admin-tools"
 STEP_UP_TOOL = "clock.now"
-
-
-class MemoryStorage(TokenStorage):
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-        self.history: list[OAuthToken] = []
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-        self.history.append(tokens)
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
 
 
 @pytest.fixture(scope="module")
@@ -72,19 +53,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, hydra: Hydra) -> Iterator[
     }
     with run_gateway(tmp_path_factory.mktemp("gateway"), env, timeout=120) as gw:
         yield gw
-
-
-def _claims(token: str) -> dict[str, Any]:
-    import base64
-
-    payload = token.split(".")[1]
-    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
-
-
-async def _tool_text(client: Client, name: str) -> str:
-    result = await client.call_tool(name, {"text": "hello"} if name == "echo" else {})
-    assert not result.is_error, result
-    return " ".join(getattr(block, "text", "") for block in result.content)
 
 
 async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: Hydra, gateway: GatewayProcess) -> None:
@@ -122,7 +90,7 @@ async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: 
     http.event_hooks["response"].append(record)
     async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
         # 1. Discovery (401 → protected resource metadata → Hydra's metadata), registration, code + PKCE.
-        assert await _tool_text(client, "echo") == "hello"
+        assert await tool_text(client, "echo") == "hello"
         assert challenges[0][0] == 401
         assert "resource_metadata=" in challenges[0][1]
         assert storage.client is not None
@@ -130,7 +98,7 @@ async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: 
         first = storage.tokens
         assert first is not None
         assert first.refresh_token
-        claims = _claims(first.access_token)
+        claims = jwt_claims(first.access_token)
         assert claims["iss"] == hydra.issuer
         assert claims["sub"] == "alice"
         assert gateway.mcp_url in claims["aud"]
@@ -140,7 +108,7 @@ async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: 
 
         # 2. Refresh: once the access token has expired the client refreshes it, without a new sign-in.
         provider.context.token_expiry_time = time.time() - 1
-        assert await _tool_text(client, "echo") == "hello"
+        assert await tool_text(client, "echo") == "hello"
         assert storage.tokens is not None
         assert storage.tokens.access_token != first.access_token
         assert len(login.consents) == 1
@@ -148,13 +116,13 @@ async def test_the_official_client_signs_in_calls_refreshes_and_steps_up(hydra: 
         # 3. Step-up: the tool needs a scope the token lacks: 403 insufficient_scope naming it; the
         #    client re-authorizes (alice is now allowed it) and the retried call runs.
         alice.allowed_scopes.add(ADMIN_SCOPE)
-        assert await _tool_text(client, STEP_UP_TOOL)
+        assert await tool_text(client, STEP_UP_TOOL)
         status, challenge = challenges[-1]
         assert status == 403
         assert 'error="insufficient_scope"' in challenge
         assert f'scope="{BASE_SCOPE} {ADMIN_SCOPE}"' in challenge
         assert len(login.consents) == 2
-        assert ADMIN_SCOPE in _claims(storage.tokens.access_token)["scope"].split()
+        assert ADMIN_SCOPE in jwt_claims(storage.tokens.access_token)["scope"].split()
 
 
 async def test_a_token_without_the_tools_scope_gets_403_naming_it_not_a_tool_result(
@@ -178,7 +146,7 @@ async def test_a_token_without_the_tools_scope_gets_403_naming_it_not_a_tool_res
 
 async def test_a_headless_agent_signs_in_with_client_credentials(hydra: Hydra, gateway: GatewayProcess) -> None:
     token = _client_credentials(hydra, gateway, scope=BASE_SCOPE)
-    claims = _claims(token)
+    claims = jwt_claims(token)
     assert claims["sub"] == claims["client_id"]  # the agent itself: a service principal
     http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
     async with http, Client(streamable_http_client(gateway.mcp_url, http_client=http)) as client:
@@ -234,7 +202,7 @@ async def test_castellan_connect_signs_in_once_then_refreshes_its_expired_token_
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(browser)
             async with Client(stdio_client(params, errlog=err)) as client:
-                assert await _tool_text(client, "echo") == "hello"
+                assert await tool_text(client, "echo") == "hello"
     assert stat.S_IMODE(store.stat().st_mode) == 0o600
     first = json.loads(store.read_text())
     assert first["tokens"]["refresh_token"]
@@ -244,7 +212,7 @@ async def test_castellan_connect_signs_in_once_then_refreshes_its_expired_token_
     store.write_text(json.dumps(first))
     with errlog.open("w") as err, anyio.fail_after(120):  # were it to ask for a sign-in, it would wait
         async with Client(stdio_client(params, errlog=err)) as client:
-            assert await _tool_text(client, "echo") == "hello"
+            assert await tool_text(client, "echo") == "hello"
     assert "sign in at" not in errlog.read_text()
     refreshed = json.loads(store.read_text())
     assert refreshed["tokens"]["access_token"] != first["tokens"]["access_token"]
