@@ -12,9 +12,7 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,39 +20,11 @@ import pytest
 from server.settings import REPO_ROOT
 from server.testing import GatewayProcess, free_port, run_gateway
 from tests.e2e.conftest import E2E
+from tests.mcp_upstream import process, wait_port
 
 pytestmark = pytest.mark.e2e
 CONFORMANCE = E2E / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
 EXPECTED = REPO_ROOT / "tests" / "conformance" / "expected-failures.yml"
-
-
-@contextmanager
-def process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_port(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 @pytest.fixture(scope="module")

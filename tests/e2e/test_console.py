@@ -25,6 +25,7 @@ import pytest
 from server.testing import GatewayProcess, free_port, run_gateway
 from tests.e2e.test_mlflow_ui import CHROMIUM, CHROMIUM_ARGS
 from tests.integration.test_audit_shipping import drive, metric, shipping_env
+from tests.mcp_upstream import conformance_upstream
 from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -248,33 +249,6 @@ def approve_in_browser(gw: GatewayProcess, lead: str, shots: Path) -> dict[str, 
         finally:
             browser.close()
     return seen
-
-
-@contextmanager
-def conformance_upstream() -> Iterator[str]:
-    """The conformance fixture server (tools, resources, a template, prompts; the official SDK's server)."""
-    import urllib.error
-    import urllib.request
-
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/mcp"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(url, timeout=0.5)
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.mark.timeout(900)

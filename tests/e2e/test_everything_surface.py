@@ -7,22 +7,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mcp_types as types
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.protocol.acts import DENIED
 from server.testing import GatewayProcess, run_gateway
 from tests.e2e.conftest import E2E, run_node
 from tests.everything_server import run_everything
+from tests.mcp_upstream import connect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
 ERAS = ["legacy", "2026-07-28"]
@@ -54,15 +51,6 @@ def audited(gateway: GatewayProcess, agent: str) -> list[dict[str, Any]]:
     found = cli(gateway, "audit", "search", "--agent", agent, "--format", "jsonl")
     assert found.returncode == 0, found.stderr
     return [json.loads(line) for line in found.stdout.splitlines()]
-
-
-@asynccontextmanager
-async def connect(gateway: GatewayProcess, token: str, mode: str) -> AsyncIterator[Client]:
-    async with (
-        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        Client(streamable_http_client(gateway.mcp_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
-    ):
-        yield client
 
 
 @pytest.mark.parametrize("mode", ERAS)

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 from server.testing import ANALYST_TOOLS, GatewayProcess
 from tests.integration.conftest import cli_token
+from tests.mcp_upstream import connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ERAS = ["legacy", "2026-07-28"]
-
-
-@asynccontextmanager
-async def connect(gateway: GatewayProcess, token: str, mode: str) -> AsyncIterator[Client]:
-    async with (
-        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        Client(streamable_http_client(gateway.mcp_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
-    ):
-        yield client
 
 
 @pytest.mark.parametrize("mode", ERAS)

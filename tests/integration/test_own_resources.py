@@ -6,19 +6,16 @@ eras: each Delta table's schema and sample, and the documents of the search inde
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.protocol.acts import DENIED
 from server.testing import GatewayProcess, run_gateway
 from tests.integration.conftest import cli_token, run_cli
+from tests.mcp_upstream import connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ERAS = ["legacy", "2026-07-28"]
@@ -30,15 +27,6 @@ DOCS = "castellan://docs/{doc_id}"
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     with run_gateway(tmp_path_factory.mktemp("own-resources") / "gw", {}, timeout=120) as gw:
         yield gw
-
-
-@asynccontextmanager
-async def connect(gateway: GatewayProcess, token: str, mode: str) -> AsyncIterator[Client]:
-    async with (
-        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        Client(streamable_http_client(gateway.mcp_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
-    ):
-        yield client
 
 
 def reads(gateway: GatewayProcess, agent: str) -> list[dict[str, Any]]:

@@ -5,13 +5,7 @@ prompt only with EXECUTE on its function and arguments decided like a tool call'
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +16,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.protocol.acts import DENIED
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, run_gateway
 from tests.integration.conftest import cli_token, run_cli
+from tests.mcp_upstream import conformance_upstream, connect
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ERAS = ["legacy", "2026-07-28"]
@@ -33,23 +28,9 @@ TEXT = "main.upstream.fixture__resource__test_static_text"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """The gateway with the conformance fixture server (resources, a template) as upstream `fixture`."""
-    port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                time.sleep(0.1)
+    with conformance_upstream() as url:
         env = {
-            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": f"http://127.0.0.1:{port}/mcp"}]),
+            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": url}]),
             # responses as SSE streams, so a request's log notifications can ride them (JSON responses
             # carry none: the relay routes a request that asks for them to the SSE path)
             "CASTELLAN_SERVER__JSON_RESPONSE": "false",
@@ -57,18 +38,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         }
         with run_gateway(tmp_path_factory.mktemp("resources") / "gw", env, timeout=120) as gw:
             yield gw
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
-
-
-@asynccontextmanager
-async def connect(gateway: GatewayProcess, token: str, mode: str) -> AsyncIterator[Client]:
-    async with (
-        create_mcp_http_client(headers={"Authorization": f"Bearer {token}"}) as http,
-        Client(streamable_http_client(gateway.mcp_url, http_client=http), mode=mode) as client,  # type: ignore[arg-type]
-    ):
-        yield client
 
 
 async def discover(gateway: GatewayProcess, token: str) -> dict[str, object]:

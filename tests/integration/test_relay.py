@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,9 +21,8 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, free_port, run_gateway
-from tests.e2e.test_conformance import process, wait_port
+from server.testing import GatewayProcess, run_gateway
+from tests.mcp_upstream import conformance_upstream, policies_with_upstreams
 
 pytestmark = pytest.mark.integration
 MODERN = "2026-07-28"
@@ -33,20 +31,12 @@ MODERN = "2026-07-28"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     root = tmp_path_factory.mktemp("relay")
-    policies = root / "policies"
-    shutil.copytree(REPO_ROOT / "policies", policies)
-    config = policies / "castellan" / "config" / "data.json"
-    data = json.loads(config.read_text())
-    data["upstreams"] = {"nosample": {"forbid": ["sample"]}}
-    config.write_text(json.dumps(data))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/mcp"
-    upstreams = [
-        {"name": "fixture", "url": url, "prefix": ""},
-        {"name": "nosample", "url": url, "prefix": "nosample."},
-    ]
-    with process("-m", "tests.fixtures.conformance_server", "--port", str(port)):
-        wait_port(port)
+    policies = policies_with_upstreams(root, {"nosample": {"forbid": ["sample"]}})
+    with conformance_upstream() as url:
+        upstreams = [
+            {"name": "fixture", "url": url, "prefix": ""},
+            {"name": "nosample", "url": url, "prefix": "nosample."},
+        ]
         env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams), "CASTELLAN_POLICY__PATH": str(policies)}
         with run_gateway(root / "gw", env, timeout=120) as gw:  # a loaded 2-core machine starts it slowly
             yield gw

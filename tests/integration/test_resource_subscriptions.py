@@ -7,11 +7,6 @@ agent without READ is refused, with an audit record, and hears nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +19,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.protocol.acts import DENIED
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, run_gateway
 from tests.integration.conftest import cli_token, run_cli
+from tests.mcp_upstream import conformance_upstream
 
 # resources/subscribe is deprecated at 2026-07-28 and served to 2025 clients on purpose
 pytestmark = [
@@ -39,30 +35,13 @@ SECURABLE = "main.upstream.fixture__resource__test_watched_resource"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.conformance_server", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                time.sleep(0.1)
+    with conformance_upstream() as url:
         env = {
-            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": f"http://127.0.0.1:{port}/mcp"}]),
+            "CASTELLAN_UPSTREAMS": json.dumps([{"name": "fixture", "url": url}]),
             "CASTELLAN_SERVER__JSON_RESPONSE": "false",
         }
         with run_gateway(tmp_path_factory.mktemp("subscriptions") / "gw", env, timeout=120) as gw:
             yield gw
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=10)
 
 
 def audited(gateway: GatewayProcess, agent: str) -> list[dict[str, Any]]:

@@ -26,8 +26,8 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from server.testing import GatewayProcess, free_port, run_gateway
-from tests.e2e.test_conformance import process, wait_port
+from server.testing import GatewayProcess, run_gateway
+from tests.mcp_upstream import conformance_upstream
 
 pytestmark = pytest.mark.integration
 MODERN = "2026-07-28"
@@ -113,10 +113,8 @@ class Tasks(ClientExtension):
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     root = tmp_path_factory.mktemp("tasks")
-    port = free_port()
-    upstreams = [{"name": "fixture", "url": f"http://127.0.0.1:{port}/mcp", "prefix": ""}]
-    with process("-m", "tests.fixtures.conformance_server", "--port", str(port)):
-        wait_port(port)
+    with conformance_upstream() as url:
+        upstreams = [{"name": "fixture", "url": url, "prefix": ""}]
         # every call to a tool that supports tasks becomes one (no immediate-result window)
         env = {"CASTELLAN_UPSTREAMS": json.dumps(upstreams), "CASTELLAN_TASKS__PROMOTE_AFTER_SECONDS": "0"}
         with run_gateway(root / "gw", env, timeout=120) as gw:
