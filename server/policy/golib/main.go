@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"time"
 	"unsafe"
@@ -264,10 +265,21 @@ func castellan_free(p *C.char) { C.free(unsafe.Pointer(p)) }
 
 func main() {}
 
+// gcPercentInEffect is the collector's pacing as the runtime reports it (GOGC, or gcPercent).
+func gcPercentInEffect() uint64 {
+	sample := []metrics.Sample{{Name: "/gc/gogc:percent"}}
+	metrics.Read(sample)
+	if sample[0].Value.Kind() != metrics.KindUint64 {
+		return 0
+	}
+	return sample[0].Value.Uint64()
+}
+
 //export castellan_limits
 func castellan_limits() *C.char {
 	return reply(map[string]any{
 		"opa_version": opaVersion,
+		"gc_percent":  gcPercentInEffect(),
 		"refused":     Refused,
 		"bounds": map[string]any{
 			"numbers.range":             fmt.Sprintf("at most %d numbers", MaxRangeNumbers),
