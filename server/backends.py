@@ -43,6 +43,7 @@ def _make_embedded(s: Settings) -> PolicyEngine:
         s.policy.inline_max_us,
         evaluator=evaluator,
         timeout_seconds=s.policy.timeout_seconds,
+        log_masks=s.policy.decision_log,  # the decision log's mask, evaluated with each decision
     )
     if evaluator == "opa-library":
         log.info("policy_engine_embedded", evaluator=evaluator, exact="OPA's own evaluator (OPA library)")

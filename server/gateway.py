@@ -345,6 +345,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             redactor,
             settings.policy.decision_log_max_bytes,
             settings.policy.decision_log_keep,
+            settings.policy.decision_log_flush_seconds,
         )
         if settings.policy.decision_log
         else None

@@ -157,6 +157,9 @@ class PolicySettings(BaseModel):
     """`<data_dir>/decisions.jsonl` is rotated when it would grow past this (0: never rotated)."""
     decision_log_keep: int = Field(default=5, ge=0)
     """Rotated decision logs kept (`decisions.jsonl.1` newest ... `.5` oldest); older ones are deleted."""
+    decision_log_flush_seconds: float = Field(default=1.0, ge=0)
+    """Decision-log lines are buffered and reach the file within this long (and at shutdown); a crash
+    loses at most this interval's lines of the decision log (never of the audit). 0: a write per line."""
     shadow_path: Path | None = None
     """A candidate policy directory decided beside the live one on every call and never enforced: each
     disagreement is logged, counted (`castellan_shadow_disagreements`) and kept in the call's audit

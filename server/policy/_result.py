@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from server.guardrails.kinds import KINDS
-from server.policy.engine import Decision
+from server.policy.engine import Decision, LogMask
 
 # The obligations the gateway knows how to carry out; anything else denies the call, since a
 # policy author who asks for an obligation we would silently skip must not get an allow.
@@ -19,8 +19,17 @@ KNOWN_OBLIGATIONS |= {"redact_detections", "flags"}
 EVALUATION_FAILED = "policy evaluation failed"
 
 
-def to_decision(raw: Any, *, policy_version: str, engine: str, decision_id: str = "", eval_ms: float = 0.0) -> Decision:
-    """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny."""
+def to_decision(
+    raw: Any,
+    *,
+    policy_version: str,
+    engine: str,
+    decision_id: str = "",
+    eval_ms: float = 0.0,
+    log_mask: LogMask | None = None,
+) -> Decision:
+    """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny.
+    `log_mask` rides on the decision as it is (the decision log checks it against the event)."""
 
     def deny(reason: str) -> Decision:
         return Decision(
@@ -30,6 +39,7 @@ def to_decision(raw: Any, *, policy_version: str, engine: str, decision_id: str 
             engine=engine,
             decision_id=decision_id,
             eval_ms=eval_ms,
+            log_mask=log_mask,
         )
 
     if raw is None:
@@ -56,6 +66,7 @@ def to_decision(raw: Any, *, policy_version: str, engine: str, decision_id: str 
         engine=engine,
         decision_id=decision_id,
         eval_ms=eval_ms,
+        log_mask=log_mask,
     )
 
 

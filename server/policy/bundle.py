@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,21 @@ class PolicyBundle:
         if not modules:
             raise ConfigError(f"policy directory {root} holds no .rego modules")
         return cls(root=root, modules=modules, tests=tests, data=data, version=digest.hexdigest()[:16])
+
+
+MASK_RULE = "data.system.log.mask"
+"""The decision log's mask rule (OPA's), compiled from the bundle's `system.log` modules only."""
+
+
+def log_mask_bundle(bundle: PolicyBundle) -> PolicyBundle | None:
+    """The bundle the decision log's mask is evaluated with: only `bundle`'s `system.log` modules, with
+    its data; None when it has none. Its `version` hashes those modules and the data, so two mask
+    bundles with one version mask alike (what lets a mask evaluated with the decision stand in)."""
+    modules = {p: t for p, t in bundle.modules.items() if package_of(t).startswith("system.log")}
+    if not modules:
+        return None
+    digest = hashlib.sha256(json.dumps([sorted(modules.items()), bundle.data], sort_keys=True, default=str).encode())
+    return replace(bundle, modules=modules, tests={}, version=digest.hexdigest()[:16])
 
 
 def policy_files(root: Path) -> list[Path]:

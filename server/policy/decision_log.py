@@ -1,6 +1,7 @@
 """Decision logs in OPA's event format, masked by the bundle's `data.system.log.mask` rules,
-whichever engine decided (the mask is evaluated here, in-process, for both), then redacted like
-every other sink; rotated by size."""
+whichever engine decided (the mask is evaluated in-process for both: by the embedded engine with the
+decision, else here), then redacted like every other sink; written through a buffer flushed within a
+second, and rotated by size."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 import threading
 import uuid
-from dataclasses import replace
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -18,13 +19,14 @@ import structlog
 from server import __version__
 from server.audit.redaction import Redactor
 from server.policy._thread_engines import drop, engine_for, new_owner
-from server.policy.bundle import PolicyBundle, package_of
+from server.policy.bundle import MASK_RULE, PolicyBundle, log_mask_bundle
 from server.policy.embedded import compile_bundle
 from server.policy.engine import Decision
 
 log = structlog.get_logger("castellan.policy")
-MASK_RULE = "data.system.log.mask"
+__all__ = ["MASK_RULE", "DecisionLog", "apply_mask"]
 _UNDEFINED = '"<undefined>"'
+_BUFFER = 64 * 1024
 
 
 def apply_mask(event: dict[str, Any], mask: Any) -> dict[str, Any]:
@@ -90,6 +92,13 @@ def _pointer_upsert(doc: Any, pointer: str, value: Any) -> bool:
 class DecisionLog:
     """Writes one JSON line per decision to `path`. The mask engine is compiled from the bundle in use
     (`use`), only when the bundle has mask rules, and is only ever touched by the event loop's thread.
+    A decision that carries its mask (`Decision.log_mask`: the embedded engine evaluated it with the
+    decision, from the same mask rules, for this very document and result) is not evaluated again.
+
+    Lines are written through a buffer: it reaches the file when it fills (64 KB), at most
+    `flush_seconds` after the first line in it (a background thread flushes it), and at `close`.
+    A crash of the process loses at most the lines of that last interval; the audit record of every
+    call is written on its own, durably (server/audit). `flush_seconds` = 0 writes every line at once.
 
     After masking, `redactor` removes any secret the mask rules missed (in the input and the reasons).
     When `max_bytes` > 0, a line that would take the file past it first rotates the file: `path` becomes
@@ -105,9 +114,11 @@ class DecisionLog:
         redactor: Redactor | None = None,
         max_bytes: int = 0,
         keep: int = 5,
+        flush_seconds: float = 1.0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self._flush_seconds = flush_seconds
         self._max_bytes = max_bytes
         self._keep = keep
         self._redactor = redactor or Redactor()
@@ -121,11 +132,20 @@ class DecisionLog:
         self._owner = new_owner()  # the mask engine lives with the thread that uses it (_thread_engines)
         self._mask_bundle: PolicyBundle | None = None
         self.use(bundle)
+        self._dirty = threading.Event()  # lines are in the buffer
+        self._closing = threading.Event()
+        if flush_seconds > 0:
+            threading.Thread(
+                target=_flush_every,
+                args=(weakref.ref(self), self._dirty, self._closing, flush_seconds),
+                name="decision-log-flush",
+                daemon=True,
+            ).start()
+            weakref.finalize(self, _wake, self._dirty, self._closing)
 
     def use(self, bundle: PolicyBundle) -> None:
         """Compile only the `system.log` modules (with the data): a small engine, evaluated per decision."""
-        mask_modules = {p: t for p, t in bundle.modules.items() if package_of(t).startswith("system.log")}
-        self._mask_bundle = replace(bundle, modules=mask_modules, tests={}) if mask_modules else None
+        self._mask_bundle = log_mask_bundle(bundle)
 
     def event(self, document: dict[str, Any], decision: Decision) -> dict[str, Any]:
         """The event for one decision. Masking edits `document` in place: pass one that is not used
@@ -144,11 +164,21 @@ class DecisionLog:
         }
         mask_bundle = self._mask_bundle
         if mask_bundle is not None:
-            mask = engine_for(self._owner, mask_bundle.version, lambda: compile_bundle(mask_bundle))
-            mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
-            raw = mask.eval_rule_as_json(MASK_RULE)
-            if raw != _UNDEFINED:
-                apply_mask(event, json.loads(raw))
+            given = decision.log_mask
+            if (
+                given is not None
+                and given.mask_version == mask_bundle.version
+                and given.document is document
+                and given.result == result
+            ):
+                value = given.value
+            else:
+                mask = engine_for(self._owner, mask_bundle.version, lambda: compile_bundle(mask_bundle))
+                mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
+                raw = mask.eval_rule_as_json(MASK_RULE)
+                value = None if raw == _UNDEFINED else json.loads(raw)
+            if value is not None:
+                apply_mask(event, value)
         event["input"] = self._redactor.apply(event["input"])
         event["result"] = self._redactor.apply(event["result"])
         return event
@@ -158,9 +188,22 @@ class DecisionLog:
             line = json.dumps(self.event(document, decision), separators=(",", ":"), default=str) + "\n"
             with self._lock:
                 self._write(line)
+            if not self._dirty.is_set():
+                self._dirty.set()
         except Exception as exc:  # the decision stands; a log line is not worth failing a call over
             self.failures += 1
             log.error("decision_log_failed", error=repr(exc))
+
+    def flush(self) -> None:
+        """Write what the buffer holds to the file. A failure is logged and counted, never raised."""
+        with self._lock:
+            self._dirty.clear()
+            try:
+                if self._file is not None and not self._file.closed:
+                    self._file.flush()
+            except Exception as exc:
+                self.failures += 1
+                log.error("decision_log_failed", error=repr(exc))
 
     def _write(self, line: str) -> None:
         if self._file is None:  # the last rotation could not reopen the file
@@ -173,7 +216,8 @@ class DecisionLog:
         self._size += len(line)  # JSON is written ASCII-only, so characters are bytes
 
     def _open(self) -> None:
-        self._file = open(self._path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the app
+        buffering = _BUFFER if self._flush_seconds > 0 else 1  # 1: a write per line
+        self._file = open(self._path, "a", buffering=buffering, encoding="utf-8")  # noqa: SIM115 - lives with the app
         self._size = self._file.tell()
 
     def _rotate(self) -> None:
@@ -190,6 +234,35 @@ class DecisionLog:
             self._path.unlink()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        """Flush the buffer, close the file and stop the flushing thread."""
+        self._closing.set()
+        self._dirty.set()
+        with self._lock:
+            if self._file is not None:  # closed, not dropped: a line emitted after close fails and is counted
+                try:
+                    self._file.close()
+                except Exception as exc:
+                    self.failures += 1
+                    log.error("decision_log_failed", error=repr(exc))
         drop(self._owner)
+
+
+def _flush_every(
+    ref: weakref.ref[DecisionLog], dirty: threading.Event, closing: threading.Event, seconds: float
+) -> None:
+    """The flushing thread: `seconds` after a line enters the buffer, flush it. It holds the log only
+    while flushing, so a log nobody closed is still collected (its file flushes as it is freed)."""
+    while not closing.is_set():
+        dirty.wait()
+        if closing.wait(seconds):
+            return
+        decision_log = ref()
+        if decision_log is None:
+            return
+        decision_log.flush()
+        del decision_log
+
+
+def _wake(dirty: threading.Event, closing: threading.Event) -> None:
+    closing.set()
+    dirty.set()

@@ -29,22 +29,26 @@ from server.policy import inprocess_opa
 from server.policy._input import input_problem
 from server.policy._result import EVALUATION_FAILED, to_decision
 from server.policy._thread_engines import drop, engine_for, new_owner
-from server.policy.bundle import PolicyBundle
-from server.policy.engine import Decision, LoadReport
+from server.policy.bundle import PolicyBundle, log_mask_bundle
+from server.policy.engine import Decision, LoadReport, LogMask
 from server.policy.regorus_subset import RegorusPolicy, _clean, syntax_check
 
 log = structlog.get_logger("castellan.policy")
 _STOP = None
 EVALUATORS = ("opa-library", "regorus")
 
-# A job: the input document as JSON, the future to answer, and the loop that owns the future.
-_Job = tuple[str, "asyncio.Future[tuple[bool, Any, float]]", asyncio.AbstractEventLoop]
+# What an evaluation gives: ok, the raw result or the error, the CPU seconds it took, and the decision
+# log's mask when it was evaluated with it (`(value,)`), else None.
+_Outcome = tuple[bool, Any, float, "tuple[Any] | None"]
+# A job: the input document (as JSON, and itself), the future to answer, and the loop that owns the future.
+_Job = tuple[str, Any, "asyncio.Future[_Outcome]", asyncio.AbstractEventLoop]
 
 
 class Compiled(Protocol):
-    """A bundle compiled for one entrypoint by one evaluator."""
+    """A bundle compiled for one entrypoint by one evaluator. `document` is `document_json` parsed,
+    when the caller has it (it spares the evaluator parsing it again)."""
 
-    def evaluate(self, document_json: str) -> tuple[bool, Any]: ...
+    def evaluate(self, document_json: str, document: Any = None) -> tuple[bool, Any]: ...
 
 
 def default_evaluator() -> str:
@@ -53,13 +57,18 @@ def default_evaluator() -> str:
 
 
 def compile_policy(
-    bundle: PolicyBundle, entrypoint: str, evaluator: str = "", timeout_seconds: float = 1.0
+    bundle: PolicyBundle,
+    entrypoint: str,
+    evaluator: str = "",
+    timeout_seconds: float = 1.0,
+    mask: PolicyBundle | None = None,
 ) -> Compiled:
     """`bundle` compiled by `evaluator` (default: `default_evaluator()`). Raises `ConfigError` naming the
-    file, and the builtin or construct, when the evaluator refuses it."""
+    file, and the builtin or construct, when the evaluator refuses it. With `mask` (the OPA library
+    only), each evaluation evaluates the decision log's mask too (`inprocess_opa.CompiledPolicy`)."""
     evaluator = evaluator or default_evaluator()
     if evaluator == "opa-library":
-        return inprocess_opa.CompiledPolicy(bundle, entrypoint, timeout_seconds)
+        return inprocess_opa.CompiledPolicy(bundle, entrypoint, timeout_seconds, mask)
     if evaluator == "regorus":
         return RegorusPolicy(bundle, entrypoint)
     raise ConfigError(f"unknown embedded evaluator {evaluator!r}; choose from {list(EVALUATORS)}")
@@ -74,20 +83,25 @@ def _answer(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
-def _evaluate(compiled: Compiled, document_json: str) -> tuple[bool, Any, float]:
-    """(ok, raw result or error message, CPU seconds this thread spent evaluating). Never raises.
+def _evaluate(compiled: Compiled, document_json: str, document: Any = None) -> _Outcome:
+    """(ok, raw result or error message, CPU seconds this thread spent evaluating, the decision log's
+    mask when evaluated with it). Never raises.
 
     CPU time, not wall time: on a loaded machine the wall time of a 100 µs evaluation is mostly
     waiting for a core, which a worker thread does not shorten; measured by the wall clock, load
     alone pushed every decision onto the ~190 µs thread hop and made it slower still."""
     started = time.thread_time()
+    mask: tuple[Any] | None = None
     try:
-        ok, value = compiled.evaluate(document_json)
+        if isinstance(compiled, inprocess_opa.CompiledPolicy):
+            ok, value, mask = compiled.evaluate_logged(document_json)
+        else:
+            ok, value = compiled.evaluate(document_json, document)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # anything at all is a deny, never a crash
-        ok, value = False, f"{type(exc).__name__}: {_clean(exc)}"
-    return ok, value, time.thread_time() - started
+        ok, value, mask = False, f"{type(exc).__name__}: {_clean(exc)}", None
+    return ok, value, time.thread_time() - started, mask
 
 
 def _poisoned(compiled: Compiled) -> bool:
@@ -100,8 +114,8 @@ def _serve(jobs: queue.SimpleQueue[_Job | None], make: Callable[[], Compiled]) -
     is rebuilt before the next job."""
     compiled = make()
     while (job := jobs.get()) is not _STOP:
-        document_json, future, loop = job
-        loop.call_soon_threadsafe(_answer, future, True, _evaluate(compiled, document_json))
+        document_json, document, future, loop = job
+        loop.call_soon_threadsafe(_answer, future, True, _evaluate(compiled, document_json, document))
         if _poisoned(compiled):
             del compiled
             compiled = make()
@@ -111,9 +125,10 @@ def _serve(jobs: queue.SimpleQueue[_Job | None], make: Callable[[], Compiled]) -
 class _Workers:
     """Threads deciding with one bundle. Stopping lets queued jobs finish first (the queue is FIFO)."""
 
-    def __init__(self, bundle: PolicyBundle, make: Callable[[], Compiled], count: int) -> None:
+    def __init__(self, bundle: PolicyBundle, make: Callable[[], Compiled], count: int, mask_version: str = "") -> None:
         self.bundle = bundle
         self.make = make
+        self.mask_version = mask_version
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.threads = [
             threading.Thread(target=_serve, args=(self.jobs, make), name=f"rego-{i}", daemon=True) for i in range(count)
@@ -135,6 +150,10 @@ class EmbeddedEngine:
     their CPU time stays under `inline_max_us`, and on `workers` threads when the policy is slower (the OPA library
     releases the GIL while it evaluates; regorus holds it and shares the interpreter in 5 ms slices).
 
+    With `log_masks` (the OPA library; the gateway sets it when the decision log is on), each decision
+    carries the decision log's mask for its event (`Decision.log_mask`), evaluated in the same library
+    call on the input parsed once, instead of a second evaluation by the decision log.
+
     The input is validated against the decision-input schema first; an invalid input, an undefined
     entrypoint, an evaluation error, a bound exceeded, a deadline (`timeout_seconds`, OPA library) or
     a panic is a deny with the reason, never an exception. `load` compiles the new bundle first and
@@ -153,8 +172,10 @@ class EmbeddedEngine:
         *,
         evaluator: str = "",
         timeout_seconds: float = 1.0,
+        log_masks: bool = False,
     ) -> None:
         self.evaluator = evaluator or default_evaluator()
+        self._log_masks = log_masks and self.evaluator == "opa-library"
         self._entrypoint = entrypoint
         self._timeout = timeout_seconds
         self._count = workers
@@ -165,14 +186,15 @@ class EmbeddedEngine:
         self._owner = new_owner()  # inline regorus engines live with the thread that used them
 
     def _start(self, bundle: PolicyBundle) -> _Workers:
-        first: Compiled | None = compile_policy(bundle, self._entrypoint, self.evaluator, self._timeout)
+        mask = log_mask_bundle(bundle) if self._log_masks else None
+        first: Compiled | None = compile_policy(bundle, self._entrypoint, self.evaluator, self._timeout, mask)
         shared = first if self.evaluator == "opa-library" else None  # one compiled policy for every thread
         del first  # regorus: free it here, on this thread; each thread compiles its own
 
         def make() -> Compiled:
             return shared or compile_policy(bundle, self._entrypoint, self.evaluator, self._timeout)
 
-        return _Workers(bundle, make, self._count)
+        return _Workers(bundle, make, self._count, mask.version if mask is not None else "")
 
     @property
     def policy_version(self) -> str:
@@ -205,20 +227,23 @@ class EmbeddedEngine:
         document_json = json.dumps(document)
         if self._inline_max > 0 and self._average <= self._inline_max:
             compiled = engine_for(self._owner, version, workers.make)
-            ok, raw, seconds = _evaluate(compiled, document_json)
+            ok, raw, seconds, mask = _evaluate(compiled, document_json, document)
             if _poisoned(compiled):
                 drop(self._owner)  # here, on the thread that made it; the next call builds a fresh one
         else:
             loop = asyncio.get_running_loop()
-            future: asyncio.Future[tuple[bool, Any, float]] = loop.create_future()
-            workers.jobs.put((document_json, future, loop))
-            ok, raw, seconds = await future
+            future: asyncio.Future[_Outcome] = loop.create_future()
+            workers.jobs.put((document_json, document, future, loop))
+            ok, raw, seconds, mask = await future
         self._average = 0.9 * self._average + 0.1 * seconds
         if not ok:  # evaluation error (a builtin given a wrong type, a bound, a panic): deny
             log.warning("policy_evaluation_failed", engine=self.name, evaluator=self.evaluator, error=str(raw))
             raw = {"allow": False, "reasons": [EVALUATION_FAILED]}
         eval_ms = (time.perf_counter() - started) * 1000
-        return to_decision(raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms)
+        log_mask = LogMask(workers.mask_version, document, raw, mask[0]) if mask is not None else None
+        return to_decision(
+            raw, policy_version=version, engine=self.name, decision_id=decision_id, eval_ms=eval_ms, log_mask=log_mask
+        )
 
     async def check(self) -> None:
         if self._closed or not self._workers.alive():
@@ -256,7 +281,7 @@ class RuleEvaluator:
         compiled = self._rules.get(rule)
         if compiled is None:
             compiled = self._rules[rule] = compile_policy(self._bundle, rule, self._evaluator)
-        ok, value, _ = _evaluate(compiled, self._input)
+        ok, value, _, _ = _evaluate(compiled, self._input)
         if not ok:
             raise RuntimeError(f"{rule}: {value}")
         if _poisoned(compiled):

@@ -11,6 +11,19 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class LogMask:
+    """The decision log's mask for one decision's event, evaluated by the embedded engine in the same
+    call as the decision (the input parsed once): the mask bundle's version (`log_mask_bundle`), the
+    document decided (the very object), the result the mask was given, and the mask's value (None
+    when undefined). The decision log uses it only when all three match its own."""
+
+    mask_version: str
+    document: Mapping[str, Any]
+    result: Any
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """What policy said about one call. Reasons are sorted; obligations hold only keys the gateway knows."""
 
@@ -24,6 +37,8 @@ class Decision:
     shadow: Mapping[str, Any] | None = None
     """What the shadow policy (`policy.shadow_path`) said about the same input, and whether it differs
     (server/policy/shadow.py); never enforced. None when no shadow policy is configured."""
+    log_mask: LogMask | None = field(default=None, compare=False, repr=False)
+    """The decision log's mask, when the engine evaluated it with the decision (`LogMask`)."""
 
     @classmethod
     def deny(cls, *reasons: str, policy_version: str = "", engine: str = "") -> Decision:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import ConfigError
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import MASK_RULE, PolicyBundle
 from server.settings import REPO_ROOT
 
 LIBRARY = REPO_ROOT / ".cache" / "opa-library" / "libcastellan_opa.so"
@@ -105,27 +105,55 @@ def _explain(error: str) -> str:
 
 
 class CompiledPolicy:
-    """One bundle compiled and prepared for one entrypoint; safe to evaluate from any thread."""
+    """One bundle compiled and prepared for one entrypoint; safe to evaluate from any thread.
 
-    def __init__(self, bundle: PolicyBundle, entrypoint: str, timeout_seconds: float = 1.0) -> None:
+    With `mask` (the decision log's mask bundle, `log_mask_bundle`), every evaluation also evaluates
+    `MASK_RULE` on `{"input": the input, "result": the entrypoint's value}` in the same library call,
+    on the input parsed once, under its own deadline (`mask_timeout_seconds`)."""
+
+    def __init__(
+        self,
+        bundle: PolicyBundle,
+        entrypoint: str,
+        timeout_seconds: float = 1.0,
+        mask: PolicyBundle | None = None,
+        mask_timeout_seconds: float = 1.0,
+    ) -> None:
         lib = _load()
-        request = {
+        request: dict[str, Any] = {
             "modules": dict(bundle.modules),
             "data": bundle.data,
             "query": entrypoint,
             "timeout_ms": max(1, int(timeout_seconds * 1000)),
         }
+        if mask is not None:
+            if mask.data is not bundle.data and mask.data != bundle.data:
+                raise ValueError("a mask bundle is compiled over its policy's data")
+            request["mask"] = {
+                "modules": dict(mask.modules),
+                "query": MASK_RULE,
+                "timeout_ms": max(1, int(mask_timeout_seconds * 1000)),
+            }
         reply = _reply(lib, lib.castellan_compile(json.dumps(request).encode()))
         if "error" in reply:
             raise ConfigError(_explain(str(reply["error"])))
         self._lib = lib
+        self._masked = mask is not None
         self._handle = int(reply["handle"])
         weakref.finalize(self, lib.castellan_release, self._handle)
 
-    def evaluate(self, document_json: str) -> tuple[bool, Any]:
+    def evaluate(self, document_json: str, document: Any = None) -> tuple[bool, Any]:
         """(True, the entrypoint's value or None when undefined) or (False, the error message)."""
+        ok, value, _ = self.evaluate_logged(document_json)
+        return ok, value
+
+    def evaluate_logged(self, document_json: str) -> tuple[bool, Any, tuple[Any] | None]:
+        """`evaluate`, and the mask: `(its value or None when undefined,)` when it was evaluated, None
+        when it was not (no mask compiled, the decision undefined or failed, or the mask failed: the
+        decision log then evaluates it on its own, and reports its failure)."""
         data = document_json.encode()
         reply = _reply(self._lib, self._lib.castellan_eval(self._handle, data, len(data)))
         if "error" in reply:
-            return False, str(reply["error"])
-        return True, reply.get("result")
+            return False, str(reply["error"]), None
+        mask = (reply.get("mask"),) if "result" in reply and "mask_error" not in reply and self._masked else None
+        return True, reply.get("result"), mask

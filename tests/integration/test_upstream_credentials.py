@@ -240,7 +240,12 @@ async def test_a_token_the_service_will_not_exchange_denies_the_call_before_it_l
 async def test_policy_sees_which_credential_an_upstream_call_carries(world: World) -> None:
     alice = await user_token(world.hydra, world.login, "alice", GATEWAY_AUDIENCE, "mcp:tools")
     assert not (await _call(world, alice, "inventory.whoami", {})).get("isError")
-    events = [json.loads(line) for line in (world.gateway.data_dir / "decisions.jsonl").read_text().splitlines()]
+    log = world.gateway.data_dir / "decisions.jsonl"
+    for _ in range(100):  # the decision log's buffer is flushed within a second: a bounded wait for the line
+        if "inventory.whoami" in log.read_text():
+            break
+        await asyncio.sleep(0.1)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
     upstream_inputs = [e["input"].get("upstream") for e in events if e["input"]["tool"]["name"] == "inventory.whoami"]
     assert {"name": "inventory", "credential": "token_exchange"} in upstream_inputs
     local = [e["input"] for e in events if e["input"]["tool"]["name"] == "echo"]

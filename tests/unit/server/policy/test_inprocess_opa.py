@@ -5,6 +5,9 @@ took the process down before (Go out of memory)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 from server.errors import ConfigError
 from server.policy import inprocess_opa
 from server.policy.bundle import PolicyBundle
+from server.settings import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(not inprocess_opa.available(), reason="the OPA library is not built (needs Go)")
 COPIES = [{"op": "copy", "from": "", "path": f"/c{i}"} for i in range(30)]  # each may double the document
@@ -90,3 +94,13 @@ def test_an_evaluation_past_the_deadline_is_an_error(tmp_path: Path) -> None:
     ok, error = policy.evaluate("{}")
     assert not ok
     assert "cancel" in error.lower()
+
+
+@pytest.mark.parametrize(("gogc", "expected"), [(None, 400), ("150", 150)])
+def test_the_library_paces_its_collector_at_400_unless_gogc_says_otherwise(gogc: str | None, expected: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GOGC"} | ({"GOGC": gogc} if gogc else {})
+    printed = subprocess.run(
+        [sys.executable, "-c", "from server.policy import inprocess_opa; print(inprocess_opa.limits()['gc_percent'])"],
+        env=env, capture_output=True, text=True, timeout=120, check=True, cwd=REPO_ROOT,
+    ).stdout  # fmt: skip
+    assert int(printed) == expected
