@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,8 +39,21 @@ def enable_wal(conn: sqlite3.Connection, timeout: float = 10.0) -> None:
         pause = min(pause * 2, 0.1)
 
 
+Write = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any] | Future[Any]]
+
+
+class _Read:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any] | Future[Any]) -> None:
+        self.fn, self.future = fn, future
+
+
+_Job = list[Write] | _Read | None  # a group of writes (one transaction), a read, or stop
+
+
 class SqliteDatabase:
-    """A WAL-mode SQLite file with a single connection owned by a single thread.
+    """A WAL-mode SQLite file with a single connection owned by a single writer thread.
 
     `transact(fn)` is the write path: `fn(connection)` runs inside a write transaction that it
     shares with whatever other writes are waiting (group commit: one commit, one fsync, for many
@@ -48,21 +63,28 @@ class SqliteDatabase:
     `within` seconds later at the latest (bounded write-behind). `run(fn)` is for
     reads. `synchronous` is FULL where durability matters (the audit outbox), NORMAL where a lost
     last commit is harmless.
+
+    The hand-off is cheap on purpose (it is on every governed call): the event loop appends a job to
+    the writer's queue (no executor, no task per batch); the writer takes every job waiting, commits
+    the writes among them together, and wakes the loop once per committed batch to settle all of its
+    futures, not once per future.
     """
 
     def __init__(self, path: Path, *, schema: str, synchronous: str = "NORMAL") -> None:
         self.path = path
         self._schema = schema
         self._synchronous = synchronous
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
-        self._local = threading.local()
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conn: sqlite3.Connection | None = None
         self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._deferred_timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task[None] | None = None
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        conn = self._conn
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
@@ -70,22 +92,42 @@ class SqliteDatabase:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.executescript(self._schema)
-            self._local.conn = conn
+            self._conn = conn
         return conn
+
+    # -- the loop's side ---------------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:  # nothing is queued behind the writer's stop
+            if self._closed:
+                raise RuntimeError(f"the database {self.path.name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=f"sqlite-{self.path.stem}", daemon=True)
+                self._thread.start()
+            self._jobs.put(job)
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the database thread and wait (for CLI and start-up code)."""
-        return self._executor.submit(lambda: fn(self._connection())).result()
+        if threading.get_ident() == self._thread_id:  # already on it (a job that reads): no deadlock
+            return fn(self._connection())
+        future: Future[T] = Future()
+        self._submit(_Read(fn, future))
+        return future.result()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._connection()))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(_Read(fn, future))
+        return await future
 
     async def transact(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((fn, future))
-        self._start_flusher(loop)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        writes: list[Write] = [(fn, future)]
+        if self._deferred:  # deferred writes first (they are older), in the same transaction
+            writes[:0] = self._take_deferred()
+        try:
+            self._submit(writes)
+        except RuntimeError as exc:
+            _fail(writes, exc)
         return await future
 
     def defer(self, fn: Callable[[sqlite3.Connection], T], within: float) -> asyncio.Future[T]:
@@ -96,55 +138,90 @@ class SqliteDatabase:
         future: asyncio.Future[T] = loop.create_future()
         self._deferred.append((fn, future))
         if self._deferred_timer is None:
-            self._deferred_timer = loop.call_later(within, self._deferred_due, loop)
+            self._deferred_timer = loop.call_later(within, self._deferred_due)
         return future
 
-    def _deferred_due(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _deferred_due(self) -> None:
         self._deferred_timer = None
         if self._deferred:
-            self._start_flusher(loop)
+            writes = self._take_deferred()
+            try:
+                self._submit(writes)
+            except RuntimeError as exc:
+                _fail(writes, exc)
 
-    def _start_flusher(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-
-    def _take(self) -> list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]:
-        """The next batch: deferred writes first (they are older), then the waiting ones."""
-        if self._deferred:
-            self._queue[:0], self._deferred = self._deferred, []
-            if self._deferred_timer is not None:
-                self._deferred_timer.cancel()
-                self._deferred_timer = None
-        batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-        return batch
+    def _take_deferred(self) -> list[Write]:
+        writes: list[Write] = list(self._deferred)
+        self._deferred.clear()
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+        return writes
 
     def commit_deferred(self) -> None:
         """Commits the deferred writes now, waiting on the database thread (at shutdown, and before a
         chain head is recorded). Runs on the event loop's thread, outside any transaction."""
-        while self._deferred:
-            batch, self._deferred = self._deferred[:_MAX_BATCH], self._deferred[_MAX_BATCH:]
-            fns = [fn for fn, _ in batch]
-            try:
-                results = self._executor.submit(self._apply, fns).result()
-            except BaseException as exc:
-                results = [(False, exc if isinstance(exc, Exception) else RuntimeError(str(exc)))] * len(batch)
-            _settle(batch, results)
-        if self._deferred_timer is not None:
-            self._deferred_timer.cancel()
-            self._deferred_timer = None
+        if not self._deferred:
+            return
+        writes = self._take_deferred()
+        done: Future[None] = Future()
+        try:
+            self._submit([*writes, (lambda _conn: None, done)])
+        except RuntimeError as exc:
+            _fail(writes, exc)
+            return
+        # Their own futures are settled on their loop when it next runs (a failure: owed, as always).
+        with contextlib.suppress(Exception):
+            done.result()
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue or self._deferred:
-            if self._deferred and not self._queue and self._deferred_timer is not None:
-                return  # only deferred writes, not due yet: the timer starts the next flush
-            batch = self._take()
-            fns = [fn for fn, _ in batch]
-            try:
-                results = await loop.run_in_executor(self._executor, self._apply, fns)
-            except BaseException as exc:  # the thread pool itself failed (closed): every writer hears it
-                results = [(False, exc if isinstance(exc, Exception) else RuntimeError(str(exc)))] * len(batch)
-            _settle(batch, results)
+    # -- the writer thread ---------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        self._thread_id = threading.get_ident()
+        jobs = self._jobs
+        while True:
+            taken = [jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(taken) < _MAX_BATCH:
+                    taken.append(jobs.get_nowait())
+            writes: list[Write] = []
+            for job in taken:
+                if isinstance(job, list):
+                    writes += job
+                    if len(writes) >= _MAX_BATCH:
+                        self._commit(writes)
+                        writes = []
+                    continue
+                if writes:  # what was asked before this read is committed before it runs
+                    self._commit(writes)
+                    writes = []
+                if job is None:
+                    self._stop()
+                    return
+                self._read(job)
+            if writes:
+                self._commit(writes)
+
+    def _commit(self, writes: list[Write]) -> None:
+        try:
+            results = self._apply([fn for fn, _ in writes])
+        except BaseException as exc:  # never lose the writer thread; every writer hears of it
+            error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+            results = [(False, error)] * len(writes)
+        _settle([(future, ok, value) for (_, future), (ok, value) in zip(writes, results, strict=True)])
+
+    def _read(self, job: _Read) -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, job.fn(self._connection()))
+        except Exception as exc:
+            outcome = (False, exc)
+        _settle([(job.future, *outcome)])
+
+    def _stop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
 
     def _apply(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         try:
@@ -171,19 +248,39 @@ class SqliteDatabase:
 
     def close(self) -> None:
         self.commit_deferred()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._jobs.put(None)
+        if thread is not None:
+            thread.join()
 
-        def _close() -> None:
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
 
-        self._executor.submit(_close).result()
-        self._executor.shutdown(wait=True)
+def _fail(writes: list[Write], exc: Exception) -> None:
+    for _, future in writes:
+        if not future.done():
+            future.set_exception(exc)
 
 
-def _settle(batch: list[tuple[Any, asyncio.Future[Any]]], results: list[tuple[bool, Any]]) -> None:
-    for (_, future), (ok, value) in zip(batch, results, strict=True):
+def _settle(outcomes: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]]) -> None:
+    """Hands results to their futures: an event loop's at once, with one wake-up of that loop for all
+    of them (from the writer thread); a waiting thread's directly."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for future, ok, value in outcomes:
+        if isinstance(future, asyncio.Future):
+            by_loop.setdefault(future.get_loop(), []).append((future, ok, value))
+        elif future.set_running_or_notify_cancel():
+            future.set_result(value) if ok else future.set_exception(value)
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _resolve(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
         if not future.done():
             future.set_result(value) if ok else future.set_exception(value)
 

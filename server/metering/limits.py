@@ -47,19 +47,25 @@ class Bucket:
         return max(1, int(self.ends_at - now + 0.999))
 
 
+_SPANS: dict[Window, int] = {"minute": 60, "hour": 3600, "day": 86400}
+_current: dict[Window, Bucket] = {}  # the latest bucket of each window: every call of a second asks again
+
+
 def bucket(window: Window, now: float) -> Bucket:
-    t = datetime.fromtimestamp(now, UTC)
-    if window == "minute":
-        start = int(now // 60) * 60
-        return Bucket(window, start, start + 60)
-    if window == "hour":
-        start = int(now // 3600) * 3600
-        return Bucket(window, start, start + 3600)
-    if window == "day":
-        start = int(now // 86400) * 86400
-        return Bucket(window, start, start + 86400)
-    first = datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
-    return Bucket(window, int(first), first + monthrange(t.year, t.month)[1] * 86400)
+    """The fixed window `now` falls in (UTC; months by the calendar)."""
+    found = _current.get(window)
+    if found is not None and found.bucket <= now < found.ends_at:
+        return found
+    span = _SPANS.get(window)
+    if span is not None:
+        start = int(now // span) * span
+        found = Bucket(window, start, start + span)
+    else:
+        t = datetime.fromtimestamp(now, UTC)
+        first = datetime(t.year, t.month, 1, tzinfo=UTC).timestamp()
+        found = Bucket(window, int(first), first + monthrange(t.year, t.month)[1] * 86400)
+    _current[window] = found
+    return found
 
 
 def call_limit(limits: Limits, window: Window) -> int:
