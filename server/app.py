@@ -23,6 +23,7 @@ from server.console.app import close_console, mount_console
 from server.credentials.brokered import BrokeredCredential
 from server.credentials.callback import add_callback_route
 from server.gateway import Gateway, build_gateway
+from server.gateway_app import MCP_PATH, GatewayApp
 from server.llm.route import add_llm_routes
 from server.protocol.fast import FastEdge
 from server.protocol.relay_http import RelayingSessions
@@ -42,7 +43,7 @@ DEV_TOKEN_HINT = (
 )
 
 
-def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
+def create_app(settings: Settings, tools: list[Tool] | None = None) -> GatewayApp:
     gateway = build_gateway(settings, tools)
     hosts = allowed_hosts(settings.base_url, settings.server.allowed_hosts)
     origins = allowed_origins(settings.base_url, settings.server.allowed_origins)
@@ -75,7 +76,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
                 if dev_issuer is not None:
                     dev_issuer.close()
 
-    app = FastAPI(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = GatewayApp(title="Castellan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.gateway = gateway
 
     scopes = tool_scopes(settings)
@@ -110,7 +111,8 @@ def create_app(settings: Settings, tools: list[Tool] | None = None) -> FastAPI:
         origins=origins,
         max_body_bytes=settings.server.max_body_bytes,
     )
-    app.router.routes.append(Route("/mcp", endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
+    app.router.routes.append(Route(MCP_PATH, endpoint=endpoint, methods=["GET", "POST", "DELETE"]))
+    app.mcp = endpoint  # dispatched at the top of the app (server/gateway_app.py); the route stays for the rest
     _add_operational_routes(app, gateway, metadata_document)
     if dev_issuer is not None:  # dev mode's own OAuth authorization server (docs/identity.md)
         app.router.routes.extend(issuer_routes(dev_issuer))
