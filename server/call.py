@@ -79,9 +79,13 @@ class GrantCheck:
     missing: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Call:
-    """One `tools/call` (or one `tools/list` entry) on its way through the pipeline. Frozen: stages replace."""
+    """One `tools/call` (or one `tools/list` entry) on its way through the pipeline. Frozen: stages replace.
+
+    Not slotted, unlike the other records: a call is copied about 25 times on its way (a stage's
+    result, then its timing), and with its fields in a `__dict__` a copy is one dict merge (`evolve`).
+    """
 
     tool_name: str
     arguments: Mapping[str, Any]
@@ -121,14 +125,13 @@ class Call:
         return self.evolve(timings=(*self.timings, (stage, seconds)))
 
     def evolve(self, **changes: Any) -> Call:
-        """A copy with `changes`, as `dataclasses.replace` makes it but without its per-call field
-        introspection: about 4x cheaper, and a call is copied once or twice per stage. Raises
-        `TypeError` for a name that is not a field."""
-        new = object.__new__(Call)
-        for name in _CALL_FIELDS:
-            object.__setattr__(new, name, changes.pop(name) if name in changes else getattr(self, name))
-        if changes:
-            raise TypeError(f"Call has no field(s) {sorted(changes)}")
+        """A copy with `changes`, as `dataclasses.replace` makes it (no field has an `__init__` of its
+        own to rerun) in one dict merge: ~20x cheaper than `replace` and ~15x than setting each field,
+        and a call is copied once or twice per stage. Raises `TypeError` for a name that is not a field."""
+        if not _CALL_FIELDS.issuperset(changes):
+            raise TypeError(f"Call has no field(s) {sorted(set(changes) - _CALL_FIELDS)}")
+        new = _new(Call)
+        _set(new, "__dict__", {**self.__dict__, **changes})
         return new
 
     @property
@@ -136,4 +139,5 @@ class Call:
         return self.error is None and self.decision is not None and self.decision.allow
 
 
-_CALL_FIELDS = tuple(f.name for f in fields(Call))
+_CALL_FIELDS = frozenset(f.name for f in fields(Call))
+_new, _set = object.__new__, object.__setattr__

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 PrincipalKind = Literal["user", "service_principal", "group"]
@@ -60,6 +60,9 @@ class Identity:
     """None: a service principal when `subject == agent_id` (client credentials), else a user."""
     agent_is_subject: bool = False
     """The token names no agent of its own (its agent id is its subject): one principal, not two."""
+    _principals: tuple[Principal, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    """`principals`, once computed: an identity is read by several stages per call, and a verified
+    token's identity is reused by its later calls."""
 
     @property
     def subject_type(self) -> SubjectKind:
@@ -71,6 +74,13 @@ class Identity:
     def principals(self) -> tuple[Principal, ...]:
         """Every principal grants may be made to: the agent, its subject and its groups, each typed.
         `account users` is not listed: grant sources add it for every caller."""
+        known = self._principals
+        if known is None:
+            known = self._typed_principals()
+            object.__setattr__(self, "_principals", known)  # frozen: a cache of what the fields imply
+        return known
+
+    def _typed_principals(self) -> tuple[Principal, ...]:
         found: list[Principal] = []
         if not self.agent_is_subject and self.agent_id:
             found.append(service_principal(self.agent_id))

@@ -12,31 +12,33 @@ from server import content
 from server.registry import ToolOutput
 
 
-def _options() -> Any:
+def _options(*, capture: bool = True) -> Any:
     options = re2.Options()
     options.case_sensitive = False
     options.log_errors = False
     options.max_mem = 64 << 20
+    options.never_capture = not capture
     return options
 
 
 # Each marker: a name for the record, and what it looks for (case-insensitive). RE2: linear time, and
 # about ten times faster than `re` on these patterns (2 MB scanned in ~0.13 s, against ~1.5 s).
-MARKERS: dict[str, Any] = {
-    name: re2.compile(pattern, options=_options())
-    for name, pattern in {
-        "ignore_instructions": r"\b(ignore|disregard|forget)\b.{0,40}\b(previous|prior|above|earlier|all|your)\b.{0,20}"
-        r"\b(instructions|prompts?|rules|directions)\b",
-        "role_override": r"\byou are now\b|\bact as (an? )?(admin|administrator|system|root|developer)\b"
-        r"|\bnew instructions\b",
-        "system_prompt": r"\b(system prompt|developer message)\b|<\|?(im_start|system)\|?>|\[/?INST\]|<</?SYS>>",
-        "credential_request": r"\b(send|share|reveal|print|include|forward|post)\b.{0,40}\b(api[ _-]?keys?|passwords?|"
-        r"credentials|secrets?|tokens?|private keys?)\b",
-        "hidden_exfiltration": r"!\[[^\]]*\]\(https?://[^)\s]*\?[^)\s]*=",
-        "conceal_from_user": r"\b(do not|don't|never)\b.{0,20}\b(tell|inform|mention|show)\b.{0,20}\bthe user\b",
-        "tool_call_injection": r"\b(call|invoke|run|use)\b.{0,20}\bthe\b.{0,30}\btool\b.{0,40}\b(with|and then)\b",
-    }.items()
+_PATTERNS = {
+    "ignore_instructions": r"\b(ignore|disregard|forget)\b.{0,40}\b(previous|prior|above|earlier|all|your)\b.{0,20}"
+    r"\b(instructions|prompts?|rules|directions)\b",
+    "role_override": r"\byou are now\b|\bact as (an? )?(admin|administrator|system|root|developer)\b"
+    r"|\bnew instructions\b",
+    "system_prompt": r"\b(system prompt|developer message)\b|<\|?(im_start|system)\|?>|\[/?INST\]|<</?SYS>>",
+    "credential_request": r"\b(send|share|reveal|print|include|forward|post)\b.{0,40}\b(api[ _-]?keys?|passwords?|"
+    r"credentials|secrets?|tokens?|private keys?)\b",
+    "hidden_exfiltration": r"!\[[^\]]*\]\(https?://[^)\s]*\?[^)\s]*=",
+    "conceal_from_user": r"\b(do not|don't|never)\b.{0,20}\b(tell|inform|mention|show)\b.{0,20}\bthe user\b",
+    "tool_call_injection": r"\b(call|invoke|run|use)\b.{0,20}\bthe\b.{0,30}\btool\b.{0,40}\b(with|and then)\b",
 }
+MARKERS: dict[str, Any] = {name: re2.compile(pattern, options=_options()) for name, pattern in _PATTERNS.items()}
+# Any marker at all, in one pass: the alternation (same options) matches a text exactly when one of the
+# markers does, so a text with none (nearly every result) costs one search, not seven.
+_ANY = re2.compile("|".join(f"(?:{pattern})" for pattern in _PATTERNS.values()), options=_options(capture=False))
 SCAN_CHARS = 200_000
 """The window a text is scanned in (windows overlap, so no marker is split between two)."""
 
@@ -49,6 +51,8 @@ def scan(text: str) -> list[str]:
     """The names of the markers found in `text` (its first 200,000 characters; `scan_output` scans a
     whole result)."""
     sample = text[:SCAN_CHARS]
+    if _ANY.search(sample) is None:
+        return []
     return [name for name, pattern in MARKERS.items() if pattern.search(sample)]
 
 

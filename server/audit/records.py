@@ -84,6 +84,10 @@ def _replay_input(call: Call) -> dict[str, Any] | None:
         return None
     if error is not None and error.stage != "policy" and not call.decision.allow:
         return None
+    if getattr(call.tool, "decision_input", None) is None:
+        # What the record keeps does not depend on the arguments then (only the parts it leaves out,
+        # `RECOMPUTED`, do): built without them, it skips normalising what it would throw away.
+        return recorded_input(build_input(call.evolve(arguments={})))
     return recorded_input(build_input(call))
 
 

@@ -129,13 +129,19 @@ class SecretScanner:
                 gated.append(superset)
         options = re2.Options()
         options.max_mem = 64 << 20
+        options.never_capture = True  # the gate only says whether: no group spans to build per search
         self._gate = re2.compile("|".join(gated), options) if gated else None
         self._always = tuple(always)
-        # Names, tool names, groups and reasons repeat from call to call: short texts are remembered.
+        # Names, tool names, groups and reasons repeat from call to call: short texts are remembered,
+        # and so are their spans (the guardrails scan a call's arguments, then the audit redacts them).
         self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._redact)
+        self._short_spans = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._spans)
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         """Where the secrets in `text` are, widened to whole tokens, merged, in order."""
+        return list(self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text))
+
+    def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
         if text.isascii() and self._gate is not None and self._gate.search(text) is None:
             rules: Iterable[_Rule] = self._always
         else:
@@ -149,14 +155,14 @@ class SecretScanner:
                 if rule.private_key:
                     end = _PEM_END.search(text, end).end()  # type: ignore[union-attr]  # \Z always matches
                 found.append(_widen(text, start, end))
-        return _merge(found)
+        return tuple(_merge(found))
 
     def redact(self, text: str) -> str:
         """`text` with each secret in it replaced by `[REDACTED]`."""
         return self._short(text) if len(text) <= _CACHE_CHARS else self._redact(text)
 
     def _redact(self, text: str) -> str:
-        spans = self.spans(text)
+        spans = self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text)
         if not spans:
             return text
         parts: list[str] = []
@@ -227,6 +233,7 @@ class Redactor:
         self._fields = frozenset(f.lower() for f in fields)
         self._scanner = _scanner(tuple(patterns))
         self._keys: dict[str, tuple[str, int]] = {}
+        self._clones: dict[frozenset[str], Redactor] = {}
 
     @classmethod
     def from_settings(cls, settings: AuditSettings) -> Redactor:
@@ -242,10 +249,17 @@ class Redactor:
         extra = [f for f in extra if f.lower() not in self._fields]
         if not extra:
             return self
-        clone = Redactor.__new__(Redactor)
-        clone._fields = self._fields | {f.lower() for f in extra}
-        clone._scanner = self._scanner
-        clone._keys = {}
+        more = frozenset(f.lower() for f in extra)
+        clone = self._clones.get(more)
+        if clone is None:  # the same obligation, call after call: one clone, its key cache warm
+            clone = Redactor.__new__(Redactor)
+            clone._fields = self._fields | more
+            clone._scanner = self._scanner
+            clone._keys = {}
+            clone._clones = {}
+            if len(self._clones) >= _CLONES:
+                self._clones.clear()
+            self._clones[more] = clone
         return clone
 
     def text(self, value: str) -> str:
@@ -272,12 +286,21 @@ class Redactor:
 
     def _mapping(self, value: Mapping[Any, Any]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
+        keys, redact = self._keys, self._scanner.redact
         for key, member in value.items():
             if not isinstance(key, str):
                 out[key] = self.apply(member)
                 continue
-            redacted_key, kind = self._key(key)
-            if kind == _NAMED or (kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member)):
+            redacted_key, kind = keys.get(key) or self._key(key)
+            # `apply`'s commonest cases inline (a record is mostly strings and numbers), same outcome
+            kind_of_member = type(member)
+            if kind == _NAMED:
+                out[redacted_key] = REDACTED
+            elif kind_of_member is str:
+                out[redacted_key] = REDACTED if kind == _SECRET_LOOKING and _high_entropy(member) else redact(member)
+            elif member is None or kind_of_member is int or kind_of_member is float or kind_of_member is bool:
+                out[redacted_key] = member
+            elif kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member):
                 out[redacted_key] = REDACTED
             else:
                 out[redacted_key] = self.apply(member)
@@ -299,3 +322,4 @@ _PLAIN, _NAMED, _SECRET_LOOKING = 0, 1, 2
 """What a member's name says: nothing; it is a configured field (always redacted); it looks secret
 (its high-entropy string value is redacted)."""
 _KEY_ENTRIES = 4096
+_CLONES = 256

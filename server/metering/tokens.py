@@ -39,7 +39,7 @@ class TokenCounter:
 
     def count(self, value: Any) -> int:
         text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
-        return len(self._encoding.encode(text, disallowed_special=()))
+        return len(self._encoding.encode_ordinary(text))  # = encode(text, disallowed_special=()), less checking
 
     def count_output(self, output: ToolOutput) -> int:
         """A tool result's tokens, every kind of content (`server.content`): its texts tokenised,
@@ -48,5 +48,5 @@ class TokenCounter:
         return sum(self.count(p.text) for p in found if p.text) + content.size_tokens(found)
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        tokens = self._encoding.encode(text, disallowed_special=())
+        tokens = self._encoding.encode_ordinary(text)
         return self._encoding.decode(tokens[: max(0, max_tokens)])

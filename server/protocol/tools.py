@@ -106,6 +106,9 @@ class McpHandlers:
         """Told each call's outcome (the gateway's log notification of what it decided: protocol/logging.py)."""
         self.tasks: TaskCalls | None = None
         """Calls that may become tasks (server/protocol/tasks.py); None: none do."""
+        # The metrics' children per label values, looked up once (`labels` checks and locks per call).
+        self._counters: dict[tuple[str, str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
@@ -241,8 +244,18 @@ class McpHandlers:
         # a known tool keeps its name even when the call stopped before resolving it (bad arguments);
         # only names that no tool has are folded, so a caller cannot mint label values
         tool = call.tool_name if call.tool is not None or self._lister.knows(call.tool_name) else "(unknown)"
-        self._metrics.calls.labels(tool, decision, stage).inc()
-        self._metrics.call_seconds.labels(tool).observe(elapsed)
+        counter = self._counters.get((tool, decision, stage))
+        if counter is None:
+            if len(self._counters) >= _CHILDREN:  # the values are bounded already; so is what is remembered
+                self._counters.clear()
+            counter = self._counters[tool, decision, stage] = self._metrics.calls.labels(tool, decision, stage)
+        counter.inc()
+        timer = self._timers.get(tool)
+        if timer is None:
+            if len(self._timers) >= _CHILDREN:
+                self._timers.clear()
+            timer = self._timers[tool] = self._metrics.call_seconds.labels(tool)
+        timer.observe(elapsed)
         log.info(
             "tool_call",
             call_id=call.call_id,
@@ -258,6 +271,9 @@ class McpHandlers:
             policy_version=call.decision.policy_version if call.decision else None,
             ms=round(elapsed * 1000, 3),
         )
+
+
+_CHILDREN = 4096
 
 
 class UnreadCallRecorder(ServerMiddleware[Any]):
@@ -287,8 +303,8 @@ class UnreadCallRecorder(ServerMiddleware[Any]):
 
 def _described(value: Any) -> str:
     """A client-supplied description, bounded and printable (it ends up in the audit trail and logs)."""
-    text = value if isinstance(value, str) else ""
-    return "".join(c if c.isprintable() else "\ufffd" for c in text[:256])
+    text = value[:256] if isinstance(value, str) else ""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 def client_of(ctx: ServerRequestContext[Any, Any], request: Request | None) -> ClientInfo:

@@ -25,3 +25,12 @@ def test_evolve_refuses_a_name_that_is_not_a_field() -> None:
 def test_timed_appends_the_stage_timing() -> None:
     call = make_call().timed("a", 0.5).timed("b", 0.25)
     assert call.timings == (("a", 0.5), ("b", 0.25))
+
+
+def test_an_evolved_call_shares_nothing_mutable_with_the_original() -> None:
+    call = make_call()
+    evolved = call.evolve(tokens_out=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        evolved.tokens_out = 6  # type: ignore[misc]
+    assert (call.tokens_out, evolved.tokens_out) == (0, 5)
+    assert evolved.evolve(tokens_out=0) == call

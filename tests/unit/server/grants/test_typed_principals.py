@@ -180,3 +180,17 @@ async def test_databricks_confirms_kinds_for_a_non_admin_view_too(tmp_path: Path
         assert await missing(source, Identity("bot-9", "bot-9", "t", groups=("analysts",)), "main.tools.echo") == []
         assert await missing(source, Identity("analysts", "analysts", "t"), "main.tools.echo") == list(ALL3)
         assert await missing(source, Identity("bot-9", "bob", "t"), tables=("hr.people.salaries",)) == []
+
+
+def test_an_identitys_principals_are_computed_once_and_do_not_change_what_it_equals() -> None:
+    from dataclasses import replace
+
+    from server.testing import make_identity
+
+    identity = make_identity(groups=("analysts", "admins"))
+    assert identity.principals is identity.principals  # remembered
+    fresh = make_identity(groups=("analysts", "admins"))
+    assert identity == fresh
+    assert hash(identity) == hash(fresh)
+    other = replace(identity, groups=("admins",))
+    assert [str(p) for p in other.principals] == ["service principal agent-1", "user alice", "group admins"]
