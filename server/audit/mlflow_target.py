@@ -329,15 +329,8 @@ def _spans(plan: TracePlan) -> list[Any]:
             if value is not None:
                 attributes[key] = json.dumps(value, default=str)
         if index == 0:
-            trace_tags = {
-                **plan.tags,
-                "castellan.call_id": plan.call_id,
-                "castellan.reasons": plan.metadata["castellan.reasons"],
-                "castellan.traceparent": plan.metadata["castellan.traceparent"],
-            }
-            for key, value in trace_tags.items():
-                if value:
-                    attributes[f"mlflow.traceTag.{key}"] = json.dumps(value)
+            for key, value in plan.tags.items():
+                attributes[f"mlflow.traceTag.{key}"] = json.dumps(value)
             attributes["user.id"] = json.dumps(plan.metadata.get("mlflow.trace.user", ""))
             attributes["session.id"] = json.dumps(plan.metadata.get("mlflow.trace.session", ""))
         status = SpanStatus(SpanStatusCode.OK if sp.ok else SpanStatusCode.ERROR)
