@@ -42,8 +42,9 @@ _SPAN = (
     " start_time_unix_nano, end_time_unix_nano, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _PREVIEW = 1000
-_METADATA_KEYS = ("mlflow.trace.user", "mlflow.trace.session")
-"""What `log_spans` keeps as trace metadata (the rest of the plan's metadata is in the tags and spans)."""
+_METADATA_KEYS = ("mlflow.trace.user",)
+"""What `log_spans` keeps as trace metadata (the rest of the plan's metadata is in the tags and spans;
+the session is `trace_info.session_id`, which MLflow reads back as `mlflow.trace.session`)."""
 _MAX_TAG = 8000
 # One encoder each, made once: `json.dumps` with any option builds a new encoder on every call.
 _value = json.JSONEncoder(ensure_ascii=False, default=str).encode

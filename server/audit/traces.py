@@ -21,10 +21,12 @@ PREVIEW_CHARS = 1_000
 _SPAN_NAMES = {"invoke": "tool"}
 _SPAN_TYPES = {"invoke": "TOOL", "policy": "GUARDRAIL", "grants": "GUARDRAIL", "authenticate": "GUARDRAIL",
                "approval": "GUARDRAIL"}  # fmt: skip
-TAGS = ("agent_id", "subject", "tool", "decision", "stage", "policy_version", "run_id")
+TAGS = ("subject", "tool", "decision", "stage", "policy_version")
 """The decision's fields that are trace tags (`castellan.<name>`): what `castellan audit search` filters
-on. A tag costs a tracking server an ORM merge per trace (bench/results/shipping.md), so what nobody
-filters on (the action, the denial code) is an attribute of the root span instead."""
+on. A tag costs a tracking server an ORM merge per trace (bench/results/shipping.md), so the agent and
+the run are MLflow's own user and session (`mlflow.trace.user`, `mlflow.trace.session`: filterable,
+and written anyway), and what nobody filters on (the action, the denial code) is an attribute of the
+root span."""
 _ROOT_ATTRIBUTES = ("action", "code")
 _PREVIEW_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
