@@ -22,22 +22,37 @@ SCHEMA_REVISIONS = frozenset({"dc11669786a5"})
 """MLflow store schema revisions (alembic) this reader knows: MLflow 3.17.x, as `mlflow_sql`."""
 
 _TAGGED = "SELECT 1 FROM trace_tags t WHERE t.request_id = ti.request_id AND t.key = ?"
-_TAGS = ("agent_id", "subject", "tool", "decision", "stage", "policy_version", "run_id")
+_USER = "SELECT 1 FROM trace_request_metadata m WHERE m.request_id = ti.request_id AND m.key = 'mlflow.trace.user'"
+_TAGS = ("subject", "tool", "decision", "stage", "policy_version")
+USER, SESSION = "mlflow.trace.user", "mlflow.trace.session"
+"""The agent and the run: MLflow's user and session of the trace (not tags: server/audit/traces.py)."""
 
 
 def tag_filters(query: AuditQuery) -> dict[str, str]:
     """The query's filters that are trace tags (`castellan.<name>`), with their values."""
     pairs = {
-        "agent_id": query.agent,
         "subject": query.subject,
         "tool": query.tool,
         "decision": query.decision,
         "stage": query.stage,
         "policy_version": query.policy_version,
-        "run_id": query.run_id,
         "outcome": query.outcome,
     }
     return {k: v for k, v in pairs.items() if v is not None}
+
+
+def metadata_filters(query: AuditQuery) -> dict[str, str]:
+    """The query's filters on the trace's metadata: the agent (MLflow's user) and the run (its session)."""
+    pairs = {USER: query.agent, SESSION: query.run_id}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def identity(tags: dict[str, str], metadata: dict[str, str]) -> dict[str, str | None]:
+    """A trace's agent and run (its user and session; a trace shipped before they were, their tags)."""
+    return {
+        "agent_id": metadata.get(USER) or tags.get("castellan.agent_id"),
+        "run_id": metadata.get(SESSION) or tags.get("castellan.run_id"),
+    }
 
 
 def _millis(value: str) -> int:
@@ -71,6 +86,12 @@ def search_store(path: Path, experiment: str, query: AuditQuery) -> list[dict[st
             if value is not None:
                 clauses.append(f"EXISTS ({_TAGGED} AND t.value = ?)")
                 params += [key, value]
+        if query.agent is not None:
+            clauses.append(f"EXISTS ({_USER} AND m.value = ?)")
+            params.append(query.agent)
+        if query.run_id is not None:
+            clauses.append("ti.session_id = ?")
+            params.append(query.run_id)
         if query.flag:
             clauses.append(f"EXISTS ({_TAGGED} AND t.value LIKE ?)")
             params += ["castellan.flags", f"%{query.flag}%"]
@@ -83,12 +104,12 @@ def search_store(path: Path, experiment: str, query: AuditQuery) -> list[dict[st
         wanted = query.offset + query.limit
         results: list[dict[str, Any]] = []
         sql = (  # ordered as MLflow orders traces, ties included
-            "SELECT ti.request_id, ti.timestamp_ms, ti.status, ti.client_request_id FROM trace_info ti"
+            "SELECT ti.request_id, ti.timestamp_ms, ti.status, ti.client_request_id, ti.session_id FROM trace_info ti"
             f" WHERE {' AND '.join(clauses)} ORDER BY ti.timestamp_ms DESC, ti.request_id"
         )
         # reason text is not a tag value to match: filtered here, reading further pages as needed
-        for request_id, timestamp_ms, status, client_request_id in conn.execute(sql, params):
-            row = _row(conn, request_id, timestamp_ms, status, client_request_id)
+        for request_id, timestamp_ms, status, client_request_id, session_id in conn.execute(sql, params):
+            row = _row(conn, request_id, timestamp_ms, status, client_request_id, session_id)
             if query.reason and query.reason.lower() not in " ".join(row["reasons"]).lower():
                 continue
             results.append(row)
@@ -100,21 +121,31 @@ def search_store(path: Path, experiment: str, query: AuditQuery) -> list[dict[st
 
 
 def _row(
-    conn: sqlite3.Connection, request_id: str, timestamp_ms: int, status: str, client_request_id: str | None
+    conn: sqlite3.Connection,
+    request_id: str,
+    timestamp_ms: int,
+    status: str,
+    client_request_id: str | None,
+    session_id: str | None,
 ) -> dict[str, Any]:
     tags = dict(conn.execute("SELECT key, value FROM trace_tags WHERE request_id = ?", (request_id,)).fetchall())
-    reasons = tags.get("castellan.reasons")
-    if not reasons:
-        meta = conn.execute(
-            "SELECT value FROM trace_request_metadata WHERE request_id = ? AND key = 'castellan.reasons'",
-            (request_id,),
-        ).fetchone()
-        reasons = meta[0] if meta else None
+    metadata = dict(
+        conn.execute(
+            "SELECT key, value FROM trace_request_metadata WHERE request_id = ? AND key IN (?, 'castellan.reasons')",
+            (request_id, USER),
+        ).fetchall()
+    )
+    if session_id is not None:
+        metadata[SESSION] = session_id  # as MLflow reads it back
+    reasons = tags.get("castellan.reasons") or metadata.get("castellan.reasons")
+    who = identity(tags, metadata)
     return {
         "call_id": tags.get("castellan.call_id") or client_request_id,
         "trace_id": request_id,
         "time": datetime.fromtimestamp(timestamp_ms / 1000, UTC).astimezone().isoformat(),
+        "agent_id": who["agent_id"],
         **{key: tags.get(f"castellan.{key}") for key in _TAGS},
+        "run_id": who["run_id"],
         "reasons": json.loads(reasons or "[]"),
         "state": str(status),
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -41,8 +42,9 @@ _SPAN = (
     " start_time_unix_nano, end_time_unix_nano, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _PREVIEW = 1000
-_METADATA_KEYS = ("mlflow.trace.user", "mlflow.trace.session")
-"""What `log_spans` keeps as trace metadata (the rest of the plan's metadata is in the tags and spans)."""
+_METADATA_KEYS = ("mlflow.trace.user",)
+"""What `log_spans` keeps as trace metadata (the rest of the plan's metadata is in the tags and spans;
+the session is `trace_info.session_id`, which MLflow reads back as `mlflow.trace.session`)."""
 _MAX_TAG = 8000
 # One encoder each, made once: `json.dumps` with any option builds a new encoder on every call.
 _value = json.JSONEncoder(ensure_ascii=False, default=str).encode
@@ -121,11 +123,8 @@ class SqliteTraceWriter:
                 "mlflow.trace.spansLocation": "TRACKING_STORE",
                 "mlflow.traceName": root.name,
                 **plan.tags,
-                "castellan.call_id": plan.call_id,
-                "castellan.reasons": plan.metadata["castellan.reasons"],
-                "castellan.traceparent": plan.metadata["castellan.traceparent"],
             }
-            tags += [(key, value[:_MAX_TAG], trace_id) for key, value in trace_tags.items() if value]
+            tags += [(key, value[:_MAX_TAG], trace_id) for key, value in trace_tags.items()]
             kept = ((key, plan.metadata.get(key, "")) for key in _METADATA_KEYS)
             metadata += [(key, value[:_MAX_TAG], trace_id) for key, value in kept if value]
             spans += _span_rows(plan, experiment)
@@ -166,15 +165,8 @@ def span_attributes(plan: TracePlan, index: int) -> dict[str, Any]:
         if value is not None:
             attributes[key] = value
     if index == 0:  # the trace's tags, user and session, as MLflow's own span processor sets them
-        trace_tags = {
-            **plan.tags,
-            "castellan.call_id": plan.call_id,
-            "castellan.reasons": plan.metadata["castellan.reasons"],
-            "castellan.traceparent": plan.metadata["castellan.traceparent"],
-        }
-        for key, value in trace_tags.items():
-            if value:
-                attributes[f"mlflow.traceTag.{key}"] = value
+        for key, value in plan.tags.items():
+            attributes[f"mlflow.traceTag.{key}"] = value
         attributes["user.id"] = plan.metadata.get("mlflow.trace.user", "")
         attributes["session.id"] = plan.metadata.get("mlflow.trace.session", "")
     return attributes
@@ -192,6 +184,11 @@ def _attribute(value: Any) -> str:
     return _value(value)
 
 
+@functools.cache
+def _span_type(span_type: str) -> str:
+    return f'"mlflow.spanType": {_string(_value(span_type))}'
+
+
 def _span_rows(plan: TracePlan, experiment: int) -> list[tuple[Any, ...]]:
     """The `spans` rows of one trace. The content is the JSON MLflow's `Span.to_dict` gives, put
     together from encoded parts (the generic encoder over the nested document cost twice as much)."""
@@ -200,12 +197,21 @@ def _span_rows(plan: TracePlan, experiment: int) -> list[tuple[Any, ...]]:
     root_hex = f"{ids[0]:016x}"
     root_b64 = _string(base64.b64encode(ids[0].to_bytes(8, "big")).decode())
     head = f'{{"trace_id": "{trace_b64}", "span_id": "'
+    request_id = f'"mlflow.traceRequestId": {_string(_value(plan.trace_id))}'
     rows = []
     for index, sp in enumerate(plan.spans):
         status = "OK" if sp.ok else "ERROR"
-        attributes = ", ".join(
-            f"{_string(key)}: {_string(_attribute(value))}" for key, value in span_attributes(plan, index).items()
-        )
+        if index == 0 or sp.attributes:
+            attributes = ", ".join(
+                f"{_string(key)}: {_string(_attribute(value))}" for key, value in span_attributes(plan, index).items()
+            )
+        else:  # a stage's span: what `span_attributes` gives it, without the generic per-key encoding
+            parts = [request_id, _span_type(sp.span_type)]
+            if sp.inputs is not None:
+                parts.append(f'"mlflow.spanInputs": {_string(_attribute(sp.inputs))}')
+            if sp.outputs is not None:
+                parts.append(f'"mlflow.spanOutputs": {_string(_attribute(sp.outputs))}')
+            attributes = ", ".join(parts)
         content = (
             f'{head}{base64.b64encode(ids[index].to_bytes(8, "big")).decode()}", '
             f'"parent_span_id": {root_b64 if index else "null"}, "name": {_string(sp.name)}, '

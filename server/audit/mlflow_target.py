@@ -229,13 +229,14 @@ class MlflowTarget:
     def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         """Calls matching `query`, newest first, from the traces (the central store)."""
         client = self._tracing()
-        from server.audit.mlflow_search import tag_filters
+        from server.audit.mlflow_search import metadata_filters, tag_filters
 
         if query.outcome == "unfinished":
             raise ValueError("unfinished calls are not shipped until they end: search the outbox")
         if query.group is not None:
             raise ValueError("a group filter searches the outbox (MLflow's traces are not tagged with groups)")
         clauses = [f"tags.`castellan.{key}` = '{_quote(value)}'" for key, value in tag_filters(query).items()]
+        clauses += [f"metadata.`{key}` = '{_quote(value)}'" for key, value in metadata_filters(query).items()]
         if query.flag:
             clauses.append(f"tags.`castellan.flags` LIKE '%{_quote(query.flag)}%'")
         if query.since:
@@ -274,15 +275,17 @@ def _millis(value: str) -> int:
 
 
 def _row(info: Any) -> dict[str, Any]:
+    from server.audit.mlflow_search import identity
+
     tags, meta = info.tags, info.trace_metadata
+    who = identity(tags, meta)
     return {
         "call_id": tags.get("castellan.call_id") or info.client_request_id,
         "trace_id": info.trace_id,
         "time": datetime.fromtimestamp(info.request_time / 1000).astimezone().isoformat(),
-        **{
-            key: tags.get(f"castellan.{key}")
-            for key in ("agent_id", "subject", "tool", "decision", "stage", "policy_version", "run_id")
-        },
+        "agent_id": who["agent_id"],
+        **{key: tags.get(f"castellan.{key}") for key in ("subject", "tool", "decision", "stage", "policy_version")},
+        "run_id": who["run_id"],
         "reasons": json.loads(tags.get("castellan.reasons") or meta.get("castellan.reasons") or "[]"),
         "state": str(info.state),
     }
@@ -329,15 +332,8 @@ def _spans(plan: TracePlan) -> list[Any]:
             if value is not None:
                 attributes[key] = json.dumps(value, default=str)
         if index == 0:
-            trace_tags = {
-                **plan.tags,
-                "castellan.call_id": plan.call_id,
-                "castellan.reasons": plan.metadata["castellan.reasons"],
-                "castellan.traceparent": plan.metadata["castellan.traceparent"],
-            }
-            for key, value in trace_tags.items():
-                if value:
-                    attributes[f"mlflow.traceTag.{key}"] = json.dumps(value)
+            for key, value in plan.tags.items():
+                attributes[f"mlflow.traceTag.{key}"] = json.dumps(value)
             attributes["user.id"] = json.dumps(plan.metadata.get("mlflow.trace.user", ""))
             attributes["session.id"] = json.dumps(plan.metadata.get("mlflow.trace.session", ""))
         status = SpanStatus(SpanStatusCode.OK if sp.ok else SpanStatusCode.ERROR)

@@ -1,5 +1,5 @@
 """One call's audit records as an MLflow trace: a root span for the call and a child span per
-pipeline stage, with the identity, tool, decision, reasons and policy version as tags.
+pipeline stage, with what auditors filter on as tags (`TracePlan.tags`) and the rest in the spans.
 
 The trace id is derived from the call id (the outbox id), so shipping a call twice writes the same
 trace: MLflow upserts spans and merges trace info, and the call id is also the trace's
@@ -21,7 +21,14 @@ PREVIEW_CHARS = 1_000
 _SPAN_NAMES = {"invoke": "tool"}
 _SPAN_TYPES = {"invoke": "TOOL", "policy": "GUARDRAIL", "grants": "GUARDRAIL", "authenticate": "GUARDRAIL",
                "approval": "GUARDRAIL"}  # fmt: skip
-TAGS = ("agent_id", "subject", "tool", "decision", "stage", "code", "policy_version", "run_id", "action")
+TAGS = ("subject", "tool", "decision", "stage", "policy_version")
+"""The decision's fields that are trace tags (`castellan.<name>`): what `castellan audit search` filters
+on. A tag costs a tracking server an ORM merge per trace (bench/results/shipping.md), so the agent and
+the run are MLflow's own user and session (`mlflow.trace.user`, `mlflow.trace.session`: filterable,
+and written anyway), and what nobody filters on (the action, the denial code) is an attribute of the
+root span."""
+_ROOT_ATTRIBUTES = ("action", "code")
+_PREVIEW_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,7 @@ class TracePlan:
     end_ns: int
     ok: bool
     tags: dict[str, str]
+    """The trace's tags, every one a non-empty string (written as they are by each route)."""
     metadata: dict[str, str]
     request_preview: str
     response_preview: str
@@ -72,7 +80,7 @@ def _epoch_ns(record: dict[str, Any], fallback: float) -> int:
 
 
 def _preview(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    text = value if isinstance(value, str) else _PREVIEW_JSON(value)
     return text[:PREVIEW_CHARS]
 
 
@@ -109,7 +117,13 @@ def plan_trace(pending: PendingCall) -> TracePlan:
     end_ns = max(end_ns, cursor)
     spans += _relayed_spans(outcome, start_ns)
 
-    tags = {f"castellan.{key}": str(decision[key]) for key in TAGS if decision.get(key) is not None}
+    tags = {"castellan.call_id": pending.call_id}
+    tags.update((f"castellan.{key}", str(decision[key])) for key in TAGS if decision.get(key) is not None)
+    reasons_json = json.dumps(decision.get("reasons") or [])
+    if reasons_json != "[]":  # searched results show them; none is the common case, and no tag
+        tags["castellan.reasons"] = reasons_json
+    if decision.get("traceparent"):
+        tags["castellan.traceparent"] = str(decision["traceparent"])
     if outcome and outcome.get("flags"):
         tags["castellan.flags"] = ",".join(outcome["flags"])
     # What became of the call: ok, error, interrupted (its gateway died mid-call), or denied.
@@ -122,9 +136,10 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         if (outcome or {}).get("is_error")
         else "ok"
     )
+    tags = {key: value for key, value in tags.items() if value}
     metadata = {
         "castellan.call_id": pending.call_id,
-        "castellan.reasons": json.dumps(decision.get("reasons") or []),
+        "castellan.reasons": reasons_json,
         "castellan.request_id": str(decision.get("request_id") or ""),
         "castellan.client": json.dumps(decision.get("client") or {}),
         "castellan.traceparent": str(decision.get("traceparent") or ""),
@@ -147,6 +162,7 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         attributes={
             "castellan.traceparent": decision.get("traceparent"),
             "castellan.call_id": pending.call_id,
+            **{f"castellan.{key}": decision[key] for key in _ROOT_ATTRIBUTES if decision.get(key) is not None},
         },
     )
     reasons = "; ".join(decision.get("reasons") or [])

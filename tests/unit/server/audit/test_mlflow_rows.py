@@ -82,3 +82,38 @@ def test_a_batch_written_twice_is_one_trace_per_call(store: str) -> None:
     assert (traces, spans) == (50, 50 * len(plans[0].spans))
     found = {row["call_id"] for row in target.search(AuditQuery(agent="rows-bot", limit=500))}
     assert found >= {f"call-{i}" for i in range(50)}
+
+
+def test_a_trace_keeps_what_auditors_filter_on_as_tags_and_the_rest_in_its_root_span(store: str) -> None:
+    from mlflow.tracing.client import TracingClient
+
+    target = MlflowTarget(store, "schema")
+    allowed = pending("call-ok")
+    allowed.decision.update(reasons=[], action="call")
+    denied = PendingCall(
+        "call-no",
+        [3],
+        {**pending("call-no").decision, "action": "call", "decision": "deny", "stage": "policy", "code": "denied",
+         "reasons": ["no EXECUTE"], "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        0.0,
+        None,
+    )  # fmt: skip
+    plans = [plan_trace(allowed), plan_trace(denied)]
+    target.write(plans)
+    reader = TracingClient(store)
+    ok, no = (reader.get_trace(p.trace_id) for p in plans)
+    common = {"castellan.call_id", "castellan.subject", "castellan.tool", "castellan.decision",
+              "castellan.policy_version", "castellan.outcome"}  # fmt: skip
+    assert {k for k in ok.info.tags if k.startswith("castellan.")} == common  # no empty reasons, no action
+    assert {k for k in no.info.tags if k.startswith("castellan.")} == common | {
+        "castellan.stage", "castellan.reasons", "castellan.traceparent"}  # fmt: skip
+    root = next(s for s in no.data.spans if s.parent_id is None)
+    assert (root.attributes["castellan.action"], root.attributes["castellan.code"]) == ("call", "denied")
+    # the agent and the run are MLflow's user and session, and found by them
+    assert (no.info.trace_metadata["mlflow.trace.user"], no.info.trace_metadata["mlflow.trace.session"]) == (
+        "rows-bot", "run-1")  # fmt: skip
+    rows = {r["call_id"]: r for r in target.search(AuditQuery(agent="rows-bot", run_id="run-1", limit=10))}
+    assert (rows["call-ok"]["reasons"], rows["call-no"]["reasons"]) == ([], ["no EXECUTE"])
+    assert (rows["call-no"]["agent_id"], rows["call-no"]["run_id"]) == ("rows-bot", "run-1")
+    assert target.search(AuditQuery(agent="rows-bot", run_id="run-2")) == []
+    assert [r["call_id"] for r in target.search(AuditQuery(reason="execute", limit=10))] == ["call-no"]

@@ -128,7 +128,7 @@ def test_a_trace_has_a_span_per_stage_and_the_identity_and_decision_as_tags() ->
     assert plan.trace_id == trace_id_for("c1")  # the same call always maps to the same trace
     assert [s.name for s in plan.spans] == ["call echo", "authenticate", "policy", "record", "tool", "audit"]
     assert plan.ok
-    assert plan.tags["castellan.agent_id"] == "a1"
+    assert plan.metadata["mlflow.trace.user"] == "a1"  # the agent is MLflow's user of the trace
     assert plan.tags["castellan.decision"] == "allow"
     assert plan.spans[4].inputs == {"text": "hi"}
     starts = [s.start_ns for s in plan.spans[1:]]
