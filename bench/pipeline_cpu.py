@@ -9,6 +9,9 @@ writer) and the policy engine's own thread. The process CPU time includes those 
 whole in-process cost of a call but the HTTP edge's; the wall time per call is printed beside it.
 
     .venv/bin/python -m bench.pipeline_cpu [--calls 2000] [--rounds 5] [--profile 30]
+
+To compare two trees on a shared machine, run this in both at the same time (each its own venv), a
+few times: both then see the same load, and the ratio of their figures holds where each alone swings.
 """
 
 from __future__ import annotations
