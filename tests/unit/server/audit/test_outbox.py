@@ -159,3 +159,24 @@ async def test_an_outcome_that_cannot_be_written_is_owed_and_appended_once_write
     rows = sqlite3.connect(tmp_path / "audit.db").execute("SELECT kind FROM outbox WHERE call_id = 'ran'").fetchall()
     assert sorted(rows) == [("decision",), ("outcome",)]
     await outbox.close()
+
+
+async def test_a_version_2_outbox_loses_its_unused_index_and_keeps_its_records_guards_and_chain(tmp_path: Path) -> None:
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.write("decision", "c1", {"decision": "allow"})
+    await outbox.close()
+    conn = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    conn.execute("CREATE INDEX outbox_open ON outbox (kind, instance)")  # as version 2 left it
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    reopened = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await reopened.write("outcome", "c1", {"is_error": False})
+    conn = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'outbox_open'").fetchall() == []
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        conn.execute("DELETE FROM outbox")
+    conn.close()
+    assert set(await reopened.records("c1")) == {"decision", "outcome"}
+    assert reopened.verify().intact
+    await reopened.close()

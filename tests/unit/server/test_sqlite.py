@@ -1,0 +1,112 @@
+"""The group-committed SQLite database: many writers share one transaction and one loop wake-up,
+each writer hears of its own failure only, and a closed database refuses work instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.sqlite import SqliteDatabase
+
+pytestmark = pytest.mark.anyio
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE);"
+
+
+class CountingDatabase(SqliteDatabase):
+    """Counts the transactions it commits (each `_apply` is one BEGIN ... COMMIT, one fsync)."""
+
+    transactions = 0
+
+    def _apply(self, fns: list[Any]) -> list[tuple[bool, Any]]:
+        self.transactions += 1
+        return super()._apply(fns)
+
+
+def insert(value: str) -> Any:
+    return lambda conn: conn.execute("INSERT INTO t (v) VALUES (?)", (value,)).lastrowid
+
+
+async def test_concurrent_writers_share_transactions_and_each_is_committed(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("warm"))  # the writer thread and its connection exist
+    db.transactions = 0
+    await asyncio.gather(*(db.transact(insert(f"v{i}")) for i in range(200)))
+    assert db.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM t").fetchone()[0]) == 201
+    assert db.transactions < 200  # group commit: fewer commits than writers
+    db.close()
+
+
+async def test_a_failing_writer_fails_alone_and_the_others_in_its_batch_are_committed(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("taken"))
+    results = await asyncio.gather(
+        db.transact(insert("a")), db.transact(insert("taken")), db.transact(insert("b")), return_exceptions=True
+    )
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert not isinstance(results[0], BaseException)
+    assert not isinstance(results[2], BaseException)
+    rows = await db.run(lambda c: sorted(r[0] for r in c.execute("SELECT v FROM t")))
+    assert rows == ["a", "b", "taken"]
+    db.close()
+
+
+async def test_a_committed_batch_wakes_the_event_loop_once_not_once_per_writer(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("warm"))
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return original(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        # Queued in one turn of the loop: the writer takes them as one batch (or a few, if it
+        # woke between two of them), never one wake-up each.
+        await asyncio.gather(*(db.transact(insert(f"v{i}")) for i in range(100)))
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    assert 1 <= wakeups < 100
+    db.close()
+
+
+async def test_a_deferred_write_is_committed_within_its_interval_without_another_write(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    done = db.defer(insert("later"), 0.05)
+    assert not done.done()
+    await asyncio.wait_for(done, 10)  # bounded: the interval is 0.05 s
+    assert await db.run(lambda c: c.execute("SELECT v FROM t").fetchall()) == [("later",)]
+    db.close()
+
+
+async def test_reading_from_inside_a_write_runs_inline_instead_of_deadlocking(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+
+    def write_then_count(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO t (v) VALUES ('x')")
+        return int(db.run_sync(lambda c: c.execute("SELECT COUNT(*) FROM t").fetchone()[0]))
+
+    assert await asyncio.wait_for(db.transact(write_then_count), 10) == 1
+    db.close()
+
+
+async def test_a_closed_database_refuses_writes_and_reads(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("a"))
+    pending = db.defer(insert("b"), 60)
+    db.close()  # commits what was deferred first
+    await asyncio.wait_for(pending, 10)
+    with pytest.raises(RuntimeError):
+        await db.transact(insert("c"))
+    with pytest.raises(RuntimeError):
+        await db.run(lambda c: c.execute("SELECT 1").fetchone())
+    conn = sqlite3.connect(tmp_path / "t.db")
+    assert sorted(r[0] for r in conn.execute("SELECT v FROM t")) == ["a", "b"]
+    conn.close()
