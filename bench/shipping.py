@@ -4,8 +4,9 @@ each way of writing a batch, beside the local store, in one run. Writes bench/re
 - One OTLP request per batch to `/v1/traces` (the only batched trace write MLflow 3.17 has: its
   client's `log_spans` posts the same request; `start_trace` is one request per trace and puts the
   spans in an artifact), the trace as a root span and one span per stage (`audit.mlflow_spans =
-  "stages"`) or as its root span alone (`"call"`); gzip on and off; the server with 1 and 2 workers,
-  fed by 1 or 2 shippers' worth of concurrent requests (the shipper sends one at a time).
+  "stages"`) or as its root span alone (`"call"`), with today's tags and with the tags a trace had
+  before session 6 (agent, run, action, empty reasons: a merge each per trace on the server); the
+  server with 1 and 2 workers, fed by 1 or 2 shippers' worth of concurrent requests.
 - The real shipper (outbox read, trace plans, the write, marking shipped) into the server and into
   the local store, both span forms: calls/s, its CPU per call, lost and duplicated calls.
 
@@ -21,6 +22,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 BATCH = 100
 
 
-async def planned(root: Path, calls: int, spans: str) -> list[TracePlan]:
+async def planned(root: Path, calls: int, spans: str, tags: str = "now") -> list[TracePlan]:
     key = ChainKey.generate()
     path = root / f"plans-{uuid.uuid4().hex[:8]}.db"
     await fill(path, key, calls)
@@ -48,7 +50,20 @@ async def planned(root: Path, calls: int, spans: str) -> list[TracePlan]:
     pending = await outbox.pending(calls)
     await outbox.close()
     plans = [plan_trace(p) for p in pending]
-    return [as_one_span(p) for p in plans] if spans == "call" else plans
+    plans = [as_one_span(p) for p in plans] if spans == "call" else plans
+    return [with_old_tags(p) for p in plans] if tags == "before" else plans
+
+
+def with_old_tags(plan: TracePlan) -> TracePlan:
+    """The trace with the tags it carried before session 6 (agent, run, action and an empty reasons
+    list as tags too), to measure what the tags cost the server in the same run."""
+    old = {
+        "castellan.agent_id": plan.metadata["mlflow.trace.user"],
+        "castellan.run_id": plan.metadata["mlflow.trace.session"],
+        "castellan.action": "call",
+        "castellan.reasons": plan.metadata["castellan.reasons"],
+    }
+    return replace(plan, tags={**plan.tags, **old})
 
 
 def ingest(server: MlflowServer, plans: list[TracePlan], streams: int, compress: bool) -> dict[str, Any]:
@@ -123,26 +138,27 @@ def with_server(root: Path, workers: int) -> MlflowServer:
 
 
 async def run(root: Path, traces: int, ship_calls: int, local_calls: int) -> dict[str, Any]:
-    configs = [  # (spans, workers, streams, gzip)
-        ("stages", 1, 1, False),
-        ("call", 1, 1, False),
-        ("call", 1, 1, True),
-        ("call", 2, 2, False),
-        ("stages", 2, 2, False),
+    configs = [  # (spans, tags, workers, streams, gzip)
+        ("stages", "before", 1, 1, False),
+        ("stages", "now", 1, 1, False),
+        ("call", "before", 1, 1, False),
+        ("call", "now", 1, 1, False),
+        ("call", "now", 2, 2, False),
     ]
     ingestion = []
     servers: dict[int, MlflowServer] = {}
     try:
-        for spans, workers, streams, compress in configs:
+        for spans, tags, workers, streams, compress in configs:
             if workers not in servers:
                 servers[workers] = await asyncio.to_thread(with_server, root, workers)
             # Fresh calls for every row: a trace id already stored (in any experiment) is an update.
-            plans = await planned(root, traces + BATCH, spans)
+            plans = await planned(root, traces + BATCH, spans, tags)
             try:
                 row = await asyncio.to_thread(ingest, servers[workers], plans, streams, compress)
             except Exception as exc:  # a configuration the server cannot take is a finding, not the end
                 row = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            row.update(spans=spans, workers=workers, streams=streams, gzip=compress)
+            row.update(spans=spans, tags=tags, tags_per_trace=len(plans[0].tags), workers=workers, streams=streams,
+                       gzip=compress)  # fmt: skip
             print(json.dumps(row), flush=True)
             ingestion.append(row)
         server = servers[1]
@@ -173,14 +189,15 @@ def render(result: dict[str, Any]) -> str:
         "",
         "Server ingestion of one OTLP request per batch (`/v1/traces`), server CPU from /proc (all its processes):",
         "",
-        "| spans | spans/trace | request KiB | gzip | server workers | concurrent requests | traces | calls/s "
-        "| server CPU ms/trace | sender CPU ms/trace | lost | duplicated |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| spans | tags | castellan tags/trace | spans/trace | request KiB | gzip | server workers "
+        "| concurrent requests | traces | calls/s | server CPU ms/trace | sender CPU ms/trace | lost | duplicated |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {r['spans']} | | | {'yes' if r['gzip'] else 'no'} | {r['workers']} | {r['streams']} "
-            f"| failed: {r['error']} | | | | | |"
+            f"| {r['spans']} | {r.get('tags', 'now')} | | | | {'yes' if r['gzip'] else 'no'} | {r['workers']} "
+            f"| {r['streams']} | failed: {r['error']} | | | | | |"
             if "error" in r
-            else f"| {r['spans']} | {r['spans_per_trace']} | {r['request_kb']} | {'yes' if r['gzip'] else 'no'} "
+            else f"| {r['spans']} | {r.get('tags', 'now')} | {r.get('tags_per_trace', '')} | {r['spans_per_trace']} "
+            f"| {r['request_kb']} | {'yes' if r['gzip'] else 'no'} "
             f"| {r['workers']} | {r['streams']} | {r['traces']} | {r['calls_per_s']:.0f} "
             f"| {r['server_cpu_ms_per_trace']:.2f} | {r['client_cpu_ms_per_trace']:.2f} | {r['lost']} "
             f"| {r['duplicated']} |"
