@@ -157,14 +157,14 @@ def _wire(rounds: int, requests: int) -> None:
     body = _body()
     results: dict[str, list[float]] = {"auto": [], "coalescing": []}
     servers = {}
-    for i, http in enumerate(results):
+    for http in results:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = subprocess.Popen([sys.executable, "-c", SERVER % ANSWER, str(port), http], cwd=os.getcwd())
         servers[http] = (proc, port)
     try:
-        for proc, port in servers.values():
+        for _proc, port in servers.values():
             for _ in range(100):
                 try:
                     asyncio.run(_drive(port, 10, body))

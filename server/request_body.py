@@ -1,6 +1,7 @@
-"""The body of a `/mcp` POST, read ahead of the SDK by the edge's middlewares that must look inside it
-(the step-up scope check, the lean path, the relay's choice of a streaming response): read once,
-parsed at most once, and handed on intact (the SDK reads the same bytes, replayed)."""
+"""The body of a `/mcp` request, read ahead of the SDK by the edge: once, within the size limit, by the
+transport guard (`read_bounded`), then looked inside by the middlewares that must (the step-up scope
+check, the lean path, the relay's choice of a streaming response): parsed at most once, and handed on
+intact (the SDK reads the same bytes, replayed)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,57 @@ class Body:
         return self._message
 
 
+async def read_bounded(scope: Scope, receive: Receive, limit: int) -> tuple[Body, Receive] | None:
+    """The whole body, read once and kept in the scope (as `buffered` keeps it), and a `receive` that
+    replays it, as the SDK's `RequestBodyLimitMiddleware` replays: the bytes, then whatever ended them
+    (a disconnect). None when the body is over `limit` bytes, by its Content-Length or by what arrived
+    (then nothing after the chunk that crossed the limit is read)."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                if int(value.decode("latin-1")) > limit:
+                    return None
+            except ValueError:
+                pass
+            break
+    chunks: list[bytes] = []
+    size = 0
+    received = complete = False
+    trailing: Message | None = None
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            trailing = message
+            break
+        received = True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            complete = True
+            break
+    body = Body(b"".join(chunks))
+    scope[SCOPE_KEY] = body
+    pending: list[Message] = []
+    if received:
+        pending.append({"type": "http.request", "body": body.raw, "more_body": not complete})
+    if trailing is not None:
+        pending.append(trailing)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return body, replay
+
+
 async def buffered(scope: Scope, receive: Receive) -> tuple[Body, Receive]:
     """The whole body (the transport guard has bounded its size), and a `receive` that replays it.
 
     The body is kept in the ASGI scope: a later reader of the same request (handed the replaying
-    `receive`) gets the same `Body`, and its parse, without reading or parsing again."""
+    `receive`) gets the same `Body`, and its parse, without reading or parsing again (on /mcp the
+    transport guard has read it already, with `read_bounded`)."""
     held = scope.get(SCOPE_KEY)
     if isinstance(held, Body):
         return held, receive

@@ -6,7 +6,6 @@ import structlog
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.auth.presented import PresentedTokens
@@ -69,7 +68,7 @@ class BearerAuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = Headers(scope=scope).get("authorization")
+        header = _authorization(scope)
         if header is None:
             await self._reject(scope, receive, send, None, "missing_token", "bearer token required")
             return
@@ -131,6 +130,14 @@ class BearerAuthMiddleware:
             challenge += f', error="{error}", error_description="{safe}"'
         message = f"unauthorized: {description}" + (f"; {self._hint}" if self._hint else "")
         await send_error(scope, receive, send, 401, message, {"WWW-Authenticate": challenge})
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The request's first Authorization header (as Starlette's `Headers.get` reads it)."""
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _called_tool(body: Body) -> str | None:

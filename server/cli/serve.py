@@ -28,6 +28,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.http_protocol import CoalescingProtocol
     from server.logs import configure_logging
 
     overrides: dict[str, object] = {}
@@ -54,6 +55,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
             timeout_graceful_shutdown=int(settings.server.shutdown_grace()),
             limit_concurrency=2048,
             server_header=False,
+            http=CoalescingProtocol,  # a response's head and body in one socket write (server/http_protocol.py)
         )
 
 
