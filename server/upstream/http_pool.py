@@ -81,6 +81,10 @@ class _Connection(asyncio.Protocol):
         self._fail(UpstreamDisconnected(f"the upstream closed the connection: {exc or 'end of stream'}"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request: the connection cannot be trusted
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 

@@ -224,3 +224,15 @@ async def test_per_call_headers_replace_the_gateways_own_whatever_their_case() -
     (head,) = server.requests
     assert head.lower().count(b"authorization:") == 1
     assert b"authorization: Bearer user" in head
+
+
+async def test_a_server_that_answers_twice_does_not_answer_the_next_request() -> None:
+    async with serving(lambda head, body: _json(b'{"n": 1}') + _json(b'{"n": 2}')) as server:
+        pool = ConnectionPool(f"http://127.0.0.1:{server.port}/")
+        try:
+            first = await pool.request("POST", "/", {}, b"{}", 5)
+            second = await pool.request("POST", "/", {}, b"{}", 5)
+        finally:
+            pool.close()
+    assert json.loads(first.body) == json.loads(second.body) == {"n": 1}
+    assert server.connections == 2
