@@ -36,7 +36,8 @@ class InvokeStage:
             with anyio.fail_after(self._timeout):
                 work = call.tool.invoke(call.arguments)
                 # with a relay the agent can cancel the call (notifications/cancelled): the tool stops
-                output = await (call.relay.cancellable(work) if call.relay is not None else work)
+                stoppable = call.relay is not None and call.relay.stoppable
+                output = await (call.relay.cancellable(work) if stoppable and call.relay is not None else work)
         except CallCancelled:
             output = ToolOutput(text=f"tool {spec.name} was stopped: the agent cancelled the call", is_error=True)
         except TimeoutError:

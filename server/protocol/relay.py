@@ -133,6 +133,7 @@ class RelayingCalls:
             channel.offered = dict(params.input_responses)
         if getattr(ctx, "protocol_version", None) is None:
             # the edge's lean path (2026-07-28 JSON, nothing relayable, no stream to cancel): run inline
+            relay.stoppable = False
             return _checked(await run(call.evolve(relay=relay)), None)
         task = asyncio.get_running_loop().create_task(run(call.evolve(relay=relay)), name=f"call-{call.call_id}")
         if channel is None:

@@ -105,6 +105,9 @@ class Relay:
         """Any protocol error the upstream answered the call with (`ErrorData`): a task that ends so failed."""
         self.deciding = 0
         """Requests being decided right now (the edge waits for them before it answers a round)."""
+        self.stoppable = True
+        """The agent can stop the call through this relay (`cancel`); false on the edge's inline path,
+        where nothing can (the tool then runs in the call's own task, without a task of its own)."""
 
     async def cancellable(self, work: Awaitable[T]) -> T:
         """Run `work` (the upstream call) so that `cancel` stops it. Raises `CallCancelled` then."""

@@ -18,6 +18,7 @@ from server.relay.relay import RelayRefused, active_relay
 from server.settings import UpstreamSettings
 from server.tasks.support import task_support_of
 from server.upstream.connection import UpstreamConnection
+from server.upstream.http_client import ToolCallResult
 from server.upstream.pins import Status
 
 
@@ -119,7 +120,8 @@ class UpstreamTool:
             return ToolOutput(
                 text=f"tool {self.spec.name} needs a client capability: {exc.error.message}", is_error=True
             )
-        blocks = [_dump(c) for c in result.content]
+        # the lean client's blocks are fresh from the wire; the SDK client's are models
+        blocks = list(result.content) if isinstance(result, ToolCallResult) else [_dump(c) for c in result.content]
         structured = getattr(result, "structuredContent", None) or getattr(result, "structured_content", None)
         text = as_text(tuple(block_parts(blocks)))
         if not text and structured is not None:
