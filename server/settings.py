@@ -530,7 +530,9 @@ class AuditSettings(BaseModel):
     span alone, each stage's duration and findings as its `castellan.stages` attribute (a tracking
     server ingests it at about half the CPU: bench/results/shipping.md). Tags are the same."""
     ship_interval_seconds: float = Field(default=0.5, gt=0)
-    """How often the shipper looks for new records when idle."""
+    """How long the shipper waits before it looks again once it has caught up (its last write carried
+    less than a full batch): the most a call waits to be shipped beyond its write, and what lets a
+    steady stream of calls go out in batches instead of a write per few calls."""
     ship_backoff_max_seconds: float = Field(default=30.0, gt=0)
     """While MLflow is down, retries back off exponentially up to this."""
     ship_incomplete_after_seconds: float = Field(default=300.0, gt=0)

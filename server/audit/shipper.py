@@ -136,8 +136,11 @@ class Shipper:
                 if self.last_error is not None:
                     log.info("audit_shipping_resumed", tracking_uri=self._target.tracking_uri)
                 self.last_error, backoff = None, 0.0
-                if shipped:
+                if shipped >= self.batch:  # a full batch: more may be waiting, so at once
                     delay = 0.0
+                # Less than a full batch: caught up. Waiting the interval lets calls gather into one
+                # write, where shipping each trickle at once paid a cycle's fixed cost (the
+                # experiment check, checkpoints, backlog and status) for every few calls.
             except asyncio.CancelledError:
                 raise
             except BatchTooLarge as exc:
