@@ -231,9 +231,8 @@ def start_direct(stack: contextlib.ExitStack, tmp: Path) -> Target:
     return Target("direct (mcp SDK server)", url, "echo", ("2026", "2025"), [pid])
 
 
-def start_castellan(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list[Target]:
-    env = {**CASTELLAN_ENV, "CASTELLAN_UPSTREAMS": json.dumps([{"name": "up", "url": upstream}])}
-    gw: GatewayProcess = stack.enter_context(run_gateway(tmp / "castellan", env, timeout=120))
+def grant_upstream(gw: GatewayProcess) -> None:
+    """Lets the bench's `analysts` call the tools of upstream `up` (USE SCHEMA and EXECUTE on its schema)."""
     for statement in ("USE SCHEMA ON SCHEMA main.upstream", "EXECUTE ON SCHEMA main.upstream"):
         subprocess.run(
             [sys.executable, "-m", "server", "grants", "grant", *statement.split(), "TO", "analysts"],
@@ -242,6 +241,12 @@ def start_castellan(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> li
             capture_output=True,
             timeout=60,
         )
+
+
+def start_castellan(stack: contextlib.ExitStack, tmp: Path, upstream: str) -> list[Target]:
+    env = {**CASTELLAN_ENV, "CASTELLAN_UPSTREAMS": json.dumps([{"name": "up", "url": upstream}])}
+    gw: GatewayProcess = stack.enter_context(run_gateway(tmp / "castellan", env, timeout=120))
+    grant_upstream(gw)
     token = gw.token("bench-agent", ["analysts"])
     version = subprocess.run(
         [sys.executable, "-c", "import server; print(server.__version__)"], capture_output=True, text=True

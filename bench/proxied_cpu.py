@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench.load import Era, drive
 from bench.overhead import UNLIMITED
-from bench.peers import process
+from bench.peers import grant_upstream, process
 from server.testing import free_port, run_gateway
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -125,14 +125,7 @@ def main() -> None:
         }
         env.update({k[4:]: v for k, v in os.environ.items() if k.startswith("GWE_")})
         gw = stack.enter_context(run_gateway(Path(tmp) / "gw", env, timeout=120))
-        for statement in ("USE SCHEMA ON SCHEMA main.upstream", "EXECUTE ON SCHEMA main.upstream"):
-            subprocess.run(
-                [sys.executable, "-m", "server", "grants", "grant", *statement.split(), "TO", "analysts"],
-                env=gw.env(),
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+        grant_upstream(gw)
         token = gw.token("bench-agent", ["analysts"])
         pid = gw.process.pid
         print(f"load {os.getloadavg()[0]:.2f}")
