@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Era, Sample, drive
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -142,16 +142,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout: float = 2
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # -- peers' environments ------------------------------------------------------------------------------

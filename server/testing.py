@@ -280,12 +280,20 @@ def run_gateway(
         _wait_ready(gateway, timeout)
         yield gateway
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=15)
+
+
+def stop(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop a child process the tests and benches started: SIGTERM, up to `timeout` seconds for it to
+    exit, then SIGKILL. Returns once it is reaped; a process that already exited is only reaped."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_ready(gateway: GatewayProcess, timeout: float) -> None:

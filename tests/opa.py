@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from server.policy._opa_binary import project_opa
-from server.testing import free_port
+from server.testing import free_port, stop
 
 
 def opa_binary() -> str:
@@ -33,9 +33,7 @@ class OpaProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        stop(self.process)
 
     def restart(self) -> None:
         self.stop()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.testing import free_port
+from server.testing import free_port, stop
 
 
 @dataclass
@@ -25,9 +25,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        stop(self.process)
 
     def start(self) -> None:
         self.process = _spawn(self.port)

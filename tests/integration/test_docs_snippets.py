@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration]
@@ -251,8 +251,7 @@ def _inventory() -> Iterator[dict[str, str]]:
         upstreams = [{"name": "inventory", "url": f"http://127.0.0.1:{port}/mcp"}]
         yield {"CASTELLAN_UPSTREAMS": json.dumps(upstreams), "CASTELLAN_TOOLS__UPSTREAM_REFRESH_SECONDS": "0.5"}
     finally:
-        server.terminate()
-        server.wait(timeout=15)
+        stop(server, timeout=15)
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=str)

@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from bench.load import CLIENT_INFO, PROTOCOL, open_session, parse_body
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -47,8 +47,7 @@ def upstream() -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop(proc)
 
 
 def request(method: str, params: dict[str, Any], era: str, request_id: int) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway, stop
 from tests.hydra import Hydra, HydraLogin, User, run_hydra, user_token
 from tests.integration.conftest import raw_call, run_cli
 
@@ -59,12 +59,7 @@ def _process(argv: list[str], url: str, what: str, env: dict[str, str] | None = 
         _wait_http(url, process, what)
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway
+from server.testing import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import deny_body, raw_call, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -49,8 +49,7 @@ def upstream(port: int, description: str, hostile: str = "") -> Iterator[subproc
     try:
         yield process
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop(process)
 
 
 async def listed(gw: GatewayProcess, token: str) -> dict[str, str]:
