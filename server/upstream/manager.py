@@ -6,27 +6,58 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import structlog
 
 from server.prompts.catalog import PromptCatalog
-from server.prompts.target import PromptTarget
+from server.prompts.target import PromptDefinition, PromptTarget
 from server.prompts.upstream import definition_of as prompt_definition
 from server.prompts.upstream import upstream_prompt
 from server.registry import Tool, ToolRegistry
 from server.resources.catalog import ResourceCatalog
 from server.resources.subscriptions import ResourceSubscriptions
-from server.resources.target import ResourceTarget
+from server.resources.target import ResourceDefinition, ResourceTarget
 from server.resources.upstream import definition_of as resource_definition
 from server.resources.upstream import upstream_target
 from server.settings import UpstreamSettings
+from server.target import Target
+from server.target_catalog import TargetCatalog
 from server.tool_schema import SchemaRefused, compile_arguments
 from server.upstream.connection import UpstreamConnection
 from server.upstream.pins import PinStore, Refusal
 from server.upstream.tool import UpstreamTool, definition_of
 
 log = structlog.get_logger("castellan.upstream")
+
+_T = TypeVar("_T", bound=Target)
+
+
+@dataclass(frozen=True)
+class _Entry(Generic[_T]):
+    """One prompt or resource an upstream listed: how it is named in logs, how its target is built
+    (raising when the gateway cannot serve it), and what it is pinned as once built (key, what, pinned)."""
+
+    label: dict[str, str]
+    build: Callable[[], _T]
+    pin: Callable[[_T], tuple[str, str, dict[str, Any]]]
+
+
+def _prompt_pin(definition: PromptDefinition, target: PromptTarget) -> tuple[str, str, dict[str, Any]]:
+    return (
+        f"prompt:{target.served_name}",
+        f"prompt {target.served_name}",
+        {"kind": "prompt", **definition.as_mcp(definition.name)},
+    )
+
+
+def _resource_pin(
+    definition: ResourceDefinition, template: bool, _target: ResourceTarget
+) -> tuple[str, str, dict[str, Any]]:
+    kind = "resource_template" if template else "resource"
+    what = f"{'resource template' if template else 'resource'} {definition.uri}"
+    return f"resource:{definition.uri}", what, {"kind": kind, **definition.as_mcp(definition.name)}
 
 
 class UpstreamManager:
@@ -139,7 +170,7 @@ class UpstreamManager:
     async def _refresh_prompts(self, connection: UpstreamConnection, catalog: PromptCatalog) -> None:
         """Serves the prompts `connection` lists now (none without the prompts capability), each pinned
         under `prompt:<name served>`; a name another upstream serves is refused (the first keeps it)."""
-        listed: list[PromptTarget] = []
+        entries: list[_Entry[PromptTarget]] = []
         if connection.serves("prompts"):
             try:
                 prompts = await connection.list_prompts()
@@ -148,36 +179,21 @@ class UpstreamManager:
                 return
             for item in prompts:
                 definition = prompt_definition(item)
-                try:
-                    target = upstream_prompt(connection, definition)
-                except Exception as exc:  # a name or securable we cannot serve
-                    log.warning("upstream_prompt_refused", upstream=connection.name, prompt=definition.name[:200],
-                                reason=str(exc)[:300])  # fmt: skip
-                    continue
-                clash = catalog.collision(connection.name, target, listed)
-                if clash:
-                    log.warning("upstream_prompt_refused", upstream=connection.name, prompt=definition.name[:200],
-                                reason=clash)  # fmt: skip
-                    continue
-                key = f"prompt:{target.served_name}"
-                target.blocked = self._quarantine_reason(
-                    connection,
-                    key,
-                    f"prompt {target.served_name}",
-                    {"kind": "prompt", **definition.as_mcp(definition.name)},
+                entries.append(
+                    _Entry(
+                        {"prompt": definition.name[:200]},
+                        functools.partial(upstream_prompt, connection, definition),
+                        functools.partial(_prompt_pin, definition),
+                    )
                 )
-                if self._on_new_prompt is not None and target.spec.securable not in self._known_prompts:
-                    self._on_new_prompt(target)
-                    self._known_prompts.add(target.spec.securable)
-                listed.append(target)
-        catalog.sync(connection.name, listed)
+        self._sync(connection, catalog, "upstream_prompt_refused", entries, self._on_new_prompt, self._known_prompts)
 
     async def _refresh_resources(self, connection: UpstreamConnection, catalog: ResourceCatalog) -> None:
         """Serves the resources and templates `connection` lists now (none if it declares no resources
         capability). Each definition is pinned like a tool's, under `resource:<uri>`: a changed name,
         description or MIME type is quarantined (listed nowhere, reads denied) until approved. A URI or
         template another upstream already serves is refused, and the first keeps serving."""
-        listed: list[ResourceTarget] = []
+        entries: list[_Entry[ResourceTarget]] = []
         if connection.serves("resources"):
             try:
                 resources = await connection.list_resources()
@@ -187,24 +203,46 @@ class UpstreamManager:
                 return
             for item, template in [*((r, False) for r in resources), *((t, True) for t in templates)]:
                 definition = resource_definition(item, template)
-                try:
-                    target = upstream_target(connection, definition)
-                except Exception as exc:  # a name or securable we cannot serve
-                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
-                                reason=str(exc)[:300])  # fmt: skip
-                    continue
-                clash = catalog.collision(connection.name, target, listed)
-                if clash:
-                    log.warning("upstream_resource_refused", upstream=connection.name, uri=definition.uri[:300],
-                                reason=clash)  # fmt: skip
-                    continue
-                pinned = {"kind": "resource_template" if template else "resource", **definition.as_mcp(definition.name)}
-                what = f"{'resource template' if template else 'resource'} {definition.uri}"
-                target.blocked = self._quarantine_reason(connection, f"resource:{definition.uri}", what, pinned)
-                if self._on_new_resource is not None and target.spec.securable not in self._known_resources:
-                    self._on_new_resource(target)  # e.g. create its securable in the local catalog
-                    self._known_resources.add(target.spec.securable)
-                listed.append(target)
+                entries.append(
+                    _Entry(
+                        {"uri": definition.uri[:300]},
+                        functools.partial(upstream_target, connection, definition),
+                        functools.partial(_resource_pin, definition, template),
+                    )
+                )
+        self._sync(
+            connection, catalog, "upstream_resource_refused", entries, self._on_new_resource, self._known_resources
+        )
+
+    def _sync(
+        self,
+        connection: UpstreamConnection,
+        catalog: TargetCatalog[_T],
+        refused: str,
+        entries: list[_Entry[_T]],
+        on_new: Callable[[_T], None] | None,
+        known: set[str],
+    ) -> None:
+        """Serves `entries` from `connection` in `catalog` (prompts or resources): one whose target cannot
+        be built (a name or securable we cannot serve) or that another upstream already serves is
+        refused and logged as `refused`; the rest are pinned, blocked unless approved, and new ones are
+        announced to `on_new` once (e.g. to create their securable in the local catalog)."""
+        listed: list[_T] = []
+        for entry in entries:
+            try:
+                target = entry.build()
+            except Exception as exc:
+                log.warning(refused, upstream=connection.name, **entry.label, reason=str(exc)[:300])
+                continue
+            clash = catalog.collision(connection.name, target, listed)
+            if clash:
+                log.warning(refused, upstream=connection.name, **entry.label, reason=clash)
+                continue
+            target.blocked = self._quarantine_reason(connection, *entry.pin(target))
+            if on_new is not None and target.spec.securable not in known:
+                on_new(target)
+                known.add(target.spec.securable)
+            listed.append(target)
         catalog.sync(connection.name, listed)
 
     def _serve(self, connection: UpstreamConnection, listed: list[Any]) -> None:
