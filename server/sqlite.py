@@ -82,6 +82,10 @@ class SqliteDatabase:
         self._conn: sqlite3.Connection | None = None
         self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._deferred_timer: asyncio.TimerHandle | None = None
+        self.transaction = 0
+        """The number of the group transaction being run, or last run (each `BEGIN`, a group run again
+        after a rollback included, takes the next): a write sees from it that an earlier write ran in
+        the transaction it is in, and can keep what it read then (read on the writer thread only)."""
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
@@ -232,7 +236,7 @@ class SqliteDatabase:
         second time after a rollback, and what it returns is from the run that was committed."""
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             return [(False, exc)] * len(fns)
         try:
@@ -243,7 +247,7 @@ class SqliteDatabase:
                     conn.execute("ROLLBACK")
                 if len(fns) == 1:
                     return [(False, exc)]
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 results = _each_in_a_savepoint(conn, fns)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # the commit itself failed (disk full, I/O error): nothing is durable
@@ -255,6 +259,10 @@ class SqliteDatabase:
                 conn.execute("ROLLBACK")
             raise
         return results
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        self.transaction += 1
+        conn.execute("BEGIN IMMEDIATE")
 
     def close(self) -> None:
         self.commit_deferred()
