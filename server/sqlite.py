@@ -57,12 +57,12 @@ class SqliteDatabase:
 
     `transact(fn)` is the write path: `fn(connection)` runs inside a write transaction that it
     shares with whatever other writes are waiting (group commit: one commit, one fsync, for many
-    writers), each in its own savepoint, so an exception in one `fn` rolls back only its own work
-    and is raised to its own caller. It returns once the transaction is committed. `defer(fn, within)`
-    queues a write that nobody waits for: it rides along with the next transaction, or is committed
-    `within` seconds later at the latest (bounded write-behind). `run(fn)` is for
-    reads. `synchronous` is FULL where durability matters (the audit outbox), NORMAL where a lost
-    last commit is harmless.
+    writers); an exception in one `fn` rolls back only its own work and is raised to its own caller
+    (the group is run again, each in a savepoint: `fn` must only touch the database). It returns
+    once the transaction is committed. `defer(fn, within)` queues a write that nobody waits for: it
+    rides along with the next transaction, or is committed `within` seconds later at the latest
+    (bounded write-behind). `run(fn)` is for reads. `synchronous` is FULL where durability matters
+    (the audit outbox), NORMAL where a lost last commit is harmless.
 
     The hand-off is cheap on purpose (it is on every governed call): the event loop appends a job to
     the writer's queue (no executor, no task per batch); the writer takes every job waiting, commits
@@ -82,6 +82,10 @@ class SqliteDatabase:
         self._conn: sqlite3.Connection | None = None
         self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._deferred_timer: asyncio.TimerHandle | None = None
+        self.transaction = 0
+        """The number of the group transaction being run, or last run (each `BEGIN`, a group run again
+        after a rollback included, takes the next): a write sees from it that an earlier write ran in
+        the transaction it is in, and can keep what it read then (read on the writer thread only)."""
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
@@ -224,27 +228,41 @@ class SqliteDatabase:
             self._conn = None
 
     def _apply(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Runs a group's writes in one transaction. They run straight through first, without a
+        savepoint each (two statements per write, each a round trip on the writer's thread): when
+        one of them raises, the transaction is rolled back and the group run again, each write in its
+        own savepoint, so only the failing one's work is undone (a group of one has nothing to keep:
+        its rollback is the transaction's). A write therefore only touches the database: it may run a
+        second time after a rollback, and what it returns is from the run that was committed."""
         try:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
         except sqlite3.Error as exc:
             return [(False, exc)] * len(fns)
-        results: list[tuple[bool, Any]] = []
         try:
-            for fn in fns:
-                conn.execute("SAVEPOINT one")
-                try:
-                    results.append((True, fn(conn)))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO one")
-                    results.append((False, exc))
-                conn.execute("RELEASE one")
+            try:
+                results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
+            except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if len(fns) == 1:
+                    return [(False, exc)]
+                self._begin(conn)
+                results = _each_in_a_savepoint(conn, fns)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # the commit itself failed (disk full, I/O error): nothing is durable
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return [(False, exc)] * len(fns)
+        except BaseException:  # nothing stays open behind the writer (the next BEGIN would fail)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return results
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        self.transaction += 1
+        conn.execute("BEGIN IMMEDIATE")
 
     def close(self) -> None:
         self.commit_deferred()
@@ -257,6 +275,21 @@ class SqliteDatabase:
                 self._jobs.put(None)
         if thread is not None:
             thread.join()
+
+
+def _each_in_a_savepoint(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[bool, Any]]:
+    results: list[tuple[bool, Any]] = []
+    for fn in fns:
+        conn.execute("SAVEPOINT one")
+        try:
+            results.append((True, fn(conn)))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO one")
+            results.append((False, exc))
+        conn.execute("RELEASE one")
+    return results
 
 
 def _fail(writes: list[Write], exc: Exception) -> None:

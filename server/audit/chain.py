@@ -10,11 +10,14 @@ as before, and the `keyed` checkpoint written when the key was first used seals 
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import hmac
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _quote
 
 from server.audit.checkpoints import Checkpoint, Unreadable
 from server.audit.keys import ChainKey
@@ -33,8 +36,29 @@ def record_hash(prev_hash: str, seq: int, call_id: str, kind: str, ts: float, re
 def record_mac(
     key: ChainKey, prev_hash: str, seq: int, call_id: str, kind: str, ts: float, record: str, instance: str | None
 ) -> str:
-    fields = ["castellan-audit-record-v2", key.key_id, prev_hash, seq, call_id, kind, repr(ts), record, instance]
-    return key.mac(json.dumps(fields, separators=(",", ":")).encode())
+    """HMAC-SHA256, with `key`, of the compact JSON array `["castellan-audit-record-v2", key id, prev_hash,
+    seq, call_id, kind, repr(ts), record, instance]`.
+
+    It runs on the audit writer's thread for every record (and for every record `verify` reads), so
+    the per-key work is done once (`_keyed`: the HMAC's keyed state, which is copied, and the key id's
+    hash), and the array is written as `json.dumps(fields, separators=(",", ":"))` writes it (each
+    string through the same ASCII escaping), without building the list and the encoder per record.
+    """
+    keyed, prefix = _keyed(key)
+    mac = keyed.copy()
+    mac.update(
+        (
+            f"{prefix}{_quote(prev_hash)},{int(seq)},{_quote(call_id)},{_quote(kind)},{_quote(repr(ts))},"
+            f"{_quote(record)},{'null' if instance is None else _quote(instance)}]"
+        ).encode()
+    )
+    return mac.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _keyed(key: ChainKey) -> tuple[hmac.HMAC, str]:
+    """The HMAC state after the key (copied per record: the same MAC as `key.mac`) and the array's start."""
+    return hmac.new(key.secret, digestmod=hashlib.sha256), f'["castellan-audit-record-v2",{_quote(key.key_id)},'
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,10 @@ class SqliteOutbox:
         self._owed: dict[str, dict[str, Any]] = {}  # outcomes whose write failed, by call id
         self._db = SqliteDatabase(path, schema=_SCHEMA, synchronous="FULL")
         self._db.run_sync(_migrate)
+        self._key_id = key.key_id
+        # (transaction, seq, hash) of the last record this outbox appended: the head the next record
+        # of the same transaction chains to, without reading it again (the writer thread's only).
+        self._head: tuple[int, int, str] | None = None
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -230,21 +234,27 @@ class SqliteOutbox:
     def _insert(self, kind: Kind, call_id: str, record: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
         """The write of one record, chained to the one before it (computed inside the transaction)."""
         body = json.dumps(record, separators=(",", ":"), default=str)
-        key, instance = self.key, self.instance
+        key, key_id, instance = self.key, self._key_id, self.instance
 
         def insert(conn: sqlite3.Connection) -> None:
-            last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
-            if last is None:  # empty: the first record, or the one after what retention removed
-                kept = conn.execute("SELECT MAX(through_seq) FROM retention").fetchone()[0]
-                last = (kept, self._retained_head(kept)) if kept else None
+            db = self._db
+            head = self._head
+            if head is not None and head[0] == db.transaction:  # a record before it in this transaction
+                last: tuple[int, str] | None = (head[1], head[2])
+            else:
+                last = conn.execute("SELECT seq, hash FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+                if last is None:  # empty: the first record, or the one after what retention removed
+                    kept = conn.execute("SELECT MAX(through_seq) FROM retention").fetchone()[0]
+                    last = (kept, self._retained_head(kept)) if kept else None
             seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
             ts = time.time()
             digest = record_mac(key, prev, seq, call_id, kind, ts, body, instance)
             conn.execute(
                 "INSERT INTO outbox (seq, call_id, kind, ts, record, prev_hash, hash, key_id, instance)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, call_id, kind, ts, body, prev, digest, key.key_id, instance),
+                (seq, call_id, kind, ts, body, prev, digest, key_id, instance),
             )
+            self._head = (db.transaction, seq, digest)
 
         return insert
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,52 @@ async def test_a_failing_writer_fails_alone_and_the_others_in_its_batch_are_comm
     assert not isinstance(results[2], BaseException)
     rows = await db.run(lambda c: sorted(r[0] for r in c.execute("SELECT v FROM t")))
     assert rows == ["a", "b", "taken"]
+    db.close()
+
+
+async def test_in_one_transaction_a_failing_writer_undoes_only_its_own_work(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("taken"))
+    held = threading.Event()
+    blocked = db.run(lambda _conn: held.wait(10))  # the writer waits: the writes below queue as one group
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (v) VALUES ('half')")
+        conn.execute("INSERT INTO t (v) VALUES ('taken')")
+
+    writes = asyncio.gather(
+        db.transact(insert("a")), db.transact(half_then_fail), db.transact(insert("b")), return_exceptions=True
+    )
+    await asyncio.sleep(0.05)
+    held.set()
+    await blocked
+    first, failed, last = await writes
+    assert isinstance(failed, sqlite3.IntegrityError)
+    rows = await db.run(lambda c: dict(c.execute("SELECT v, id FROM t").fetchall()))
+    assert sorted(rows) == ["a", "b", "taken"]  # nothing of the failed write, all of the others
+    assert (first, last) == (rows["a"], rows["b"])  # what each was told is what was committed
+    assert db.transactions == 2
+    db.close()
+
+
+async def test_a_writer_failing_alone_is_rolled_back_and_the_next_write_commits(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("taken"))
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (v) VALUES ('half')")
+        raise ValueError("refused")
+
+    def interrupted(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (v) VALUES ('cut off')")
+        raise KeyboardInterrupt
+
+    with pytest.raises(ValueError, match="refused"):
+        await db.transact(half_then_fail)
+    with pytest.raises(RuntimeError):
+        await db.transact(interrupted)
+    await db.transact(insert("next"))
+    assert await db.run(lambda c: sorted(r[0] for r in c.execute("SELECT v FROM t"))) == ["next", "taken"]
     db.close()
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from server.audit.chain import record_mac
 from server.audit.keys import ChainKey
 from server.audit.outbox import SqliteOutbox
 from server.audit.search import AuditQuery, render
@@ -109,3 +111,20 @@ async def test_search_filters_and_formats(tmp_path: Path) -> None:
     assert "c3" in render(denied, "table")
     assert outbox.show("c3")["decision"]["seq"] >= 1  # type: ignore[index]
     assert outbox.show("nope") is None
+
+
+@pytest.mark.parametrize(
+    ("record", "instance"),
+    [
+        ('{"tool":"echo","arguments":{"text":"h\\u00e9 \\"quoted\\"\\n"}}', "3f2a9c0d1e4b5a6f"),
+        ('é ü \u2028 \x00\x1f "\\ tab\t', None),
+        ("", "é"),
+    ],
+)
+def test_a_record_mac_is_the_hmac_of_its_fields_as_compact_json(record: str, instance: str | None) -> None:
+    # The chain's format: what existing databases were written with and what `verify` recomputes.
+    fields = ["castellan-audit-record-v2", KEY.key_id, "ab" * 32, 4711, 'c-"é', "outcome", repr(1.7e9 + 0.125), record]
+    expected = KEY.mac(json.dumps([*fields, instance], separators=(",", ":")).encode())
+    assert record_mac(KEY, "ab" * 32, 4711, 'c-"é', "outcome", 1.7e9 + 0.125, record, instance) == expected
+    other = ChainKey.generate()
+    assert record_mac(other, "ab" * 32, 4711, 'c-"é', "outcome", 1.7e9 + 0.125, record, instance) != expected

@@ -4,6 +4,7 @@ write fails, committed at shutdown, and closed as `interrupted` when a crash com
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sqlite3
 from pathlib import Path
@@ -113,4 +114,24 @@ async def test_an_outcome_whose_group_commit_fails_is_owed_and_written_by_the_ne
     await outbox.write("decision", "c2", {"decision": "allow"})
     assert outbox._owed == {}
     assert committed(outbox.path)["outcome"] == {"c1"}
+    await outbox.close()
+
+
+async def test_records_of_one_group_commit_chain_one_to_the_next_around_one_that_fails(tmp_path: Path) -> None:
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY, outcome_commit_seconds=60)
+    await outbox.write("decision", "c1", {"decision": "allow"})
+    await outbox.write("decision", "c2", {"decision": "allow"})
+    outbox.write_later("outcome", "c1", {"is_error": False})
+    outbox.write_later("outcome", "c1", {"is_error": True})  # a second outcome of c1: refused, owed
+    outbox.write_later("outcome", "c2", {"is_error": False})
+    await outbox.write("decision", "c3", {"decision": "allow"})  # one transaction for all four
+    await asyncio.sleep(0)
+    assert committed(outbox.path) == {"decision": {"c1", "c2", "c3"}, "outcome": {"c1", "c2"}}
+    assert list(outbox._owed) == ["c1"]
+    conn = sqlite3.connect(outbox.path)
+    rows = conn.execute("SELECT seq, prev_hash, hash FROM outbox ORDER BY seq").fetchall()
+    conn.close()
+    assert [seq for seq, _, _ in rows] == [1, 2, 3, 4, 5]
+    assert all(prev == before[2] for before, (_, prev, _) in itertools.pairwise(rows))
+    assert outbox.verify().intact
     await outbox.close()
