@@ -38,7 +38,7 @@ def serve(config: Path | None, host: str | None, port: int | None) -> None:
     try:
         settings = load_settings(config, **overrides)
         configure_logging(settings.log_format, settings.log_level)
-        app = create_app(settings)
+        app = create_app(settings, settle_heap=True)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if settings.demo and settings.auth.mode == "dev":
