@@ -246,6 +246,170 @@ def _refuse_retrieval(uri: str) -> Any:
 _NO_FETCH: Registry[Any] = Registry(retrieve=_refuse_retrieval)  # type: ignore[call-arg]
 
 
+# The commonest tool schemas (an object of typed members, some required, maybe no others) use a few
+# keywords whose meaning is plain; for them a direct check says whether arguments are valid at a
+# fraction of jsonschema's cost (its per-keyword dispatch, error generators and the step counter).
+# It only ever answers "valid": anything it does not know, and every invalid value, goes to jsonschema,
+# so the errors (and their order) are jsonschema's. tests/unit/server/test_tool_schema.py pins that the
+# two agree on what is valid.
+_SIMPLE_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "additionalProperties", "items", "enum", "const",
+        "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+        "minItems", "maxItems",
+        # annotations: no assertion in draft 2020-12 (`format` asserts nothing without a format checker)
+        "title", "description", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly", "format",
+    }
+)  # fmt: skip
+_TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
+_NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+
+
+def _is_number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and math.isfinite(value)
+
+
+def _simple(schema: Any, root: bool = True) -> bool:
+    """`schema` uses only keywords `_valid` knows, each in the form it knows."""
+    if isinstance(schema, bool):
+        return True
+    if type(schema) is not dict:
+        return False
+    for key, value in schema.items():
+        if key == "$schema" and root and isinstance(value, str):
+            continue
+        if key not in _SIMPLE_KEYWORDS:
+            return False
+        if key == "type":
+            names = [value] if isinstance(value, str) else value
+            if type(names) is not list or not names or not all(isinstance(n, str) and n in _TYPES for n in names):
+                return False
+        elif key == "properties":
+            if type(value) is not dict or not all(_simple(sub, False) for sub in value.values()):
+                return False
+        elif key == "required":
+            if type(value) is not list or not all(isinstance(n, str) for n in value):
+                return False
+        elif key in ("additionalProperties", "items"):
+            if not _simple(value, False):
+                return False
+        elif key == "enum":
+            if type(value) is not list or not all(_plain(v) for v in value):
+                return False
+        elif key == "const":
+            if not _plain(value):
+                return False
+        elif key in _NUMBER_BOUNDS:
+            if not _is_number(value):
+                return False
+        elif key in _COUNTS and (type(value) is not int or value < 0):
+            return False
+    return True
+
+
+def _plain(value: Any) -> bool:
+    """A JSON value `_canonical` compares as jsonschema does (no NaN or infinity in it)."""
+    kind = type(value)
+    if value is None or kind is str or kind is bool or kind is int:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list:
+        return all(_plain(v) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False
+
+
+def _of_type(value: Any, name: str) -> bool:
+    kind = type(value)
+    if name == "string":
+        return kind is str
+    if name == "object":
+        return kind is dict
+    if name == "array":
+        return kind is list
+    if name == "integer":
+        return kind is int or (kind is float and value.is_integer())
+    if name == "number":
+        return kind is int or kind is float
+    if name == "boolean":
+        return kind is bool
+    return value is None  # "null"
+
+
+def _valid(schema: Any, value: Any, budget: _Budget) -> bool | None:
+    """True when `value` is valid against the `_simple` `schema`; False or None (invalid, not known,
+    or more than `budget` keywords) send it to jsonschema."""
+    if schema is True:
+        return True
+    if schema is False:
+        return False
+    budget.remaining -= len(schema)
+    if budget.remaining < 0:
+        return None
+    kind = type(value)
+    if kind is float and not math.isfinite(value):
+        return None
+    if not (
+        value is None or kind is str or kind is bool or kind is int or kind is float or kind is dict or kind is list
+    ):
+        return None
+    names = schema.get("type")
+    if names is not None:
+        if isinstance(names, str):
+            if not _of_type(value, names):
+                return False
+        elif not any(_of_type(value, n) for n in names):
+            return False
+    if "enum" in schema:
+        if not _plain(value):
+            return None
+        key = _canonical(value)
+        if not any(_canonical(option) == key for option in schema["enum"]):
+            return False
+    if "const" in schema and (not _plain(value) or _canonical(value) != _canonical(schema["const"])):
+        return False
+    if kind is str:
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
+            return False
+    elif kind is int or kind is float:
+        if "minimum" in schema and value < schema["minimum"]:
+            return False
+        if "maximum" in schema and value > schema["maximum"]:
+            return False
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            return False
+        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            return False
+    elif kind is dict:
+        if any(type(k) is not str for k in value):
+            return None
+        for name in schema.get("required", ()):
+            if name not in value:
+                return False
+        properties = schema.get("properties", {})
+        additional = schema.get("additionalProperties", True)
+        for name, member in value.items():
+            sub = properties.get(name, additional)
+            if sub is True:
+                continue
+            ok = _valid(sub, member, budget)
+            if ok is not True:
+                return ok
+    elif kind is list:
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            return False
+        items = schema.get("items", True)
+        if items is not True:
+            for item in value:
+                ok = _valid(items, item, budget)
+                if ok is not True:
+                    return ok
+    return True
+
+
 class ArgumentsValidator:
     """A checked schema, compiled once; `first_error` validates arguments within a step budget."""
 
@@ -253,11 +417,14 @@ class ArgumentsValidator:
         check_schema(schema)
         self.schema = schema
         self._validator = _Validator(schema, registry=_NO_FETCH)
+        self._simple = _simple(schema)
 
     def first_error(self, arguments: Mapping[str, Any], steps: int = MAX_STEPS) -> str | None:
         """The first problem with `arguments` (`path: message`), or None. Raises `StepsExhausted`
         after `steps` keyword evaluations; never fetches anything (non-local references were refused,
         and the reference registry retrieves nothing)."""
+        if self._simple and type(arguments) is dict and _valid(self.schema, arguments, _Budget(steps)) is True:
+            return None
         token = _BUDGET.set(_Budget(steps))
         try:
             errors = sorted(self._validator.iter_errors(dict(arguments)), key=str)

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.errors import ConfigError, InvalidArguments
 from server.registry import ToolRegistry, ToolSpec
 from server.testing import FakeTool, make_call
-from server.tool_schema import SchemaRefused, StepsExhausted, compile_arguments
+from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, _Budget, _valid, compile_arguments
 from server.validate import ValidateStage
 
 pytestmark = pytest.mark.anyio
@@ -151,3 +153,82 @@ async def test_ordinary_schemas_validate_as_before() -> None:
     assert validator.first_error({"code": "AB-123", "other": 1}) is not None
     assert validator.first_error({"code": "AB-123", "x-n": "one"}) == "x-n: 'one' is not of type 'integer'"
     assert validator.first_error({"code": "AB-123", "tags": [True, 1]}) is None  # true is not 1
+
+
+# -- the fast path for simple schemas: it says "valid" exactly when jsonschema does ------------------
+
+_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-5, max_value=5),
+    st.sampled_from([0.0, 1.0, 2.5, -1.5, 3.0]),
+    st.sampled_from(["", "a", "ab", "abc", "x-1", "é"]),
+)
+_VALUES = st.recursive(
+    _LEAF,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_TYPE_NAMES = st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"])
+
+
+def _schemas(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keyword = st.one_of(
+        st.tuples(st.just("type"), _TYPE_NAMES | st.lists(_TYPE_NAMES, min_size=1, max_size=3)),
+        st.tuples(st.just("properties"), st.dictionaries(st.sampled_from(["a", "b", "c"]), inner, max_size=3)),
+        st.tuples(st.just("required"), st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True)),
+        st.tuples(st.just("additionalProperties"), st.booleans() | inner),
+        st.tuples(st.just("items"), inner),
+        st.tuples(st.just("enum"), st.lists(_LEAF, min_size=1, max_size=3)),
+        st.tuples(st.just("const"), _VALUES),
+        st.tuples(st.sampled_from(["minLength", "maxLength", "minItems", "maxItems"]), st.integers(0, 3)),
+        st.tuples(
+            st.sampled_from(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]),
+            st.sampled_from([-1, 0, 1, 2.5, 3.0]),
+        ),
+        st.tuples(st.sampled_from(["description", "title", "default", "format"]), st.sampled_from(["uri", "x", 1])),
+    )
+    return st.lists(keyword, max_size=4).map(dict) | st.booleans()
+
+
+_SIMPLE_SCHEMAS: st.SearchStrategy[Any] = st.recursive(st.booleans() | st.just({}), _schemas, max_leaves=6)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    schema=_SIMPLE_SCHEMAS,
+    dialect=st.sampled_from([None, "http://json-schema.org/draft-07/schema#"]),
+    arguments=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), _VALUES, max_size=4),
+)
+def test_the_fast_path_finds_valid_exactly_what_jsonschema_finds_valid(
+    schema: Any, dialect: str | None, arguments: dict[str, Any]
+) -> None:
+    if isinstance(schema, dict) and dialect is not None:
+        schema = {"$schema": dialect, **schema}
+    validator = compile_arguments(schema)
+    assert validator._simple
+    by_jsonschema = not list(validator._validator.iter_errors(arguments))
+    assert (_valid(schema, arguments, _Budget(MAX_STEPS)) is True) == by_jsonschema
+    expected = None if by_jsonschema else validator.first_error(arguments)
+    assert validator.first_error(arguments) == expected  # an error is jsonschema's message
+
+
+def test_schemas_outside_the_fast_path_are_left_to_jsonschema() -> None:
+    for schema in (
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"type": "string"}}},
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^a"}}},
+        {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+        {"type": "array", "items": [{"type": "string"}]},
+        {"type": "object", "properties": {"a": {"anyOf": [{"type": "string"}]}}},
+        {"type": "object", "properties": {"a": {"properties": {"b": {"$schema": "x"}}}}},
+    ):
+        assert not compile_arguments(schema)._simple
+
+
+def test_the_fast_path_stops_at_the_step_budget() -> None:
+    schema = {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "integer"}}}
+    assert _valid(schema, {"a": list(range(50))}, _Budget(20)) is None
+    with pytest.raises(StepsExhausted):
+        compile_arguments(schema).first_error({"a": list(range(50))}, steps=20)
