@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import time
@@ -110,6 +111,20 @@ class Shipper:
         """How many calls the next write carries: halved when the server times out on a batch or
         refuses its size, doubled back after `_GROW_AFTER` confirmed writes."""
         self._confirmed_in_a_row = 0
+        self._heap_settled = False
+
+    def _settle_heap(self) -> None:
+        """In its own process (`castellan ship`, the one with a status file), once the first cycle has
+        imported MLflow and opened the store: what is on the heap then (MLflow, SQLAlchemy, alembic,
+        pydantic: hundreds of thousands of objects that live as long as the process) is moved out of
+        the collector's sight (`gc.freeze`). Every older-generation collection traversed all of it
+        while the shipper made a few tuples per span: 9% of the shipper's CPU (perf), ~0.1 ms a call.
+        Not in the gateway's process (thread mode), whose heap is not the shipper's to freeze."""
+        if self._heap_settled or self._status_file is None:
+            return
+        self._heap_settled = True
+        gc.collect()
+        gc.freeze()
 
     def start(self) -> None:
         """Ships in the background, once it holds the outbox's shipping lock (waiting for it while
@@ -133,6 +148,7 @@ class Shipper:
                         await asyncio.sleep(self._settings.ship_backoff_max_seconds)
                         continue
                 shipped = await self._cycle()
+                self._settle_heap()
                 if self.last_error is not None:
                     log.info("audit_shipping_resumed", tracking_uri=self._target.tracking_uri)
                 self.last_error, backoff = None, 0.0

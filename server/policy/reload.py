@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import structlog
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from server.errors import BackendUnavailable, ConfigError
-from server.policy.bundle import PolicyBundle, policy_files, read_files
+from server.policy.bundle import PolicyBundle
 from server.policy.engine import LoadReport, PolicyEngine
 from server.policy.verify import verify_in_process
 
@@ -25,14 +26,71 @@ log = structlog.get_logger("castellan.policy")
 Verifier = Callable[[PolicyBundle], Awaitable[tuple[str, ...]]]
 
 
-def fingerprint(root: Path) -> tuple[tuple[str, int, int, int], ...]:
+RACY_SECONDS = 2.0
+"""A file changed less than this long before its content was read may change again with the same
+stat (a timestamp tick of a coarse file system, a clock a little behind): such a snapshot is read
+again at the next poll, until every file is older than this at the time of a read."""
+
+Stat = tuple[int, int, int, int]
+"""(inode, mtime ns, ctime ns, size) of a file or directory."""
+
+
+def _stat_key(st: os.stat_result) -> Stat:
+    # ctime too: no user-space call sets it, so an edit whose writer restores the mtime (`touch -r`,
+    # `os.utime`, `cp -p`, `rsync -t`) still changes it.
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """The stat of every directory under the root and of every policy file: what changes when any
+    policy or data file is added, removed, replaced or edited (a name added or removed changes its
+    directory's mtime and ctime)."""
+
+    dirs: tuple[tuple[str, Stat], ...]
+    files: tuple[tuple[str, Stat], ...]
+
+    def newest_ns(self) -> int:
+        return max((max(st[1], st[2]) for _, st in self.dirs + self.files), default=0)
+
+
+def scan(root: Path) -> Tree | None:
+    """Lists the directory tree (`os.scandir`, one listing per directory) and stats each policy file,
+    the files `bundle.policy_files` names; None when the root is gone."""
+    dirs: list[tuple[str, Stat]] = []
+    files: list[tuple[str, Stat]] = []
+    pending = [str(root)]
+    while pending:
+        top = pending.pop()
+        try:
+            dirs.append((top, _stat_key(os.stat(top))))
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):  # vanished since listed: the next scan sees it gone
+                        if entry.is_dir():
+                            pending.append(entry.path)
+                        elif entry.is_file() and entry.name.endswith((".rego", ".json")):
+                            files.append((entry.path, _stat_key(entry.stat())))
+        except OSError:
+            if top == str(root):
+                return None
+    return Tree(tuple(sorted(dirs)), tuple(sorted(files)))
+
+
+def restat(tree: Tree) -> Tree | None:
+    """`tree` stated again without listing any directory (a stat each, no open, no getdents): the
+    same tree while nothing changed, else a new `scan` (None when the root is gone)."""
+    try:
+        if all(_stat_key(os.stat(path)) == st for path, st in tree.dirs):
+            return Tree(tree.dirs, tuple((path, _stat_key(os.stat(path))) for path, _ in tree.files))
+    except OSError:  # a file or directory vanished: a rescan says what is there now
+        pass
+    return scan(Path(tree.dirs[0][0])) if tree.dirs else None
+
+
+def fingerprint(root: Path) -> Tree | None:
     """What changes when any policy or data file is added, removed, replaced or edited."""
-    stats = []
-    for path in policy_files(root):
-        with contextlib.suppress(OSError):  # vanished since listed: the next read sees it gone
-            st = path.stat()
-            stats.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(stats)
+    return scan(root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,15 +99,31 @@ class Snapshot:
 
     files: Mapping[str, str]
     digest: str
+    tree: Tree | None = None
+    read_at_ns: int = 0
+    """Wall-clock time when the read began: a file changed within `RACY_SECONDS` of it is racy."""
+
+    @property
+    def racy(self) -> bool:
+        return self.tree is None or self.tree.newest_ns() >= self.read_at_ns - int(RACY_SECONDS * 1e9)
 
 
 def read_snapshot(root: Path) -> Snapshot | None:
     """The directory as it is now, or None when a file changed (or vanished) while it was being read."""
     if not root.is_dir():
         return None
+    started = time.time_ns()
     before = fingerprint(root)
+    if before is None:
+        return None
+    files: dict[str, str] = {}
     try:
-        files = read_files(root)
+        for path, _ in before.files:
+            relative = Path(path).relative_to(root).as_posix()
+            try:
+                files[relative] = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
     except (OSError, ConfigError):
         return None  # mid-write (e.g. a torn UTF-8 sequence) or mid-rename: not a snapshot yet
     if fingerprint(root) != before:
@@ -57,7 +131,17 @@ def read_snapshot(root: Path) -> Snapshot | None:
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0" + files[rel].encode() + b"\0")
-    return Snapshot(files, digest.hexdigest())
+    return Snapshot(files, digest.hexdigest(), before, started)
+
+
+def current_snapshot(root: Path, last: Snapshot | None) -> Snapshot | None:
+    """The directory as it is now, read again only when it may have changed since `last`: when the
+    stat of a directory or file differs (inode, mtime, ctime or size), or when `last` was racy (a file
+    changed within `RACY_SECONDS` of reading it). Otherwise `last` itself, from one stat per
+    directory and per file and no read."""
+    if last is not None and last.tree is not None and not last.racy and restat(last.tree) == last.tree:
+        return last
+    return read_snapshot(root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +203,7 @@ class PolicyWatcher:
         self._task: asyncio.Task[None] | None = None
         self._on_loaded = on_loaded
         first = read_snapshot(root)
+        self._last = first  # the latest snapshot read: the next poll reads again only if it may have changed
         self._seen = first.digest if first else ""  # the latest digest read, and since when
         self._seen_since = time.monotonic()
         self._settled = self._seen  # the latest digest acted on (loaded, refused or already in force)
@@ -141,7 +226,8 @@ class PolicyWatcher:
 
     async def poll(self) -> LoadReport | None:
         """Act on the directory if a new snapshot has settled; the report, or None when nothing did."""
-        snapshot = await asyncio.to_thread(read_snapshot, self._root)
+        snapshot = await asyncio.to_thread(current_snapshot, self._root, self._last)
+        self._last = snapshot
         now = time.monotonic()
         digest = snapshot.digest if snapshot else ""
         if digest != self._seen:

@@ -3,9 +3,12 @@ good version deciding and is reported until the files match a deciding version a
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,7 +37,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(reload.time, "monotonic", fake)
+    monkeypatch.setattr(time, "monotonic", fake)
     return fake
 
 
@@ -114,9 +117,97 @@ async def test_a_refused_snapshot_is_not_retried_on_every_poll(
 
 
 async def test_a_change_while_reading_is_no_snapshot(policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads = iter([(("a", 1, 1, 1),), (("a", 1, 2, 2),)])
+    tree = reload.scan(policies)
+    assert tree is not None
+    (path, (ino, mtime, ctime, size)), *rest = tree.files
+    changed = reload.Tree(tree.dirs, ((path, (ino, mtime + 1, ctime + 1, size + 1)), *rest))
+    reads = iter([tree, changed])
     monkeypatch.setattr(reload, "fingerprint", lambda root: next(reads))
     assert read_snapshot(policies) is None
+
+
+class Reads:
+    """Counts the policy files read (opened for their text)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = Path.read_text
+
+        def read_text(path: Path, *args: Any, **kwargs: Any) -> str:
+            self.count += 1
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", read_text)
+
+
+def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The wall clock `seconds` on: files written so far are older than the racy window."""
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now + int(seconds * 1e9))
+
+
+async def test_an_unchanged_directory_is_not_read_again(
+    policies: Path, engine: EmbeddedEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later(monkeypatch, 10)
+    w = watcher(policies, engine)
+    await w.poll()  # the files were written just now (racy): read once more, now 10 s after
+    reads = Reads(monkeypatch)
+    for _ in range(5):
+        clock.now += 1
+        assert await w.poll() is None
+    assert reads.count == 0
+    # and an edit is still seen, read, settled and loaded
+    (policies / EXTRA).write_text(
+        'package castellan.gateway\n\ndeny contains "no gamma" if input.arguments.text == "gamma"\n'
+    )
+    later(monkeypatch, 20)
+    await settle(w, clock)
+    assert reads.count > 0
+    assert w.reloads == 1
+    assert engine.policy_version == PolicyBundle.from_directory(policies).version
+
+
+async def test_an_edit_that_restores_the_mtime_and_keeps_the_size_is_seen(
+    policies: Path, engine: EmbeddedEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    later(monkeypatch, 10)
+    w = watcher(policies, engine)
+    await w.poll()
+    target = policies / "castellan" / "gateway.rego"
+    text, st = target.read_text(), target.stat()
+    target.write_text(_same_size_edit(text))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -r`: the mtime as it was
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    later(monkeypatch, 20)
+    await settle(w, clock)
+    assert w.reloads == 1
+    assert engine.policy_version == PolicyBundle.from_directory(policies).version
+
+
+async def test_an_edit_within_one_timestamp_tick_is_seen(
+    policies: Path, engine: EmbeddedEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system whose timestamps did not move between two writes (one coarse tick): an edit of
+    the same size right after a read has the stat of the version read, and is still read, because a
+    read of files changed that recently is done again at the next poll."""
+    tick = time.time_ns()
+    monkeypatch.setattr(reload, "_stat_key", lambda st: (st.st_ino, tick, tick, st.st_size))
+    w = watcher(policies, engine)
+    target = policies / "castellan" / "gateway.rego"
+    text = target.read_text()
+    target.write_text(_same_size_edit(text))
+    await settle(w, clock)
+    assert w.reloads == 1
+    assert engine.policy_version == PolicyBundle.from_directory(policies).version
+
+
+def _same_size_edit(text: str) -> str:
+    """The module with one letter of its first comment changed: another version, the same size."""
+    at = text.index("# ") + 2
+    edited = text[:at] + ("x" if text[at] != "x" else "y") + text[at + 1 :]
+    assert len(edited.encode()) == len(text.encode())
+    return edited
 
 
 async def test_the_version_and_refusals_are_in_the_metrics(
