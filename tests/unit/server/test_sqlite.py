@@ -113,7 +113,7 @@ async def test_a_committed_batch_wakes_the_event_loop_once_not_once_per_writer(t
         wakeups += 1
         return original(*args, **kwargs)
 
-    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign,assignment]
     try:
         # Queued in one turn of the loop: the writer takes them as one batch (or a few, if it
         # woke between two of them), never one wake-up each.
