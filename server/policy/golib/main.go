@@ -230,13 +230,10 @@ func castellan_eval(handle C.longlong, input *C.char, length C.int) (out *C.char
 	if policy == nil {
 		return failure(errors.New("no such compiled policy"))
 	}
-	var document any
-	if err := util.UnmarshalJSON(C.GoBytes(unsafe.Pointer(input), length), &document); err != nil {
-		return failure(fmt.Errorf("input is not JSON: %w", err))
-	}
-	value, err := ast.InterfaceToValue(document)
+	// Parsed in place: the bytes are the caller's, valid for the call, and nothing parsed keeps them.
+	value, err := parseInput(unsafe.Slice((*byte)(unsafe.Pointer(input)), int(length)))
 	if err != nil {
-		return failure(err)
+		return failure(fmt.Errorf("input is not JSON: %w", err))
 	}
 	result, defined, err := evaluate(policy.query, value, policy.timeout)
 	if err != nil {
