@@ -101,33 +101,41 @@ func init() {
 	}
 }
 
-// yieldEvery bounds how long the processor (P) of the gateway's calling thread goes without a pass
-// through the scheduler while it keeps calling in. A call from a thread that C started runs on a P
-// whose scheduler tick never moves (no goroutine is scheduled on it: the call runs on the thread's
-// own goroutine), and between calls the thread keeps the P as in a system call. Go's monitor thread
-// (sysmon) takes back a P whose tick has not moved in 10 ms; it then finds every P idle and sleeps,
-// the next call wakes it to take the P back, and it polls every 20 µs for as long as that call runs.
-// Measured on the default policy with a call every ~3.5 ms (the gateway at concurrency 1): sysmon
-// spent 140-180 µs of CPU per call, over a fifth of the library's process CPU. A yield at most every
-// 5 ms moves the tick (it parks the thread's goroutine and has another thread hand the P straight
-// back: two wake-ups, ~20-30 µs of CPU in all), sysmon leaves the P with the thread, finds nothing
-// to take back, and slows to its 10 ms idle poll: 15-22 µs per call.
-const yieldEvery = int64(5 * time.Millisecond)
+// A call from a thread that C started runs on a P whose scheduler tick never moves (no goroutine is
+// scheduled on it: the call runs on the thread's own goroutine), and between calls the thread keeps
+// the P as in a system call. Go's monitor thread (sysmon) takes back a P whose tick has not moved in
+// 10 ms; it then finds every P idle and sleeps, the next call wakes it to take the P back, and it
+// polls every 20 µs for as long as that call runs. Measured on the default policy with a call every
+// ~3.5-7 ms (the gateway at concurrency 1 runs one every ~8 ms): sysmon spent 110-250 µs of CPU per
+// call, a fifth of the library's process CPU. A yield moves the tick (it parks the thread's goroutine
+// and has another thread hand the P straight back: two wake-ups), so sysmon leaves the P with the
+// thread, finds nothing to take back, and slows to its 10 ms idle poll: 15-25 µs per call.
+//
+// The yield helps only while calls come closer than sysmon's 10 ms: a thread yields when its last
+// call was under callsApart ago and its last yield over yieldEvery ago. Calls further apart lose the
+// P between them whatever is done in them, and a yield would only add its wake-ups.
+const (
+	yieldEvery = int64(5 * time.Millisecond)
+	callsApart = int64(10 * time.Millisecond)
+)
 
-// lastYield is each calling thread's last yield (thread id -> *atomic.Int64 of Unix nanoseconds):
-// each calling thread has its own P to keep.
-var lastYield sync.Map
+type callerState struct{ lastCall, lastYield atomic.Int64 }
 
-// keepProcessor yields once when the calling thread has not yielded for yieldEvery.
+// callers is each calling thread's state by thread id: each calling thread has its own P to keep.
+var callers sync.Map
+
+// keepProcessor yields once when the calling thread's calls are close and it has not yielded for
+// yieldEvery.
 func keepProcessor() {
 	tid := syscall.Gettid()
-	last, ok := lastYield.Load(tid)
+	state, ok := callers.Load(tid)
 	if !ok {
-		last, _ = lastYield.LoadOrStore(tid, new(atomic.Int64))
+		state, _ = callers.LoadOrStore(tid, new(callerState))
 	}
-	stamp := last.(*atomic.Int64)
-	if now := time.Now().UnixNano(); now-stamp.Load() > yieldEvery {
-		stamp.Store(now)
+	caller := state.(*callerState)
+	now := time.Now().UnixNano()
+	if now-caller.lastCall.Swap(now) < callsApart && now-caller.lastYield.Load() > yieldEvery {
+		caller.lastYield.Store(now)
 		runtime.Gosched()
 	}
 }
@@ -230,13 +238,10 @@ func castellan_eval(handle C.longlong, input *C.char, length C.int) (out *C.char
 	if policy == nil {
 		return failure(errors.New("no such compiled policy"))
 	}
-	var document any
-	if err := util.UnmarshalJSON(C.GoBytes(unsafe.Pointer(input), length), &document); err != nil {
-		return failure(fmt.Errorf("input is not JSON: %w", err))
-	}
-	value, err := ast.InterfaceToValue(document)
+	// Parsed in place: the bytes are the caller's, valid for the call, and nothing parsed keeps them.
+	value, err := parseInput(unsafe.Slice((*byte)(unsafe.Pointer(input)), int(length)))
 	if err != nil {
-		return failure(err)
+		return failure(fmt.Errorf("input is not JSON: %w", err))
 	}
 	result, defined, err := evaluate(policy.query, value, policy.timeout)
 	if err != nil {

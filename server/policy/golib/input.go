@@ -1,0 +1,274 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+)
+
+// parseInput parses a JSON document straight to an ast.Value: the value that
+// ast.InterfaceToValue gives for util.UnmarshalJSON's parse (numbers kept exact), without the
+// intermediate Go maps and slices, which were ~a fifth of an evaluation call's CPU for the default
+// policy's input. Each leaf is converted by ast.InterfaceToValue itself (json.Number, string, bool,
+// nil), and a string with an escape or a byte outside printable ASCII is unquoted by encoding/json,
+// so numbers, escapes, surrogates and invalid UTF-8 come out exactly as before; this parser only
+// walks the structure. A repeated key keeps its last value (encoding/json into a map). Nesting past
+// encoding/json's limit (10,000) is an error, as are trailing data, NaN and anything else not JSON.
+// input_test.go checks it against the old parse on generated and malformed documents.
+func parseInput(data []byte) (ast.Value, error) {
+	p := parser{data: data}
+	p.space()
+	value, err := p.value(0)
+	if err != nil {
+		return nil, err
+	}
+	p.space()
+	if p.pos != len(p.data) {
+		return nil, p.fail("after top-level value")
+	}
+	return value, nil
+}
+
+const maxNesting = 10000 // encoding/json's
+
+type parser struct {
+	data []byte
+	pos  int
+}
+
+var errNesting = errors.New("exceeded max depth")
+
+func (p *parser) fail(where string) error {
+	if p.pos >= len(p.data) {
+		return errors.New("unexpected end of JSON input")
+	}
+	return fmt.Errorf("invalid character %q %s at offset %d", p.data[p.pos], where, p.pos)
+}
+
+func (p *parser) space() {
+	for p.pos < len(p.data) {
+		switch p.data[p.pos] {
+		case ' ', '\t', '\n', '\r':
+			p.pos++
+		default:
+			return
+		}
+	}
+}
+
+func (p *parser) value(depth int) (ast.Value, error) {
+	if p.pos >= len(p.data) {
+		return nil, p.fail("")
+	}
+	switch c := p.data[p.pos]; {
+	case c == '{':
+		return p.object(depth + 1)
+	case c == '[':
+		return p.array(depth + 1)
+	case c == '"':
+		s, err := p.str()
+		if err != nil {
+			return nil, err
+		}
+		return ast.InterfaceToValue(s)
+	case c == '-' || (c >= '0' && c <= '9'):
+		return p.number()
+	default:
+		for _, literal := range [...]struct {
+			text  string
+			value any
+		}{{"true", true}, {"false", false}, {"null", nil}} {
+			if len(p.data)-p.pos >= len(literal.text) && string(p.data[p.pos:p.pos+len(literal.text)]) == literal.text {
+				p.pos += len(literal.text)
+				return ast.InterfaceToValue(literal.value)
+			}
+		}
+		return nil, p.fail("looking for beginning of value")
+	}
+}
+
+func (p *parser) object(depth int) (ast.Value, error) {
+	if depth > maxNesting {
+		return nil, errNesting
+	}
+	p.pos++ // {
+	var items [][2]*ast.Term
+	var seen map[string]int // key -> index in items, built only when a key repeats could matter
+	p.space()
+	if p.pos < len(p.data) && p.data[p.pos] == '}' {
+		p.pos++
+		return ast.NewObject(), nil
+	}
+	for {
+		p.space()
+		if p.pos >= len(p.data) || p.data[p.pos] != '"' {
+			return nil, p.fail("looking for beginning of object key string")
+		}
+		key, err := p.str()
+		if err != nil {
+			return nil, err
+		}
+		p.space()
+		if p.pos >= len(p.data) || p.data[p.pos] != ':' {
+			return nil, p.fail("after object key")
+		}
+		p.pos++
+		p.space()
+		value, err := p.value(depth)
+		if err != nil {
+			return nil, err
+		}
+		keyValue, err := ast.InterfaceToValue(key)
+		if err != nil {
+			return nil, err
+		}
+		if len(items) >= 8 && seen == nil {
+			seen = make(map[string]int, 2*len(items))
+			for i, item := range items {
+				seen[string(item[0].Value.(ast.String))] = i
+			}
+		}
+		index := -1
+		if seen != nil {
+			if i, ok := seen[key]; ok {
+				index = i
+			}
+		} else {
+			for i, item := range items {
+				if string(item[0].Value.(ast.String)) == key {
+					index = i
+					break
+				}
+			}
+		}
+		if index >= 0 {
+			items[index][1] = ast.NewTerm(value) // the last value wins, as with encoding/json
+		} else {
+			if seen != nil {
+				seen[key] = len(items)
+			}
+			items = append(items, [2]*ast.Term{ast.NewTerm(keyValue), ast.NewTerm(value)})
+		}
+		p.space()
+		if p.pos >= len(p.data) {
+			return nil, p.fail("")
+		}
+		switch p.data[p.pos] {
+		case ',':
+			p.pos++
+		case '}':
+			p.pos++
+			return ast.NewObject(items...), nil
+		default:
+			return nil, p.fail("after object key:value pair")
+		}
+	}
+}
+
+func (p *parser) array(depth int) (ast.Value, error) {
+	if depth > maxNesting {
+		return nil, errNesting
+	}
+	p.pos++ // [
+	var terms []*ast.Term
+	p.space()
+	if p.pos < len(p.data) && p.data[p.pos] == ']' {
+		p.pos++
+		return ast.NewArray(), nil
+	}
+	for {
+		p.space()
+		value, err := p.value(depth)
+		if err != nil {
+			return nil, err
+		}
+		terms = append(terms, ast.NewTerm(value))
+		p.space()
+		if p.pos >= len(p.data) {
+			return nil, p.fail("")
+		}
+		switch p.data[p.pos] {
+		case ',':
+			p.pos++
+		case ']':
+			p.pos++
+			return ast.NewArray(terms...), nil
+		default:
+			return nil, p.fail("after array element")
+		}
+	}
+}
+
+// str reads a string at p.pos (its opening quote): printable ASCII without escapes as it is,
+// anything else through encoding/json's own unquoting.
+func (p *parser) str() (string, error) {
+	start := p.pos
+	p.pos++
+	plain := true
+	for p.pos < len(p.data) {
+		c := p.data[p.pos]
+		switch {
+		case c == '"':
+			p.pos++
+			if plain {
+				return string(p.data[start+1 : p.pos-1]), nil
+			}
+			var s string
+			if err := json.Unmarshal(p.data[start:p.pos], &s); err != nil {
+				return "", err
+			}
+			return s, nil
+		case c == '\\':
+			plain = false
+			p.pos += 2 // the escaped byte is never the closing quote; encoding/json checks the escape
+		case c < 0x20:
+			return "", p.fail("in string literal")
+		default:
+			if c >= 0x80 {
+				plain = false
+			}
+			p.pos++
+		}
+	}
+	return "", errors.New("unexpected end of JSON input")
+}
+
+// number reads a number in JSON's grammar, converted exactly as ast.InterfaceToValue converts the
+// json.Number that util.UnmarshalJSON gives.
+func (p *parser) number() (ast.Value, error) {
+	start := p.pos
+	digits := func() int {
+		n := 0
+		for p.pos < len(p.data) && p.data[p.pos] >= '0' && p.data[p.pos] <= '9' {
+			p.pos++
+			n++
+		}
+		return n
+	}
+	if p.data[p.pos] == '-' {
+		p.pos++
+	}
+	if p.pos < len(p.data) && p.data[p.pos] == '0' {
+		p.pos++
+	} else if digits() == 0 {
+		return nil, p.fail("in numeric literal")
+	}
+	if p.pos < len(p.data) && p.data[p.pos] == '.' {
+		p.pos++
+		if digits() == 0 {
+			return nil, p.fail("after decimal point in numeric literal")
+		}
+	}
+	if p.pos < len(p.data) && (p.data[p.pos] == 'e' || p.data[p.pos] == 'E') {
+		p.pos++
+		if p.pos < len(p.data) && (p.data[p.pos] == '+' || p.data[p.pos] == '-') {
+			p.pos++
+		}
+		if digits() == 0 {
+			return nil, p.fail("in exponent of numeric literal")
+		}
+	}
+	return ast.InterfaceToValue(json.Number(p.data[start:p.pos]))
+}
