@@ -67,7 +67,7 @@ def scan(root: Path) -> Tree | None:
             with os.scandir(top) as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):  # vanished since listed: the next scan sees it gone
-                        if entry.is_dir():
+                        if entry.is_dir(follow_symlinks=False):  # as `policy_files`: no symlinked directory
                             pending.append(entry.path)
                         elif entry.is_file() and entry.name.endswith((".rego", ".json")):
                             files.append((entry.path, _stat_key(entry.stat())))

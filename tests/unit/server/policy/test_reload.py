@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from server.errors import BackendUnavailable
 from server.policy import reload
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import PolicyBundle, policy_files
 from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import LoadReport
 from server.policy.reload import PolicyMetrics, PolicyWatcher, in_process_verifier, read_snapshot
@@ -144,6 +144,24 @@ def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """The wall clock `seconds` on: files written so far are older than the racy window."""
     now = time.time_ns()
     monkeypatch.setattr(time, "time_ns", lambda: now + int(seconds * 1e9))
+
+
+def test_a_snapshot_holds_the_files_a_bundle_is_made_of(policies: Path, tmp_path: Path) -> None:
+    """The same files as `bundle.policy_files`: symlinked files read, symlinked directories not entered
+    (a link back up the tree would otherwise be walked without end), other suffixes ignored."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared.rego").write_text("package castellan.shared\n\nx := 1\n")
+    (policies / "castellan" / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (policies / "castellan" / "loop").symlink_to(policies, target_is_directory=True)
+    (policies / "castellan" / "linked.rego").symlink_to(outside / "shared.rego")
+    (policies / "castellan" / "notes.txt").write_text("not policy")
+    snapshot = read_snapshot(policies)
+    assert snapshot is not None
+    expected = {p.relative_to(policies).as_posix() for p in policy_files(policies)}
+    assert set(snapshot.files) == expected
+    assert "castellan/linked.rego" in expected
+    assert not any(name.startswith(("castellan/linked_dir/", "castellan/loop/")) for name in expected)
 
 
 async def test_an_unchanged_directory_is_not_read_again(
