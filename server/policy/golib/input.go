@@ -151,19 +151,31 @@ func (p *parser) object(depth int) (ast.Value, error) {
 			}
 			items = append(items, [2]*ast.Term{ast.NewTerm(keyValue), ast.NewTerm(value)})
 		}
-		p.space()
-		if p.pos >= len(p.data) {
-			return nil, p.fail("")
-		}
-		switch p.data[p.pos] {
-		case ',':
-			p.pos++
-		case '}':
-			p.pos++
+		if done, err := p.separator('}', "after object key:value pair"); err != nil || done {
+			if err != nil {
+				return nil, err
+			}
 			return ast.NewObject(items...), nil
-		default:
-			return nil, p.fail("after object key:value pair")
 		}
+	}
+}
+
+// separator consumes what follows a member of an object or array: a comma (false: another member
+// follows) or `close` (true: the container ends); anything else is an error naming `where`.
+func (p *parser) separator(close byte, where string) (bool, error) {
+	p.space()
+	if p.pos >= len(p.data) {
+		return false, p.fail("")
+	}
+	switch p.data[p.pos] {
+	case ',':
+		p.pos++
+		return false, nil
+	case close:
+		p.pos++
+		return true, nil
+	default:
+		return false, p.fail(where)
 	}
 }
 
@@ -185,18 +197,11 @@ func (p *parser) array(depth int) (ast.Value, error) {
 			return nil, err
 		}
 		terms = append(terms, ast.NewTerm(value))
-		p.space()
-		if p.pos >= len(p.data) {
-			return nil, p.fail("")
-		}
-		switch p.data[p.pos] {
-		case ',':
-			p.pos++
-		case ']':
-			p.pos++
+		if done, err := p.separator(']', "after array element"); err != nil || done {
+			if err != nil {
+				return nil, err
+			}
 			return ast.NewArray(terms...), nil
-		default:
-			return nil, p.fail("after array element")
 		}
 	}
 }
