@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,11 +85,12 @@ def policy_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".rego", ".json"))
 
 
-def read_files(root: Path) -> dict[str, str]:
-    """Relative path → text of every policy file under `root`. Raises `ConfigError` for a file that is
-    not UTF-8, and `OSError` when one vanishes while being read."""
+def read_files(root: Path, paths: Iterable[Path] | None = None) -> dict[str, str]:
+    """Relative path → text of every policy file under `root` (of `paths` under it, when given: files
+    already listed). Raises `ConfigError` for a file that is not UTF-8, and `OSError` when one
+    vanishes while being read."""
     files: dict[str, str] = {}
-    for path in policy_files(root):
+    for path in policy_files(root) if paths is None else paths:
         try:
             files[path.relative_to(root).as_posix()] = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

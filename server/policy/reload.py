@@ -17,7 +17,7 @@ import structlog
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from server.errors import BackendUnavailable, ConfigError
-from server.policy.bundle import PolicyBundle
+from server.policy.bundle import PolicyBundle, read_files
 from server.policy.engine import LoadReport, PolicyEngine
 from server.policy.verify import verify_in_process
 
@@ -88,11 +88,6 @@ def restat(tree: Tree) -> Tree | None:
     return scan(Path(tree.dirs[0][0])) if tree.dirs else None
 
 
-def fingerprint(root: Path) -> Tree | None:
-    """What changes when any policy or data file is added, removed, replaced or edited."""
-    return scan(root)
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every policy file's text, read while no file changed, and a hash of all of them (tests too)."""
@@ -113,20 +108,14 @@ def read_snapshot(root: Path) -> Snapshot | None:
     if not root.is_dir():
         return None
     started = time.time_ns()
-    before = fingerprint(root)
+    before = scan(root)
     if before is None:
         return None
-    files: dict[str, str] = {}
     try:
-        for path, _ in before.files:
-            relative = Path(path).relative_to(root).as_posix()
-            try:
-                files[relative] = Path(path).read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+        files = read_files(root, (Path(path) for path, _ in before.files))
     except (OSError, ConfigError):
         return None  # mid-write (e.g. a torn UTF-8 sequence) or mid-rename: not a snapshot yet
-    if fingerprint(root) != before:
+    if scan(root) != before:
         return None
     digest = hashlib.sha256()
     for rel in sorted(files):

@@ -122,7 +122,7 @@ async def test_a_change_while_reading_is_no_snapshot(policies: Path, monkeypatch
     (path, (ino, mtime, ctime, size)), *rest = tree.files
     changed = reload.Tree(tree.dirs, ((path, (ino, mtime + 1, ctime + 1, size + 1)), *rest))
     reads = iter([tree, changed])
-    monkeypatch.setattr(reload, "fingerprint", lambda root: next(reads))
+    monkeypatch.setattr(reload, "scan", lambda root: next(reads))
     assert read_snapshot(policies) is None
 
 
