@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -64,12 +66,40 @@ class TracePlan:
         return f"tr-{self.otel_trace_id:032x}"
 
 
+def new_call_id() -> str:
+    """A call id that sorts by time: a UUID version 7 as 32 hex digits (milliseconds since the epoch
+    in the first 12, then the version digit and 74 random bits). Its trace id sorts by time too
+    (`otel_trace_id`), so every MLflow index keyed by trace id takes new rows at its end."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
+    return f"{value:032x}"
+
+
 def trace_id_for(call_id: str) -> str:
     return f"tr-{otel_trace_id(call_id):032x}"
 
 
 def otel_trace_id(call_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:16], "big") or 1
+    """The call's trace id: the SHA-256 of its call id, except that a time-ordered call id (UUID
+    version 7, `new_call_id`) keeps its 48-bit time at the front. The MLflow store indexes eight
+    B-trees by trace id (trace_info, each tag key, metadata, spans twice); random ids put every new
+    trace on its own leaf page of each, a time-ordered one on the last (measured: 1.07 -> 0.66 ms of
+    the shipper's write thread per call into a store of 20,000 traces, bench/results/shipping.md).
+    Any other call id (uuid4, as before) maps to the same id as it always did, so a re-ship of an
+    older call still upserts its trace."""
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:16], "big")
+    if len(call_id) == 32 and call_id[12] == "7" and _is_hex(call_id):
+        return int(call_id[:12], 16) << 80 | digest & (1 << 80) - 1 or 1
+    return digest or 1
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def _epoch_ns(record: dict[str, Any], fallback: float) -> int:

@@ -117,3 +117,45 @@ def test_a_trace_keeps_what_auditors_filter_on_as_tags_and_the_rest_in_its_root_
     assert (rows["call-no"]["agent_id"], rows["call-no"]["run_id"]) == ("rows-bot", "run-1")
     assert target.search(AuditQuery(agent="rows-bot", run_id="run-2")) == []
     assert [r["call_id"] for r in target.search(AuditQuery(reason="execute", limit=10))] == ["call-no"]
+
+
+def test_a_time_ordered_call_id_gives_a_trace_id_that_sorts_by_time_and_others_keep_theirs() -> None:
+    import hashlib
+    import time
+    import uuid
+
+    from server.audit.traces import new_call_id, trace_id_for
+
+    ids = []
+    for _ in range(3):
+        ids.append(new_call_id())
+        time.sleep(0.002)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert [trace_id_for(i) for i in ids] == sorted(trace_id_for(i) for i in ids)
+    assert all(trace_id_for(i)[3:15] == i[:12] for i in ids)  # the call's time leads its trace id
+    assert len({trace_id_for(new_call_id()) for _ in range(1000)}) == 1000
+    # any other call id (uuid4 hex, as every call had before) keeps the trace id it always had
+    for old in (uuid.uuid4().hex, "c1", "call-a"):
+        assert trace_id_for(old) == f"tr-{int.from_bytes(hashlib.sha256(old.encode()).digest()[:16], 'big'):032x}"
+
+
+def test_time_ordered_traces_read_back_as_the_trace_log_spans_writes(store: str) -> None:
+    from mlflow.tracing.client import TracingClient
+
+    from server.audit.traces import new_call_id
+
+    rows, client = MlflowTarget(store, "rows-ordered"), MlflowTarget(store, "client-ordered")
+    client._routes[client.experiment_id()] = "client"
+    first, second = new_call_id(), new_call_id()
+    a, b = plan_trace(pending(first)), plan_trace(pending(second))
+    rows.write([a])
+    client.write([b])
+    reader = TracingClient(store)
+    got, want = shape(reader.get_trace(a.trace_id)), shape(reader.get_trace(b.trace_id))
+    want["tags"]["castellan.call_id"] = first
+    for span in want["spans"]:
+        if "castellan.call_id" in span[-1]:
+            span[-1]["castellan.call_id"] = first
+            span[-1]["mlflow.traceTag.castellan.call_id"] = first
+    assert got == want
+    assert reader.get_trace(a.trace_id).info.client_request_id == first
