@@ -18,6 +18,7 @@ import structlog
 
 from server import __version__
 from server.audit.redaction import Redactor
+from server.policy._input import recorded_input
 from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import MASK_RULE, PolicyBundle, log_mask_bundle
 from server.policy.embedded import compile_bundle
@@ -179,8 +180,13 @@ class DecisionLog:
                 value = None if raw == _UNDEFINED else json.loads(raw)
             if value is not None:
                 apply_mask(event, value)
-        event["input"] = self._redactor.apply(event["input"])
-        event["result"] = self._redactor.apply(event["result"])
+        redactor = self._redactor
+        event["input"] = redactor.apply(event["input"])
+        event["result"] = redactor.apply(event["result"])
+        if "erased" not in event and "masked" not in event and isinstance(event["input"], dict):
+            # The audit record of this decision keeps the same document, less what it recomputes:
+            # redacted once, here, for both (server/audit/records.py takes it when its redactor is this one).
+            redactor.keep(decision, recorded_input(document), recorded_input(event["input"]))
         return event
 
     def emit(self, document: dict[str, Any], decision: Decision) -> None:
