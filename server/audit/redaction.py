@@ -142,7 +142,8 @@ class SecretScanner:
         return list(self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text))
 
     def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
-        if text.isascii() and self._gate is not None and self._gate.search(text) is None:
+        # ASCII text searched as its bytes: the same match, without the wrapper mapping str offsets
+        if text.isascii() and self._gate is not None and self._gate.search(text.encode()) is None:
             rules: Iterable[_Rule] = self._always
         else:
             rules = self._rules
