@@ -135,6 +135,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 _MAX_OWED_OUTCOMES = 10_000
+# `json.dumps(record, separators=(",", ":"), default=str)`, its encoder made once: the same bytes.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 class SqliteOutbox:
@@ -233,7 +235,7 @@ class SqliteOutbox:
 
     def _insert(self, kind: Kind, call_id: str, record: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
         """The write of one record, chained to the one before it (computed inside the transaction)."""
-        body = json.dumps(record, separators=(",", ":"), default=str)
+        body = _encode(record)
         key, key_id, instance = self.key, self._key_id, self.instance
 
         def insert(conn: sqlite3.Connection) -> None:

@@ -72,7 +72,10 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
     redacted["arguments"] = redact.apply(dict(call.arguments))
     replayable = _replay_input(call)
     if replayable is not None:
-        redacted["decision_input"] = redact.apply(replayable)
+        # The decision log redacted this document already when it logged the decision with this
+        # redactor and no mask changed it (`DecisionLog.event`); `kept` checks it is the same document.
+        kept = redact.kept(call.decision, replayable)
+        redacted["decision_input"] = kept if kept is not None else redact.apply(replayable)
     return redacted
 
 

@@ -142,7 +142,8 @@ class SecretScanner:
         return list(self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text))
 
     def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
-        if text.isascii() and self._gate is not None and self._gate.search(text) is None:
+        # ASCII text searched as its bytes: the same match, without the wrapper mapping str offsets
+        if text.isascii() and self._gate is not None and self._gate.search(text.encode()) is None:
             rules: Iterable[_Rule] = self._always
         else:
             rules = self._rules
@@ -234,6 +235,7 @@ class Redactor:
         self._scanner = _scanner(tuple(patterns))
         self._keys: dict[str, tuple[str, int]] = {}
         self._clones: dict[frozenset[str], Redactor] = {}
+        self._kept: dict[int, tuple[object, Any, Any]] = {}
 
     @classmethod
     def from_settings(cls, settings: AuditSettings) -> Redactor:
@@ -257,10 +259,29 @@ class Redactor:
             clone._scanner = self._scanner
             clone._keys = {}
             clone._clones = {}
+            clone._kept = {}
             if len(self._clones) >= _CLONES:
                 self._clones.clear()
             self._clones[more] = clone
         return clone
+
+    def keep(self, owner: object, value: Any, redacted: Any) -> None:
+        """Remember that this redactor made `redacted` of `value` for `owner` (a decision): another sink
+        that writes the same value for the same owner takes it with `kept` instead of redacting it again
+        (the decision log and the audit record both write a call's decision input). Bounded: the
+        oldest is forgotten first."""
+        kept = self._kept
+        if len(kept) >= _KEPT:
+            del kept[next(iter(kept))]
+        kept[id(owner)] = (owner, value, redacted)  # the owner is held: its id names no other object
+
+    def kept(self, owner: object, value: Any) -> Any | None:
+        """What `keep` remembered for `owner`, when it was of a value equal to `value`, else None; once.
+        Equal values redact alike: the redaction of a value depends on nothing but the value."""
+        found = self._kept.pop(id(owner), None)
+        if found is None or found[0] is not owner or found[1] != value:
+            return None
+        return found[2]
 
     def text(self, value: str) -> str:
         """`value` with every secret found in it replaced."""
@@ -349,3 +370,4 @@ _PLAIN, _NAMED, _SECRET_LOOKING = 0, 1, 2
 (its high-entropy string value is redacted)."""
 _KEY_ENTRIES = 4096
 _CLONES = 256
+_KEPT = 256

@@ -18,6 +18,7 @@ import structlog
 
 from server import __version__
 from server.audit.redaction import Redactor
+from server.policy._input import recorded_input
 from server.policy._thread_engines import drop, engine_for, new_owner
 from server.policy.bundle import MASK_RULE, PolicyBundle, log_mask_bundle
 from server.policy.embedded import compile_bundle
@@ -27,6 +28,8 @@ log = structlog.get_logger("castellan.policy")
 __all__ = ["MASK_RULE", "DecisionLog", "apply_mask"]
 _UNDEFINED = '"<undefined>"'
 _BUFFER = 64 * 1024
+# `json.dumps(event, separators=(",", ":"), default=str)`, its encoder made once: the same bytes.
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def apply_mask(event: dict[str, Any], mask: Any) -> dict[str, Any]:
@@ -179,13 +182,18 @@ class DecisionLog:
                 value = None if raw == _UNDEFINED else json.loads(raw)
             if value is not None:
                 apply_mask(event, value)
-        event["input"] = self._redactor.apply(event["input"])
-        event["result"] = self._redactor.apply(event["result"])
+        redactor = self._redactor
+        event["input"] = redactor.apply(event["input"])
+        event["result"] = redactor.apply(event["result"])
+        if "erased" not in event and "masked" not in event and isinstance(event["input"], dict):
+            # The audit record of this decision keeps the same document, less what it recomputes:
+            # redacted once, here, for both (server/audit/records.py takes it when its redactor is this one).
+            redactor.keep(decision, recorded_input(document), recorded_input(event["input"]))
         return event
 
     def emit(self, document: dict[str, Any], decision: Decision) -> None:
         try:
-            line = json.dumps(self.event(document, decision), separators=(",", ":"), default=str) + "\n"
+            line = _encode(self.event(document, decision)) + "\n"
             with self._lock:
                 self._write(line)
             if not self._dirty.is_set():

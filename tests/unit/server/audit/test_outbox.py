@@ -27,6 +27,21 @@ async def test_records_are_committed_and_read_back(tmp_path: Path) -> None:
     assert await outbox.records("c1") == {"decision": {"decision": "allow"}, "outcome": {"is_error": False}}
 
 
+async def test_a_record_is_stored_as_compact_json_with_other_values_as_their_str(tmp_path: Path) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    record = {"tool": "café ✓", "latency_ms": 1.5e-05, "n": 10**20, "at": datetime(2026, 1, 2, tzinfo=UTC),
+              "nested": {"ids": ("a", 1, None, True), 3: -0.0}}  # fmt: skip
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.write("decision", "c1", record)
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        (body,) = conn.execute("SELECT record FROM outbox").fetchone()
+    assert body == json.dumps(record, separators=(",", ":"), default=str)  # the chain's MAC covers these bytes
+    assert outbox.verify().intact
+    await outbox.close()
+
+
 async def test_the_outbox_refuses_deletes(tmp_path: Path) -> None:
     outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await outbox.write("decision", "c1", {})

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from server.audit.injection import MARKERS, scan, scan_output
 from server.audit.records import _replay_input, decision_record
-from server.audit.redaction import SecretScanner
-from server.call import Budget, GrantCheck
+from server.audit.redaction import REDACTED, Redactor, SecretScanner
+from server.call import Budget, Call, GrantCheck, RunInfo
 from server.policy._input import build_input, recorded_input
+from server.policy.bundle import PolicyBundle
+from server.policy.decision_log import DecisionLog
 from server.policy.engine import Decision
 from server.registry import ToolOutput
+from server.settings import REPO_ROOT
 from server.testing import make_call
 
 ARGUMENTS = [
@@ -65,3 +71,67 @@ def test_remembered_secret_spans_are_handed_out_as_fresh_lists() -> None:
     first.clear()  # a caller's list is its own
     assert scanner.spans(text) == scanner.spans(text + "") != []
     assert "hunter2" not in scanner.redact(text)
+
+
+def _logged(tmp_path: Path, call: Call, redactor: Redactor) -> dict[str, Any]:
+    """The decision log's event for `call`'s decision, as the policy stage emits it."""
+    decision_log = DecisionLog(
+        tmp_path / "decisions.jsonl", PolicyBundle.from_directory(REPO_ROOT / "policies"), "castellan/gateway/decision",
+        redactor, flush_seconds=0,
+    )  # fmt: skip
+    assert call.decision is not None
+    try:
+        return decision_log.event(build_input(call), call.decision)
+    finally:
+        decision_log.close()
+
+
+def _secret_call(**overrides: Any) -> Call:
+    values: dict[str, Any] = {
+        "arguments": {"q": "hello"},
+        "decision": Decision(allow=True, policy_version="v"),
+        "run": RunInfo(run_id="run token=abcdef123456xyz"),
+        "budget": Budget(tokens_used=3, run_calls=2, repeats=1),
+    }
+    return make_call(**{**values, **overrides})
+
+
+def test_the_record_keeps_the_decision_input_the_decision_log_redacted(tmp_path: Path) -> None:
+    redactor = Redactor()
+    call = _secret_call()
+    event = _logged(tmp_path, call, redactor)
+    record = decision_record(call, redactor)
+    assert record["decision_input"] == redactor.apply(recorded_input(build_input(call)))
+    assert record["decision_input"]["run"]["run_id"] == f"run token={REDACTED}"
+    assert record["decision_input"]["identity"] is event["input"]["identity"]  # redacted once, for both
+    assert redactor.kept(call.decision, recorded_input(build_input(call))) is None  # taken once
+
+
+def test_a_record_whose_redaction_names_more_fields_redacts_the_decision_input_itself(tmp_path: Path) -> None:
+    redactor = Redactor()
+    call = _secret_call(decision=Decision(allow=True, obligations={"redact_fields": ["subject"]}))
+    event = _logged(tmp_path, call, redactor)
+    record = decision_record(call, redactor)
+    assert event["input"]["identity"]["subject"] != REDACTED  # the decision log knows only the configured fields
+    assert record["decision_input"]["identity"]["subject"] == REDACTED
+    assert record["decision_input"] == redactor.with_fields(["subject"]).apply(recorded_input(build_input(call)))
+
+
+def test_a_record_of_a_call_that_changed_since_its_decision_was_logged_redacts_what_it_holds(tmp_path: Path) -> None:
+    redactor = Redactor()
+    call = _secret_call()
+    _logged(tmp_path, call, redactor)
+    later = call.evolve(budget=Budget(tokens_used=99), run=RunInfo(run_id="run-2"))
+    record = decision_record(later, redactor)
+    assert record["decision_input"] == redactor.apply(recorded_input(build_input(later)))
+    assert record["decision_input"]["budget"]["tokens_used"] == 99
+
+
+def test_a_masked_decision_log_event_leaves_the_record_its_whole_decision_input(tmp_path: Path) -> None:
+    redactor = Redactor()
+    call = _secret_call(arguments={"q": "hello", "Password": "hunter2abc"})
+    # The bundle's mask erases the argument named like a secret: the event is not the document any more.
+    assert "erased" in _logged(tmp_path, call, redactor)
+    record = decision_record(call, redactor)
+    assert record["decision_input"] == redactor.apply(recorded_input(build_input(call)))
+    assert record["arguments"] == redactor.apply(dict(call.arguments))
