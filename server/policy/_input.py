@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -22,7 +23,8 @@ _SCHEMA = json.loads(
 # The schema is ours, so compiling it to Python (fastjsonschema, ~15x faster than jsonschema on the
 # hot path) is safe; jsonschema is used only to explain a failure. Tool schemas from upstream
 # servers are never compiled this way.
-_FAST = fastjsonschema.compile(_SCHEMA, formats={"date-time": r"^\d{4}-\d{2}-\d{2}T"})
+_FORMATS = {"date-time": r"^\d{4}-\d{2}-\d{2}T"}
+_FAST = fastjsonschema.compile(_SCHEMA, formats=_FORMATS)
 _VALIDATOR = Draft202012Validator(_SCHEMA)
 
 
@@ -180,6 +182,8 @@ def normalized(value: Any) -> Any:
 
 def schema_errors(document: Any) -> list[str]:
     """Every way `document` breaks the schema, as `path: message`; empty when it is valid."""
+    if _surely_valid(document):
+        return []
     try:
         _FAST(document)
         return []
@@ -196,3 +200,183 @@ def input_problem(document: Any) -> str | None:
     """The deny reason for an input that breaks the schema (both engines use it), or None when valid."""
     problems = schema_errors(document)
     return f"decision input invalid: {problems[0]}" if problems else None
+
+
+# -- the schema check's fast path -------------------------------------------------------------------
+#
+# `_FAST` walks a whole document on every decision (~20 µs). `_surely_valid` says True only for a
+# document the schema accepts, and costs a few µs for the gateway's own: each top-level part is
+# checked by a check made for its subschema, when the subschema is one it was made for (compared at
+# import, descriptions aside: a schema edit it does not know sends that part to a compiled validator
+# of its own subschema). The identity and tool parts are the same call after call for an agent and a
+# tool: one equal to a part that validated before (with objects where the schema wants them) is valid.
+# False means "not known valid": `_FAST` then decides, and `_VALIDATOR` explains. test_input_checked.py
+# checks that the two always agree.
+
+
+def _plain(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _plain(v) for k, v in schema.items() if k != "description"}
+    if isinstance(schema, list):
+        return [_plain(v) for v in schema]
+    return schema
+
+
+_PROPERTIES: dict[str, Any] = {name: _plain(sub) for name, sub in _SCHEMA["properties"].items()}
+_REQUIRED = frozenset(_SCHEMA["required"])
+_TIME = re.compile(_FORMATS["date-time"])
+_COUNT, _TEXT, _TEXTS = "count", "text", "texts"
+_LEAVES = {
+    _COUNT: {"type": "integer", "minimum": 0},  # a non-negative int, bool excepted
+    _TEXT: {"type": "string"},
+    _TEXTS: {"type": "array", "items": {"type": "string"}},
+}
+_PAIRS = {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}}
+
+
+def _compiled(name: str) -> Any:
+    return fastjsonschema.compile(_SCHEMA["properties"][name], formats=_FORMATS)
+
+
+def _by_validator(check: Any) -> Any:
+    def valid(value: Any) -> bool:
+        try:
+            check(value)
+        except fastjsonschema.JsonSchemaException:
+            return False
+        return True
+
+    return valid
+
+
+def _flat(schema: Mapping[str, Any]) -> Any:
+    """A check for a closed object whose every member is one of `_LEAVES` (`run`, `grants`, `budget`),
+    or None for any other schema."""
+    if schema.get("type") != "object" or schema.get("additionalProperties") is not False:
+        return None
+    if set(schema) - {"type", "required", "additionalProperties", "properties"}:
+        return None
+    kinds: dict[str, str] = {}
+    for key, leaf in schema.get("properties", {}).items():
+        kind = next((kind for kind, shape in _LEAVES.items() if leaf == shape), None)
+        if kind is None:
+            return None
+        kinds[key] = kind
+    required = frozenset(schema.get("required", ()))
+
+    def valid(value: Any) -> bool:
+        if type(value) is not dict or not value.keys() >= required:
+            return False
+        for key, member in value.items():
+            kind = kinds.get(key)
+            if kind is _COUNT:
+                if type(member) is not int or member < 0:
+                    return False
+            elif kind is _TEXT:
+                if type(member) is not str:
+                    return False
+            elif kind is _TEXTS:
+                if type(member) is not list or not all(type(text) is str for text in member):
+                    return False
+            else:
+                return False
+        return True
+
+    return valid
+
+
+def _normalized_ok(value: Any) -> bool:
+    if type(value) is not dict or type(value.get("arguments")) is not dict:
+        return False
+    strings = value.get("strings", ())
+    if strings == ():
+        return True
+    if type(strings) is not list:
+        return False
+    for pair in strings:
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
+            return False
+    return True
+
+
+def _known(name: str, key: str, objects: tuple[str, ...]) -> Any:
+    """A check for a part seen again and again (`identity` by agent, `tool` by name): equal to a copy
+    of one that validated, with a dict wherever that one had a dict (`objects`: members holding an
+    object, or a list of them), is valid; anything else is validated, and remembered when valid."""
+    compiled = _by_validator(_compiled(name))
+    seen: dict[str, Any] = {}
+
+    def valid(value: Any) -> bool:
+        if type(value) is not dict:
+            return False
+        for member in objects:
+            inner = value.get(member)
+            if type(inner) is list:
+                if not all(type(item) is dict for item in inner):
+                    return False
+            elif inner is not None and type(inner) is not dict:
+                return False
+        which = value.get(key)
+        if type(which) is str and seen.get(which) == value:
+            return True
+        if not compiled(value):
+            return False
+        if type(which) is str:
+            try:
+                copy = json.loads(json.dumps(value))  # a copy: the document may be edited later
+            except (TypeError, ValueError, RecursionError):  # an annotation JSON cannot hold: not remembered
+                return True
+            if len(seen) >= 4096:
+                seen.clear()
+            seen[which] = copy
+        return True
+
+    return valid
+
+
+def _part_checks() -> dict[str, Any]:
+    # Each entry: the subschema its check was made for (None: any; the check is its own guard), the check.
+    made_for: dict[str, tuple[Any, Any]] = {
+        "version": ({"const": SCHEMA_VERSION}, lambda v: type(v) is str and v == SCHEMA_VERSION),
+        "action": (None, None),
+        "arguments": ({"type": "object"}, lambda v: type(v) is dict),
+        "normalized": (
+            {
+                "type": "object",
+                "required": ["arguments"],
+                "properties": {"arguments": {"type": "object"}, "strings": _PAIRS},
+            },
+            _normalized_ok,
+        ),
+        "time": ({"type": "string", "format": "date-time"}, lambda v: type(v) is str and _TIME.search(v) is not None),
+        "identity": (None, _known("identity", "agent_id", ("principals",))),
+        "tool": (None, _known("tool", "name", ("annotations",))),
+    }
+    checks: dict[str, Any] = {}
+    for name, schema in _PROPERTIES.items():
+        expected, check = made_for.get(name, (None, None))
+        if name == "action" and set(schema) == {"enum"} and all(type(v) is str for v in schema["enum"]):
+            actions = frozenset(schema["enum"])
+            check = lambda v, actions=actions: type(v) is str and v in actions  # noqa: E731
+        elif expected is not None and schema != expected:
+            check = None  # the schema changed under this check: its own subschema's validator instead
+        elif name == "detections":
+            compiled = _by_validator(_compiled(name))
+            check = lambda v, compiled=compiled: (type(v) is list and not v) or compiled(v)  # noqa: E731
+        checks[name] = check or _flat(schema) or _by_validator(_compiled(name))
+    return checks
+
+
+_PART_CHECKS = _part_checks()
+
+
+def _surely_valid(document: Any) -> bool:
+    """True only when `document` validates against the schema (False: it may not; check it whole)."""
+    if not isinstance(document, dict) or not document.keys() >= _REQUIRED:
+        return False
+    checks = _PART_CHECKS
+    for name, value in document.items():
+        check = checks.get(name)
+        if check is None or not check(value):
+            return False
+    return True
