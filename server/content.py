@@ -34,6 +34,9 @@ BYTES_PER_TOKEN = 4
 """A binary payload's tokens: its decoded size over this (about what text costs per byte)."""
 _TEXT_MIME = ("text/", "application/json", "application/xml", "application/yaml", "application/javascript")
 _SCAN_BLOB_BYTES = 200_000
+# `json.dumps` with any argument builds a new encoder per call; these are the same encoders, built once.
+_DUMPS = json.JSONEncoder(default=str).encode
+_DUMPS_COMPACT = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +115,14 @@ def _binary_part(kind: str, data: Any, meta: int, mime_type: Any, uri: Any = Non
 
 def _meta_bytes(block: Mapping[str, Any], *payload: str) -> int:
     rest = {k: v for k, v in block.items() if k not in ("type", *payload)}
-    return len(json.dumps(rest, separators=(",", ":"), default=str)) if rest else 0
+    return len(_DUMPS_COMPACT(rest)) if rest else 0
 
 
 def block_parts(blocks: Any) -> Iterator[Part]:
     """The parts of MCP content blocks (dicts, as dumped by alias)."""
     for block in blocks:
         if not isinstance(block, Mapping):
-            yield _text_part("unknown", json.dumps(block, default=str))
+            yield _text_part("unknown", _DUMPS(block))
             continue
         kind = str(block.get("type", "unknown"))
         if kind == "text":
@@ -141,7 +144,7 @@ def block_parts(blocks: Any) -> Iterator[Part]:
             mime = block.get("mimeType")
             yield _text_part("resource_link", "\n".join(words), meta, mime_type=mime, uri=block.get("uri"))
         else:
-            yield _text_part(kind, json.dumps(block, default=str))
+            yield _text_part(kind, _DUMPS(block))
 
 
 def _carried(structured: Mapping[str, Any], texts: list[str]) -> bool:
@@ -156,14 +159,36 @@ def _carried(structured: Mapping[str, Any], texts: list[str]) -> bool:
     return False
 
 
+_RECENT: dict[int, tuple[ToolOutput, tuple[Part, ...]]] = {}
+_RECENT_ENTRIES = 32
+_RECENT_CHARS = 262_144
+"""Parts of results up to this many characters are remembered (bounding what the memory holds)."""
+
+
 def parts(output: ToolOutput) -> tuple[Part, ...]:
     """Every part of what the agent receives for `output`: its content blocks (or its text when it
-    has none), and its structured content unless a text already carries it."""
+    has none), and its structured content unless a text already carries it.
+
+    The token count, the guardrails, the injection scan and the audit record each ask about the same
+    result: the parts of the last few results are remembered, by identity (a `ToolOutput` is frozen;
+    the entry holds it, so its id is not reused while remembered)."""
+    hit = _RECENT.get(id(output))
+    if hit is not None and hit[0] is output:
+        return hit[1]
+    found = _parts(output)
+    if total_chars(found) <= _RECENT_CHARS:
+        if len(_RECENT) >= _RECENT_ENTRIES:
+            _RECENT.clear()  # one atomic step (scans in worker threads ask too); the next asks refill it
+        _RECENT[id(output)] = (output, found)
+    return found
+
+
+def _parts(output: ToolOutput) -> tuple[Part, ...]:
     found = list(block_parts(output.content)) if output.content else [_text_part("text", output.text)]
     if output.structured is not None:
         texts = [p.text for p in found if p.kind == "text" and p.text is not None]
         if not _carried(output.structured, texts):
-            found.append(_text_part("structured", json.dumps(output.structured, default=str)))
+            found.append(_text_part("structured", _DUMPS(output.structured)))
     return tuple(found)
 
 

@@ -59,13 +59,27 @@ def scan(text: str) -> list[str]:
 _OVERLAP = 200  # longer than any marker's match, so none is split between two windows
 
 
+_JOIN = "\n]\n"
+r"""Between the texts of one result searched at once: no marker's match can cross it (`.` stops at a
+newline, `!\[[^\]]*\]` at the bracket, which then needs `(` after it), and a word boundary at either
+edge of a text stays one (the newlines are no word characters), so a text with a marker leaves one
+in the join."""
+
+
 def scan_output(output: ToolOutput) -> list[str]:
     """The markers found anywhere in a tool result (`server.content`): every text part (text blocks,
     text resources, structured content, resource links' names and descriptions) and every binary
     payload that is text, all of it in windows of 200,000 characters, up to 2,000,000 in all."""
+    texts = list(content.readable(content.parts(output)))
+    if sum(map(len, texts)) <= SCAN_CHARS and _ANY.search(_JOIN.join(texts)) is None:
+        return []  # a result of one window's size or less: one search over all its texts proves none
+    return _scan_windows(texts)
+
+
+def _scan_windows(texts: list[str]) -> list[str]:
     found: set[str] = set()
     budget = SCAN_TOTAL_CHARS
-    for text in content.readable(content.parts(output)):
+    for text in texts:
         start = 0
         while start < len(text) and budget > 0:
             window = text[start : start + min(SCAN_CHARS, budget)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from server.call import Call, GrantCheck
 from server.errors import Denied
@@ -47,12 +48,13 @@ class GrantsStage:
         assert call.identity is not None
         principals = call.identity.principals
         assert call.tool is not None
-        needed = base_requirements(call) if self._function_only else requirements(call)
         checked = call.grants.has if call.grants else ()  # by the function-only pass
-        needed = tuple(r for r in needed if str(r) not in checked)
+        needed = [(r, label) for r, label in _labelled(call, self._function_only) if label not in checked]
+        if not needed and call.grants is not None and not call.grants.missing:
+            return call  # everything it needs was checked (and held) by the function-only pass
         # fresh cache entries are read here; only the rest are asked for, concurrently (a task each)
         held: list[frozenset[str] | None] = [
-            self._grants.fresh(principals, r.securable_type, r.securable) for r in needed
+            self._grants.fresh(principals, r.securable_type, r.securable) for r, _ in needed
         ]
         misses = [i for i, privs in enumerate(held) if privs is None]
         if misses:
@@ -60,7 +62,7 @@ class GrantsStage:
             try:
                 asked = await asyncio.gather(
                     *(
-                        self._grants.privileges(principals, needed[i].securable_type, needed[i].securable)
+                        self._grants.privileges(principals, needed[i][0].securable_type, needed[i][0].securable)
                         for i in misses
                     )
                 )
@@ -68,9 +70,27 @@ class GrantsStage:
                 caller.reset(bound)
             for i, privs in zip(misses, asked, strict=True):
                 held[i] = privs
-        has = [str(r) for r, privs in zip(needed, held, strict=True) if privs is not None and holds(r, privs)]
-        missing = [str(r) for r, privs in zip(needed, held, strict=True) if privs is None or not holds(r, privs)]
-        if missing:
+        has = [label for (r, label), privs in zip(needed, held, strict=True) if privs is not None and holds(r, privs)]
+        if len(has) < len(needed):
+            missing = [label for (r, label), privs in zip(needed, held, strict=True)
+                       if privs is None or not holds(r, privs)]  # fmt: skip
             found = GrantCheck(has=(*checked, *has), missing=tuple(missing))  # the record shows both
             raise Denied(self.name, *(f"missing privilege {m}" for m in missing), grants=found)
         return call.evolve(grants=GrantCheck(has=(*checked, *has), missing=()))
+
+
+@functools.lru_cache(maxsize=4_096)
+def _function_needs(securable: str) -> tuple[tuple[Requirement, str], ...]:
+    """A function's requirements with their labels: the same three for every call of a tool."""
+    return tuple((r, str(r)) for r in function_requirements(securable))
+
+
+def _labelled(call: Call, function_only: bool) -> tuple[tuple[Requirement, str], ...]:
+    """`base_requirements` (`function_only`) or `requirements` of the call, each with its label."""
+    assert call.tool is not None
+    own = getattr(call.tool, "requirements", None)
+    needed = tuple((r, str(r)) for r in own()) if own is not None else _function_needs(call.tool.spec.securable)
+    extra = getattr(call.tool, "required_grants", None)
+    if function_only or extra is None or call.action != "call":
+        return needed
+    return tuple(dict.fromkeys([*needed, *((r, str(r)) for r in extra(call.arguments))]))

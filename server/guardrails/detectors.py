@@ -194,18 +194,43 @@ class Detector:
         if unknown:
             raise ValueError(f"unknown detection kinds {sorted(unknown)}; choose from {list(KINDS)}")
 
-        # Values repeat from call to call (statuses, names, the same rows): short texts are remembered.
-        self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._find)
+        # Values repeat from call to call (statuses, names, the same rows), and one text is scanned
+        # again in another field or for other kinds (a call's arguments, then the result that echoes
+        # them): a short text's findings are remembered per kind, under what its field says
+        # (`_field_key`), never under the field's name itself.
+        self._memo: dict[tuple[str, _FieldKey], _Memo] = {}
 
     def find(self, text: str, field: str = "", kinds: frozenset[str] | None = None) -> list[Finding]:
         """Every finding in `text`, in order of position; overlapping findings keep the stronger
         (a checksummed id over a phone number that shares its digits)."""
         want = self._kinds if kinds is None else kinds & self._kinds
-        if len(text) <= _CACHE_CHARS:
-            return list(self._short(text, field, want))
-        return list(self._find(text, field, want))
+        if len(text) > _CACHE_CHARS:
+            return _strongest(self._raw(text, field, want))
+        memo, key = self._memo, (text, _field_key(field))
+        entry = memo.get(key)
+        if entry is None:
+            if len(memo) >= _CACHE_ENTRIES:
+                memo.clear()  # one atomic step: scans of large payloads run in worker threads
+            entry = memo[key] = _Memo({}, {})
+        done = entry.found.get(want)
+        if done is not None:
+            return list(done)
+        missing = want.difference(entry.by_kind)
+        if missing:
+            by_kind: dict[str, list[Finding]] = {kind: [] for kind in missing}
+            for finding in self._raw(text, field, frozenset(missing)):
+                by_kind[finding.kind].append(finding)
+            entry.by_kind.update((kind, tuple(findings)) for kind, findings in by_kind.items())
+        found = [finding for kind in want for finding in entry.by_kind[kind]]
+        if len(found) > 1:
+            found.sort(key=_order)  # as `_raw` lists them, whatever order the kinds came in
+        result = _strongest(found)
+        entry.found[want] = tuple(result)
+        return result
 
-    def _find(self, text: str, field: str, kinds: frozenset[str]) -> tuple[Finding, ...]:
+    def _raw(self, text: str, field: str, kinds: frozenset[str]) -> list[Finding]:
+        """The findings of `kinds`, overlapping ones too, listed by where their detector runs (`_order`).
+        What `field` changes is all in `_field_key`."""
         if len(text) > _GATE_CHARS and text.isascii():
             want = {k for k in kinds if k not in _GATES or _GATES[k].search(text) is not None}
             if "address" in kinds and field.lower() in ADDRESS_FIELDS:
@@ -240,7 +265,7 @@ class Detector:
             found += self._names(text, field)
         if "address" in want and field.lower() in ADDRESS_FIELDS and has_digit and any(c.isalpha() for c in text):
             found.append(Finding("address", "address.field", 0, len(text)))
-        return tuple(_strongest(found))
+        return found
 
     def _cards(self, text: str) -> list[Finding]:
         out = []
@@ -305,6 +330,39 @@ class Detector:
         for match in _INTRODUCED_NAME.finditer(text):
             out.append(Finding("person_name", "person_name.introduced", match.start(1), match.end(1)))
         return out
+
+
+_FieldKey = tuple[bool, bool, tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """What one short text in fields alike was found to hold: each kind's findings, and the result
+    for each set of kinds asked for."""
+
+    by_kind: dict[str, tuple[Finding, ...]]
+    found: dict[frozenset[str], tuple[Finding, ...]]
+
+
+_CONTEXT_WORDS = tuple(dict.fromkeys(w for *_, words in _NATIONAL_IDS for w in words)) + _PHONE_WORDS
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _field_key(field: str) -> _FieldKey:
+    """All a detector reads of a field's name: whether it names an address or a name, and which
+    context words (`_NATIONAL_IDS`, `_PHONE_WORDS`) it holds. Fields with one key find the same."""
+    name = field.lower()
+    return name in ADDRESS_FIELDS, name in NAME_FIELDS, tuple(w for w in _CONTEXT_WORDS if w.replace(" ", "_") in name)
+
+
+# Where each detector's findings stand in `_raw`'s list; a stable sort by (start, this) keeps the
+# order `_strongest` resolves ties in, however the kinds' findings were put together.
+_RANK = {"secret": 0, "email": 1, "card_number": 2, "iban": 3, "national_id": 4, "phone": 5, "address": 6,
+         "person_name": 7}  # fmt: skip
+
+
+def _order(finding: Finding) -> tuple[int, int]:
+    return finding.start, 8 if finding.type == "address.field" else _RANK[finding.kind]
 
 
 @functools.lru_cache(maxsize=_CACHE_ENTRIES)

@@ -99,4 +99,8 @@ def admit_in(c: Store, agent: str, run: RunInfo, a: Admission, now: float, insta
         reserved_tokens=a.estimate,
         identical_calls=identical,
         tool_calls=tool_calls,
+        identical_calls_limit=limits.max_identical_calls,
+        identical_calls_window_seconds=limits.identical_calls_window_seconds,
+        tool_calls_limit=limits.max_calls_per_tool,
+        tool_calls_window_seconds=limits.tool_calls_window_seconds,
     )

@@ -367,6 +367,10 @@ class RedisMeter:
             reserved_tokens=admission.estimate,
             identical_calls=identical,
             tool_calls=tool_calls,
+            identical_calls_limit=limits.max_identical_calls,
+            identical_calls_window_seconds=limits.identical_calls_window_seconds,
+            tool_calls_limit=limits.max_calls_per_tool,
+            tool_calls_window_seconds=limits.tool_calls_window_seconds,
         )
 
     async def settle(self, identity: Identity, reservation: str, tokens: int) -> None:

@@ -20,10 +20,12 @@ from server.metering.retry import MeterRetries
 from server.metering.tokens import TokenCounter
 from server.settings import Limits, MeterSettings
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode  # built once, not per call
+
 
 def call_key(tool: str, arguments: object) -> str:
     """A digest of tool and arguments, so repeats of the same call can be counted."""
-    canonical = json.dumps([tool, arguments], sort_keys=True, separators=(",", ":"), default=str)
+    canonical = _CANONICAL([tool, arguments])
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -73,13 +75,28 @@ class AdmitStage:
             ttl=self._ttl,
         )
         limits = admission.limits
-        budget = replace(
-            await self._meter.admit(call.identity, call.run, admission),
-            identical_calls_limit=limits.max_identical_calls,
-            identical_calls_window_seconds=limits.identical_calls_window_seconds,
-            tool_calls_limit=limits.max_calls_per_tool,
-            tool_calls_window_seconds=limits.tool_calls_window_seconds,
+        budget = await self._meter.admit(call.identity, call.run, admission)
+        windows = (
+            limits.max_identical_calls,
+            limits.identical_calls_window_seconds,
+            limits.max_calls_per_tool,
+            limits.tool_calls_window_seconds,
         )
+        # The meters of this package put the sliding-window limits on the budget (no copy per call);
+        # one that leaves them out (a test's) gets them here.
+        if windows != (
+            budget.identical_calls_limit,
+            budget.identical_calls_window_seconds,
+            budget.tool_calls_limit,
+            budget.tool_calls_window_seconds,
+        ):
+            budget = replace(
+                budget,
+                identical_calls_limit=windows[0],
+                identical_calls_window_seconds=windows[1],
+                tool_calls_limit=windows[2],
+                tool_calls_window_seconds=windows[3],
+            )
         return call.evolve(budget=budget, tokens_in=tokens_in)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -13,6 +14,9 @@ from server.errors import ConfigError
 from server.registry import ToolOutput
 
 log = structlog.get_logger("castellan.metering")
+
+_DUMPS = json.JSONEncoder(separators=(",", ":"), default=str).encode  # = json.dumps(..., these), built once
+_CACHE_ENTRIES, _CACHE_CHARS = 8_192, 1_024
 
 
 def load_encoding(name: str) -> tiktoken.Encoding:
@@ -36,9 +40,14 @@ class TokenCounter:
     def __init__(self, encoding: str = "cl100k_base") -> None:
         self._encoding = load_encoding(encoding)
         self.name = encoding
+        # Arguments and results repeat (`{}`, a status, the same rows): short texts' counts are remembered.
+        self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._count)
 
     def count(self, value: Any) -> int:
-        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+        text = value if isinstance(value, str) else _DUMPS(value)
+        return self._short(text) if len(text) <= _CACHE_CHARS else self._count(text)
+
+    def _count(self, text: str) -> int:
         return len(self._encoding.encode_ordinary(text))  # = encode(text, disallowed_special=()), less checking
 
     def count_output(self, output: ToolOutput) -> int:

@@ -96,6 +96,14 @@ async def meter(make_meter: Callable[..., Meter]) -> Meter:
     return make_meter()
 
 
+async def test_the_budget_carries_the_sliding_window_limits_it_was_admitted_under(meter: Meter) -> None:
+    lim = limits(max_identical_calls=7, identical_calls_window_seconds=90, max_calls_per_tool=40,
+                 tool_calls_window_seconds=30)  # fmt: skip
+    budget = await meter.admit(AGENT, RunInfo(run_id="r1"), admission(lim))
+    assert (budget.identical_calls_limit, budget.identical_calls_window_seconds) == (7, 90)
+    assert (budget.tool_calls_limit, budget.tool_calls_window_seconds) == (40, 30)
+
+
 async def test_a_run_is_cut_off_at_exactly_the_maximum(meter: Meter) -> None:
     lim, run = limits(max_run_calls=5), RunInfo(run_id="r1")
     for i in range(5):

@@ -101,3 +101,27 @@ async def test_a_rewritten_result_keeps_a_summary_of_what_the_tool_returned() ->
     assert record["content"]["kinds"] == ["text"]
     assert record["content_returned"]["kinds"] == ["image", "text"]
     assert record["content_returned"]["parts"][1]["sha256"] == hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_the_parts_of_a_result_are_walked_once_however_many_stages_ask() -> None:
+    output = ToolOutput(text="ok", structured={"n": 1})
+    assert content.parts(output) is content.parts(output)
+    # an equal result is another result: its own parts, the same in value
+    twin = ToolOutput(text="ok", structured={"n": 1})
+    assert content.parts(twin) == content.parts(output)
+    assert content.parts(twin) is not content.parts(output)
+
+
+def test_the_parts_remembered_are_those_of_the_result_asked_about() -> None:
+    """Ids are reused once an object is gone: a remembered entry holds its result, so no other
+    result (made after the first was dropped) ever gets the first one's parts."""
+    for i in range(200):
+        output = ToolOutput(text=f"result {i}", structured={"i": i} if i % 2 else None)
+        assert content.parts(output)[0].text == f"result {i}"
+        assert content.parts(output) == content._parts(output)
+
+
+def test_a_large_result_is_not_remembered() -> None:
+    big = ToolOutput(text="x" * (content._RECENT_CHARS + 1))
+    assert content.parts(big) == content._parts(big)
+    assert id(big) not in content._RECENT
