@@ -8,7 +8,10 @@ records, the handlers, the policy input and decision log; it leaves out the stor
 writer) and the policy engine's own thread. The process CPU time includes those too, so it is the
 whole in-process cost of a call but the HTTP edge's; the wall time per call is printed beside it.
 
-    .venv/bin/python -m bench.pipeline_cpu [--calls 2000] [--rounds 5] [--profile 30]
+    .venv/bin/python -m bench.pipeline_cpu [--calls 2000] [--rounds 5] [--profile 30] [--upstream]
+
+`--upstream` calls `up.echo` instead: bench/direct_server.py started as upstream `up` (as bench/peers.py
+registers it), so the figures are the proxied path's (the upstream's own CPU is its process's, not here).
 
 To compare two trees on a shared machine, run this in both at the same time (each its own venv), a
 few times: both then see the same load, and the ratio of their figures holds where each alone swings.
@@ -18,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
+import json
 import os
 import pstats
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +66,7 @@ class _Context:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _scope(identity: Any, request_id: int) -> dict[str, Any]:
+def _scope(identity: Any, request_id: int, tool: str = "echo") -> dict[str, Any]:
     from server.auth.middleware import IDENTITY_SCOPE_KEY
     from server.request_id import SCOPE_KEY
 
@@ -69,7 +75,7 @@ def _scope(identity: Any, request_id: int) -> dict[str, Any]:
         (b"user-agent", b"castellan-bench/1"),
         (b"mcp-protocol-version", PROTOCOL.encode()),
         (b"mcp-method", b"tools/call"),
-        (b"mcp-name", b"echo"),
+        (b"mcp-name", tool.encode()),
     ]
     return {
         "type": "http",
@@ -82,7 +88,7 @@ def _scope(identity: Any, request_id: int) -> dict[str, Any]:
     }
 
 
-async def _run(calls: int, rounds: int, profile: int) -> None:
+async def _run(calls: int, rounds: int, profile: int, tool: str = "echo") -> None:
     from server.auth.devkeys import mint_dev_token
     from server.gateway import build_gateway
     from server.logs import configure_logging
@@ -93,6 +99,11 @@ async def _run(calls: int, rounds: int, profile: int) -> None:
     gateway = build_gateway(settings)
     await gateway.start()
     try:
+        if tool != "echo":  # the upstream's schema exists once the gateway has listed it
+            for statement in ("USE SCHEMA ON SCHEMA main.upstream", "EXECUTE ON SCHEMA main.upstream"):
+                grant = [sys.executable, "-m", "server", "grants", "grant", *statement.split(), "TO", "analysts"]
+                await asyncio.to_thread(subprocess.run, grant, check=True, capture_output=True, timeout=60)
+            await asyncio.sleep(2)  # the grants watcher picks the change up
         token = mint_dev_token(settings.data_dir, agent="bench-agent", issuer=settings.issuer,
                                audience=settings.resource_url, groups=["analysts"])  # fmt: skip
         identity = await gateway.verifier.verify(token)
@@ -104,9 +115,9 @@ async def _run(calls: int, rounds: int, profile: int) -> None:
         async def one() -> None:
             nonlocal counter
             counter += 1
-            params = {"name": "echo", "arguments": {"text": f"call {counter}"}}
+            params = {"name": tool, "arguments": {"text": f"call {counter}"}}
             typed = types.CallToolRequestParams.model_validate(params, by_name=False)
-            ctx = _Context(Request(_scope(identity, counter)), session, "tools/call", params, counter)
+            ctx = _Context(Request(_scope(identity, counter, tool)), session, "tools/call", params, counter)
             result = await handlers.call_tool(ctx, typed)  # type: ignore[arg-type]
             if not isinstance(result, types.CallToolResult) or result.is_error:
                 raise SystemExit(f"the call failed: {result}")
@@ -144,8 +155,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, help="print the top N functions of a cProfile round")
+    parser.add_argument("--upstream", action="store_true", help="call up.echo, proxied to bench/direct_server.py")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         os.environ.update(UNLIMITED)
         os.environ.update(
             {
@@ -157,7 +169,17 @@ def main() -> None:
         )
         os.environ.setdefault("CASTELLAN_SERVER__PORT", "8765")
         Path(tmp).mkdir(exist_ok=True)
-        asyncio.run(_run(args.calls, args.rounds, args.profile))
+        tool = "echo"
+        if args.upstream:
+            from bench.peers import process
+            from server.testing import free_port
+
+            url = f"http://127.0.0.1:{free_port()}/mcp"
+            stack.enter_context(process([sys.executable, "-m", "bench.direct_server", url.split(":")[2].split("/")[0]],
+                                        url, Path(tmp) / "up.log"))  # fmt: skip
+            os.environ["CASTELLAN_UPSTREAMS"] = json.dumps([{"name": "up", "url": url}])
+            tool = "up.echo"
+        asyncio.run(_run(args.calls, args.rounds, args.profile, tool))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,12 @@ class Call:
     """What an upstream may relay to this caller while the tool runs (None: nothing can be)."""
 
     def timed(self, stage: str, seconds: float) -> Call:
-        return self.evolve(timings=(*self.timings, (stage, seconds)))
+        """A copy with `(stage, seconds)` after the timings so far (the pipeline's, once per stage)."""
+        changed = self.__dict__.copy()
+        changed["timings"] = (*self.timings, (stage, seconds))
+        new = _new(Call)
+        _set(new, "__dict__", changed)
+        return new
 
     def evolve(self, **changes: Any) -> Call:
         """A copy with `changes`, as `dataclasses.replace` makes it (no field has an `__init__` of its

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +19,7 @@ from server.audit.outbox import Outbox
 from server.audit.records import decision_record
 from server.audit.redaction import Redactor
 from server.audit.stage import DenialRecorder
+from server.audit.traces import new_call_id
 from server.call import Call, RunInfo
 from server.errors import BackendUnavailable
 from server.identity import Identity
@@ -188,7 +188,7 @@ class LlmProxy:
             identity=identity,
             run=run,
             action="llm",
-            call_id=uuid.uuid4().hex,
+            call_id=new_call_id(),
             request_id=request_id,
             tool=model_tool(self._settings, request.model),
         )

@@ -4,7 +4,6 @@ through a pipeline, and a refusal to the JSON-RPC error those methods answer wit
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +13,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 
+from server.audit.traces import new_call_id
 from server.auth.middleware import identity_of
 from server.call import Action, Call
 from server.errors import AfterInvoke, CastellanError, InternalError, NotFound
@@ -78,7 +78,7 @@ class Acts:
         tool: Tool | None,
     ) -> Call:
         request, identity, request_id = caller_of(ctx)
-        call_id = uuid.uuid4().hex
+        call_id = new_call_id()
         return Call(
             tool_name=name[:1024],
             arguments=dict(arguments),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from server.audit.traces import new_call_id
 from server.auth.middleware import identity_of
 from server.call import Call, ClientInfo, RunInfo
 from server.errors import AfterInvoke, CastellanError, Denied, InternalError
@@ -122,7 +122,7 @@ class McpHandlers:
         self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult | types.InputRequiredResult | dict[str, Any]:
         request = ctx.request if isinstance(ctx.request, Request) else None
-        call_id = uuid.uuid4().hex
+        call_id = new_call_id()
         started = time.perf_counter()
         meta = _as_mapping(params.meta) or {}
         tasked = self.relaying is not None and self.tasks is not None and await self._tasked(ctx, params)
@@ -234,7 +234,7 @@ class McpHandlers:
 
     async def refuse_unread(self, ctx: ServerRequestContext[Any, Any], error: CastellanError) -> None:
         """Record a `tools/call` refused before it reached `call_tool` (its params failed validation)."""
-        call = await self._pipeline.refuse(_bare_call(ctx, uuid.uuid4().hex), error)
+        call = await self._pipeline.refuse(_bare_call(ctx, new_call_id()), error)
         self._observe(call, 0.0)
 
     def _observe(self, call: Call, elapsed: float) -> None:

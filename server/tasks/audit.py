@@ -4,12 +4,12 @@ cancel, each an audited act of its own (`action: "task"`) beside the governed ca
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from server.audit.outbox import Outbox
 from server.audit.records import decision_record, outcome_record
 from server.audit.redaction import Redactor
+from server.audit.traces import new_call_id
 from server.call import Call, ClientInfo, RunInfo
 from server.identity import Identity
 from server.policy.engine import Decision
@@ -55,7 +55,7 @@ class TaskAudit:
             identity=identity,
             run=RunInfo(run_id=run_id),
             action="task",
-            call_id=uuid.uuid4().hex,
+            call_id=new_call_id(),
             client=client,
             decision=Decision(allow=True, reasons=(text,)),
             output=ToolOutput(text=text, is_error=failed),

@@ -122,7 +122,17 @@ const (
 type callerState struct{ lastCall, lastYield atomic.Int64 }
 
 // callers is each calling thread's state by thread id: each calling thread has its own P to keep.
-var callers sync.Map
+// A thread that stopped calling (a worker restarted, a pool thread gone) leaves its entry behind:
+// once there are more than maxCallers, adding one first drops those idle for over callerIdle.
+var (
+	callers     sync.Map
+	callerCount atomic.Int64
+)
+
+const (
+	maxCallers = 256
+	callerIdle = int64(time.Minute)
+)
 
 // keepProcessor yields once when the calling thread's calls are close and it has not yielded for
 // yieldEvery.
@@ -130,7 +140,13 @@ func keepProcessor() {
 	tid := syscall.Gettid()
 	state, ok := callers.Load(tid)
 	if !ok {
-		state, _ = callers.LoadOrStore(tid, new(callerState))
+		if callerCount.Load() >= maxCallers {
+			forgetIdleCallers(time.Now().UnixNano())
+		}
+		var loaded bool
+		if state, loaded = callers.LoadOrStore(tid, new(callerState)); !loaded {
+			callerCount.Add(1)
+		}
 	}
 	caller := state.(*callerState)
 	now := time.Now().UnixNano()
@@ -138,6 +154,18 @@ func keepProcessor() {
 		caller.lastYield.Store(now)
 		runtime.Gosched()
 	}
+}
+
+// forgetIdleCallers drops the state of threads whose last call is over callerIdle before now.
+func forgetIdleCallers(now int64) {
+	callers.Range(func(tid, state any) bool {
+		if now-state.(*callerState).lastCall.Load() > callerIdle {
+			if _, deleted := callers.LoadAndDelete(tid); deleted {
+				callerCount.Add(-1)
+			}
+		}
+		return true
+	})
 }
 
 func prepare(query string, modules map[string]string, store storage.Store) (rego.PreparedEvalQuery, error) {

@@ -105,3 +105,72 @@ def test_the_detectors_are_detect_secrets_gated_by_one_re2_pass() -> None:
     assert scanner._gate is not None
     assert len(scanner._always) <= 2
     assert scanner.spans("nothing to see here") == []
+
+
+class _Text(str):
+    """A `str` subclass (a value some library hands over): walked by `isinstance`, not the fast path."""
+
+
+def _plain_walk(redactor: Redactor, value: object) -> object:
+    """What `Redactor.apply` promises, member by member, with no fast path: the reference it is held to."""
+    from collections.abc import Mapping
+
+    from server.audit.redaction import _NAMED, _SECRET_LOOKING, _high_entropy
+
+    if isinstance(value, str):
+        return redactor.text(value)
+    if isinstance(value, Mapping):
+        out: dict[object, object] = {}
+        for key, member in value.items():
+            if not isinstance(key, str):
+                out[key] = _plain_walk(redactor, member)
+                continue
+            redacted_key, kind = redactor._key(key)
+            if kind == _NAMED or (kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member)):
+                out[redacted_key] = REDACTED
+            else:
+                out[redacted_key] = _plain_walk(redactor, member)
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain_walk(redactor, v) for v in value]
+    return value
+
+
+def _json_like() -> object:
+    from hypothesis import strategies as st
+
+    texts = st.one_of(
+        st.sampled_from(["password", "api_key", "db_token", "name", "x-auth", "session_id", "AKIAIOSFODNN7EXAMPLE"]),
+        st.sampled_from([s.text for s in SECRETS] + ORDINARY + ["a" * 300 + " password=hunter2abc"]),
+        st.text(max_size=20),
+        st.builds(lambda n: "".join(__import__("secrets").token_hex(n)), st.integers(6, 20)),
+    )
+    leaves = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), texts, texts.map(_Text),
+        st.just(b"bytes"), st.just(frozenset({"x"})),
+    )  # fmt: skip
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=5),
+            st.lists(inner, max_size=5).map(tuple),
+            st.dictionaries(st.one_of(texts, texts.map(_Text), st.integers(), st.none()), inner, max_size=6),
+        ),
+        max_leaves=30,
+    )
+
+
+def test_the_fast_walk_redacts_as_the_plain_walk_does() -> None:
+    from hypothesis import given, settings
+
+    redactor = Redactor.from_settings(AuditSettings()).with_fields(["email", "name"])
+
+    @settings(max_examples=400, deadline=None)
+    @given(_json_like())
+    def check(value: object) -> None:
+        record = {"record": value, "rows": [value, {"password": value}]}
+        # repr: the same members in the same order (what the JSON of a record is made from), same types
+        assert repr(redactor.apply(value)) == repr(_plain_walk(redactor, value))
+        assert repr(redactor.apply(record)) == repr(_plain_walk(redactor, record))
+
+    check()
