@@ -10,7 +10,11 @@ each way of writing a batch, beside the local store, in one run. Writes bench/re
 - The real shipper (outbox read, trace plans, the write, marking shipped) into the server and into
   the local store, both span forms: calls/s, its CPU per call, lost and duplicated calls.
 
-    .venv/bin/python -m bench.shipping [--traces 600]
+- Sustained shipping: the real shipper over calls already waiting, into a local store that already
+  holds `--stored` traces (20,000), with uuid4 call ids and time-ordered ones (`new_call_id`), and
+  into an `mlflow server`: calls/s, CPU per call, lost and duplicated calls.
+
+    .venv/bin/python -m bench.shipping [--traces 600] [--only sustain]
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.audit import arrived, check, fill, group_cpu
+from bench.audit import arrived, check, decision, fill, group_cpu, outcome
 from server.audit import otlp
 from server.audit.keys import ChainKey
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
-from server.audit.outbox import SqliteOutbox
+from server.audit.outbox import PendingCall, SqliteOutbox
 from server.audit.shipper import Shipper
-from server.audit.traces import TracePlan, as_one_span, plan_trace
+from server.audit.traces import TracePlan, as_one_span, new_call_id, plan_trace
 from server.metrics import Metrics
 from server.settings import AuditSettings
 from server.testing import free_port
@@ -129,6 +133,104 @@ async def ship(root: Path, uri: str, calls: int, spans: str, batch: int, label: 
     return result
 
 
+async def fill_ordered(path: Path, key: ChainKey, calls: int, ordered: bool) -> list[str]:
+    """As `bench.audit.fill`, with the call ids the gateway makes (`new_call_id`: time-ordered) or
+    the uuid4 ids it made before session 8 (`ordered=False`)."""
+    outbox = SqliteOutbox(path, key=key, outcome_commit_seconds=0.05)
+    ids = [new_call_id() if ordered else uuid.uuid4().hex for _ in range(calls)]
+    queue = list(enumerate(ids))
+    queue.reverse()  # popped oldest first, so the outbox holds them in the order they were made
+
+    async def worker() -> None:
+        while queue:
+            i, call_id = queue.pop()
+            await outbox.write("decision", call_id, decision(call_id, i))
+            outbox.write_later("outcome", call_id, outcome(call_id, i))
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    await outbox.close()
+    return ids
+
+
+def prefill(uri: str, traces: int, ordered: bool) -> None:
+    """`traces` earlier calls' traces in another experiment of the store: the B-trees a new trace goes
+    into are the size they are after weeks of calls (the local store keeps 200,000 by default)."""
+    target = MlflowTarget(uri, "earlier")
+    experiment_id = target.experiment_id()
+    made = [(new_call_id() if ordered else uuid.uuid4().hex) for _ in range(traces)]
+    for start in range(0, traces, 1000):
+        plans = [plan_trace(PendingCall(c, [1, 2], decision(c, i), 0.0, outcome(c, i)))
+                 for i, c in enumerate(made[start : start + 1000])]  # fmt: skip
+        target._write_plans(experiment_id, plans)
+
+
+async def sustain(root: Path, uri: str, calls: int, batch: int, label: str, ordered: bool,
+                  server_pid: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The real shipper's loop (outbox read, plans, write, marked shipped) over `calls` waiting calls,
+    batches of `batch`, as fast as it goes: the calls/s it sustains, its CPU per call, loss and
+    duplicates (every call id searched back through MLflow's client)."""
+    key, experiment = ChainKey.generate(), f"sustain-{uuid.uuid4().hex[:8]}"
+    ids = await fill_ordered(root / f"{experiment}.db", key, calls, ordered)
+    outbox = SqliteOutbox(root / f"{experiment}.db", key=key)
+    target = MlflowTarget(uri, experiment)
+    await asyncio.to_thread(target.experiment_id)
+    shipper = Shipper(outbox, target, AuditSettings(ship_batch=batch), Metrics())
+    server0 = group_cpu(server_pid) if server_pid else 0.0
+    cpu, started, shipped = time.process_time(), time.perf_counter(), 0
+    while got := await shipper.ship_once():
+        shipped += got
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    server_cpu = group_cpu(server_pid) - server0 if server_pid else None
+    await shipper.stop(drain_seconds=0)
+    result = {
+        "target": label,
+        "call_ids": "time-ordered" if ordered else "uuid4",
+        "batch": batch,
+        "calls": shipped,
+        "calls_per_s": shipped / wall,
+        "shipper_cpu_ms_per_call": cpu / max(shipped, 1) * 1e3,
+        "server_cpu_ms_per_call": server_cpu / max(shipped, 1) * 1e3 if server_cpu is not None else None,
+        **check(ids, await asyncio.to_thread(arrived, uri, experiment), outbox),
+    }
+    await outbox.close()
+    return result
+
+
+async def run_sustain(root: Path, calls: int, stored: int, server_calls: int) -> list[dict[str, Any]]:
+    """Sustained shipping into a local store already holding `stored` traces (uuid4 and time-ordered
+    call ids, interleaved, each into its own copy), then into an `mlflow server` (SQLite backend)."""
+    import shutil
+
+    rows = []
+    stores = {}
+    for ordered in (False, True):
+        home = root / f"store-{'ordered' if ordered else 'uuid4'}"
+        home.mkdir()
+        await asyncio.to_thread(prefill, local_tracking_uri(home), stored, ordered)
+        stores[ordered] = home
+    for round_ in range(2):
+        for ordered in (False, True):
+            home = root / f"run-{round_}-{ordered}"
+            home.mkdir()
+            shutil.copy(stores[ordered] / "mlflow.db", home / "mlflow.db")
+            row = await sustain(root, local_tracking_uri(home), calls, 1000,
+                                f"local store ({stored:,} traces before)", ordered)  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            shutil.rmtree(home)
+    server = await asyncio.to_thread(with_server, root, 1)
+    try:
+        assert server.process is not None
+        for ordered in (False, True):
+            row = await sustain(root, server.url, server_calls, BATCH, "mlflow server (1 worker, SQLite)", ordered,
+                                server.process.pid)  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        server.stop()
+    return rows
+
+
 def with_server(root: Path, workers: int) -> MlflowServer:
     home = root / f"mlflow-{workers}-{uuid.uuid4().hex[:6]}"
     home.mkdir()
@@ -218,6 +320,27 @@ def render(result: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if result.get("sustain"):
+        sm = result.get("sustain_meta", meta)
+        lines += [
+            f"Sustained shipping (`--only sustain`, {sm['time']}, load average {sm['load_before'][0]:.1f} before, "
+            f"{sm['load_after'][0]:.1f} after): the real shipper's loop over calls already waiting in the outbox, "
+            "as fast as it goes, into a store that already holds many traces and into an `mlflow server`; "
+            "every call searched back through MLflow's client. Call ids as the gateway made them "
+            "(uuid4) and time-ordered (`new_call_id`, whose trace ids sort by time):",
+            "",
+            "| target | call ids | batch | calls | calls/s | shipper CPU ms/call | server CPU ms/call | lost "
+            "| duplicated | chain |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            *(
+                f"| {s['target']} | {s['call_ids']} | {s['batch']} | {s['calls']} | {s['calls_per_s']:.0f} "
+                f"| {s['shipper_cpu_ms_per_call']:.3f} "
+                f"| {'n/a' if s['server_cpu_ms_per_call'] is None else format(s['server_cpu_ms_per_call'], '.2f')} "
+                f"| {s['lost']} | {s['duplicated']} | {'intact' if s['chain_intact'] else 'BROKEN'} |"
+                for s in result["sustain"]
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -226,18 +349,35 @@ def main() -> None:
     parser.add_argument("--traces", type=int, default=600, help="traces per ingestion row")
     parser.add_argument("--ship-calls", type=int, default=400)
     parser.add_argument("--local-calls", type=int, default=3000)
+    parser.add_argument("--only", choices=("sustain",), help="run one section; the others keep their last results")
+    parser.add_argument("--sustain-calls", type=int, default=5000, help="calls per sustained run into the local store")
+    parser.add_argument("--stored", type=int, default=20_000, help="traces in the local store before it")
+    parser.add_argument("--server-sustain-calls", type=int, default=300)
     args = parser.parse_args()
     import tempfile
 
     load_before = os.getloadavg()
+    previous = RESULTS / "shipping.json"
     with tempfile.TemporaryDirectory(prefix="castellan-shipping-") as tmp:
-        result = asyncio.run(run(Path(tmp), args.traces, args.ship_calls, args.local_calls))
-    result["meta"] = {
+        if args.only == "sustain":
+            result = json.loads(previous.read_text()) if previous.exists() else {"ingestion": [], "shipping": []}
+            result["sustain"] = asyncio.run(
+                run_sustain(Path(tmp), args.sustain_calls, args.stored, args.server_sustain_calls)
+            )
+        else:
+            result = asyncio.run(run(Path(tmp), args.traces, args.ship_calls, args.local_calls))
+            result["sustain"] = asyncio.run(
+                run_sustain(Path(tmp), args.sustain_calls, args.stored, args.server_sustain_calls)
+            )
+    meta = {
         "cpus": os.cpu_count(),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    result["sustain_meta"] = meta
+    if args.only is None:
+        result["meta"] = meta
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "shipping.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / "shipping.md").write_text(render(result))

@@ -137,6 +137,23 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _MAX_OWED_OUTCOMES = 10_000
 # `json.dumps(record, separators=(",", ":"), default=str)`, its encoder made once: the same bytes.
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# A record is ready to ship when its call is finished: it is the outcome, or its call has one, or its
+# decision stopped the call. In that order: the outcome's existence is one probe of the
+# (call_id, kind) index, where the decision's verdict parses the whole record (json_extract), now
+# only for a call without an outcome (denied, or still running).
+_IS_READY = (
+    "(u.kind = 'outcome' OR EXISTS (SELECT 1 FROM outbox o WHERE o.call_id = u.call_id AND o.kind = 'outcome')"
+    " OR json_extract(u.record, '$.decision') IS NOT 'allow')"
+)
+_READY = (
+    f"SELECT u.call_id FROM outbox u WHERE u.shipped_at IS NULL AND {_IS_READY}"
+    " GROUP BY u.call_id ORDER BY MIN(u.seq) LIMIT ?"
+)
+_OLDEST_READY = f"SELECT MIN(u.ts) FROM outbox u WHERE u.shipped_at IS NULL AND {_IS_READY}"
+_NOT_SHIPPED = "'$.decision_input', '$.content', '$.detections', '$.injection_markers'"
+"""What a trace never carries (`traces.plan_trace` reads none of it): the policy engine's whole input
+and the tool's returned content, half of a call's record bytes. Removed by SQLite before the record
+reaches Python: the JSON decode of the shipper's batch then costs half (88 -> 54 us a call, measured)."""
 
 
 class SqliteOutbox:
@@ -384,24 +401,18 @@ class SqliteOutbox:
 
     async def pending(self, limit: int) -> list[PendingCall]:
         """Calls ready to ship, oldest first: finished (an outcome, or a decision that stopped the call).
-        An allowed call still running never holds back the ones behind it."""
+        An allowed call still running never holds back the ones behind it. Each record comes without
+        what a trace never carries (`_NOT_SHIPPED`): this is the shipper's read, not the record."""
 
         def read(conn: sqlite3.Connection) -> list[PendingCall]:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT u.call_id FROM outbox u WHERE u.shipped_at IS NULL AND (u.kind = 'outcome'"
-                    " OR json_extract(u.record, '$.decision') IS NOT 'allow' OR EXISTS (SELECT 1 FROM outbox o"
-                    " WHERE o.call_id = u.call_id AND o.kind = 'outcome'))"
-                    " GROUP BY u.call_id ORDER BY MIN(u.seq) LIMIT ?",
-                    (limit,),
-                )
-            ]
+            ids = [r[0] for r in conn.execute(_READY, (limit,))]
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
             rows = conn.execute(
-                f"SELECT seq, call_id, kind, ts, record FROM outbox WHERE call_id IN ({marks}) ORDER BY seq", ids
+                f"SELECT seq, call_id, kind, ts, json_remove(record, {_NOT_SHIPPED}) FROM outbox"
+                f" WHERE call_id IN ({marks}) ORDER BY seq",
+                ids,
             ).fetchall()
             calls: dict[str, PendingCall] = {}
             for seq, call_id, kind, ts, record in rows:
@@ -455,11 +466,7 @@ class SqliteOutbox:
 
         def read(conn: sqlite3.Connection) -> tuple[int, float]:
             count = conn.execute("SELECT COUNT(*) FROM outbox WHERE shipped_at IS NULL").fetchone()[0]
-            oldest = conn.execute(
-                "SELECT MIN(u.ts) FROM outbox u WHERE u.shipped_at IS NULL AND (u.kind = 'outcome'"
-                " OR json_extract(u.record, '$.decision') IS NOT 'allow' OR EXISTS (SELECT 1 FROM outbox o"
-                " WHERE o.call_id = u.call_id AND o.kind = 'outcome'))"
-            ).fetchone()[0]
+            oldest = conn.execute(_OLDEST_READY).fetchone()[0]
             return int(count), time.time() - oldest if oldest is not None else 0.0
 
         return await self._db.run(read)

@@ -35,6 +35,9 @@ from server.settings import AuditSettings
 log = structlog.get_logger("castellan.audit.shipper")
 _CHECKPOINTS_SHIPPED = "checkpoints_shipped_through"
 _GROW_AFTER = 4
+_STATUS_REFRESH_SECONDS = 5.0
+"""An unchanged status file is rewritten this often (the supervisor calls it stale after 30 s more
+than the interval and the longest backoff)."""
 """Confirmed writes in a row after which a shrunk batch doubles back (up to `audit.ship_batch`)."""
 
 
@@ -112,6 +115,8 @@ class Shipper:
         refuses its size, doubled back after `_GROW_AFTER` confirmed writes."""
         self._confirmed_in_a_row = 0
         self._heap_settled = False
+        self._status_state: tuple[object, ...] | None = None
+        self._status_written = 0.0
 
     def _settle_heap(self) -> None:
         """In its own process (`castellan ship`, the one with a status file), once the first cycle has
@@ -174,8 +179,9 @@ class Shipper:
                 self.failures += 1
                 self._metrics.ship_failures.inc()
                 delay = backoff
-            await self._guarded("backlog", self._update_backlog())
-            self._write_status()
+            if self._status_file is None:  # in its own process the supervisor publishes the lag itself
+                await self._guarded("backlog", self._update_backlog())
+            self._write_status(fresh_within=_STATUS_REFRESH_SECONDS)
             if self.fault is not None and time.monotonic() - self._fault_at > 60:
                 log.info("audit_shipper_recovered", fault=self.fault)
                 self.fault = None
@@ -278,10 +284,16 @@ class Shipper:
             )
         self.unfinished = found.count
 
-    def _write_status(self) -> None:
+    def _write_status(self, fresh_within: float = 0.0) -> None:
         """For a supervising gateway (the shipper in its own process): what this shipper has done.
-        A failure here (disk full) is reported like any other and never stops shipping."""
+        A failure here (disk full) is reported like any other and never stops shipping. Rewritten
+        when something in it changed, else at most every `fresh_within` seconds (its age is how the
+        supervisor tells a stuck shipper): a file written and renamed every cycle showed in the
+        shipper's profile."""
         if self._status_file is None:
+            return
+        state = (self.shipped, self.failures, self.errors, self.unfinished, self.last_error, self.fault, self.batch)
+        if state == self._status_state and time.monotonic() - self._status_written < fresh_within:
             return
         body = {
             "pid": os.getpid(),
@@ -299,6 +311,7 @@ class Shipper:
             temporary = self._status_file.with_suffix(".tmp")
             temporary.write_text(json.dumps(body))
             temporary.replace(self._status_file)
+            self._status_state, self._status_written = state, time.monotonic()
         except Exception as exc:
             self._error("status", exc)
 
