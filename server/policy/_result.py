@@ -17,6 +17,7 @@ KNOWN_OBLIGATIONS |= {"redact_detections", "flags"}
 # The reason for any evaluation error, identical for both engines (their messages differ; the
 # detail goes to the gateway log). Both engines treat a builtin error as an error, never as undefined.
 EVALUATION_FAILED = "policy evaluation failed"
+_REASONS = (list, tuple, set, frozenset)
 
 
 def to_decision(
@@ -30,37 +31,40 @@ def to_decision(
 ) -> Decision:
     """Normalise `raw` (the entrypoint's value, `None` when undefined). Malformed means deny.
     `log_mask` rides on the decision as it is (the decision log checks it against the event)."""
-
-    def deny(reason: str) -> Decision:
+    problem: str | None = None
+    if raw is None:
+        problem = "policy returned no decision (undefined)"
+    elif not isinstance(raw, Mapping):
+        problem = "policy decision is not an object"
+    elif not isinstance(allow := raw.get("allow"), bool):
+        problem = "policy decision has no boolean 'allow'"
+    else:
+        reasons = raw.get("reasons", [])
+        obligations = raw.get("obligations", {})
+        # the commonest decision, an allow with no reasons and no obligations, needs none of the checks
+        if not (type(reasons) is list and not reasons):
+            if not isinstance(reasons, _REASONS) or not all(isinstance(r, str) for r in reasons):
+                problem = "policy decision 'reasons' is not a set of strings"
+            else:
+                reasons = sorted(set(reasons))
+        if problem is None and not (type(obligations) is dict and not obligations):
+            if not isinstance(obligations, Mapping):
+                problem = "policy decision 'obligations' is not an object"
+            else:
+                problem = _obligation_problem(obligations)
+    if problem:
         return Decision(
             allow=False,
-            reasons=(reason,),
+            reasons=(problem,),
             policy_version=policy_version,
             engine=engine,
             decision_id=decision_id,
             eval_ms=eval_ms,
             log_mask=log_mask,
         )
-
-    if raw is None:
-        return deny("policy returned no decision (undefined)")
-    if not isinstance(raw, Mapping):
-        return deny("policy decision is not an object")
-    allow = raw.get("allow")
-    if not isinstance(allow, bool):
-        return deny("policy decision has no boolean 'allow'")
-    reasons = raw.get("reasons", [])
-    if not isinstance(reasons, list | tuple | set | frozenset) or not all(isinstance(r, str) for r in reasons):
-        return deny("policy decision 'reasons' is not a set of strings")
-    obligations = raw.get("obligations", {})
-    if not isinstance(obligations, Mapping):
-        return deny("policy decision 'obligations' is not an object")
-    problem = _obligation_problem(obligations)
-    if problem:
-        return deny(problem)
     return Decision(
-        allow=allow,
-        reasons=tuple(sorted(set(reasons))),
+        allow=allow is True,  # a bool by now
+        reasons=tuple(reasons),
         obligations=dict(obligations),
         policy_version=policy_version,
         engine=engine,

@@ -30,9 +30,12 @@ class PolicyStage:
     async def run(self, call: Call) -> Call:
         document = build_input(call)
         decision = await self._engine.decide(document)
-        if self._log is not None and call.action != "list":
-            self._log.emit(document, decision)
         shadowed = self._shadow is not None and call.action == "call"
+        if self._log is not None and call.action != "list":
+            # the log masks the document it is given in place: the shadow decides one of its own
+            shadow_document = build_input(call) if shadowed else document
+            self._log.emit(document, decision)
+            document = shadow_document
         if not decision.allow:
             if shadowed:  # a refusal waits for it: its one record is written now
                 assert self._shadow is not None

@@ -3,9 +3,11 @@ compares recorded verdicts with a candidate's and skips what policy did not deci
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from server.audit.records import decision_record, outcome_record
 from server.errors import Denied
+from server.policy.bundle import PolicyBundle
+from server.policy.decision_log import DecisionLog
 from server.policy.engine import Decision
 from server.policy.replay import replay, since_time
 from server.policy.shadow import ShadowPolicy, ShadowStage, change
@@ -65,6 +69,28 @@ async def test_a_refused_call_records_the_shadow_in_its_decision_record() -> Non
     assert refused.value.decision is not None
     stopped = replace(call, error=refused.value, decision=refused.value.decision)
     assert decision_record(stopped)["shadow"]["change"] == "deny_to_allow"
+
+
+@pytest.mark.parametrize("live", [ALLOW, DENY])
+async def test_the_shadow_decides_the_input_as_built_not_as_the_decision_log_masked_it(
+    tmp_path: Path, live: Decision
+) -> None:
+    (tmp_path / "system").mkdir()
+    (tmp_path / "system" / "log.rego").write_text(
+        'package system.log\n\nimport rego.v1\n\nmask contains "/input/arguments/q"\n'
+    )
+    log = DecisionLog(tmp_path / "decisions.jsonl", PolicyBundle.from_directory(tmp_path), "castellan/gateway/decision")
+    candidate = StaticPolicy(ALLOW)
+    stage = PolicyStage(StaticPolicy(live), decision_log=log, shadow=ShadowPolicy(candidate, 1.0, CollectorRegistry()))
+    if live.allow:
+        await ShadowStage(1.0).run(await stage.run(make_call()))
+    else:
+        with pytest.raises(Denied):
+            await stage.run(make_call())
+    log.flush()
+    logged = json.loads((tmp_path / "decisions.jsonl").read_text())
+    assert "q" not in logged["input"]["arguments"]  # the log masked its copy
+    assert candidate.inputs[0]["arguments"] == {"q": "hello"}  # the shadow decided the call's own input
 
 
 async def test_a_shadow_that_is_down_or_slow_changes_nothing_but_its_record() -> None:
