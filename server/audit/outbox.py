@@ -18,6 +18,7 @@ import structlog
 
 from server.audit.chain import GENESIS, Verification, legacy_heads, read_rows, record_mac, verify_rows
 from server.audit.checkpoints import CheckpointLog
+from server.audit.encoding import encoder
 from server.audit.instances import InstanceLocks
 from server.audit.keys import ChainKey
 from server.audit.search import AuditQuery, search, show
@@ -135,8 +136,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 _MAX_OWED_OUTCOMES = 10_000
-# `json.dumps(record, separators=(",", ":"), default=str)`, its encoder made once: the same bytes.
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# `json.dumps(record, separators=(",", ":"), default=str)`, its encoder made once: the same bytes, but
+# for a non-finite number, written as a string (standard JSON, which SQLite's JSON functions read).
+_encode = encoder(separators=(",", ":"))
 # A record is ready to ship when its call is finished: it is the outcome, or its call has one, or its
 # decision stopped the call. In that order: the outcome's existence is one probe of the
 # (call_id, kind) index, where the decision's verdict parses the whole record (json_extract), now

@@ -17,6 +17,7 @@ from typing import IO, Any
 import structlog
 
 from server import __version__
+from server.audit.encoding import encoder
 from server.audit.redaction import Redactor
 from server.policy._input import recorded_input
 from server.policy._thread_engines import drop, engine_for, new_owner
@@ -28,8 +29,9 @@ log = structlog.get_logger("castellan.policy")
 __all__ = ["MASK_RULE", "DecisionLog", "apply_mask"]
 _UNDEFINED = '"<undefined>"'
 _BUFFER = 64 * 1024
-# `json.dumps(event, separators=(",", ":"), default=str)`, its encoder made once: the same bytes.
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# `json.dumps(event, separators=(",", ":"), default=str)`, its encoder made once: the same bytes, but
+# for a non-finite number, written as a string (standard JSON).
+_encode = encoder(separators=(",", ":"))
 
 
 def apply_mask(event: dict[str, Any], mask: Any) -> dict[str, Any]:

@@ -42,6 +42,33 @@ async def test_a_record_is_stored_as_compact_json_with_other_values_as_their_str
     await outbox.close()
 
 
+async def test_non_finite_numbers_are_written_as_standard_json_so_the_store_stays_queryable(tmp_path: Path) -> None:
+    """A caller's `NaN`/`Infinity` (Python's parser accepts them) or an upstream's: written as strings.
+    Written as Python writes them, one record made SQLite's JSON functions fail every query of the store
+    (what is ready to ship, the backlog, the audit search)."""
+    import json
+
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    nasty = {"n": float("nan"), "big": float("inf"), "rows": [float("-inf"), 1.5], "ok": 2}
+    await outbox.write("decision", "c1", {"decision": "deny", "arguments": nasty})
+    await outbox.write("decision", "c2", {"decision": "deny", "arguments": {}})
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        assert conn.execute("SELECT count(*) FROM outbox WHERE json_valid(record)").fetchone() == (2,)
+        (body,) = conn.execute("SELECT record FROM outbox WHERE call_id = 'c1'").fetchone()
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    assert json.loads(body, parse_constant=refuse)["arguments"] == {
+        "n": "NaN", "big": "Infinity", "rows": ["-Infinity", 1.5], "ok": 2,
+    }  # fmt: skip
+    assert len(await outbox.pending(10)) == 2
+    assert (await outbox.backlog())[0] == 2
+    assert [r["call_id"] for r in outbox.search(AuditQuery())] == ["c2", "c1"]
+    assert outbox.verify().intact
+    await outbox.close()
+
+
 async def test_the_outbox_refuses_deletes(tmp_path: Path) -> None:
     outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
     await outbox.write("decision", "c1", {})
