@@ -208,24 +208,25 @@ class Detector:
             return _strongest(self._raw(text, field, want))
         memo, key = self._memo, (text, _field_key(field))
         entry = memo.get(key)
-        if entry is None:
+        if entry is None:  # a text not seen yet (in fields alike): scanned, and remembered per kind
+            raw = self._raw(text, field, want)
+            result = _strongest(raw)
             if len(memo) >= _CACHE_ENTRIES:
                 memo.clear()  # one atomic step: scans of large payloads run in worker threads
-            entry = memo[key] = _Memo({}, {})
-        done = entry.found.get(want)
+            memo[key] = (_by_kind(want, raw), {want: tuple(result)})
+            return result
+        by_kind, results = entry
+        done = results.get(want)
         if done is not None:
             return list(done)
-        missing = want.difference(entry.by_kind)
+        missing = want.difference(by_kind)
         if missing:
-            by_kind: dict[str, list[Finding]] = {kind: [] for kind in missing}
-            for finding in self._raw(text, field, frozenset(missing)):
-                by_kind[finding.kind].append(finding)
-            entry.by_kind.update((kind, tuple(findings)) for kind, findings in by_kind.items())
-        found = [finding for kind in want for finding in entry.by_kind[kind]]
+            by_kind.update(_by_kind(missing, self._raw(text, field, frozenset(missing))))
+        found = [finding for kind in want for finding in by_kind[kind]]
         if len(found) > 1:
             found.sort(key=_order)  # as `_raw` lists them, whatever order the kinds came in
         result = _strongest(found)
-        entry.found[want] = tuple(result)
+        results[want] = tuple(result)
         return result
 
     def _raw(self, text: str, field: str, kinds: frozenset[str]) -> list[Finding]:
@@ -333,18 +334,19 @@ class Detector:
 
 
 _FieldKey = tuple[bool, bool, tuple[str, ...]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Memo:
-    """What one short text in fields alike was found to hold: each kind's findings, and the result
-    for each set of kinds asked for."""
-
-    by_kind: dict[str, tuple[Finding, ...]]
-    found: dict[frozenset[str], tuple[Finding, ...]]
-
-
 _CONTEXT_WORDS = tuple(dict.fromkeys(w for *_, words in _NATIONAL_IDS for w in words)) + _PHONE_WORDS
+
+
+_Memo = tuple[dict[str, tuple[Finding, ...]], dict[frozenset[str], tuple[Finding, ...]]]
+"""What one short text in fields alike was found to hold: each kind's findings, and the result for
+each set of kinds asked for."""
+
+
+def _by_kind(kinds: Iterable[str], found: list[Finding]) -> dict[str, tuple[Finding, ...]]:
+    grouped: dict[str, tuple[Finding, ...]] = dict.fromkeys(kinds, ())
+    for finding in found:
+        grouped[finding.kind] += (finding,)
+    return grouped
 
 
 @functools.lru_cache(maxsize=_CACHE_ENTRIES)
