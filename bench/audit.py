@@ -147,11 +147,13 @@ async def outbox_cost(root: Path, name: str, deferred: bool, calls: int) -> dict
     }
 
 
-async def fill(path: Path, key: ChainKey, calls: int) -> list[str]:
-    """An outbox with `calls` finished calls (decision + outcome each), written 16 at a time."""
+async def fill(path: Path, key: ChainKey, calls: int, call_ids: list[str] | None = None) -> list[str]:
+    """An outbox with `calls` finished calls (decision + outcome each), written 16 at a time, oldest
+    first; `call_ids` their ids (default: uuid4, as the gateway made them before session 8)."""
     outbox = SqliteOutbox(path, key=key, outcome_commit_seconds=0.05)
-    ids = [uuid.uuid4().hex for _ in range(calls)]
+    ids = call_ids if call_ids is not None else [uuid.uuid4().hex for _ in range(calls)]
     queue = list(enumerate(ids))
+    queue.reverse()  # popped oldest first, so the outbox holds them in the order they were made
 
     async def worker() -> None:
         while queue:

@@ -109,10 +109,20 @@ async def ship(root: Path, uri: str, calls: int, spans: str, batch: int, label: 
     key = ChainKey.generate()
     experiment = f"ship-{uuid.uuid4().hex[:8]}"
     ids = await fill(root / f"{experiment}.db", key, calls)
-    outbox = SqliteOutbox(root / f"{experiment}.db", key=key)
+    settings = AuditSettings(ship_batch=batch, mlflow_spans=spans)  # type: ignore[arg-type]
+    row = await ship_all(root / f"{experiment}.db", key, ids, uri, experiment, settings, pid)
+    return {"target": label, "spans": spans, **row}
+
+
+async def ship_all(
+    path: Path, key: ChainKey, ids: list[str], uri: str, experiment: str, settings: AuditSettings, pid: int | None
+) -> dict[str, Any]:
+    """The real shipper's loop over the outbox at `path` until nothing is left, into `experiment` at
+    `uri`: calls shipped, calls/s, its CPU per call and the server's (`pid`'s), loss and duplicates."""
+    outbox = SqliteOutbox(path, key=key)
     target = MlflowTarget(uri, experiment)
     await asyncio.to_thread(target.experiment_id)
-    shipper = Shipper(outbox, target, AuditSettings(ship_batch=batch, mlflow_spans=spans), Metrics())  # type: ignore[arg-type]
+    shipper = Shipper(outbox, target, settings, Metrics())
     server0 = group_cpu(pid) if pid else 0.0
     cpu, started, shipped = time.process_time(), time.perf_counter(), 0
     while got := await shipper.ship_once():
@@ -121,8 +131,6 @@ async def ship(root: Path, uri: str, calls: int, spans: str, batch: int, label: 
     server_cpu = group_cpu(pid) - server0 if pid else None
     await shipper.stop(drain_seconds=0)
     result = {
-        "target": label,
-        "spans": spans,
         "calls": shipped,
         "calls_per_s": shipped / wall,
         "shipper_cpu_ms_per_call": cpu / max(shipped, 1) * 1e3,
@@ -131,25 +139,6 @@ async def ship(root: Path, uri: str, calls: int, spans: str, batch: int, label: 
     }
     await outbox.close()
     return result
-
-
-async def fill_ordered(path: Path, key: ChainKey, calls: int, ordered: bool) -> list[str]:
-    """As `bench.audit.fill`, with the call ids the gateway makes (`new_call_id`: time-ordered) or
-    the uuid4 ids it made before session 8 (`ordered=False`)."""
-    outbox = SqliteOutbox(path, key=key, outcome_commit_seconds=0.05)
-    ids = [new_call_id() if ordered else uuid.uuid4().hex for _ in range(calls)]
-    queue = list(enumerate(ids))
-    queue.reverse()  # popped oldest first, so the outbox holds them in the order they were made
-
-    async def worker() -> None:
-        while queue:
-            i, call_id = queue.pop()
-            await outbox.write("decision", call_id, decision(call_id, i))
-            outbox.write_later("outcome", call_id, outcome(call_id, i))
-
-    await asyncio.gather(*(worker() for _ in range(16)))
-    await outbox.close()
-    return ids
 
 
 def prefill(uri: str, traces: int, ordered: bool) -> None:
@@ -170,30 +159,12 @@ async def sustain(root: Path, uri: str, calls: int, batch: int, label: str, orde
     batches of `batch`, as fast as it goes: the calls/s it sustains, its CPU per call, loss and
     duplicates (every call id searched back through MLflow's client)."""
     key, experiment = ChainKey.generate(), f"sustain-{uuid.uuid4().hex[:8]}"
-    ids = await fill_ordered(root / f"{experiment}.db", key, calls, ordered)
-    outbox = SqliteOutbox(root / f"{experiment}.db", key=key)
-    target = MlflowTarget(uri, experiment)
-    await asyncio.to_thread(target.experiment_id)
-    shipper = Shipper(outbox, target, AuditSettings(ship_batch=batch), Metrics())
-    server0 = group_cpu(server_pid) if server_pid else 0.0
-    cpu, started, shipped = time.process_time(), time.perf_counter(), 0
-    while got := await shipper.ship_once():
-        shipped += got
-    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    server_cpu = group_cpu(server_pid) - server0 if server_pid else None
-    await shipper.stop(drain_seconds=0)
-    result = {
-        "target": label,
-        "call_ids": "time-ordered" if ordered else "uuid4",
-        "batch": batch,
-        "calls": shipped,
-        "calls_per_s": shipped / wall,
-        "shipper_cpu_ms_per_call": cpu / max(shipped, 1) * 1e3,
-        "server_cpu_ms_per_call": server_cpu / max(shipped, 1) * 1e3 if server_cpu is not None else None,
-        **check(ids, await asyncio.to_thread(arrived, uri, experiment), outbox),
-    }
-    await outbox.close()
-    return result
+    made = [new_call_id() if ordered else uuid.uuid4().hex for _ in range(calls)]
+    ids = await fill(root / f"{experiment}.db", key, calls, made)
+    row = await ship_all(
+        root / f"{experiment}.db", key, ids, uri, experiment, AuditSettings(ship_batch=batch), server_pid
+    )
+    return {"target": label, "call_ids": "time-ordered" if ordered else "uuid4", "batch": batch, **row}
 
 
 async def run_sustain(root: Path, calls: int, stored: int, server_calls: int) -> list[dict[str, Any]]:
