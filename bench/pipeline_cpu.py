@@ -1,14 +1,14 @@
 """The governed call's Python work, in-process, without HTTP: µs of CPU per `tools/call` of the demo
 `echo` tool through the real handlers and pipeline (every stage on, demo defaults, limits off, the
 shipper off), as the edge's lean path calls them. Prints a line per round and the median; with
-`--profile`, a cProfile of one round (the functions with the most own time).
+`--profile`, a cProfile of one round (the functions with the most own time, or `--sort cumulative`).
 
 The event-loop CPU (the main thread's own CPU time) is the pipeline's Python work: the stages, the
 records, the handlers, the policy input and decision log; it leaves out the store threads (the SQLite
 writer) and the policy engine's own thread. The process CPU time includes those too, so it is the
 whole in-process cost of a call but the HTTP edge's; the wall time per call is printed beside it.
 
-    .venv/bin/python -m bench.pipeline_cpu [--calls 2000] [--rounds 5] [--profile 30] [--upstream]
+    .venv/bin/python -m bench.pipeline_cpu [--calls 2000] [--rounds 5] [--profile 30 [--sort cumulative]] [--upstream]
 
 `--upstream` calls `up.echo` instead: bench/direct_server.py started as upstream `up` (as bench/peers.py
 registers it), so the figures are the proxied path's (the upstream's own CPU is its process's, not here).
@@ -88,7 +88,7 @@ def _scope(identity: Any, request_id: int, tool: str = "echo") -> dict[str, Any]
     }
 
 
-async def _run(calls: int, rounds: int, profile: int, tool: str = "echo") -> None:
+async def _run(calls: int, rounds: int, profile: int, tool: str = "echo", sort: str = "tottime") -> None:
     from server.auth.devkeys import mint_dev_token
     from server.gateway import build_gateway
     from server.logs import configure_logging
@@ -145,7 +145,7 @@ async def _run(calls: int, rounds: int, profile: int, tool: str = "echo") -> Non
             for _ in range(calls):
                 await one()
             profiler.disable()
-            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(profile)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats(sort).print_stats(profile)
     finally:
         await gateway.close()
 
@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, help="print the top N functions of a cProfile round")
+    parser.add_argument("--sort", default="tottime", choices=("tottime", "cumulative"), help="the profile's order")
     parser.add_argument("--upstream", action="store_true", help="call up.echo, proxied to bench/direct_server.py")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -179,7 +180,7 @@ def main() -> None:
                                         url, Path(tmp) / "up.log"))  # fmt: skip
             os.environ["CASTELLAN_UPSTREAMS"] = json.dumps([{"name": "up", "url": url}])
             tool = "up.echo"
-        asyncio.run(_run(args.calls, args.rounds, args.profile, tool))
+        asyncio.run(_run(args.calls, args.rounds, args.profile, tool, args.sort))
 
 
 if __name__ == "__main__":
