@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import time
 import uuid
@@ -18,7 +17,7 @@ import structlog
 
 from server.audit.chain import GENESIS, Verification, legacy_heads, read_rows, record_mac, verify_rows
 from server.audit.checkpoints import CheckpointLog
-from server.audit.encoding import encoder
+from server.audit.encoding import decode, encode
 from server.audit.instances import InstanceLocks
 from server.audit.keys import ChainKey
 from server.audit.search import AuditQuery, search, show
@@ -136,9 +135,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 _MAX_OWED_OUTCOMES = 10_000
-# `json.dumps(record, separators=(",", ":"), default=str)`, its encoder made once: the same bytes, but
-# for a non-finite number, written as a string (standard JSON, which SQLite's JSON functions read).
-_encode = encoder(separators=(",", ":"))
 # A record is ready to ship when its call is finished: it is the outcome, or its call has one, or its
 # decision stopped the call. In that order: the outcome's existence is one probe of the
 # (call_id, kind) index, where the decision's verdict parses the whole record (json_extract), now
@@ -254,7 +250,7 @@ class SqliteOutbox:
 
     def _insert(self, kind: Kind, call_id: str, record: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
         """The write of one record, chained to the one before it (computed inside the transaction)."""
-        body = _encode(record)
+        body = encode(record)  # standard JSON (server/audit/encoding.py), which SQLite's JSON functions read
         key, key_id, instance = self.key, self._key_id, self.instance
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -325,7 +321,7 @@ class SqliteOutbox:
                 alive[instance] = self.instances.alive(instance)
             if alive[instance]:
                 continue
-            decision = json.loads(record)
+            decision = decode(record)
             await self.write("outcome", call_id, interrupted_outcome(call_id, instance, self.instance))
             closed.append(decision)
         if closed:
@@ -376,7 +372,7 @@ class SqliteOutbox:
         rows = await self._db.run(
             lambda c: c.execute("SELECT kind, record FROM outbox WHERE call_id = ?", (call_id,)).fetchall()
         )
-        return {kind: json.loads(record) for kind, record in rows}
+        return {kind: decode(record) for kind, record in rows}
 
     async def recent(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest decision records, newest first."""
@@ -385,7 +381,7 @@ class SqliteOutbox:
                 "SELECT record FROM outbox WHERE kind = 'decision' ORDER BY seq DESC LIMIT ?", (limit,)
             ).fetchall()
         )
-        return [json.loads(r[0]) for r in rows]
+        return [decode(r[0]) for r in rows]
 
     def search(self, query: AuditQuery) -> list[dict[str, Any]]:
         return self._db.run_sync(lambda c: search(c, query))
@@ -421,9 +417,9 @@ class SqliteOutbox:
                 call = calls.setdefault(call_id, PendingCall(call_id))
                 call.seqs.append(seq)
                 if kind == "decision":
-                    call.decision, call.decided_at = json.loads(record), ts
+                    call.decision, call.decided_at = decode(record), ts
                 else:
-                    call.outcome = json.loads(record)
+                    call.outcome = decode(record)
             return [c for c in calls.values() if c.decision is not None]
 
         return await self._db.run(read)

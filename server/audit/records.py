@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from server import content
+from server.audit.encoding import decode, encode
 from server.audit.injection import scan_output
 from server.audit.redaction import Redactor
 from server.call import Call
@@ -136,10 +136,11 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
 
 
 def _redacted_text(text: str, redact: Redactor) -> str:
-    """A JSON result has its named fields redacted too (the text is stored, not the structure)."""
+    """A JSON result has its named fields redacted too (the text is stored, not the structure); written
+    back compact (server/audit/encoding.py), so the preview holds more of it."""
     if text[:1] in ("{", "[") and len(text) <= 65_536:
         try:
-            return json.dumps(redact.apply(json.loads(text)), default=str)
+            return encode(redact.apply(decode(text)))
         except ValueError:
             pass
     return text

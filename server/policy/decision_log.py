@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import structlog
 
 from server import __version__
-from server.audit.encoding import encoder
+from server.audit.encoding import encode_bytes
 from server.audit.redaction import Redactor
 from server.policy._input import recorded_input
 from server.policy._thread_engines import drop, engine_for, new_owner
@@ -29,9 +30,6 @@ log = structlog.get_logger("castellan.policy")
 __all__ = ["MASK_RULE", "DecisionLog", "apply_mask"]
 _UNDEFINED = '"<undefined>"'
 _BUFFER = 64 * 1024
-# `json.dumps(event, separators=(",", ":"), default=str)`, its encoder made once: the same bytes, but
-# for a non-finite number, written as a string (standard JSON).
-_encode = encoder(separators=(",", ":"))
 
 
 def apply_mask(event: dict[str, Any], mask: Any) -> dict[str, Any]:
@@ -127,7 +125,7 @@ class DecisionLog:
         self._max_bytes = max_bytes
         self._keep = keep
         self._redactor = redactor or Redactor()
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._size = 0
         self.failures = 0
         self._open()
@@ -179,9 +177,9 @@ class DecisionLog:
                 value = given.value
             else:
                 mask = engine_for(self._owner, mask_bundle.version, lambda: compile_bundle(mask_bundle))
-                mask.set_input_json(json.dumps({"input": event["input"], "result": result}))
+                mask.set_input_json(encode_bytes({"input": event["input"], "result": result}).decode())
                 raw = mask.eval_rule_as_json(MASK_RULE)
-                value = None if raw == _UNDEFINED else json.loads(raw)
+                value = None if raw == _UNDEFINED else orjson.loads(raw)
             if value is not None:
                 apply_mask(event, value)
         redactor = self._redactor
@@ -195,7 +193,7 @@ class DecisionLog:
 
     def emit(self, document: dict[str, Any], decision: Decision) -> None:
         try:
-            line = _encode(self.event(document, decision)) + "\n"
+            line = encode_bytes(self.event(document, decision)) + b"\n"  # standard JSON, UTF-8
             with self._lock:
                 self._write(line)
             if not self._dirty.is_set():
@@ -215,7 +213,7 @@ class DecisionLog:
                 self.failures += 1
                 log.error("decision_log_failed", error=repr(exc))
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: bytes) -> None:
         if self._file is None:  # the last rotation could not reopen the file
             self._open()
         if self._max_bytes and self._size and self._size + len(line) > self._max_bytes:
@@ -223,11 +221,12 @@ class DecisionLog:
             self._open()
         assert self._file is not None
         self._file.write(line)
-        self._size += len(line)  # JSON is written ASCII-only, so characters are bytes
+        self._size += len(line)  # bytes: UTF-8, a non-ASCII character is more than one
+        if self._flush_seconds <= 0:  # a write per line (binary files have no line buffering)
+            self._file.flush()
 
     def _open(self) -> None:
-        buffering = _BUFFER if self._flush_seconds > 0 else 1  # 1: a write per line
-        self._file = open(self._path, "a", buffering=buffering, encoding="utf-8")  # noqa: SIM115 - lives with the app
+        self._file = open(self._path, "ab", buffering=_BUFFER)  # noqa: SIM115 - lives with the app
         self._size = self._file.tell()
 
     def _rotate(self) -> None:

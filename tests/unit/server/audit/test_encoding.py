@@ -8,10 +8,10 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.audit.encoding import encoder
+from server.audit.chain import record_hash
+from server.audit.encoding import decode, encode, encode_bytes
 
 COMPACT = (",", ":")
-encode = encoder(separators=COMPACT)
 
 finite_json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -30,8 +30,34 @@ def _refuse(token: str) -> Any:
 
 
 @given(finite_json)
-def test_a_value_without_non_finite_numbers_gets_json_dumps_bytes(value: Any) -> None:
-    assert encode(value) == json.dumps(value, separators=COMPACT, default=str)
+def test_a_value_without_non_finite_numbers_reads_back_as_what_json_dumps_writes(value: Any) -> None:
+    # orjson's text, not json.dumps's bytes (UTF-8, `0.00001` for `1e-05`): the same JSON value
+    text = encode(value)
+    assert json.loads(text) == json.loads(json.dumps(value, separators=COMPACT, default=str)) == decode(text)
+    assert encode_bytes(value) == text.encode()
+
+
+def test_non_ascii_text_is_written_as_utf8_and_reads_back() -> None:
+    value = {"name": "café ☕", "line": "\u2028"}
+    assert encode_bytes(value) == '{"name":"café ☕","line":"\u2028"}'.encode()
+    assert decode(encode_bytes(value)) == value
+
+
+def test_what_orjson_refuses_is_written_by_pythons_encoder() -> None:
+    assert encode({"big": 2**70}) == '{"big":1180591620717411303424}'
+    assert encode({"s": "\ud800"}) == '{"s":"\\ud800"}'  # a lone surrogate, escaped as before
+    assert json.loads(encode({1: "a"})) == {"1": "a"}
+
+
+def test_a_record_written_before_reads_with_its_nan_token() -> None:
+    assert decode('{"n":NaN}')["n"] != decode('{"n":NaN}')["n"]  # a NaN, as Python's parser read it
+
+
+def test_the_chain_hashes_utf8_text_as_its_stored_characters() -> None:
+    text = encode({"name": "café"})
+    assert record_hash("0" * 64, 1, "c", "decision", 1.5, text) == record_hash(
+        "0" * 64, 1, "c", "decision", 1.5, json.loads(json.dumps(text))
+    )
 
 
 @given(any_json)

@@ -42,6 +42,24 @@ async def test_a_record_is_stored_as_compact_json_with_other_values_as_their_str
     await outbox.close()
 
 
+async def test_a_utf8_record_verifies_after_one_written_as_ascii_before(tmp_path: Path) -> None:
+    """orjson writes non-ASCII characters as themselves; the MAC covers the stored text, whatever its
+    bytes, so a chain mixing records written before (ASCII escapes) and after (UTF-8) verifies."""
+    import json
+
+    outbox = SqliteOutbox(tmp_path / "audit.db", key=KEY)
+    await outbox.write("decision", "old", {"tool": "café", "at": (1,)})  # a tuple: Python's encoder, ASCII
+    await outbox.write("decision", "new", {"tool": "café ✓", "latency_ms": 1.5e-05})
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        bodies = [r[0] for r in conn.execute("SELECT record FROM outbox ORDER BY seq")]
+    assert bodies[0] == json.dumps({"tool": "café", "at": [1]}, separators=(",", ":"))
+    assert "café ✓" in bodies[1]
+    assert json.loads(bodies[1]) == {"tool": "café ✓", "latency_ms": 1.5e-05}
+    assert (await outbox.records("new"))["decision"]["tool"] == "café ✓"
+    assert outbox.verify().intact
+    await outbox.close()
+
+
 async def test_non_finite_numbers_are_written_as_standard_json_so_the_store_stays_queryable(tmp_path: Path) -> None:
     """A caller's `NaN`/`Infinity` (Python's parser accepts them) or an upstream's: written as strings.
     Written as Python writes them, one record made SQLite's JSON functions fail every query of the store

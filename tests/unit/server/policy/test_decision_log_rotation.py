@@ -40,6 +40,16 @@ def test_the_log_is_rotated_by_size_and_only_keep_files_are_kept(tmp_path: Path)
     assert len(current) > 0
 
 
+def test_the_size_limit_counts_utf8_bytes_not_characters(tmp_path: Path) -> None:
+    log = log_in(tmp_path, max_bytes=4_000, keep=1)
+    for i in range(60):  # each "☕" is three bytes in the file (lines are UTF-8, not \u escapes)
+        log.emit({"arguments": {"n": i, "text": "☕" * 100}}, Decision(allow=True, decision_id=f"d{i}"))
+    log.close()
+    for name in ("decisions.jsonl", "decisions.jsonl.1"):
+        assert (tmp_path / name).stat().st_size <= 4_000
+        assert "☕" * 100 in (tmp_path / name).read_text(encoding="utf-8")
+
+
 def test_a_restarted_log_continues_the_file_and_its_size(tmp_path: Path) -> None:
     log = log_in(tmp_path, max_bytes=4_000, keep=1)
     emit(log, 0, 10)
