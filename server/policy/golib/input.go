@@ -18,7 +18,7 @@ import (
 // encoding/json's limit (10,000) is an error, as are trailing data, NaN and anything else not JSON.
 // input_test.go checks it against the old parse on generated and malformed documents.
 func parseInput(data []byte) (ast.Value, error) {
-	p := parser{data: data}
+	p := parser{data: data, text: string(data)}
 	p.space()
 	value, err := p.value(0)
 	if err != nil {
@@ -36,6 +36,25 @@ const maxNesting = 10000 // encoding/json's
 type parser struct {
 	data []byte
 	pos  int
+	// text is data copied once: a string without escapes is a slice of it, not a copy of its own.
+	text string
+	// terms is where the next terms are taken from, a block at a time rather than one by one.
+	terms []ast.Term
+	// items holds the members of the objects being parsed, innermost last: one slice for all.
+	items [][2]*ast.Term
+}
+
+const termBlock = 64
+
+// term is a new term holding value, from the parser's current block.
+func (p *parser) term(value ast.Value) *ast.Term {
+	if len(p.terms) == 0 {
+		p.terms = make([]ast.Term, termBlock)
+	}
+	t := &p.terms[0]
+	p.terms = p.terms[1:]
+	t.Value = value
+	return t
 }
 
 var errNesting = errors.New("exceeded max depth")
@@ -93,8 +112,8 @@ func (p *parser) object(depth int) (ast.Value, error) {
 	if depth > maxNesting {
 		return nil, errNesting
 	}
-	p.pos++ // {
-	var items [][2]*ast.Term
+	p.pos++                 // {
+	base := len(p.items)    // this object's members are p.items[base:] until it ends
 	var seen map[string]int // key -> index in items, built only when a key repeats could matter
 	p.space()
 	if p.pos < len(p.data) && p.data[p.pos] == '}' {
@@ -124,6 +143,7 @@ func (p *parser) object(depth int) (ast.Value, error) {
 		if err != nil {
 			return nil, err
 		}
+		items := p.items[base:]
 		if len(items) >= 8 && seen == nil {
 			seen = make(map[string]int, 2*len(items))
 			for i, item := range items {
@@ -144,18 +164,20 @@ func (p *parser) object(depth int) (ast.Value, error) {
 			}
 		}
 		if index >= 0 {
-			items[index][1] = ast.NewTerm(value) // the last value wins, as with encoding/json
+			items[index][1] = p.term(value) // the last value wins, as with encoding/json
 		} else {
 			if seen != nil {
 				seen[key] = len(items)
 			}
-			items = append(items, [2]*ast.Term{ast.NewTerm(keyValue), ast.NewTerm(value)})
+			p.items = append(p.items, [2]*ast.Term{p.term(keyValue), p.term(value)})
 		}
 		if done, err := p.separator('}', "after object key:value pair"); err != nil || done {
 			if err != nil {
 				return nil, err
 			}
-			return ast.NewObject(items...), nil
+			object := ast.NewObject(p.items[base:]...) // which copies the members
+			p.items = p.items[:base]
+			return object, nil
 		}
 	}
 }
@@ -196,7 +218,7 @@ func (p *parser) array(depth int) (ast.Value, error) {
 		if err != nil {
 			return nil, err
 		}
-		terms = append(terms, ast.NewTerm(value))
+		terms = append(terms, p.term(value))
 		if done, err := p.separator(']', "after array element"); err != nil || done {
 			if err != nil {
 				return nil, err
@@ -218,7 +240,7 @@ func (p *parser) str() (string, error) {
 		case c == '"':
 			p.pos++
 			if plain {
-				return string(p.data[start+1 : p.pos-1]), nil
+				return p.text[start+1 : p.pos-1], nil
 			}
 			var s string
 			if err := json.Unmarshal(p.data[start:p.pos], &s); err != nil {

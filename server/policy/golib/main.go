@@ -29,7 +29,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/debug"
-	"runtime/metrics"
+	rtmetrics "runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -37,6 +37,7 @@ import (
 	"unsafe"
 
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/metrics"
 	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/storage"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
@@ -202,15 +203,22 @@ func capabilities() *ast.Capabilities {
 
 var caps = capabilities()
 
-func reply(v any) *C.char {
+func replyJSON(v any) []byte {
 	bs, err := json.Marshal(v)
 	if err != nil {
 		bs, _ = json.Marshal(map[string]string{"error": "cannot encode the result: " + err.Error()})
 	}
-	return C.CString(string(bs))
+	return bs
 }
 
-func failure(err error) *C.char { return reply(map[string]string{"error": err.Error()}) }
+func failureJSON(err error) []byte { return replyJSON(map[string]string{"error": err.Error()}) }
+
+// cReply is a reply's JSON as a C string (malloc'd: the caller frees it with castellan_free).
+func cReply(bs []byte) *C.char { return C.CString(string(bs)) }
+
+func reply(v any) *C.char { return cReply(replyJSON(v)) }
+
+func failure(err error) *C.char { return cReply(failureJSON(err)) }
 
 // recovered turns a panic in the calling goroutine into an error reply.
 func recovered(out **C.char) {
@@ -222,14 +230,19 @@ func recovered(out **C.char) {
 //export castellan_compile
 func castellan_compile(request *C.char) (out *C.char) {
 	defer recovered(&out)
+	return cReply(compileCall([]byte(C.GoString(request))))
+}
+
+// compileCall compiles a compileRequest (JSON) and keeps it under a new handle: the reply's JSON.
+func compileCall(request []byte) []byte {
 	var req compileRequest
-	if err := json.Unmarshal([]byte(C.GoString(request)), &req); err != nil {
-		return failure(err)
+	if err := json.Unmarshal(request, &req); err != nil {
+		return failureJSON(err)
 	}
 	var data map[string]any
 	if len(req.Data) > 0 {
 		if err := util.UnmarshalJSON(req.Data, &data); err != nil {
-			return failure(fmt.Errorf("policy data does not load: %w", err))
+			return failureJSON(fmt.Errorf("policy data does not load: %w", err))
 		}
 	}
 	if data == nil {
@@ -238,13 +251,13 @@ func castellan_compile(request *C.char) (out *C.char) {
 	store := inmem.NewFromObject(data) // read-only: shared by the decision and the mask
 	query, err := prepare(req.Query, req.Modules, store)
 	if err != nil {
-		return failure(err)
+		return failureJSON(err)
 	}
 	policy := &compiled{query: query, timeout: deadline(req.TimeoutMs)}
 	if req.Mask != nil {
 		mask, err := prepare(req.Mask.Query, req.Mask.Modules, store)
 		if err != nil {
-			return failure(err)
+			return failureJSON(err)
 		}
 		policy.mask = &compiledMask{query: mask, timeout: deadline(req.Mask.TimeoutMs)}
 	}
@@ -253,30 +266,35 @@ func castellan_compile(request *C.char) (out *C.char) {
 	handle := next
 	policies[handle] = policy
 	mu.Unlock()
-	return reply(map[string]int64{"handle": handle})
+	return replyJSON(map[string]int64{"handle": handle})
 }
 
 //export castellan_eval
 func castellan_eval(handle C.longlong, input *C.char, length C.int) (out *C.char) {
 	defer recovered(&out)
 	keepProcessor()
+	// Parsed in place: the bytes are the caller's, valid for the call, and nothing parsed keeps them.
+	return cReply(evalCall(int64(handle), unsafe.Slice((*byte)(unsafe.Pointer(input)), int(length))))
+}
+
+// evalCall evaluates the policy under `handle` on `input` (a JSON document): the reply's JSON.
+func evalCall(handle int64, input []byte) []byte {
 	mu.RLock()
-	policy := policies[int64(handle)]
+	policy := policies[handle]
 	mu.RUnlock()
 	if policy == nil {
-		return failure(errors.New("no such compiled policy"))
+		return failureJSON(errors.New("no such compiled policy"))
 	}
-	// Parsed in place: the bytes are the caller's, valid for the call, and nothing parsed keeps them.
-	value, err := parseInput(unsafe.Slice((*byte)(unsafe.Pointer(input)), int(length)))
+	value, err := parseInput(input)
 	if err != nil {
-		return failure(fmt.Errorf("input is not JSON: %w", err))
+		return failureJSON(fmt.Errorf("input is not JSON: %w", err))
 	}
 	result, defined, err := evaluate(policy.query, value, policy.timeout)
 	if err != nil {
-		return failure(err)
+		return failureJSON(err)
 	}
 	if !defined {
-		return reply(map[string]any{}) // undefined
+		return replyJSON(map[string]any{}) // undefined
 	}
 	answer := map[string]any{"result": result}
 	if policy.mask != nil {
@@ -288,8 +306,12 @@ func castellan_eval(handle C.longlong, input *C.char, length C.int) (out *C.char
 			answer["mask"] = mask
 		}
 	}
-	return reply(answer)
+	return replyJSON(answer)
 }
+
+// noMetrics: nothing reads an evaluation's metrics, so none are kept (rego makes a map and timers
+// per evaluation otherwise).
+var noMetrics = metrics.NoOp()
 
 // evaluate runs a prepared query on a parsed input under a deadline: (value, defined, error).
 func evaluate(query rego.PreparedEvalQuery, input ast.Value, timeout time.Duration) (any, bool, error) {
@@ -297,7 +319,8 @@ func evaluate(query rego.PreparedEvalQuery, input ast.Value, timeout time.Durati
 	cancel := topdown.NewCancel()
 	timer := time.AfterFunc(timeout, cancel.Cancel)
 	defer timer.Stop()
-	results, err := query.Eval(context.Background(), rego.EvalParsedInput(input), rego.EvalExternalCancel(cancel))
+	results, err := query.Eval(context.Background(), rego.EvalParsedInput(input), rego.EvalExternalCancel(cancel),
+		rego.EvalMetrics(noMetrics))
 	if err != nil {
 		return nil, false, err
 	}
@@ -335,9 +358,9 @@ func main() {}
 
 // gcPercentInEffect is the collector's pacing as the runtime reports it (GOGC, or gcPercent).
 func gcPercentInEffect() uint64 {
-	sample := []metrics.Sample{{Name: "/gc/gogc:percent"}}
-	metrics.Read(sample)
-	if sample[0].Value.Kind() != metrics.KindUint64 {
+	sample := []rtmetrics.Sample{{Name: "/gc/gogc:percent"}}
+	rtmetrics.Read(sample)
+	if sample[0].Value.Kind() != rtmetrics.KindUint64 {
 		return 0
 	}
 	return sample[0].Value.Uint64()
