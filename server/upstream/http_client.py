@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import orjson
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import encode_header_value, find_invalid_x_mcp_header, mcp_param_headers, x_mcp_header_map
 from mcp_types import (
@@ -81,6 +82,15 @@ def _mirrored(mapping: Any, arguments: Mapping[str, Any]) -> dict[str, str]:
     return mcp_param_headers(mapping, arguments)
 
 
+def _loads(data: bytes) -> Any:
+    """JSON from the wire: orjson (about 3x faster than json on these answers); whatever it refuses
+    (NaN, integers beyond 64 bits, lone surrogates) is read by json, so the values are json's."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def parse_response(content_type: str, body: bytes, request_id: int) -> dict[str, Any]:
     """The JSON-RPC response to `request_id`, from a JSON body or the SSE event that carries it."""
     if "text/event-stream" in content_type:
@@ -88,11 +98,11 @@ def parse_response(content_type: str, body: bytes, request_id: int) -> dict[str,
             data = b"\n".join(line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:"))
             if not data:
                 continue
-            message = json.loads(data)
+            message = _loads(data)
             if isinstance(message, dict) and message.get("id") == request_id:
                 return message
         raise UpstreamProtocolError("the upstream's event stream ended without the response")
-    message = json.loads(body) if body else None
+    message = _loads(body) if body else None
     if not isinstance(message, dict) or message.get("id") != request_id:
         raise UpstreamProtocolError("the upstream's answer is not the response to the request")
     return message
@@ -139,6 +149,9 @@ class HttpUpstreamClient:
         self._headers = {**own, "accept": ACCEPT, "content-type": "application/json"}
         self._timeout = timeout_seconds
         self._pool: ConnectionPool | None = None
+        self._pool_url: str | None = None
+        self._pool_target = ""
+        """The URL the pool and request target were worked out for (a redirect moves `url`)."""
         self._session_headers: dict[str, str] | None = None
         self._session_lock = asyncio.Lock()
         self._ids = itertools.count(1)
@@ -153,11 +166,14 @@ class HttpUpstreamClient:
 
     def _connections(self) -> tuple[ConnectionPool, str]:
         """The pool for `self.url`'s origin (made again when the URL moved to another) and the request target."""
+        if self._pool is not None and self._pool_url == self.url:
+            return self._pool, self._pool_target  # parsed once, not twice a call
         if self._pool is None or not self._pool.origin_of(self.url):
             if self._pool is not None:
                 self._pool.close()
             self._pool = ConnectionPool(self.url)
-        return self._pool, _target(self.url)
+        self._pool_url, self._pool_target = self.url, _target(self.url)
+        return self._pool, self._pool_target
 
     async def _send(self, method: str, body: bytes, headers: Mapping[str, str]) -> Response:
         """One request; a 307/308 to the same origin is followed (and kept as the URL from then on)."""
@@ -253,7 +269,7 @@ class HttpUpstreamClient:
     async def close(self) -> None:
         """Ends this client's 2025-era session (best effort) and closes its connections."""
         pool, session = self._pool, self._session_headers
-        self._pool, self._session_headers = None, None
+        self._pool, self._session_headers, self._pool_url = None, None, None
         if pool is None:
             return
         if session is not None and "mcp-session-id" in session:
