@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import orjson
+
 from server.audit.outbox import PendingCall
 
 PREVIEW_CHARS = 1_000
@@ -30,7 +32,11 @@ the run are MLflow's own user and session (`mlflow.trace.user`, `mlflow.trace.se
 and written anyway), and what nobody filters on (the action, the denial code) is an attribute of the
 root span."""
 _ROOT_ATTRIBUTES = ("action", "code")
+_TAG_KEYS = tuple((key, f"castellan.{key}") for key in TAGS)
 _PREVIEW_JSON = json.JSONEncoder(separators=(",", ":"), default=str).encode
+"""The standard encoder, for what orjson refuses (`_json`)."""
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+"""Dates and dataclasses go to `default=str`, as with the standard encoder."""
 
 
 class SpanPlan(NamedTuple):
@@ -113,51 +119,78 @@ def _epoch_ns(record: dict[str, Any], fallback: float) -> int:
         return int(fallback * 1e9)
 
 
+def _json(value: Any) -> str:
+    """Compact JSON by orjson (non-ASCII as it is; ~0.5 us where `json.dumps` took 5-11 for a small
+    object); what orjson refuses (a key that is not a string, an integer beyond 64 bits, a lone
+    surrogate) by the standard encoder."""
+    try:
+        return orjson.dumps(value, default=str, option=_PASSTHROUGH).decode()
+    except TypeError:
+        return _PREVIEW_JSON(value)
+
+
 def _preview(value: Any) -> str:
-    text = value if isinstance(value, str) else _PREVIEW_JSON(value)
-    return text[:PREVIEW_CHARS]
+    return (value if isinstance(value, str) else _json(value))[:PREVIEW_CHARS]
 
 
 def plan_trace(pending: PendingCall) -> TracePlan:
     decision = pending.decision or {}
     outcome = pending.outcome
+    get = decision.get
     start_ns = _epoch_ns(decision, pending.decided_at)
-    timings: dict[str, float] = dict((outcome or {}).get("timings_ms") or decision.get("timings_ms") or {})
+    timings: dict[str, float] = (outcome.get("timings_ms") if outcome else None) or get("timings_ms") or {}
+    is_error = bool(outcome.get("is_error")) if outcome else False
     if outcome and outcome.get("latency_ms") is not None:
         end_ns = start_ns + int(float(outcome["latency_ms"]) * 1e6)
     else:
         end_ns = start_ns + int(sum(timings.values()) * 1e6)
-    verdict = decision.get("decision")
-    ok = verdict == "allow" and not (outcome or {}).get("is_error", False)
-    stopped_at = decision.get("stage")
+    verdict = get("decision")
+    ok = verdict == "allow" and not is_error
+    stopped_at = get("stage")
+    # The stages whose span carries something (the rest have no inputs and no outputs).
+    special = {"policy", "grants", "approval", "invoke"}
+    if stopped_at is not None:
+        special.add(stopped_at)
 
     spans: list[SpanPlan] = []
     cursor = start_ns
     for stage, ms in timings.items():
         duration = max(int(float(ms) * 1e6), 1_000)
-        failed = stage == stopped_at or (stage == "invoke" and bool((outcome or {}).get("is_error")))
+        if stage in special:
+            failed = stage == stopped_at or (stage == "invoke" and is_error)
+            inputs = get("arguments") if stage == "invoke" else None
+            outputs = _stage_outputs(stage, decision, outcome)
+        else:
+            failed, inputs, outputs = False, None, None
         spans.append(
             SpanPlan(
-                name=_SPAN_NAMES.get(stage, stage),
-                span_type=_SPAN_TYPES.get(stage, "UNKNOWN"),
-                start_ns=cursor,
-                end_ns=cursor + duration,
-                ok=not failed,
-                inputs=decision.get("arguments") if stage == "invoke" else None,
-                outputs=_stage_outputs(stage, decision, outcome),
+                _SPAN_NAMES.get(stage, stage),
+                _SPAN_TYPES.get(stage, "UNKNOWN"),
+                cursor,
+                cursor + duration,
+                not failed,
+                inputs,
+                outputs,
             )
         )
         cursor += duration
     end_ns = max(end_ns, cursor)
-    spans += _relayed_spans(outcome, start_ns)
+    if outcome and outcome.get("relayed"):
+        spans += _relayed_spans(outcome, start_ns)
 
-    tags = {"castellan.call_id": pending.call_id}
-    tags.update((f"castellan.{key}", str(decision[key])) for key in TAGS if decision.get(key) is not None)
-    reasons_json = json.dumps(decision.get("reasons") or [])
+    call_id = pending.call_id
+    tags = {"castellan.call_id": call_id}
+    for key, tag in _TAG_KEYS:
+        value = get(key)
+        if value is not None:
+            tags[tag] = str(value)
+    reasons = get("reasons")
+    reasons_json = json.dumps(reasons) if reasons else "[]"
     if reasons_json != "[]":  # searched results show them; none is the common case, and no tag
         tags["castellan.reasons"] = reasons_json
-    if decision.get("traceparent"):
-        tags["castellan.traceparent"] = str(decision["traceparent"])
+    traceparent = get("traceparent")
+    if traceparent:
+        tags["castellan.traceparent"] = str(traceparent)
     if outcome and outcome.get("flags"):
         tags["castellan.flags"] = ",".join(outcome["flags"])
     # What became of the call: ok, error, interrupted (its gateway died mid-call), or denied.
@@ -165,53 +198,57 @@ def plan_trace(pending: PendingCall) -> TracePlan:
         verdict or "unknown"
         if verdict != "allow"
         else "interrupted"
-        if (outcome or {}).get("interrupted")
+        if outcome and outcome.get("interrupted")
         else "error"
-        if (outcome or {}).get("is_error")
+        if is_error
         else "ok"
     )
     tags = {key: value for key, value in tags.items() if value}
+    client = get("client")
     metadata = {
-        "castellan.call_id": pending.call_id,
+        "castellan.call_id": call_id,
         "castellan.reasons": reasons_json,
-        "castellan.request_id": str(decision.get("request_id") or ""),
-        "castellan.client": json.dumps(decision.get("client") or {}),
-        "castellan.traceparent": str(decision.get("traceparent") or ""),
+        "castellan.request_id": str(get("request_id") or ""),
+        "castellan.client": _json(client) if client else "{}",
+        "castellan.traceparent": str(traceparent or ""),
         "castellan.seqs": ",".join(map(str, pending.seqs)),
         "castellan.complete": "true" if outcome is not None or verdict != "allow" else "false",
-        "mlflow.trace.user": str(decision.get("agent_id") or ""),
-        "mlflow.trace.session": str(decision.get("run_id") or ""),
+        "mlflow.trace.user": str(get("agent_id") or ""),
+        "mlflow.trace.session": str(get("run_id") or ""),
     }
     if outcome is not None:
         metadata["castellan.tokens_in"] = str(outcome.get("tokens_in", 0))
         metadata["castellan.tokens_out"] = str(outcome.get("tokens_out", 0))
+    tool, arguments = get("tool"), get("arguments")
+    attributes = {"castellan.traceparent": traceparent, "castellan.call_id": call_id}
+    for key in _ROOT_ATTRIBUTES:
+        value = get(key)
+        if value is not None:
+            attributes[f"castellan.{key}"] = value
     root = SpanPlan(
-        name=f"{decision.get('action', 'call')} {decision.get('tool') or '?'}",
-        span_type="AGENT",
-        start_ns=start_ns,
-        end_ns=end_ns,
-        ok=ok,
-        inputs={"tool": decision.get("tool"), "arguments": decision.get("arguments")},
-        outputs=_root_outputs(decision, outcome),
-        attributes={
-            "castellan.traceparent": decision.get("traceparent"),
-            "castellan.call_id": pending.call_id,
-            **{f"castellan.{key}": decision[key] for key in _ROOT_ATTRIBUTES if decision.get(key) is not None},
-        },
+        f"{get('action', 'call')} {tool or '?'}",
+        "AGENT",
+        start_ns,
+        end_ns,
+        ok,
+        {"tool": tool, "arguments": arguments},
+        _root_outputs(decision, outcome),
+        attributes,
     )
-    reasons = "; ".join(decision.get("reasons") or [])
+    if outcome and outcome.get("result_preview"):
+        response = outcome["result_preview"]
+    else:
+        response = f"{verdict}: {'; '.join(reasons or [])}" if verdict != "allow" else ""
     return TracePlan(
-        call_id=pending.call_id,
-        otel_trace_id=otel_trace_id(pending.call_id),
+        call_id=call_id,
+        otel_trace_id=otel_trace_id(call_id),
         start_ns=start_ns,
         end_ns=end_ns,
         ok=ok,
         tags=tags,
         metadata=metadata,
-        request_preview=_preview({"tool": decision.get("tool"), "arguments": decision.get("arguments")}),
-        response_preview=_preview(
-            (outcome or {}).get("result_preview") or (f"{verdict}: {reasons}" if verdict != "allow" else "")
-        ),
+        request_preview=_preview({"tool": tool, "arguments": arguments}),
+        response_preview=_preview(response),
         spans=(root, *spans),
     )
 

@@ -159,3 +159,21 @@ def test_time_ordered_traces_read_back_as_the_trace_log_spans_writes(store: str)
             span[-1]["mlflow.traceTag.castellan.call_id"] = first
     assert got == want
     assert reader.get_trace(a.trace_id).info.client_request_id == first
+
+
+def test_a_value_orjson_refuses_is_still_written_and_read_back(store: str) -> None:
+    """A lone surrogate (json.loads makes one of `"\\ud800"`) or an integer beyond 64 bits in the
+    arguments: encoded by the standard encoder, ASCII-escaped, so the row binds and the batch is not
+    stuck (before, the surrogate went into the span's content as it was and SQLite refused the row)."""
+    from mlflow.tracing.client import TracingClient
+
+    call = pending("call-odd")
+    call.decision["arguments"] = {"text": "a\ud800b", "big": 2**70, "ü": "✓"}
+    plan = plan_trace(call)
+    target = MlflowTarget(store, "odd")
+    target.write([plan])
+    trace = TracingClient(store).get_trace(plan.trace_id)
+    tool = next(s for s in trace.data.spans if s.name == "tool")
+    assert tool.inputs == {"text": "a\ud800b", "big": 2**70, "ü": "✓"}
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.inputs == {"tool": "echo", "arguments": tool.inputs}
