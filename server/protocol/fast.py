@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import anyio
 import mcp_types as types
+import orjson
 import structlog
 from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.lowlevel import Server
@@ -239,7 +240,7 @@ class FastEdge:
             error = modern_error_data(exc)
             answer = {"jsonrpc": "2.0", "id": body["id"], "error": error.model_dump(mode="json", exclude_none=True)}
             status = ERROR_CODE_HTTP_STATUS.get(error.code, 200)  # as the SDK: e.g. -32021 is a 400
-        payload = json.dumps(answer, separators=(",", ":")).encode()
+        payload = _encode(answer)
         await send(
             {
                 "type": "http.response.start",
@@ -312,9 +313,7 @@ class FastEdge:
                         request_id, ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
                     )
                 else:
-                    status_body = json.dumps(
-                        {"jsonrpc": "2.0", "id": request_id, "result": result}, separators=(",", ":")
-                    ).encode()
+                    status_body = _encode({"jsonrpc": "2.0", "id": request_id, "result": result})
         if session.transport.is_terminated:  # the session ended while the request ran: as the SDK answers
             response = session.transport._create_error_response(
                 "Session terminated before the request completed", HTTPStatus.INTERNAL_SERVER_ERROR, INTERNAL_ERROR
@@ -380,6 +379,9 @@ def session_route(message: dict[str, Any]) -> tuple[str | int, str, dict[str, An
     return request_id, method, params
 
 
+_NO_BACK_CHANNEL = TransportContext(kind="streamable-http", can_send_request=False)
+
+
 @dataclass(slots=True)
 class _SessionDispatch:
     """The dispatch context of a request served on the lean 2025 path, as the SDK's dispatcher makes it
@@ -389,10 +391,16 @@ class _SessionDispatch:
 
     _request_id: str | int
     message_metadata: ServerMessageMetadata
-    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
-    transport: TransportContext = field(
-        default_factory=lambda: TransportContext(kind="streamable-http", can_send_request=False)
-    )
+    transport: TransportContext = field(default_factory=lambda: _NO_BACK_CHANNEL)
+    _cancel_requested: anyio.Event | None = None
+
+    @property
+    def cancel_requested(self) -> anyio.Event:
+        """Made on first ask (nothing on this path asks unless a handler does): `anyio.Event()` looks
+        up the running async library each time, ~4 µs a request."""
+        if self._cancel_requested is None:
+            self._cancel_requested = anyio.Event()
+        return self._cancel_requested
 
     @property
     def request_id(self) -> str | int:
@@ -410,6 +418,17 @@ class _SessionDispatch:
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         return None
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+    """A JSON-RPC answer as compact JSON, as UTF-8 (as the SDK's pydantic encoder writes it): orjson,
+    ~1 µs against the json module's ~6 µs for a tool result. What orjson refuses (an integer past
+    64 bits, a lone surrogate) is written by the json module, as before (non-ASCII as escapes); the
+    results here are JSON-mode dumps, so no NaN or non-JSON type reaches either."""
+    try:
+        return orjson.dumps(answer)
+    except TypeError:
+        return json.dumps(answer, separators=(",", ":")).encode()
 
 
 def _error_body(request_id: str | int, error: ErrorData) -> bytes:
