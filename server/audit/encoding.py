@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from server import json_exact
+
 # A datetime or a dataclass goes to `default` (its `str`), as with json, not orjson's own form.
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _strict = json.JSONEncoder(separators=(",", ":"), default=str, allow_nan=False).encode
@@ -49,11 +51,9 @@ def encode(value: Any) -> str:
 
 def decode(text: str | bytes) -> Any:
     """A record or a line as written here (standard JSON) by orjson; one written before records were
-    standard JSON (a `NaN` token, which orjson refuses) by Python's parser, as it was read then."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    standard JSON (a `NaN` token, which orjson refuses), or holding an integer beyond 64 bits (which
+    orjson would read as a float), by Python's parser, exactly as it was written (`server.json_exact`)."""
+    return json_exact.loads(text)  # orjson where it reads exactly as json does (not integers past 64 bits)
 
 
 def _fallback(value: Any) -> str:

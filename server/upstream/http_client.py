@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import orjson
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import encode_header_value, find_invalid_x_mcp_header, mcp_param_headers, x_mcp_header_map
 from mcp_types import (
@@ -42,7 +41,7 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from server import __version__
+from server import __version__, json_exact
 from server.upstream.http_pool import ConnectionPool, Response
 
 CLIENT_INFO = {"name": "castellan-gateway", "version": __version__}
@@ -83,12 +82,10 @@ def _mirrored(mapping: Any, arguments: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _loads(data: bytes) -> Any:
-    """JSON from the wire: orjson (about 3x faster than json on these answers); whatever it refuses
-    (NaN, integers beyond 64 bits, lone surrogates) is read by json, so the values are json's."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
+    """JSON from the wire: orjson (about 3x faster than json on these answers) where it reads exactly
+    as json does; NaN, lone surrogates and integers beyond 64 bits (which orjson reads as floats) are
+    read by json, so the values are json's (`server.json_exact`)."""
+    return json_exact.loads(data)
 
 
 def parse_response(content_type: str, body: bytes, request_id: int) -> dict[str, Any]:

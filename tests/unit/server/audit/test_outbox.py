@@ -39,6 +39,8 @@ async def test_a_record_is_stored_as_compact_json_with_other_values_as_their_str
         (body,) = conn.execute("SELECT record FROM outbox").fetchone()
     assert body == json.dumps(record, separators=(",", ":"), default=str)  # the chain's MAC covers these bytes
     assert outbox.verify().intact
+    assert (await outbox.records("c1"))["decision"]["n"] == 10**20  # read back exactly, an int (not orjson's 1e+20)
+    assert type((await outbox.records("c1"))["decision"]["n"]) is int
     await outbox.close()
 
 
