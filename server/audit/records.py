@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from server import content
-from server.audit.encoding import decode, encode
+from server.audit.encoding import decode
 from server.audit.injection import scan_output
 from server.audit.redaction import Redactor
 from server.call import Call
 from server.policy._input import build_input, recorded_input
 
 RESULT_PREVIEW_CHARS = 2_000
+_PREVIEW_JSON = json.JSONEncoder(default=str).encode  # = json.dumps(value, default=str), made once
 
 
 def _redactor_for(call: Call, redactor: Redactor) -> Redactor:
@@ -136,11 +138,11 @@ def outcome_record(call: Call, finished_at: float, redactor: Redactor | None = N
 
 
 def _redacted_text(text: str, redact: Redactor) -> str:
-    """A JSON result has its named fields redacted too (the text is stored, not the structure); written
-    back compact (server/audit/encoding.py), so the preview holds more of it."""
+    """A JSON result has its named fields redacted too (the text is stored, not the structure), written
+    back as `json.dumps` writes it (the form auditors have always read in the preview)."""
     if text[:1] in ("{", "[") and len(text) <= 65_536:
         try:
-            return encode(redact.apply(decode(text)))
+            return _PREVIEW_JSON(redact.apply(decode(text)))
         except ValueError:
             pass
     return text
