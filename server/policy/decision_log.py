@@ -14,11 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
 import structlog
 
 from server import __version__
-from server.audit.encoding import encode_bytes
+from server.audit.encoding import decode, encode_bytes
 from server.audit.redaction import Redactor
 from server.policy._input import recorded_input
 from server.policy._thread_engines import drop, engine_for, new_owner
@@ -179,7 +178,7 @@ class DecisionLog:
                 mask = engine_for(self._owner, mask_bundle.version, lambda: compile_bundle(mask_bundle))
                 mask.set_input_json(encode_bytes({"input": event["input"], "result": result}).decode())
                 raw = mask.eval_rule_as_json(MASK_RULE)
-                value = None if raw == _UNDEFINED else orjson.loads(raw)
+                value = None if raw == _UNDEFINED else decode(raw)
             if value is not None:
                 apply_mask(event, value)
         redactor = self._redactor

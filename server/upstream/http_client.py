@@ -81,13 +81,6 @@ def _mirrored(mapping: Any, arguments: Mapping[str, Any]) -> dict[str, str]:
     return mcp_param_headers(mapping, arguments)
 
 
-def _loads(data: bytes) -> Any:
-    """JSON from the wire: orjson (about 3x faster than json on these answers) where it reads exactly
-    as json does; NaN, lone surrogates and integers beyond 64 bits (which orjson reads as floats) are
-    read by json, so the values are json's (`server.json_exact`)."""
-    return json_exact.loads(data)
-
-
 def parse_response(content_type: str, body: bytes, request_id: int) -> dict[str, Any]:
     """The JSON-RPC response to `request_id`, from a JSON body or the SSE event that carries it."""
     if "text/event-stream" in content_type:
@@ -95,11 +88,11 @@ def parse_response(content_type: str, body: bytes, request_id: int) -> dict[str,
             data = b"\n".join(line[5:].lstrip(b" ") for line in block.split(b"\n") if line.startswith(b"data:"))
             if not data:
                 continue
-            message = _loads(data)
+            message = json_exact.loads(data)  # orjson where it reads as json does
             if isinstance(message, dict) and message.get("id") == request_id:
                 return message
         raise UpstreamProtocolError("the upstream's event stream ended without the response")
-    message = _loads(body) if body else None
+    message = json_exact.loads(body) if body else None
     if not isinstance(message, dict) or message.get("id") != request_id:
         raise UpstreamProtocolError("the upstream's answer is not the response to the request")
     return message
