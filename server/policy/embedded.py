@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import orjson
 import structlog
 
 from server.errors import BackendUnavailable, ConfigError
@@ -102,6 +104,46 @@ def _evaluate(compiled: Compiled, document_json: str, document: Any = None) -> _
     except BaseException as exc:  # anything at all is a deny, never a crash
         ok, value, mask = False, f"{type(exc).__name__}: {_clean(exc)}", None
     return ok, value, time.thread_time() - started, mask
+
+
+def input_json(document: Any) -> str:
+    """The policy input as JSON text, read by the evaluators as `json.dumps`'s would be: orjson's (~10x
+    faster) unless the document holds a non-finite float or something orjson refuses (an integer beyond
+    64 bits, a non-string key), which `json.dumps` itself writes. orjson writes NaN and +-Infinity as
+    `null`; json.dumps writes `NaN`/`Infinity`, which OPA and regorus refuse (an evaluation error, so
+    a deny: fail closed), and that must stay so."""
+    if not _finite(document):
+        return json.dumps(document)
+    try:
+        return orjson.dumps(document).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(document)
+
+
+def _finite(value: Any) -> bool:
+    """No float in `value` (dicts, lists and tuples looked into, subclasses too) is NaN or infinite.
+    Exact types first: the input is plain JSON values, and this walk is most of input_json's cost."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str or kind is int or kind is bool or item is None:
+            continue
+        if kind is dict:
+            extend(item.values())
+        elif kind is list or kind is tuple:
+            extend(item)
+        elif kind is float:
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, Mapping):
+            extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return False
+    return True
 
 
 def _poisoned(compiled: Compiled) -> bool:
@@ -224,7 +266,7 @@ class EmbeddedEngine:
             )
         if self._closed:
             raise BackendUnavailable("policy", "policy engine unavailable (closed)")
-        document_json = json.dumps(document)
+        document_json = input_json(document)
         if self._inline_max > 0 and self._average <= self._inline_max:
             compiled = engine_for(self._owner, version, workers.make)
             ok, raw, seconds, mask = _evaluate(compiled, document_json, document)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -8,9 +9,10 @@ import pytest
 from server.errors import ConfigError
 from server.policy import inprocess_opa
 from server.policy._input import build_input
+from server.policy._result import EVALUATION_FAILED
 from server.policy._thread_engines import _engines
 from server.policy.bundle import PolicyBundle
-from server.policy.embedded import EmbeddedEngine
+from server.policy.embedded import EmbeddedEngine, input_json
 from server.settings import REPO_ROOT
 from server.testing import make_call, make_identity
 from tools.echo import EchoTool
@@ -265,3 +267,21 @@ async def test_the_opa_library_decides_concurrently_on_worker_threads() -> None:
     decisions = await asyncio.gather(*(engine.decide(doc(arguments={"text": t})) for t in texts))
     assert [d.allow for d in decisions] == [len(t) <= 200 for t in texts]
     await engine.close()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+async def test_a_non_finite_float_in_the_arguments_is_still_denied(engine: EmbeddedEngine, bad: float) -> None:
+    # orjson would write it as null (a valid input); the engine must hand the evaluator what json.dumps
+    # writes (NaN/Infinity), which it refuses: a deny, fail closed
+    assert (await engine.decide(doc(arguments={"text": "hi", "n": [{"x": 1.0}]}))).allow
+    decision = await engine.decide(doc(arguments={"text": "hi", "n": [{"x": bad}]}))
+    assert not decision.allow
+    assert decision.reasons == (EVALUATION_FAILED,)
+
+
+def test_input_json_reads_as_json_dumps() -> None:
+    document = build_input(make_call(tool=EchoTool(), tool_name="echo", arguments={"text": "hi", "f": 1.5}))
+    assert json.loads(input_json(document)) == json.loads(json.dumps(document))
+    assert input_json({"a": (1, [float("nan")])}) == json.dumps({"a": (1, [float("nan")])})
+    assert input_json({"a": 10**20}) == json.dumps({"a": 10**20})  # beyond orjson's 64 bits
+    assert input_json({1: "x"}) == json.dumps({1: "x"})  # a key orjson refuses
