@@ -108,21 +108,22 @@ def _evaluate(compiled: Compiled, document_json: str, document: Any = None) -> _
 
 def input_json(document: Any) -> str:
     """The policy input as JSON text, read by the evaluators as `json.dumps`'s would be: orjson's (~10x
-    faster) unless the document holds a non-finite float or something orjson refuses (an integer beyond
-    64 bits, a non-string key), which `json.dumps` itself writes. orjson writes NaN and +-Infinity as
-    `null`; json.dumps writes `NaN`/`Infinity`, which OPA and regorus refuse (an evaluation error, so
-    a deny: fail closed), and that must stay so."""
-    if not _finite(document):
+    faster) when the document is plain JSON values (exact `str`, `int`, `float`, `bool`, `None`, `dict`,
+    `list`, `tuple`) with every float finite, else `json.dumps`'s own. orjson writes NaN and +-Infinity
+    as `null`, where json.dumps writes `NaN`/`Infinity`, which OPA and regorus refuse (an evaluation
+    error, so a deny: fail closed), and that must stay so; and orjson writes values json.dumps refuses
+    (dataclasses, datetimes, UUIDs), so anything but plain values takes json.dumps and fails as before."""
+    if not _plain(document):
         return json.dumps(document)
     try:
         return orjson.dumps(document).decode()
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
+    except TypeError:  # orjson.JSONEncodeError is a TypeError: an integer beyond 64 bits, a non-string key
         return json.dumps(document)
 
 
-def _finite(value: Any) -> bool:
-    """No float in `value` (dicts, lists and tuples looked into, subclasses too) is NaN or infinite.
-    Exact types first: the input is plain JSON values, and this walk is most of input_json's cost."""
+def _plain(value: Any) -> bool:
+    """`value` is made of plain JSON values only (exact types: a subclass may encode differently) and
+    no float in it is NaN or infinite. This walk is most of input_json's cost."""
     stack = [value]
     pop, extend = stack.pop, stack.extend
     while stack:
@@ -137,11 +138,7 @@ def _finite(value: Any) -> bool:
         elif kind is float:
             if not math.isfinite(item):
                 return False
-        elif isinstance(item, Mapping):
-            extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
+        else:
             return False
     return True
 

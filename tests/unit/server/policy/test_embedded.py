@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from server.errors import ConfigError
@@ -285,3 +288,8 @@ def test_input_json_reads_as_json_dumps() -> None:
     assert input_json({"a": (1, [float("nan")])}) == json.dumps({"a": (1, [float("nan")])})
     assert input_json({"a": 10**20}) == json.dumps({"a": 10**20})  # beyond orjson's 64 bits
     assert input_json({1: "x"}) == json.dumps({1: "x"})  # a key orjson refuses
+    assert input_json(document) == orjson.dumps(document).decode()  # a real input takes the fast path
+    # orjson writes these; json.dumps refuses them, and the engine must go on refusing them as before
+    for value in (datetime.now(UTC), uuid.uuid4(), EchoTool().spec):
+        with pytest.raises(TypeError):
+            input_json({"arguments": {"v": value}})
