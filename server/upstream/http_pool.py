@@ -139,8 +139,6 @@ class ConnectionPool:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._idle: list[_Connection] = []
         self._closed = False
-        self.opened = 0
-        """Connections opened so far (reuse shows as calls per connection)."""
 
     def origin_of(self, url: str) -> bool:
         """`url` is on this pool's origin (scheme, host and port)."""
@@ -181,7 +179,6 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {"ssl": self._ssl, "server_hostname": self.host} if self._ssl is not None else {}
         _, connection = await loop.create_connection(_Connection, self.host, self.port, **kwargs)
-        self.opened += 1
         return connection
 
     def _release(self, connection: _Connection) -> None:

@@ -190,18 +190,15 @@ def outbox(data_dir: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, An
 def interrupted_mismatch(data_dir: Path, open_calls: list[str], closed: float) -> str:
     """Why the restarted gateway closed a different number of calls than the outbox showed open after
     the kill: the calls each side counted, and every record of the calls only one side counted."""
-    _, outcomes = outbox(data_dir)  # the restart's interrupted outcomes may still be in its group commit
-    interrupted = sorted(c for c, o in outcomes.items() if o.get("interrupted"))
-    differ = set(open_calls).symmetric_difference(interrupted)
     with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'audit.db'}?mode=ro", uri=True)) as db:
-        rows = [
-            (*r[:5], r[5][:300])
-            for r in db.execute("SELECT seq, kind, call_id, instance, shipped_at, record FROM outbox ORDER BY seq")
-            if r[2] in differ
-        ]
+        rows = db.execute("SELECT seq, kind, call_id, instance, shipped_at, record FROM outbox ORDER BY seq").fetchall()
+    # the restart's interrupted outcomes may still be in its group commit
+    interrupted = sorted(r[2] for r in rows if r[1] == "outcome" and json.loads(r[5]).get("interrupted"))
+    differ = set(open_calls).symmetric_difference(interrupted)
+    differing = [(*r[:5], r[5][:300]) for r in rows if r[2] in differ]
     return (
         f"closed {closed} at restart, {len(open_calls)} open after the kill; open then: {open_calls};"
-        f" interrupted outcomes now: {interrupted}; records of the calls that differ: {rows}"
+        f" interrupted outcomes now: {interrupted}; records of the calls that differ: {differing}"
     )
 
 
