@@ -4,6 +4,7 @@ the decision log, the traces built from the outbox, exports)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ _HEX_PLUGIN, _TEXT_PLUGIN = HexHighEntropyString(), Base64HighEntropyString()
 _TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-.~")
 _CACHE_ENTRIES, _CACHE_CHARS = 16_384, 256
 _PEM_END = re.compile(r"-----END[^\n-]*-----|\Z")
+_CLEAN_ENTRIES = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,70 @@ def _superset(rule: _Rule) -> str | None:
     return text
 
 
+# One search over a value's texts joined by newlines stands for one search per text only where a match
+# in a text is a match in the joined text too. RE2's gate: with `^` and `$` made line anchors (`(?m)`),
+# each text sits between line boundaries as it sat between the ends of the text, and a newline is no
+# word character (`\b`, `\B` hold alike); only `\A`, `\z` and a flag turned off (`(?-m)`) would see
+# the difference: a gate with one of them is not joined.
+_JOINT_UNSAFE = re.compile(r"\\[Az]|\(\?[A-Za-z]*-")
+_UNANCHORED = re2._Anchor.UNANCHORED
+
+
+def _joinable(rule: _Rule) -> bool:
+    """A rule RE2 cannot express may still be searched once over the joined texts: when its pattern is
+    made of characters, classes, groups, alternatives, repeats and word boundaries (a match of it
+    depends on nothing but the text it spans, and the word character or none either side). Lookarounds,
+    anchors, atomic groups, possessive repeats, back-references and conditionals are not."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        constants: Any = importlib.import_module("re._constants")
+        tree = parser.parse(rule.pattern.pattern, rule.pattern.flags)
+    except Exception:  # a parser that is not the one this knows: join nothing
+        return False
+    plain = {constants.LITERAL, constants.NOT_LITERAL, constants.ANY, constants.IN}
+    boundaries = {constants.AT_BOUNDARY, constants.AT_NON_BOUNDARY}
+
+    def safe(items: Iterable[tuple[Any, Any]]) -> bool:
+        for op, arg in items:
+            if op in plain or (op is constants.AT and arg in boundaries):
+                continue
+            if op is constants.BRANCH:
+                if not all(safe(branch) for branch in arg[1]):
+                    return False
+            elif op is constants.SUBPATTERN:
+                if not safe(arg[3]):
+                    return False
+            elif op is constants.MAX_REPEAT or op is constants.MIN_REPEAT:
+                if not safe(arg[2]):
+                    return False
+            else:
+                return False
+        return True
+
+    return bool(safe(tree))
+
+
+def _literal_prefix(rule: _Rule) -> tuple[str, bool]:
+    """The text every match of `rule` starts with, and whether it is to be found case-insensitively
+    (then in ASCII only, where folding case is lowering it): ("", False) when there is none."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        constants: Any = importlib.import_module("re._constants")
+        tree = parser.parse(rule.pattern.pattern, rule.pattern.flags)
+    except Exception:
+        return "", False
+    chars: list[str] = []
+    for op, arg in tree:
+        if op is not constants.LITERAL:
+            break
+        chars.append(chr(arg))
+    literal = "".join(chars)
+    folded = bool(tree.state.flags & re.IGNORECASE)
+    if folded and not literal.isascii():
+        return "", False
+    return (literal.lower() if folded else literal), folded
+
+
 class SecretScanner:
     """Finds secrets in text: detect-secrets' detectors, the gateway's own rules, configured patterns.
 
@@ -132,6 +198,17 @@ class SecretScanner:
         options.never_capture = True  # the gate only says whether: no group spans to build per search
         self._gate = re2.compile("|".join(gated), options) if gated else None
         self._always = tuple(always)
+        self._gate_match = self._gate._regexp.Match if self._gate is not None else None
+        # The texts of a value searched at once (`clean`): the gate with line anchors, and the rules it
+        # leaves out each with the literal its matches start with (a substring test first).
+        joint_gate: Any = None
+        self._joint = all(_joinable(rule) for rule in always) and not any(_JOINT_UNSAFE.search(g) for g in gated)
+        if self._joint and gated:
+            joint_gate = re2.compile("(?m:" + "|".join(gated) + ")", options)._regexp.Match
+        self._joint_gate = joint_gate
+        self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
+        self._clean: set[str] = set()
+        """Texts `clean` found no secret in (redacted, each is itself): a value's walk skips them."""
         # Names, tool names, groups and reasons repeat from call to call: short texts are remembered,
         # and so are their spans (the guardrails scan a call's arguments, then the audit redacts them).
         self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._redact)
@@ -143,7 +220,8 @@ class SecretScanner:
 
     def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
         # ASCII text searched as its bytes: the same match, without the wrapper mapping str offsets
-        if text.isascii() and self._gate is not None and self._gate.search(text.encode()) is None:
+        gate = self._gate_match
+        if text.isascii() and gate is not None and gate(_UNANCHORED, data := text.encode(), 0, len(data))[0][0] < 0:
             rules: Iterable[_Rule] = self._always
         else:
             rules = self._rules
@@ -161,6 +239,33 @@ class SecretScanner:
     def redact(self, text: str) -> str:
         """`text` with each secret in it replaced by `[REDACTED]`."""
         return self._short(text) if len(text) <= _CACHE_CHARS else self._redact(text)
+
+    def clean(self, texts: list[str]) -> bool:
+        """True when no text of `texts` holds a secret (`redact` of each is itself), found with one
+        search over them all; False when one may (redact them one by one). ASCII texts only, as the gate."""
+        if not self._joint:
+            return False
+        joined = "\n".join(texts)
+        if not joined.isascii():
+            return False
+        gate = self._joint_gate
+        if gate is not None and gate(_UNANCHORED, data := joined.encode(), 0, len(data))[0][0] >= 0:
+            return False
+        lowered = None
+        for literal, folded, pattern in self._joint_always:
+            if folded:
+                lowered = joined.lower() if lowered is None else lowered
+                if literal not in lowered:
+                    continue
+            elif literal not in joined:
+                continue
+            if pattern.search(joined) is not None:
+                return False
+        known = self._clean
+        if len(known) >= _CLEAN_ENTRIES:  # texts a caller chooses must not grow it without bound
+            known.clear()
+        known.update(t for t in texts if len(t) <= _CACHE_CHARS)
+        return True
 
     def _redact(self, text: str) -> str:
         spans = self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text)
@@ -234,6 +339,7 @@ class Redactor:
         self._fields = frozenset(f.lower() for f in fields)
         self._scanner = _scanner(tuple(patterns))
         self._keys: dict[str, tuple[str, int]] = {}
+        self._kinds: dict[str, int] = {}
         self._clones: dict[frozenset[str], Redactor] = {}
         self._kept: dict[int, tuple[object, Any, Any]] = {}
 
@@ -258,6 +364,7 @@ class Redactor:
             clone._fields = self._fields | more
             clone._scanner = self._scanner
             clone._keys = {}
+            clone._kinds = {}
             clone._clones = {}
             clone._kept = {}
             if len(self._clones) >= _CLONES:
@@ -291,10 +398,8 @@ class Redactor:
         kind = type(value)
         if kind is str:
             return self._scanner.redact(value)
-        if kind is dict:
-            return self._mapping(value)
-        if kind is list or kind is tuple:
-            return self._sequence(value)
+        if kind is dict or kind is list or kind is tuple:
+            return self._gated(value)
         if value is None or kind is int or kind is float or kind is bool:
             return value
         if isinstance(value, str):
@@ -353,6 +458,110 @@ class Redactor:
                 append(self.apply(member))
         return out
 
+    # `_gated` is the walk above with the texts' redaction put off: a text the scanner has found clean
+    # before is kept as it is, the others are kept too and noted with where they went, and one search
+    # over them all (`SecretScanner.clean`) then says they are all clean; else each noted text is
+    # redacted where it went, as the walk would have. Where a place could be written twice (a key that
+    # redaction changes, into another key's name) or the walk would go where no note can follow (a
+    # mapping not a dict, a key a `str` subclass), it stops: the walk above does the value instead.
+
+    def _gated(self, value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Any:
+        noted: list[tuple[Any, Any, str]] = []
+        try:
+            out = self._gated_mapping(value, noted) if type(value) is dict else self._gated_sequence(value, noted)
+        except (_Walk, RecursionError):  # RecursionError: as deep as the walk goes, it raises alike
+            return self._mapping(value) if type(value) is dict else self._sequence(value)
+        if noted and not self._scanner.clean([text for _, _, text in noted]):
+            redact = self._scanner.redact
+            for container, place, text in noted:
+                container[place] = redact(text)
+        return out
+
+    def _gated_mapping(self, value: dict[Any, Any], noted: list[tuple[Any, Any, str]]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        kinds, clean, note = self._kinds, self._scanner._clean, noted.append
+        for key, member in value.items():
+            if type(key) is str:
+                kind = kinds.get(key)
+                if kind is None:
+                    kind = self._kind(key)
+            elif isinstance(key, str):
+                raise _Walk
+            elif type(member) is str:  # a key not a name: the member as `apply` has it
+                out[key] = member
+                if member not in clean:
+                    note((out, key, member))
+                continue
+            else:
+                out[key] = self._gated_any(member, noted)
+                continue
+            kind_of_member = type(member)
+            if kind == _NAMED:
+                out[key] = REDACTED
+            elif kind_of_member is str:
+                if kind == _SECRET_LOOKING and _high_entropy(member):
+                    out[key] = REDACTED
+                else:
+                    out[key] = member
+                    if member not in clean:
+                        note((out, key, member))
+            elif member is None or kind_of_member is int or kind_of_member is float or kind_of_member is bool:
+                out[key] = member
+            elif kind_of_member is dict:
+                out[key] = self._gated_mapping(member, noted)
+            elif kind_of_member is list or kind_of_member is tuple:
+                out[key] = self._gated_sequence(member, noted)
+            elif kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member):
+                out[key] = REDACTED
+            else:
+                out[key] = self._gated_any(member, noted)
+        return out
+
+    def _gated_sequence(self, value: Iterable[Any], noted: list[tuple[Any, Any, str]]) -> list[Any]:
+        out: list[Any] = []
+        append, clean, note = out.append, self._scanner._clean, noted.append
+        for member in value:
+            kind = type(member)
+            if kind is str:
+                if member not in clean:
+                    note((out, len(out), member))
+                append(member)
+            elif member is None or kind is int or kind is float or kind is bool:
+                append(member)
+            elif kind is dict:
+                append(self._gated_mapping(member, noted))
+            else:
+                append(self._gated_any(member, noted))
+        return out
+
+    def _gated_any(self, value: Any, noted: list[tuple[Any, Any, str]]) -> Any:
+        """`apply` of a member that is not a `str` (those are noted by their container)."""
+        kind = type(value)
+        if kind is dict:
+            return self._gated_mapping(value, noted)
+        if kind is list or kind is tuple:
+            return self._gated_sequence(value, noted)
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
+        if isinstance(value, str):
+            return self._scanner.redact(value)
+        if isinstance(value, Mapping):
+            raise _Walk
+        if isinstance(value, list | tuple):
+            return self._gated_sequence(value, noted)
+        return value
+
+    def _kind(self, key: str) -> int:
+        """What the name `key` says of its value, for a key that redaction keeps as it is (remembered);
+        a key it changes stops the gated walk."""
+        redacted_key, kind = self._keys.get(key) or self._key(key)
+        if redacted_key != key:
+            raise _Walk
+        if len(self._kinds) >= _KEY_ENTRIES:
+            self._kinds.clear()
+        self._kinds[key] = kind
+        return kind
+
     def _key(self, key: str) -> tuple[str, int]:
         """The key redacted, and what its name says of its value (member names repeat: remembered)."""
         known = self._keys.get(key)
@@ -363,6 +572,10 @@ class Redactor:
                 self._keys.clear()
             self._keys[key] = known
         return known
+
+
+class _Walk(Exception):
+    """A value the gated walk leaves to the plain one."""
 
 
 _PLAIN, _NAMED, _SECRET_LOOKING = 0, 1, 2
