@@ -199,7 +199,7 @@ class SecretScanner:
         self._gate = re2.compile("|".join(gated), options) if gated else None
         self._always = tuple(always)
         self._gate_match = self._gate._regexp.Match if self._gate is not None else None
-        # The texts of a value searched at once (`clean`): the gate with line anchors, and the rules it
+        # The texts of a value searched at once (`suspects`): the gate with line anchors, and the rules it
         # leaves out each with the literal its matches start with (a substring test first).
         joint_gate: Any = None
         self._joint = all(_joinable(rule) for rule in always) and not any(_JOINT_UNSAFE.search(g) for g in gated)
@@ -208,7 +208,7 @@ class SecretScanner:
         self._joint_gate = joint_gate
         self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
         self._clean: set[str] = set()
-        """Texts `clean` found no secret in (redacted, each is itself): a value's walk skips them."""
+        """Texts `suspects` cleared (redacted, each is itself): a value's walk skips them."""
         # Names, tool names, groups and reasons repeat from call to call: short texts are remembered,
         # and so are their spans (the guardrails scan a call's arguments, then the audit redacts them).
         self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._redact)
@@ -240,14 +240,21 @@ class SecretScanner:
         """`text` with each secret in it replaced by `[REDACTED]`."""
         return self._short(text) if len(text) <= _CACHE_CHARS else self._redact(text)
 
-    def clean(self, texts: list[str]) -> bool:
-        """True when no text of `texts` holds a secret (`redact` of each is itself), found with one
-        search over them all; False when one may (redact them one by one). ASCII texts only, as the gate."""
+    def suspects(self, texts: list[str]) -> list[int]:
+        """Which of `texts` may hold a secret (their places in `texts`): none when one search over them
+        all finds nothing (then `redact` of each is itself, and they are remembered as clean); every one
+        when it finds something; the non-ASCII ones (the gate is for ASCII text) when the rest are clean."""
         if not self._joint:
-            return False
+            return list(range(len(texts)))
         joined = "\n".join(texts)
-        if not joined.isascii():
-            return False
+        if joined.isascii():
+            return [] if self._clean_joined(joined, texts) else list(range(len(texts)))
+        ascii_texts = [text for text in texts if text.isascii()]
+        if ascii_texts and not self._clean_joined("\n".join(ascii_texts), ascii_texts):
+            return list(range(len(texts)))
+        return [i for i, text in enumerate(texts) if not text.isascii()]
+
+    def _clean_joined(self, joined: str, texts: list[str]) -> bool:
         gate = self._joint_gate
         if gate is not None and gate(_UNANCHORED, data := joined.encode(), 0, len(data))[0][0] >= 0:
             return False
@@ -264,7 +271,10 @@ class SecretScanner:
         known = self._clean
         if len(known) >= _CLEAN_ENTRIES:  # texts a caller chooses must not grow it without bound
             known.clear()
-        known.update(t for t in texts if len(t) <= _CACHE_CHARS)
+        if len(joined) <= _CACHE_CHARS:
+            known.update(texts)
+        else:
+            known.update(text for text in texts if len(text) <= _CACHE_CHARS)
         return True
 
     def _redact(self, text: str) -> str:
@@ -460,8 +470,8 @@ class Redactor:
 
     # `_gated` is the walk above with the texts' redaction put off: a text the scanner has found clean
     # before is kept as it is, the others are kept too and noted with where they went, and one search
-    # over them all (`SecretScanner.clean`) then says they are all clean; else each noted text is
-    # redacted where it went, as the walk would have. Where a place could be written twice (a key that
+    # over them all (`SecretScanner.suspects`) then says they are all clean; else each noted text it
+    # cannot clear is redacted where it went, as the walk would have. Where a place could be written twice (a key that
     # redaction changes, into another key's name) or the walk would go where no note can follow (a
     # mapping not a dict, a key a `str` subclass), it stops: the walk above does the value instead.
 
@@ -471,10 +481,13 @@ class Redactor:
             out = self._gated_mapping(value, noted) if type(value) is dict else self._gated_sequence(value, noted)
         except (_Walk, RecursionError):  # RecursionError: as deep as the walk goes, it raises alike
             return self._mapping(value) if type(value) is dict else self._sequence(value)
-        if noted and not self._scanner.clean([text for _, _, text in noted]):
-            redact = self._scanner.redact
-            for container, place, text in noted:
-                container[place] = redact(text)
+        if noted:
+            suspects = self._scanner.suspects([text for _, _, text in noted])
+            if suspects:
+                redact = self._scanner.redact
+                for i in suspects:
+                    container, place, text = noted[i]
+                    container[place] = redact(text)
         return out
 
     def _gated_mapping(self, value: dict[Any, Any], noted: list[tuple[Any, Any, str]]) -> dict[Any, Any]:
@@ -482,8 +495,9 @@ class Redactor:
         kinds, clean, note = self._kinds, self._scanner._clean, noted.append
         for key, member in value.items():
             if type(key) is str:
-                kind = kinds.get(key)
-                if kind is None:
+                try:
+                    kind = kinds[key]
+                except KeyError:
                     kind = self._kind(key)
             elif isinstance(key, str):
                 raise _Walk
@@ -496,15 +510,15 @@ class Redactor:
                 out[key] = self._gated_any(member, noted)
                 continue
             kind_of_member = type(member)
-            if kind == _NAMED:
-                out[key] = REDACTED
-            elif kind_of_member is str:
-                if kind == _SECRET_LOOKING and _high_entropy(member):
+            if kind_of_member is str:
+                if kind and (kind == _NAMED or _high_entropy(member)):  # named, or secret-looking (_PLAIN is 0)
                     out[key] = REDACTED
                 else:
                     out[key] = member
                     if member not in clean:
                         note((out, key, member))
+            elif kind == _NAMED:
+                out[key] = REDACTED
             elif member is None or kind_of_member is int or kind_of_member is float or kind_of_member is bool:
                 out[key] = member
             elif kind_of_member is dict:
