@@ -409,7 +409,32 @@ class Redactor:
         if kind is str:
             return self._scanner.redact(value)
         if kind is dict or kind is list or kind is tuple:
-            return self._gated(value)
+            # The gated walk (below); where it stops, the plain one. As deep a value as one stops, the
+            # other does: the same frames, one a container, so a RecursionError is the walk's own.
+            noted: list[tuple[Any, Any, str]] = []
+            try:
+                out = self._gated_mapping(value, noted) if kind is dict else self._gated_sequence(value, noted)
+            except (_Walk, RecursionError):
+                return self._mapping(value) if kind is dict else self._sequence(value)
+            if noted:
+                suspects = self._scanner.suspects([text for _, _, text in noted])
+                if suspects:
+                    redact = self._scanner.redact
+                    for i in suspects:
+                        container, place, text = noted[i]
+                        container[place] = redact(text)
+            return out
+        return self._apply(value)
+
+    def _apply(self, value: Any) -> Any:
+        """`apply` as the plain walk does it (its containers' members that are not plain)."""
+        kind = type(value)
+        if kind is str:
+            return self._scanner.redact(value)
+        if kind is dict:
+            return self._mapping(value)
+        if kind is list or kind is tuple:
+            return self._sequence(value)
         if value is None or kind is int or kind is float or kind is bool:
             return value
         if isinstance(value, str):
@@ -420,17 +445,17 @@ class Redactor:
             return self._sequence(value)
         return value
 
-    # `_mapping` and `_sequence` are `apply` unrolled one level for what records are made of (strings,
-    # numbers, dicts and lists of them): one Python frame per container instead of one per member, and
-    # a short string's redaction looked up in the scanner's cache without a call in between. Same
-    # outcome as `apply` member by member (a test holds them to a plain walk).
+    # `_mapping` and `_sequence` (the plain walk) are `_apply` unrolled one level for what records are
+    # made of (strings, numbers, dicts and lists of them): one Python frame per container instead of one
+    # per member, and a short string's redaction looked up in the scanner's cache without a call in
+    # between. Same outcome as `_apply` member by member (a test holds them to a plain walk).
 
     def _mapping(self, value: Mapping[Any, Any]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         keys, redact, short = self._keys, self._scanner.redact, self._scanner._short
         for key, member in value.items():
             if not isinstance(key, str):
-                out[key] = self.apply(member)
+                out[key] = self._apply(member)
                 continue
             redacted_key, kind = keys.get(key) or self._key(key)
             kind_of_member = type(member)
@@ -450,7 +475,7 @@ class Redactor:
             elif kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member):
                 out[redacted_key] = REDACTED
             else:
-                out[redacted_key] = self.apply(member)
+                out[redacted_key] = self._apply(member)
         return out
 
     def _sequence(self, value: Iterable[Any]) -> list[Any]:
@@ -465,30 +490,16 @@ class Redactor:
             elif kind is dict:
                 append(self._mapping(member))
             else:
-                append(self.apply(member))
+                append(self._apply(member))
         return out
 
-    # `_gated` is the walk above with the texts' redaction put off: a text the scanner has found clean
-    # before is kept as it is, the others are kept too and noted with where they went, and one search
-    # over them all (`SecretScanner.suspects`) then says they are all clean; else each noted text it
-    # cannot clear is redacted where it went, as the walk would have. Where a place could be written twice (a key that
-    # redaction changes, into another key's name) or the walk would go where no note can follow (a
-    # mapping not a dict, a key a `str` subclass), it stops: the walk above does the value instead.
-
-    def _gated(self, value: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Any:
-        noted: list[tuple[Any, Any, str]] = []
-        try:
-            out = self._gated_mapping(value, noted) if type(value) is dict else self._gated_sequence(value, noted)
-        except (_Walk, RecursionError):  # RecursionError: as deep as the walk goes, it raises alike
-            return self._mapping(value) if type(value) is dict else self._sequence(value)
-        if noted:
-            suspects = self._scanner.suspects([text for _, _, text in noted])
-            if suspects:
-                redact = self._scanner.redact
-                for i in suspects:
-                    container, place, text = noted[i]
-                    container[place] = redact(text)
-        return out
+    # The gated walk (`apply` of a dict, list or tuple) is the plain walk with the texts' redaction put
+    # off: a text the scanner has found clean before is kept as it is, the others are kept too and noted
+    # with where they went, and one search over them all (`SecretScanner.suspects`) then says they are
+    # all clean; else each noted text it cannot clear is redacted where it went, as the plain walk
+    # would have. Where a place could be written twice (a key that redaction changes, into another
+    # key's name) or the walk would go where no note can follow (a mapping not a dict, a key a `str`
+    # subclass), it stops (`_Walk`): the plain walk does the value instead.
 
     def _gated_mapping(self, value: dict[Any, Any], noted: list[tuple[Any, Any, str]]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}

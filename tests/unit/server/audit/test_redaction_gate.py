@@ -4,7 +4,7 @@ to the plain walk, text by text, for values with secrets spliced anywhere in the
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -386,3 +386,40 @@ def test_texts_found_clean_are_remembered_within_bounds() -> None:
     for i in range(_CLEAN_ENTRIES + 10):
         scanner.suspects([f"t{i}"])
     assert len(scanner._clean) <= _CLEAN_ENTRIES
+
+
+def test_a_value_too_deep_for_the_plain_walk_is_no_worse_gated() -> None:
+    # The gated walk goes as deep in frames as the plain one (one a container), less the frames the
+    # plain one takes to redact a text: around the recursion limit it returns what the plain walk
+    # returns, or gets further; it raises only where the plain walk raises too. One retry at most, not
+    # one per level (the plain walk's own members are not gated again).
+    import sys
+    import time
+
+    redactor = Redactor.from_settings(_SETTINGS)
+    limit = sys.getrecursionlimit()
+    wraps: list[tuple[int, Callable[[object], object]]] = [
+        (2, lambda v: [v, "call 1"]),
+        (1, lambda v: {"k": v, "t": "call 2"}),
+        (4, lambda v: ("call 3", [v])),
+    ]
+    for frames, wrap in wraps:  # frames a level takes: lists in lists go through `_apply`
+        value: object = "password=hunter2abc"
+        for _ in range((limit - 150) // frames):  # the frames below this test's: fewer than 150
+            value = wrap(value)
+        outcomes = set()
+        for depth in range((limit - 150) // frames, limit // frames + 5):
+            value = wrap(value)
+            started = time.process_time()
+            try:
+                plain: object = repr(redactor._apply(value))
+            except RecursionError:
+                plain = RecursionError
+            try:
+                gated: object = repr(redactor.apply(value))
+            except RecursionError:
+                gated = RecursionError
+            assert time.process_time() - started < 1
+            assert gated == plain or plain is RecursionError, depth
+            outcomes.add(gated is RecursionError)
+        assert outcomes == {True, False}  # the window holds the limit
