@@ -419,10 +419,12 @@ class Redactor:
             if noted:
                 suspects = self._scanner.suspects([text for _, _, text in noted])
                 if suspects:
-                    redact = self._scanner.redact
+                    redact, clean = self._scanner.redact, self._scanner._clean
                     for i in suspects:
                         container, place, text = noted[i]
-                        container[place] = redact(text)
+                        container[place] = redacted = redact(text)
+                        if redacted == text and len(text) <= _CACHE_CHARS and len(clean) < _CLEAN_ENTRIES:
+                            clean.add(text)  # itself: no secret in it (a redacted text never is)
             return out
         return self._apply(value)
 

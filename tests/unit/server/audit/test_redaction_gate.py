@@ -423,3 +423,19 @@ def test_a_value_too_deep_for_the_plain_walk_is_no_worse_gated() -> None:
             assert gated == plain or plain is RecursionError, depth
             outcomes.add(gated is RecursionError)
         assert outcomes == {True, False}  # the window holds the limit
+
+
+def test_texts_the_joined_search_cannot_clear_are_remembered_when_clean_alone() -> None:
+    # `xtok-12345` sets the gate off (the lookbehind is not in it) but holds no secret, and non-ASCII
+    # text is scanned alone: both remembered once redacted as themselves, so the next value with them
+    # is joined again; a secret never is.
+    redactor = Redactor(patterns=[r"(?<![a-z])tok-[0-9]{5}"])
+    scanner = redactor.scanner
+    scanner._clean.clear()
+    value = {"a": "xtok-12345", "b": "call 9", "c": "Schlüssel", "d": "tok-54321"}
+    assert redactor.apply(value) == {"a": "xtok-12345", "b": "call 9", "c": "Schlüssel", "d": REDACTED}
+    assert {"xtok-12345", "call 9", "Schlüssel"} <= scanner._clean
+    assert "tok-54321" not in scanner._clean
+    assert scanner.suspects(["xtok-12345", "call 10"]) == [0, 1]  # the joined search alone would not clear it
+    assert redactor.apply({"a": "xtok-12345", "b": "call 11"}) == {"a": "xtok-12345", "b": "call 11"}
+    assert "call 11" in scanner._clean
