@@ -113,7 +113,17 @@ def _superset(rule: _Rule) -> str | None:
 # word character (`\b`, `\B` hold alike); only `\A`, `\z` and a flag turned off (`(?-m)`) would see
 # the difference: a gate with one of them is not joined.
 _JOINT_UNSAFE = re.compile(r"\\[Az]|\(\?[A-Za-z]*-")
-_UNANCHORED = re2._Anchor.UNANCHORED
+_UNANCHORED = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+
+
+def _match_of(regexp: Any) -> Any:
+    """RE2's own `Match(anchor, data, pos, endpos)` of a compiled `regexp`, spans with (-1, -1) first
+    when there is no match (the wrapper's `search` builds a generator and a match object: ~0.3 us a
+    search); the wrapper's `search` in that shape where a google-re2 has no such thing."""
+    match = getattr(getattr(regexp, "_regexp", None), "Match", None)
+    if match is not None and _UNANCHORED is not None:
+        return match
+    return lambda _anchor, data, pos, endpos: [(-1, -1) if regexp.search(data, pos, endpos) is None else (pos, pos)]
 
 
 def _joinable(rule: _Rule) -> bool:
@@ -198,13 +208,13 @@ class SecretScanner:
         options.never_capture = True  # the gate only says whether: no group spans to build per search
         self._gate = re2.compile("|".join(gated), options) if gated else None
         self._always = tuple(always)
-        self._gate_match = self._gate._regexp.Match if self._gate is not None else None
+        self._gate_match = _match_of(self._gate) if self._gate is not None else None
         # The texts of a value searched at once (`suspects`): the gate with line anchors, and the rules it
         # leaves out each with the literal its matches start with (a substring test first).
         joint_gate: Any = None
         self._joint = all(_joinable(rule) for rule in always) and not any(_JOINT_UNSAFE.search(g) for g in gated)
         if self._joint and gated:
-            joint_gate = re2.compile("(?m:" + "|".join(gated) + ")", options)._regexp.Match
+            joint_gate = _match_of(re2.compile("(?m:" + "|".join(gated) + ")", options))
         self._joint_gate = joint_gate
         self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
         self._clean: set[str] = set()

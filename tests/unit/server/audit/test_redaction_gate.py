@@ -286,9 +286,24 @@ def test_the_joined_search_finds_what_each_texts_search_finds(secret: str) -> No
 
 
 def _anchor() -> Any:
-    import re2  # type: ignore[import-untyped]
+    from server.audit.redaction import _UNANCHORED
 
-    return re2._Anchor.UNANCHORED
+    return _UNANCHORED
+
+
+def test_the_gate_searches_through_the_wrapper_where_re2_has_no_match_of_its_own() -> None:
+    from server.audit.redaction import _match_of
+
+    class _Wrapper:  # a google-re2 whose compiled pattern has only the public `search`
+        def __init__(self, text: bytes) -> None:
+            self.text = text
+
+        def search(self, data: bytes, pos: int, endpos: int) -> object:
+            return True if self.text in data[pos:endpos] else None
+
+    match = _match_of(_Wrapper(b"AKIA"))
+    assert match(None, b"x AKIA y", 0, 8)[0][0] >= 0
+    assert match(None, b"x AKIB y", 0, 8)[0][0] < 0
 
 
 def test_anchored_patterns_match_a_text_in_the_middle_of_a_value() -> None:
