@@ -219,6 +219,9 @@ class SecretScanner:
         self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
         self._clean: set[str] = set()
         """Texts `suspects` cleared (redacted, each is itself): a value's walk skips them."""
+        self._dirty: set[str] = set()
+        """Texts with a secret in them, found redacting a value's: its walk redacts them alone at once
+        (then they do not set the joined search off for the others). Only a way: any text may be in it."""
         # Names, tool names, groups and reasons repeat from call to call: short texts are remembered,
         # and so are their spans (the guardrails scan a call's arguments, then the audit redacts them).
         self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._redact)
@@ -429,11 +432,18 @@ class Redactor:
             if noted:
                 suspects = self._scanner.suspects([text for _, _, text in noted])
                 if suspects:
-                    redact, clean = self._scanner.redact, self._scanner._clean
+                    scanner = self._scanner
+                    redact, clean, dirty = scanner.redact, scanner._clean, scanner._dirty
                     for i in suspects:
                         container, place, text = noted[i]
                         container[place] = redacted = redact(text)
-                        if redacted == text and len(text) <= _CACHE_CHARS and len(clean) < _CLEAN_ENTRIES:
+                        if len(text) > _CACHE_CHARS:
+                            continue
+                        if redacted != text:
+                            if len(dirty) >= _CLEAN_ENTRIES:
+                                dirty.clear()
+                            dirty.add(text)
+                        elif len(clean) < _CLEAN_ENTRIES:
                             clean.add(text)  # itself: no secret in it (a redacted text never is)
             return out
         return self._apply(value)
@@ -506,7 +516,8 @@ class Redactor:
         return out
 
     # The gated walk (`apply` of a dict, list or tuple) is the plain walk with the texts' redaction put
-    # off: a text the scanner has found clean before is kept as it is, the others are kept too and noted
+    # off: a text the scanner has found clean before is kept as it is, one it found a secret in before is
+    # redacted at once (as the plain walk does every text), the others are kept as they are and noted
     # with where they went, and one search over them all (`SecretScanner.suspects`) then says they are
     # all clean; else each noted text it cannot clear is redacted where it went, as the plain walk
     # would have. Where a place could be written twice (a key that redaction changes, into another
@@ -515,7 +526,9 @@ class Redactor:
 
     def _gated_mapping(self, value: dict[Any, Any], noted: list[tuple[Any, Any, str]]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
-        kinds, clean, note = self._kinds, self._scanner._clean, noted.append
+        kinds, note = self._kinds, noted.append
+        scanner = self._scanner
+        clean, dirty, redact = scanner._clean, scanner._dirty, scanner.redact
         for key, member in value.items():
             if type(key) is str:
                 try:
@@ -525,8 +538,12 @@ class Redactor:
             elif isinstance(key, str):
                 raise _Walk
             elif type(member) is str:  # a key not a name: the member as `apply` has it
-                out[key] = member
-                if member not in clean:
+                if member in clean:
+                    out[key] = member
+                elif member in dirty:
+                    out[key] = redact(member)
+                else:
+                    out[key] = member
                     note((out, key, member))
                 continue
             else:
@@ -536,10 +553,13 @@ class Redactor:
             if kind_of_member is str:
                 if kind and (kind == _NAMED or _high_entropy(member)):  # named, or secret-looking (_PLAIN is 0)
                     out[key] = REDACTED
+                elif member in clean:
+                    out[key] = member
+                elif member in dirty:
+                    out[key] = redact(member)
                 else:
                     out[key] = member
-                    if member not in clean:
-                        note((out, key, member))
+                    note((out, key, member))
             elif kind == _NAMED:
                 out[key] = REDACTED
             elif member is None or kind_of_member is int or kind_of_member is float or kind_of_member is bool:
@@ -556,13 +576,19 @@ class Redactor:
 
     def _gated_sequence(self, value: Iterable[Any], noted: list[tuple[Any, Any, str]]) -> list[Any]:
         out: list[Any] = []
-        append, clean, note = out.append, self._scanner._clean, noted.append
+        append, note = out.append, noted.append
+        scanner = self._scanner
+        clean, dirty, redact = scanner._clean, scanner._dirty, scanner.redact
         for member in value:
             kind = type(member)
             if kind is str:
-                if member not in clean:
+                if member in clean:
+                    append(member)
+                elif member in dirty:
+                    append(redact(member))
+                else:
                     note((out, len(out), member))
-                append(member)
+                    append(member)
             elif member is None or kind is int or kind is float or kind is bool:
                 append(member)
             elif kind is dict:

@@ -440,10 +440,10 @@ def test_a_value_too_deep_for_the_plain_walk_is_no_worse_gated() -> None:
         assert outcomes == {True, False}  # the window holds the limit
 
 
-def test_texts_the_joined_search_cannot_clear_are_remembered_when_clean_alone() -> None:
+def test_texts_the_joined_search_cannot_clear_are_remembered_redacted_alone() -> None:
     # `xtok-12345` sets the gate off (the lookbehind is not in it) but holds no secret, and non-ASCII
-    # text is scanned alone: both remembered once redacted as themselves, so the next value with them
-    # is joined again; a secret never is.
+    # text is scanned alone: both remembered as clean once redacted as themselves, so the next value
+    # with them is joined again; a secret never is.
     redactor = Redactor(patterns=[r"(?<![a-z])tok-[0-9]{5}"])
     scanner = redactor.scanner
     scanner._clean.clear()
@@ -454,3 +454,7 @@ def test_texts_the_joined_search_cannot_clear_are_remembered_when_clean_alone() 
     assert scanner.suspects(["xtok-12345", "call 10"]) == [0, 1]  # the joined search alone would not clear it
     assert redactor.apply({"a": "xtok-12345", "b": "call 11"}) == {"a": "xtok-12345", "b": "call 11"}
     assert "call 11" in scanner._clean
+    # The secret is remembered the other way: redacted at once, it no longer sets the search off.
+    assert "tok-54321" in scanner._dirty
+    assert redactor.apply(["tok-54321", "call 12", {"d": "tok-54321"}]) == [REDACTED, "call 12", {"d": REDACTED}]
+    assert "call 12" in scanner._clean
