@@ -186,7 +186,8 @@ class SecretScanner:
 
     One RE2 pass over a pattern that matches wherever any rule can gates the rules themselves, so
     ASCII text with no candidate costs microseconds (rules that RE2 cannot express, and non-ASCII
-    text, where RE2's character classes are narrower than Python's, always take the full scan).
+    text, where RE2's character classes are narrower than Python's, always take the full scan). The
+    texts of a value are gated at once, joined (`suspects`, for `Redactor.apply`).
     """
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
