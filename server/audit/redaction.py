@@ -218,6 +218,7 @@ class SecretScanner:
             joint_gate = _match_of(re2.compile("(?m:" + "|".join(gated) + ")", options))
         self._joint_gate = joint_gate
         self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
+        self._always_prefixed = tuple((rule, *_literal_prefix(rule)) for rule in always)
         self._clean: set[str] = set()
         """Texts `suspects` cleared (redacted, each is itself): a value's walk skips them."""
         self._dirty: set[str] = set()
@@ -235,8 +236,20 @@ class SecretScanner:
     def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
         # ASCII text searched as its bytes: the same match, without the wrapper mapping str offsets
         gate = self._gate_match
+        rules: Iterable[_Rule]
         if text.isascii() and gate is not None and gate(_UNANCHORED, data := text.encode(), 0, len(data))[0][0] < 0:
-            rules: Iterable[_Rule] = self._always
+            # the rules RE2 cannot take, those the literal their matches start with is in
+            rules, lowered = [], None
+            for rule, literal, folded in self._always_prefixed:
+                if folded:
+                    lowered = text.lower() if lowered is None else lowered
+                    if literal not in lowered:
+                        continue
+                elif literal not in text:
+                    continue
+                rules.append(rule)
+            if not rules:
+                return ()
         else:
             rules = self._rules
         found: list[tuple[int, int]] = []

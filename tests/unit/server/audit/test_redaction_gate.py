@@ -502,3 +502,33 @@ def test_a_mapping_naming_a_key_twice_keeps_the_later_member_as_the_plain_walk_d
         value = {"m": _Pairs(pairs), "n": [_Pairs(pairs)]}
         assert repr(redactor.apply(value)) == repr(_plain_walk(redactor, value))
         assert repr(redactor.apply(_Pairs(pairs))) == repr(_plain_walk(redactor, _Pairs(pairs)))
+
+
+def _every_rule_spans(scanner: SecretScanner, text: str) -> list[tuple[int, int]]:
+    """`spans` with no gate and no prefilter: every rule searched in the text."""
+    from server.audit.redaction import _PEM_END, _merge, _widen
+
+    found = []
+    for rule in scanner._rules:
+        for match in rule.pattern.finditer(text):
+            start, end = match.span(rule.group)
+            if start < 0 or start == end:
+                continue
+            if rule.private_key:
+                end = _PEM_END.search(text, end).end()  # type: ignore[union-attr]
+            found.append(_widen(text, start, end))
+    return _merge(found)
+
+
+@pytest.mark.parametrize("which", [0, 2, 3], ids=["configured", "patterns", "unjoinable"])
+def test_the_gate_and_the_prefilter_find_what_every_rule_finds(which: int) -> None:
+    scanner = _redactors()[which].scanner
+    for text in [*_SECRET_TEXTS, *ORDINARY, *(t.upper() for t in _ANCHORED)]:
+        assert scanner.spans(text) == _every_rule_spans(scanner, text), text
+
+    @settings(max_examples=200, deadline=None)
+    @given(_texts)
+    def check(text: str) -> None:
+        assert scanner._spans(text) == tuple(_every_rule_spans(scanner, text))
+
+    check()
