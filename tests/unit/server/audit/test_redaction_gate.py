@@ -532,3 +532,18 @@ def test_the_gate_and_the_prefilter_find_what_every_rule_finds(which: int) -> No
         assert scanner._spans(text) == tuple(_every_rule_spans(scanner, text))
 
     check()
+
+
+def test_long_texts_are_joined_and_never_remembered() -> None:
+    redactor = Redactor.from_settings(_SETTINGS)
+    scanner = redactor.scanner
+    big = "word " * 4_000  # 20 kB: the full scan of every rule is what the plain walk pays
+    for value in (
+        {"a": big, "b": "call 1"},
+        {"a": big + " password=hunter2abc", "b": "call 2"},
+        ["call 3", "password=hunter2abc " + big, big],
+        {"a": big + "\nAKCp8abcdefghij1234\n" + big},
+    ):
+        assert repr(redactor.apply(value)) == repr(_plain_walk(redactor, value))
+        assert big not in scanner._clean
+        assert big not in scanner._dirty
