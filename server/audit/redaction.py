@@ -4,6 +4,7 @@ the decision log, the traces built from the outbox, exports)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ _HEX_PLUGIN, _TEXT_PLUGIN = HexHighEntropyString(), Base64HighEntropyString()
 _TOKEN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/_-.~")
 _CACHE_ENTRIES, _CACHE_CHARS = 16_384, 256
 _PEM_END = re.compile(r"-----END[^\n-]*-----|\Z")
+_CLEAN_ENTRIES = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +107,87 @@ def _superset(rule: _Rule) -> str | None:
     return text
 
 
+# One search over a value's texts joined by newlines stands for one search per text only where a match
+# in a text is a match in the joined text too. RE2's gate: with `^` and `$` made line anchors (`(?m)`),
+# each text sits between line boundaries as it sat between the ends of the text, and a newline is no
+# word character (`\b`, `\B` hold alike); only `\A`, `\z` and a flag turned off (`(?-m)`) would see
+# the difference: a gate with one of them is not joined.
+_JOINT_UNSAFE = re.compile(r"\\[Az]|\(\?[A-Za-z]*-")
+_UNANCHORED = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+
+
+def _match_of(regexp: Any) -> Any:
+    """RE2's own `Match(anchor, data, pos, endpos)` of a compiled `regexp`, spans with (-1, -1) first
+    when there is no match (the wrapper's `search` builds a generator and a match object: ~0.3 us a
+    search); the wrapper's `search` in that shape where a google-re2 has no such thing."""
+    match = getattr(getattr(regexp, "_regexp", None), "Match", None)
+    if match is not None and _UNANCHORED is not None:
+        return match
+    return lambda _anchor, data, pos, endpos: [(-1, -1) if regexp.search(data, pos, endpos) is None else (pos, pos)]
+
+
+def _joinable(rule: _Rule) -> bool:
+    """A rule RE2 cannot express may still be searched once over the joined texts: when its pattern is
+    made of characters, classes, groups, alternatives, repeats and word boundaries (a match of it
+    depends on nothing but the text it spans, and the word character or none either side). Lookarounds,
+    anchors, atomic groups, possessive repeats, back-references and conditionals are not."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        constants: Any = importlib.import_module("re._constants")
+        tree = parser.parse(rule.pattern.pattern, rule.pattern.flags)
+    except Exception:  # a parser that is not the one this knows: join nothing
+        return False
+    plain = {constants.LITERAL, constants.NOT_LITERAL, constants.ANY, constants.IN}
+    boundaries = {constants.AT_BOUNDARY, constants.AT_NON_BOUNDARY}
+
+    def safe(items: Iterable[tuple[Any, Any]]) -> bool:
+        for op, arg in items:
+            if op in plain or (op is constants.AT and arg in boundaries):
+                continue
+            if op is constants.BRANCH:
+                if not all(safe(branch) for branch in arg[1]):
+                    return False
+            elif op is constants.SUBPATTERN:
+                if not safe(arg[3]):
+                    return False
+            elif op is constants.MAX_REPEAT or op is constants.MIN_REPEAT:
+                if not safe(arg[2]):
+                    return False
+            else:
+                return False
+        return True
+
+    return bool(safe(tree))
+
+
+def _literal_prefix(rule: _Rule) -> tuple[str, bool]:
+    """The text every match of `rule` starts with, and whether it is to be found case-insensitively
+    (then in ASCII only, where folding case is lowering it): ("", False) when there is none."""
+    try:
+        parser: Any = importlib.import_module("re._parser")
+        constants: Any = importlib.import_module("re._constants")
+        tree = parser.parse(rule.pattern.pattern, rule.pattern.flags)
+    except Exception:
+        return "", False
+    chars: list[str] = []
+    for op, arg in tree:
+        if op is not constants.LITERAL:
+            break
+        chars.append(chr(arg))
+    literal = "".join(chars)
+    folded = bool(tree.state.flags & re.IGNORECASE)
+    if folded and not literal.isascii():
+        return "", False
+    return (literal.lower() if folded else literal), folded
+
+
 class SecretScanner:
     """Finds secrets in text: detect-secrets' detectors, the gateway's own rules, configured patterns.
 
     One RE2 pass over a pattern that matches wherever any rule can gates the rules themselves, so
     ASCII text with no candidate costs microseconds (rules that RE2 cannot express, and non-ASCII
-    text, where RE2's character classes are narrower than Python's, always take the full scan).
+    text, where RE2's character classes are narrower than Python's, always take the full scan). The
+    texts of a value are gated at once, joined (`suspects`, for `Redactor.apply`).
     """
 
     def __init__(self, patterns: Iterable[str] = ()) -> None:
@@ -132,6 +209,21 @@ class SecretScanner:
         options.never_capture = True  # the gate only says whether: no group spans to build per search
         self._gate = re2.compile("|".join(gated), options) if gated else None
         self._always = tuple(always)
+        self._gate_match = _match_of(self._gate) if self._gate is not None else None
+        # The texts of a value searched at once (`suspects`): the gate with line anchors, and the rules it
+        # leaves out each with the literal its matches start with (a substring test first).
+        joint_gate: Any = None
+        self._joint = all(_joinable(rule) for rule in always) and not any(_JOINT_UNSAFE.search(g) for g in gated)
+        if self._joint and gated:
+            joint_gate = _match_of(re2.compile("(?m:" + "|".join(gated) + ")", options))
+        self._joint_gate = joint_gate
+        self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
+        self._always_prefixed = tuple((rule, *_literal_prefix(rule)) for rule in always)
+        self._clean: set[str] = set()
+        """Texts `suspects` cleared (redacted, each is itself): a value's walk skips them."""
+        self._dirty: set[str] = set()
+        """Texts with a secret in them, found redacting a value's: its walk redacts them alone at once
+        (then they do not set the joined search off for the others). Only a way: any text may be in it."""
         # Names, tool names, groups and reasons repeat from call to call: short texts are remembered,
         # and so are their spans (the guardrails scan a call's arguments, then the audit redacts them).
         self._short = functools.lru_cache(maxsize=_CACHE_ENTRIES)(self._redact)
@@ -143,8 +235,21 @@ class SecretScanner:
 
     def _spans(self, text: str) -> tuple[tuple[int, int], ...]:
         # ASCII text searched as its bytes: the same match, without the wrapper mapping str offsets
-        if text.isascii() and self._gate is not None and self._gate.search(text.encode()) is None:
-            rules: Iterable[_Rule] = self._always
+        gate = self._gate_match
+        rules: Iterable[_Rule]
+        if text.isascii() and gate is not None and gate(_UNANCHORED, data := text.encode(), 0, len(data))[0][0] < 0:
+            # the rules RE2 cannot take, those the literal their matches start with is in
+            rules, lowered = [], None
+            for rule, literal, folded in self._always_prefixed:
+                if folded:
+                    lowered = text.lower() if lowered is None else lowered
+                    if literal not in lowered:
+                        continue
+                elif literal not in text:
+                    continue
+                rules.append(rule)
+            if not rules:
+                return ()
         else:
             rules = self._rules
         found: list[tuple[int, int]] = []
@@ -161,6 +266,43 @@ class SecretScanner:
     def redact(self, text: str) -> str:
         """`text` with each secret in it replaced by `[REDACTED]`."""
         return self._short(text) if len(text) <= _CACHE_CHARS else self._redact(text)
+
+    def suspects(self, texts: list[str]) -> list[int]:
+        """Which of `texts` may hold a secret (their places in `texts`): none when one search over them
+        all finds nothing (then `redact` of each is itself, and they are remembered as clean); every one
+        when it finds something; the non-ASCII ones (the gate is for ASCII text) when the rest are clean."""
+        if not self._joint:
+            return list(range(len(texts)))
+        joined = "\n".join(texts)
+        if joined.isascii():
+            return [] if self._clean_joined(joined, texts) else list(range(len(texts)))
+        ascii_texts = [text for text in texts if text.isascii()]
+        if ascii_texts and not self._clean_joined("\n".join(ascii_texts), ascii_texts):
+            return list(range(len(texts)))
+        return [i for i, text in enumerate(texts) if not text.isascii()]
+
+    def _clean_joined(self, joined: str, texts: list[str]) -> bool:
+        gate = self._joint_gate
+        if gate is not None and gate(_UNANCHORED, data := joined.encode(), 0, len(data))[0][0] >= 0:
+            return False
+        lowered = None
+        for literal, folded, pattern in self._joint_always:
+            if folded:
+                lowered = joined.lower() if lowered is None else lowered
+                if literal not in lowered:
+                    continue
+            elif literal not in joined:
+                continue
+            if pattern.search(joined) is not None:
+                return False
+        known = self._clean
+        if len(known) >= _CLEAN_ENTRIES:  # texts a caller chooses must not grow it without bound
+            known.clear()
+        if len(joined) <= _CACHE_CHARS:
+            known.update(texts)
+        else:
+            known.update(text for text in texts if len(text) <= _CACHE_CHARS)
+        return True
 
     def _redact(self, text: str) -> str:
         spans = self._short_spans(text) if len(text) <= _CACHE_CHARS else self._spans(text)
@@ -234,6 +376,7 @@ class Redactor:
         self._fields = frozenset(f.lower() for f in fields)
         self._scanner = _scanner(tuple(patterns))
         self._keys: dict[str, tuple[str, int]] = {}
+        self._kinds: dict[str, int] = {}
         self._clones: dict[frozenset[str], Redactor] = {}
         self._kept: dict[int, tuple[object, Any, Any]] = {}
 
@@ -258,6 +401,7 @@ class Redactor:
             clone._fields = self._fields | more
             clone._scanner = self._scanner
             clone._keys = {}
+            clone._kinds = {}
             clone._clones = {}
             clone._kept = {}
             if len(self._clones) >= _CLONES:
@@ -291,6 +435,38 @@ class Redactor:
         kind = type(value)
         if kind is str:
             return self._scanner.redact(value)
+        if kind is dict or kind is list or kind is tuple:
+            # The gated walk (below); where it stops, the plain one. As deep a value as one stops, the
+            # other does: the same frames, one a container, so a RecursionError is the walk's own.
+            noted: list[tuple[Any, Any, str]] = []
+            try:
+                out = self._gated_mapping(value, noted) if kind is dict else self._gated_sequence(value, noted)
+            except (_Walk, RecursionError):
+                return self._mapping(value) if kind is dict else self._sequence(value)
+            if noted:
+                suspects = self._scanner.suspects([text for _, _, text in noted])
+                if suspects:
+                    scanner = self._scanner
+                    redact, clean, dirty = scanner.redact, scanner._clean, scanner._dirty
+                    for i in suspects:
+                        container, place, text = noted[i]
+                        container[place] = redacted = redact(text)
+                        if len(text) > _CACHE_CHARS:
+                            continue
+                        if redacted != text:
+                            if len(dirty) >= _CLEAN_ENTRIES:
+                                dirty.clear()
+                            dirty.add(text)
+                        elif len(clean) < _CLEAN_ENTRIES:
+                            clean.add(text)  # itself: no secret in it (a redacted text never is)
+            return out
+        return self._apply(value)
+
+    def _apply(self, value: Any) -> Any:
+        """`apply` as the plain walk does it (its containers' members that are not plain)."""
+        kind = type(value)
+        if kind is str:
+            return self._scanner.redact(value)
         if kind is dict:
             return self._mapping(value)
         if kind is list or kind is tuple:
@@ -305,17 +481,17 @@ class Redactor:
             return self._sequence(value)
         return value
 
-    # `_mapping` and `_sequence` are `apply` unrolled one level for what records are made of (strings,
-    # numbers, dicts and lists of them): one Python frame per container instead of one per member, and
-    # a short string's redaction looked up in the scanner's cache without a call in between. Same
-    # outcome as `apply` member by member (a test holds them to a plain walk).
+    # `_mapping` and `_sequence` (the plain walk) are `_apply` unrolled one level for what records are
+    # made of (strings, numbers, dicts and lists of them): one Python frame per container instead of one
+    # per member, and a short string's redaction looked up in the scanner's cache without a call in
+    # between. Same outcome as `_apply` member by member (a test holds them to a plain walk).
 
     def _mapping(self, value: Mapping[Any, Any]) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
         keys, redact, short = self._keys, self._scanner.redact, self._scanner._short
         for key, member in value.items():
             if not isinstance(key, str):
-                out[key] = self.apply(member)
+                out[key] = self._apply(member)
                 continue
             redacted_key, kind = keys.get(key) or self._key(key)
             kind_of_member = type(member)
@@ -335,7 +511,7 @@ class Redactor:
             elif kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member):
                 out[redacted_key] = REDACTED
             else:
-                out[redacted_key] = self.apply(member)
+                out[redacted_key] = self._apply(member)
         return out
 
     def _sequence(self, value: Iterable[Any]) -> list[Any]:
@@ -350,8 +526,118 @@ class Redactor:
             elif kind is dict:
                 append(self._mapping(member))
             else:
-                append(self.apply(member))
+                append(self._apply(member))
         return out
+
+    # The gated walk (`apply` of a dict, list or tuple) is the plain walk with the texts' redaction put
+    # off: a text the scanner has found clean before is kept as it is, one it found a secret in before is
+    # redacted at once (as the plain walk does every text), the others are kept as they are and noted
+    # with where they went, and one search over them all (`SecretScanner.suspects`) then says they are
+    # all clean; else each noted text it cannot clear is redacted where it went, as the plain walk
+    # would have. Where a place could be written twice (a key that redaction changes, into another
+    # key's name) or the walk would go where no note can follow (a mapping not a dict, a key a `str`
+    # subclass), it stops (`_Walk`): the plain walk does the value instead.
+
+    def _gated_mapping(self, value: dict[Any, Any], noted: list[tuple[Any, Any, str]]) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        kinds, note = self._kinds, noted.append
+        scanner = self._scanner
+        clean, dirty, redact = scanner._clean, scanner._dirty, scanner.redact
+        for key, member in value.items():
+            if type(key) is str:
+                try:
+                    kind = kinds[key]
+                except KeyError:
+                    kind = self._kind(key)
+            elif isinstance(key, str):
+                raise _Walk
+            elif type(member) is str:  # a key not a name: the member as `apply` has it
+                if member in clean:
+                    out[key] = member
+                elif member in dirty:
+                    out[key] = redact(member)
+                else:
+                    out[key] = member
+                    note((out, key, member))
+                continue
+            else:
+                out[key] = self._gated_any(member, noted)
+                continue
+            kind_of_member = type(member)
+            if kind_of_member is str:
+                if kind and (kind == _NAMED or _high_entropy(member)):  # named, or secret-looking (_PLAIN is 0)
+                    out[key] = REDACTED
+                elif member in clean:
+                    out[key] = member
+                elif member in dirty:
+                    out[key] = redact(member)
+                else:
+                    out[key] = member
+                    note((out, key, member))
+            elif kind == _NAMED:
+                out[key] = REDACTED
+            elif member is None or kind_of_member is int or kind_of_member is float or kind_of_member is bool:
+                out[key] = member
+            elif kind_of_member is dict:
+                out[key] = self._gated_mapping(member, noted)
+            elif kind_of_member is list or kind_of_member is tuple:
+                out[key] = self._gated_sequence(member, noted)
+            elif kind == _SECRET_LOOKING and isinstance(member, str) and _high_entropy(member):
+                out[key] = REDACTED
+            else:
+                out[key] = self._gated_any(member, noted)
+        return out
+
+    def _gated_sequence(self, value: Iterable[Any], noted: list[tuple[Any, Any, str]]) -> list[Any]:
+        out: list[Any] = []
+        append, note = out.append, noted.append
+        scanner = self._scanner
+        clean, dirty, redact = scanner._clean, scanner._dirty, scanner.redact
+        for member in value:
+            kind = type(member)
+            if kind is str:
+                if member in clean:
+                    append(member)
+                elif member in dirty:
+                    append(redact(member))
+                else:
+                    note((out, len(out), member))
+                    append(member)
+            elif member is None or kind is int or kind is float or kind is bool:
+                append(member)
+            elif kind is dict:
+                append(self._gated_mapping(member, noted))
+            else:
+                append(self._gated_any(member, noted))
+        return out
+
+    def _gated_any(self, value: Any, noted: list[tuple[Any, Any, str]]) -> Any:
+        """`apply` of a member that is not a `str` (those are noted by their container)."""
+        kind = type(value)
+        if kind is dict:
+            return self._gated_mapping(value, noted)
+        if kind is list or kind is tuple:
+            return self._gated_sequence(value, noted)
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
+        if isinstance(value, str):
+            return self._scanner.redact(value)
+        if isinstance(value, Mapping):
+            raise _Walk
+        if isinstance(value, list | tuple):
+            return self._gated_sequence(value, noted)
+        return value
+
+    def _kind(self, key: str) -> int:
+        """What the name `key` says of its value, for a key that redaction keeps as it is (remembered);
+        a key it changes stops the gated walk."""
+        redacted_key, kind = self._keys.get(key) or self._key(key)
+        if redacted_key != key:
+            raise _Walk
+        if len(self._kinds) >= _KEY_ENTRIES:
+            self._kinds.clear()
+        self._kinds[key] = kind
+        return kind
 
     def _key(self, key: str) -> tuple[str, int]:
         """The key redacted, and what its name says of its value (member names repeat: remembered)."""
@@ -363,6 +649,10 @@ class Redactor:
                 self._keys.clear()
             self._keys[key] = known
         return known
+
+
+class _Walk(Exception):
+    """A value the gated walk leaves to the plain one."""
 
 
 _PLAIN, _NAMED, _SECRET_LOOKING = 0, 1, 2
