@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from server import after_response
 from server.audit.outbox import Outbox
 from server.audit.records import decision_record, outcome_record
 from server.audit.redaction import Redactor
@@ -40,9 +41,9 @@ class AuditStage:
     the next start closes it as `interrupted`, and a write that fails is owed by the outbox, not lost.
     Otherwise committed before the response, a failure reported to the caller.
 
-    Deferred, the record itself is built on the event loop's next turn, after the response is written
-    (the call returns to the edge, which writes it, without waiting on anything): its time is taken
-    now, and the call is immutable. Built in order; one that cannot be built is logged and its call
+    Deferred, the record itself is built once the response is written (`after_response.later`: when
+    the lean edge has sent it, else on the loop's next turn): its time is taken now, and the call is
+    immutable. Built in order; one that cannot be built is logged and its call
     closed by a bare outcome that says so; `flush` builds what still waits (at shutdown). `then`: more
     work for that same turn, after the outcomes (the decision log's waiting lines)."""
 
@@ -83,7 +84,7 @@ class AuditStage:
         pending.append((call, finished_at))
         if len(pending) == 1:  # the first waiting: one turn builds all that join it meanwhile
             self._pending_thread = threading.get_ident()
-            asyncio.get_running_loop().call_soon(self.flush)
+            after_response.later(self.flush)
 
     def flush(self) -> None:
         """Build and hand to the outbox the outcomes still waiting (the loop's next turn, and shutdown)."""

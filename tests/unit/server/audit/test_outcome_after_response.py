@@ -23,6 +23,7 @@ from server.policy.decision_log import DecisionLog
 from server.settings import Settings
 
 MODERN = "2026-07-28"
+SESSION = "2025-11-25"
 ENVELOPE = {
     "io.modelcontextprotocol/protocolVersion": MODERN,
     "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
@@ -104,6 +105,35 @@ def test_a_2026_call_is_answered_before_its_outcome_and_decision_log_line_are_bu
             break
         time.sleep(0.01)
     assert events[:3] == ["response", "outcome", "decision_log"]  # the answer first, then what it left
+
+
+def test_a_call_on_a_2025_session_is_answered_before_its_outcome_and_decision_log_line_are_built(
+    rig: tuple[TestClient, Gateway, list[str], str],
+) -> None:
+    client, gateway, events, token = rig
+    headers = {**HEADERS, "authorization": f"Bearer {token}"}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 0,
+        "method": "initialize",
+        "params": {"protocolVersion": SESSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    resp = client.post("/mcp", json=init, headers=headers)
+    assert resp.status_code == 200, resp.text
+    session = {**headers, "mcp-session-id": resp.headers["mcp-session-id"], "mcp-protocol-version": SESSION}
+    ack = client.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+    assert ack.status_code == 202, ack.text
+    events.clear()
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
+    resp = client.post("/mcp", json=call, headers=session)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["result"]["isError"] is False
+    for _ in range(200):  # bounded: the outcome's group commit is 0.05 s away
+        if committed_outcomes(gateway.outbox.path) >= 1:  # type: ignore[attr-defined]
+            break
+        time.sleep(0.01)
+    # the request runs in a task of its own there: the edge says when its response is out
+    assert events[:3] == ["response", "outcome", "decision_log"]
 
 
 def test_the_decision_log_line_of_an_answered_call_is_written_by_shutdown(tmp_path: Path) -> None:
