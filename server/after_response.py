@@ -10,8 +10,7 @@ to the edge, which writes the response, only turns later. `fn` must not raise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import structlog
@@ -32,23 +31,33 @@ _ANSWERING: ContextVar[_After | None] = ContextVar("castellan_after_response", d
 
 def later(fn: Callable[[], None]) -> None:
     """Run `fn` after the current request's response is written (see the module), else next turn."""
-    after = _ANSWERING.get()
-    if after is None or after.done:  # no edge says when (or it has answered already): the next turn
+    if not queue(fn):  # no edge says when (or it has answered already): the next turn
         asyncio.get_running_loop().call_soon(fn)
-    else:
-        after.work.append(fn)
 
 
-@contextmanager
-def answering() -> Iterator[None]:
+def queue(fn: Callable[[], None]) -> bool:
+    """Queue `fn` for after the current request's response, when an edge says when that is; else
+    queue nothing and return False (the caller decides when, then)."""
+    after = _ANSWERING.get()
+    if after is None or after.done:
+        return False
+    after.work.append(fn)
+    return True
+
+
+class answering:  # a context manager, named like contextlib's
     """Around serving one request, up to and including writing its response: what `later` is given
     meanwhile (also by tasks the request starts) runs as this exits, once the response is out."""
-    after = _After()
-    token = _ANSWERING.set(after)
-    try:
-        yield
-    finally:
-        _ANSWERING.reset(token)
+
+    __slots__ = ("_after", "_token")
+
+    def __enter__(self) -> None:
+        self._after = after = _After()
+        self._token = _ANSWERING.set(after)
+
+    def __exit__(self, *exc: object) -> None:
+        _ANSWERING.reset(self._token)
+        after = self._after
         after.done = True  # a task of the request that outlives it schedules its own
         for fn in after.work:
             try:

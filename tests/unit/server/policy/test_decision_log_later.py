@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from server.after_response import answering
 from server.audit.records import decision_record
 from server.audit.redaction import REDACTED, Redactor
 from server.call import RunInfo
@@ -28,8 +29,10 @@ pytestmark = pytest.mark.anyio
 BUNDLE = PolicyBundle.from_directory(REPO_ROOT / "policies")
 
 
-def log_in(path: Path, redactor: Redactor | None = None, bundle: PolicyBundle = BUNDLE) -> DecisionLog:
-    return DecisionLog(path, bundle, "castellan/gateway/decision", redactor, flush_seconds=3600)
+def log_in(
+    path: Path, redactor: Redactor | None = None, bundle: PolicyBundle = BUNDLE, flush_seconds: float = 3600
+) -> DecisionLog:
+    return DecisionLog(path, bundle, "castellan/gateway/decision", redactor, flush_seconds=flush_seconds)
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -67,21 +70,26 @@ async def test_a_line_written_later_is_the_line_written_at_once(tmp_path: Path) 
 
 
 async def test_lines_written_later_reach_the_file_within_the_bound_and_by_write_pending(tmp_path: Path) -> None:
-    log = log_in(tmp_path / "d.jsonl")
+    log = log_in(tmp_path / "d.jsonl", flush_seconds=0)  # each line to the file as it is written
+
+    async def written(count: int) -> list[str]:
+        for _ in range(100):  # bounded: LATER_SECONDS
+            if len(lines(tmp_path / "d.jsonl")) >= count:
+                break
+            await asyncio.sleep(LATER_SECONDS)
+        return [e["decision_id"] for e in lines(tmp_path / "d.jsonl")]
+
     log.emit_later(document(), decision(1))
-    for _ in range(100):  # bounded: LATER_SECONDS
-        await asyncio.sleep(LATER_SECONDS)
-        log.flush()
-        if (tmp_path / "d.jsonl").read_text():
-            break
-    assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1"]
+    assert await written(1) == ["d1"]  # by the timer: nobody asked
     log.emit_later(document(), decision(2))
     log.write_pending()  # what the audit stage calls once the call is answered
-    log.flush()
     assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1", "d2"]
-    await asyncio.sleep(LATER_SECONDS * 3)  # the timer comes and finds nothing left: each line once
+    await asyncio.sleep(LATER_SECONDS * 3)  # nothing left for a timer: each line once
+    assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1", "d2"]
+    log.emit_later(document(), decision(3))  # after write_pending, a line has its own bound again
+    assert await written(3) == ["d1", "d2", "d3"]
     log.close()
-    assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1", "d2"]
+    assert len(lines(tmp_path / "d.jsonl")) == 3
 
 
 async def test_every_decision_is_logged_once_in_order_and_close_writes_those_still_waiting(tmp_path: Path) -> None:
@@ -178,3 +186,13 @@ async def test_the_policy_stage_logs_its_decision_off_the_call(tmp_path: Path) -
     assert line["decision_id"] == "p1"
     assert "Password" not in line["input"]["arguments"]  # masked
     assert line["input"]["tool"]["name"] == "fake"
+
+
+async def test_inside_a_request_the_line_is_written_once_the_request_is_answered(tmp_path: Path) -> None:
+    log = log_in(tmp_path / "d.jsonl", flush_seconds=0)
+    with answering():  # as the lean edge serves a request
+        log.emit_later(document(), decision(1))
+        await asyncio.sleep(LATER_SECONDS * 3)  # no timer: the request is not answered yet
+        assert lines(tmp_path / "d.jsonl") == []
+    assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1"]  # as it is
+    log.close()
