@@ -371,6 +371,13 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
     shadow = shadow_policy_for(settings, metrics)
     policy = PolicyStage(engine, decision_log, shadow)
     guard_arguments, guard_result = guard_stages_for(settings.guardrails, redactor, engine, metrics.registry)
+    audit = AuditStage(  # once a call is answered: its outcome, then its decision-log line
+        outbox,
+        redactor,
+        deferred=settings.audit.outcome_commit_seconds > 0,
+        then=(decision_log.write_pending,) if decision_log else (),
+    )
+    closers.append(audit.flush)  # outcomes still to be built, before the outbox's last commit and head
     call_pipeline = Pipeline(
         [
             authenticate,
@@ -388,7 +395,7 @@ def build_gateway(settings: Settings, tools: Iterable[Tool] | None = None) -> Ga
             ObligationsStage(),
             ChargeStage(meter, counter, retries),
             *([ShadowStage(settings.policy.shadow_timeout_seconds)] if shadow else []),  # its verdict, collected
-            AuditStage(outbox, redactor, deferred=settings.audit.outcome_commit_seconds > 0),
+            audit,
         ],
         metrics,
         on_stop=[ReleaseReservation(meter, retries, counter), DenialRecorder(outbox, redactor)],

@@ -74,10 +74,16 @@ def decision_record(call: Call, redactor: Redactor | None = None) -> dict[str, A
     redacted["arguments"] = redact.apply(dict(call.arguments))
     replayable = _replay_input(call)
     if replayable is not None:
-        # The decision log redacted this document already when it logged the decision with this
-        # redactor and no mask changed it (`DecisionLog.event`); `kept` checks it is the same document.
+        # One redaction of this document for the record and the decision log's line of the decision
+        # (`DecisionLog.event`, with this redactor, when no mask changed it): whichever writes it first
+        # redacts it and keeps it, the other takes it (`kept` checks it is the same document). The line
+        # is written after this record is (the policy stage queues it), so here is usually first.
         kept = redact.kept(call.decision, replayable)
-        redacted["decision_input"] = kept if kept is not None else redact.apply(replayable)
+        if kept is None:
+            kept = redact.apply(replayable)
+            if redact is base:  # the log redacts with the base redactor, never with a decision's fields
+                base.keep(call.decision, replayable, kept)
+        redacted["decision_input"] = kept
     return redacted
 
 

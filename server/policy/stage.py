@@ -14,7 +14,8 @@ from server.policy.shadow import ShadowPolicy
 
 class PolicyStage:
     """Asks the engine; a deny stops the call with the policy's reasons. Engine down means deny.
-    Decisions go to the decision log when one is configured (list decisions do not: nothing runs),
+    Decisions go to the decision log when one is configured (list decisions do not: nothing runs;
+    the line is built on the loop's next turn, while the call waits for its decision's commit),
     and to the shadow policy when one is: it decides the same document after the live decision, and
     what it said rides on the decision into the audit record, never into what the call gets."""
 
@@ -34,7 +35,7 @@ class PolicyStage:
         if self._log is not None and call.action != "list":
             # the log masks the document it is given in place: the shadow decides one of its own
             shadow_document = build_input(call) if shadowed else document
-            self._log.emit(document, decision)
+            self._log.emit_later(document, decision)  # written while the call is recorded: off its path
             document = shadow_document
         if not decision.allow:
             if shadowed:  # a refusal waits for it: its one record is written now

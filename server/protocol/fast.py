@@ -60,6 +60,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.after_response import answering
 from server.protocol.fast_sessions import Flights, SessionConnections, Sessions
 from server.protocol.logging import LogLevels
 from server.protocol.notifications import SessionTracker
@@ -193,7 +194,9 @@ class FastEdge:
             await self._sdk(scope, receive, send)
             return
         body, receive = await buffered(scope, receive)
-        if not await serve(scope, body, send):
+        with answering():  # what the call leaves for after its response (its outcome) runs once it is sent
+            served = await serve(scope, body, send)
+        if not served:
             await self._sdk(scope, receive, send)
 
     async def _serve(self, scope: Scope, raw: Body, send: Send) -> bool:
