@@ -217,7 +217,6 @@ class SecretScanner:
         if self._joint and gated:
             joint_gate = _match_of(re2.compile("(?m:" + "|".join(gated) + ")", options))
         self._joint_gate = joint_gate
-        self._joint_always = tuple((*_literal_prefix(rule), rule.pattern) for rule in always)
         self._always_prefixed = tuple((rule, *_literal_prefix(rule)) for rule in always)
         self._clean: set[str] = set()
         """Texts `suspects` cleared (redacted, each is itself): a value's walk skips them."""
@@ -238,16 +237,7 @@ class SecretScanner:
         gate = self._gate_match
         rules: Iterable[_Rule]
         if text.isascii() and gate is not None and gate(_UNANCHORED, data := text.encode(), 0, len(data))[0][0] < 0:
-            # the rules RE2 cannot take, those the literal their matches start with is in
-            rules, lowered = [], None
-            for rule, literal, folded in self._always_prefixed:
-                if folded:
-                    lowered = text.lower() if lowered is None else lowered
-                    if literal not in lowered:
-                        continue
-                elif literal not in text:
-                    continue
-                rules.append(rule)
+            rules = self._unexpressed_candidates(text)
             if not rules:
                 return ()
         else:
@@ -262,6 +252,20 @@ class SecretScanner:
                     end = _PEM_END.search(text, end).end()  # type: ignore[union-attr]  # \Z always matches
                 found.append(_widen(text, start, end))
         return tuple(_merge(found))
+
+    def _unexpressed_candidates(self, text: str) -> list[_Rule]:
+        """The rules RE2 cannot take whose matches' leading literal is in `text` (the others cannot match it)."""
+        rules: list[_Rule] = []
+        lowered = None
+        for rule, literal, folded in self._always_prefixed:
+            if folded:
+                lowered = text.lower() if lowered is None else lowered
+                if literal not in lowered:
+                    continue
+            elif literal not in text:
+                continue
+            rules.append(rule)
+        return rules
 
     def redact(self, text: str) -> str:
         """`text` with each secret in it replaced by `[REDACTED]`."""
@@ -285,15 +289,8 @@ class SecretScanner:
         gate = self._joint_gate
         if gate is not None and gate(_UNANCHORED, data := joined.encode(), 0, len(data))[0][0] >= 0:
             return False
-        lowered = None
-        for literal, folded, pattern in self._joint_always:
-            if folded:
-                lowered = joined.lower() if lowered is None else lowered
-                if literal not in lowered:
-                    continue
-            elif literal not in joined:
-                continue
-            if pattern.search(joined) is not None:
+        for rule in self._unexpressed_candidates(joined):
+            if rule.pattern.search(joined) is not None:
                 return False
         known = self._clean
         if len(known) >= _CLEAN_ENTRIES:  # texts a caller chooses must not grow it without bound

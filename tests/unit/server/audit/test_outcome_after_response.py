@@ -86,6 +86,14 @@ def committed_outcomes(path: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM outbox WHERE kind = 'outcome'").fetchone()[0])
 
 
+def _wait_for_an_outcome(gateway: Gateway) -> None:
+    """Until an outcome is committed, or 2 s: the outcome's group commit is 0.05 s away."""
+    for _ in range(200):
+        if committed_outcomes(gateway.outbox.path) >= 1:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.01)
+
+
 def test_a_2026_call_is_answered_before_its_outcome_and_decision_log_line_are_built(
     rig: tuple[TestClient, Gateway, list[str], str],
 ) -> None:
@@ -100,10 +108,7 @@ def test_a_2026_call_is_answered_before_its_outcome_and_decision_log_line_are_bu
     resp = client.post("/mcp", json=body, headers={**headers, "mcp-method": "tools/call", "mcp-name": "echo"})
     assert resp.status_code == 200, resp.text
     assert resp.json()["result"]["isError"] is False
-    for _ in range(200):  # bounded: the outcome's group commit is 0.05 s away
-        if committed_outcomes(gateway.outbox.path) >= 1:  # type: ignore[attr-defined]
-            break
-        time.sleep(0.01)
+    _wait_for_an_outcome(gateway)
     # the answer first, then what it left
     assert (events[0], sorted(events[1:3])) == ("response", ["decision_log", "outcome"])
 
@@ -129,10 +134,7 @@ def test_a_call_on_a_2025_session_is_answered_before_its_outcome_and_decision_lo
     resp = client.post("/mcp", json=call, headers=session)
     assert resp.status_code == 200, resp.text
     assert resp.json()["result"]["isError"] is False
-    for _ in range(200):  # bounded: the outcome's group commit is 0.05 s away
-        if committed_outcomes(gateway.outbox.path) >= 1:  # type: ignore[attr-defined]
-            break
-        time.sleep(0.01)
+    _wait_for_an_outcome(gateway)
     # the request runs in a task of its own there: the edge says when its response is out
     assert (events[0], sorted(events[1:3])) == ("response", ["decision_log", "outcome"])
 
