@@ -5,6 +5,11 @@ serving it says when that is (`answering`, around the request: the lean MCP path
 fast.py); anywhere else on the event loop's next turn. The next turn alone is not enough on a 2025-era
 session: its request runs in a task of its own (cancellable), and the loop takes that task's result
 to the edge, which writes the response, only turns later. `fn` must not raise.
+
+Queued work waits for the response at most `AT_MOST_SECONDS`: a request whose answer takes longer (a
+slow tool behind the policy line it queued, a slow reader) holds nobody's record past that bound, as
+the lines and outcomes of other calls that join a drain it queued wait with it. Its timer runs what
+waits so far (on an idle loop: the call is still running) and later work queues afresh.
 """
 
 from __future__ import annotations
@@ -18,12 +23,31 @@ import structlog
 log = structlog.get_logger("castellan")
 
 
+AT_MOST_SECONDS = 0.005
+"""The longest work queued for after a response waits for it (the decision log promises its lines
+within as long: server/policy/decision_log.py LATER_SECONDS)."""
+
+
 class _After:
-    __slots__ = ("done", "work")
+    __slots__ = ("done", "timer", "work")
 
     def __init__(self) -> None:
         self.work: list[Callable[[], None]] = []
         self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def run(self) -> None:
+        """Run what waits (in order); each failure is logged, the rest still runs."""
+        work, self.work = self.work, []
+        for fn in work:
+            try:
+                fn()
+            except Exception:
+                log.exception("after_response_failed")
+
+    def due(self) -> None:  # the bound passed before the response was written
+        self.timer = None
+        self.run()
 
 
 _ANSWERING: ContextVar[_After | None] = ContextVar("castellan_after_response", default=None)
@@ -42,6 +66,8 @@ def queue(fn: Callable[[], None]) -> bool:
     if after is None or after.done:
         return False
     after.work.append(fn)
+    if after.timer is None:
+        after.timer = asyncio.get_running_loop().call_later(AT_MOST_SECONDS, after.due)
     return True
 
 
@@ -59,8 +85,7 @@ class answering:  # a context manager, named like contextlib's
         _ANSWERING.reset(self._token)
         after = self._after
         after.done = True  # a task of the request that outlives it schedules its own
-        for fn in after.work:
-            try:
-                fn()
-            except Exception:
-                log.exception("after_response_failed")
+        if after.timer is not None:
+            after.timer.cancel()  # a cancelled timer wakes no idle loop: dropped, never waited for
+            after.timer = None
+        after.run()

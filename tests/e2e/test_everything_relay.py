@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from server.testing import GatewayProcess, run_gateway
+from tests.audit_trail import settled_audit
 from tests.e2e.conftest import E2E, run_node
 from tests.everything_server import run_everything
 
@@ -59,11 +58,7 @@ def text_of(result: types.CallToolResult) -> str:
 
 
 def audit(gw: GatewayProcess, tool: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", "--tool", tool, "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return settled_audit(gw, "--tool", tool)  # the outcomes are group-committed after the response
 
 
 @pytest.mark.parametrize("mode", ["legacy", MODERN])

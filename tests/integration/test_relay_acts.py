@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +20,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.testing import GatewayProcess, run_gateway
+from tests.audit_trail import settled_audit
 from tests.mcp_upstream import conformance_upstream, policies_with_upstreams
 
 pytestmark = pytest.mark.integration
@@ -65,11 +64,7 @@ def connect(gw: GatewayProcess, user: User, mode: str, agent: str) -> Client:
 
 
 def audit(gw: GatewayProcess, agent: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", "--agent", agent, "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return settled_audit(gw, "--agent", agent)  # the outcomes are group-committed after the response
 
 
 @pytest.mark.parametrize("mode", ERAS)

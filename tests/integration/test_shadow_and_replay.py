@@ -15,6 +15,7 @@ import pytest
 
 from server.settings import REPO_ROOT
 from server.testing import GatewayProcess, run_gateway
+from tests.audit_trail import settled_audit
 from tests.integration.conftest import raw_call, run_cli
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -44,14 +45,8 @@ def shadowed(tmp_path_factory: pytest.TempPathFactory, candidate: Path) -> Itera
         yield gateway
 
 
-def jsonl(text: str) -> list[dict[str, object]]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def search(gateway: GatewayProcess, *args: str) -> list[dict[str, object]]:
-    done = run_cli(gateway, "audit", "search", "--format", "jsonl", "--limit", "1000", *args)
-    assert done.returncode == 0, done.stderr
-    return jsonl(done.stdout)
+    return settled_audit(gateway, "--limit", "1000", *args)  # the outcomes are group-committed after the response
 
 
 @pytest.fixture(scope="module")

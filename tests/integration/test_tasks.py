@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -27,6 +25,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from server.testing import GatewayProcess, run_gateway
+from tests.audit_trail import outcomes_committed, settled_audit
 from tests.mcp_upstream import conformance_upstream
 
 pytestmark = pytest.mark.integration
@@ -139,21 +138,14 @@ def connect(
 
 
 def audit(gw: GatewayProcess, *args: str) -> list[dict[str, Any]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", *args, "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return settled_audit(gw, *args)  # the outcomes are group-committed after the response
 
 
-def settled_audit(gw: GatewayProcess, agent: str, done: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """The agent's audit records, once `done(records)` holds (outcomes are group-committed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = audit(gw, "--agent", agent, "--limit", "1000")
-        if done(found) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+def agent_audit(gw: GatewayProcess, agent: str, done: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The agent's audit records, once `done(records)` holds and every allowed call has its outcome."""
+    return settled_audit(
+        gw, "--agent", agent, "--limit", "1000", until=lambda rs: done(rs) and outcomes_committed(rs), timeout=timeout
+    )
 
 
 def of(records: list[dict[str, Any]], tool: str) -> list[dict[str, Any]]:
@@ -174,7 +166,7 @@ def test_the_sdk_clients_task_augmented_call_gets_the_result_of_a_call_that_ran_
     assert created.status == "working"
     assert created.ttl_ms == 3_600_000
     # the governed call: one decision, allowed, with its outcome; the task: its creation and its end
-    records = settled_audit(gateway, "task-agent", lambda rs: of(rs, "tasks/end") and of(rs, "slow_compute"))
+    records = agent_audit(gateway, "task-agent", lambda rs: of(rs, "tasks/end") and of(rs, "slow_compute"))
     [call] = of(records, "slow_compute")
     assert call["decision"] == "allow"
     [made] = of(records, "tasks/create")
@@ -218,7 +210,7 @@ def test_only_the_identity_that_started_a_task_can_see_or_cancel_it(gateway: Gat
     # only the owner's cancel happened; the governed call itself was stopped and is recorded as cancelled
     assert of(audit(gateway, "--agent", "other-agent"), "tasks/cancel") == []
     assert of(audit(gateway, "--agent", "second-agent"), "tasks/cancel") == []
-    records = settled_audit(
+    records = agent_audit(
         gateway, "owner-agent", lambda rs: of(rs, "tasks/end") and all(r.get("outcome") for r in of(rs, "slow_compute"))
     )
     assert len(of(records, "tasks/cancel")) == 1
@@ -249,7 +241,7 @@ def test_a_task_that_asks_the_agent_is_answered_through_tasks_update(gateway: Ga
     assert finished.result is not None
     assert finished.result["content"][0]["text"] == "deleted report.csv"
     # the relayed elicitation was decided and recorded as a child span of the call
-    records = settled_audit(gateway, "asking-agent", lambda rs: all(r.get("outcome") for r in of(rs, "confirm_delete")))
+    records = agent_audit(gateway, "asking-agent", lambda rs: all(r.get("outcome") for r in of(rs, "confirm_delete")))
     [call] = of(records, "confirm_delete")
     [span] = call["outcome"]["relayed"]
     assert span["action"] == "elicit"

@@ -1,5 +1,6 @@
 """`after_response.later`: work for after the current request's response, when an edge says when
-(`answering`, also for tasks the request starts), else the loop's next turn; never lost."""
+(`answering`, also for tasks the request starts), else the loop's next turn; never lost, and never
+held past `AT_MOST_SECONDS` by a request whose answer takes longer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from server.after_response import answering, later
+from server.after_response import AT_MOST_SECONDS, answering, later
 
 pytestmark = pytest.mark.anyio
 
@@ -65,3 +66,16 @@ async def test_work_that_fails_is_logged_and_the_rest_still_runs() -> None:
         later(lambda: ran.append("after"))
     assert ran == ["after"]
     assert [e["event"] for e in logged] == ["after_response_failed"]
+
+
+async def test_a_request_whose_answer_takes_long_holds_the_work_no_longer_than_the_bound() -> None:
+    ran: list[str] = []
+    with answering():  # e.g. a slow tool runs after the call queued its policy line
+        later(lambda: ran.append("queued early"))
+        await asyncio.sleep(AT_MOST_SECONDS * 4)
+        assert ran == ["queued early"]  # run while the request still waits, not when it ends
+        later(lambda: ran.append("queued after"))  # queues afresh, for the response or the bound
+        ran.append("response")
+    assert ran == ["queued early", "response", "queued after"]
+    await asyncio.sleep(AT_MOST_SECONDS * 4)
+    assert ran == ["queued early", "response", "queued after"]  # the cancelled bound runs nothing twice

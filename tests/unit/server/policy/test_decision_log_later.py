@@ -192,7 +192,18 @@ async def test_inside_a_request_the_line_is_written_once_the_request_is_answered
     log = log_in(tmp_path / "d.jsonl", flush_seconds=0)
     with answering():  # as the lean edge serves a request
         log.emit_later(document(), decision(1))
-        await asyncio.sleep(LATER_SECONDS * 3)  # no timer: the request is not answered yet
+        for _ in range(5):
+            await asyncio.sleep(0)  # turns pass: the request is not answered yet
         assert lines(tmp_path / "d.jsonl") == []
     assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1"]  # as it is
+    log.close()
+
+
+async def test_a_request_slower_than_the_bound_does_not_hold_the_lines(tmp_path: Path) -> None:
+    log = log_in(tmp_path / "d.jsonl", flush_seconds=0)
+    with answering():  # its tool still runs: the lines of its decision and of those joining it are due
+        log.emit_later(document(), decision(1))
+        log.emit_later(document(), decision(2))
+        await asyncio.sleep(LATER_SECONDS * 4)
+        assert [e["decision_id"] for e in lines(tmp_path / "d.jsonl")] == ["d1", "d2"]
     log.close()
