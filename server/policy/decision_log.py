@@ -109,9 +109,9 @@ class DecisionLog:
 
     `emit_later` (the policy stage's) takes the line off the call's path: the time is taken at once, the
     event built and written later, in order with every other line: once the request is answered
-    (`after_response`: the lean edge says when, and waits at most as long), else by `write_pending`, which the audit stage calls
-    once the call is answered, and at most `LATER_SECONDS` after the decision (a refused call, a
-    resource read); `close`, and a `flush` on the loop's thread, write what still waits. Not
+    (`after_response`: the lean edge says when, and waits at most as long), else by `write_pending`,
+    which the audit stage calls once the call is answered, and at most `LATER_SECONDS` after the
+    decision (a refused call, a resource read); `close`, and a `flush` on the loop's thread, write what still waits. Not
     while the call waits for its decision's commit: that work would hold the GIL the SQLite writer
     thread needs to start the commit, and delay it as much (measured: +40 µs on the record stage).
 
