@@ -39,7 +39,7 @@ from server.audit.ship_process import SETTINGS_ENV
 from server.audit.shipper import Shipper
 from server.metrics import Metrics
 from server.settings import AuditSettings
-from server.testing import free_port
+from tests.gateway_process import free_port
 from tests.mlflow_server import MlflowServer
 
 RESULTS = Path(__file__).parent / "results"

@@ -36,7 +36,7 @@ from server.audit.keys import chain_key_for
 from server.audit.outbox import SqliteOutbox
 from server.auth.devkeys import mint_dev_token
 from server.settings import Settings
-from server.testing import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 
 RESULTS = Path(__file__).parent / "results"
 AGENTS = [f"agent-{i:02d}" for i in range(50)]

@@ -18,7 +18,7 @@ from server.demo import seed_demo_grants
 from server.grants.cache import CachedGrants
 from server.grants.local import LocalCatalog
 from server.grants.stage import GrantsStage
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 from tools.echo import EchoTool
 
 RESULTS = Path(__file__).parent / "results"

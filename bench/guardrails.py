@@ -161,7 +161,7 @@ async def shadow_cost(rounds: int) -> dict[str, Any]:
     from server.policy.shadow import ShadowPolicy, ShadowStage
     from server.policy.stage import PolicyStage
     from server.settings import REPO_ROOT
-    from server.testing import make_call
+    from tests.fakes.backends import make_call
     from tools.echo import EchoTool
 
     bundle = PolicyBundle.from_directory(REPO_ROOT / "policies")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import drive
-from server.testing import run_gateway
+from tests.gateway_process import run_gateway
 
 RESULTS = Path(__file__).parent / "results"
 NO_LIMITS = {

@@ -29,7 +29,7 @@ from server.metering.meter import Admission, Meter
 from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
 from server.settings import Limits
-from server.testing import make_identity
+from tests.fakes.backends import make_identity
 from tests.redis_server import run_redis
 
 RESULTS = Path(__file__).parent / "results"

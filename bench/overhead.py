@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.load import Era, Sample, drive
 from bench.peers import quiesce, root_cpu, tree_cpu
-from server.testing import free_port, run_gateway
+from tests.gateway_process import free_port, run_gateway
 
 RESULTS = Path(__file__).parent / "results"
 UNLIMITED = {

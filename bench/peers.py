@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Era, Sample, drive
-from server.testing import GatewayProcess, free_port, run_gateway, stop
+from tests.gateway_process import GatewayProcess, free_port, run_gateway, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

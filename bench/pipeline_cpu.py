@@ -173,7 +173,7 @@ def main() -> None:
         tool = "echo"
         if args.upstream:
             from bench.peers import process
-            from server.testing import free_port
+            from tests.gateway_process import free_port
 
             url = f"http://127.0.0.1:{free_port()}/mcp"
             stack.enter_context(process([sys.executable, "-m", "bench.direct_server", url.split(":")[2].split("/")[0]],

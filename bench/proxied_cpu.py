@@ -31,7 +31,7 @@ from pathlib import Path
 from bench.load import Era, drive
 from bench.overhead import UNLIMITED
 from bench.peers import grant_upstream, process
-from server.testing import free_port, run_gateway
+from tests.gateway_process import free_port, run_gateway
 
 TICKS = os.sysconf("SC_CLK_TCK")
 SPY = "/tmp/spyvenv/bin/py-spy"

@@ -20,7 +20,7 @@ import aiohttp
 
 from bench.load import call_body, call_headers
 from bench.stats import percentile
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.opa import run_opa
 from tests.redis_server import run_redis
 

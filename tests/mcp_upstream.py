@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, free_port, stop
+from tests.gateway_process import GatewayProcess, free_port, stop
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.testing import free_port
+from tests.gateway_process import free_port
 
 
 @dataclass

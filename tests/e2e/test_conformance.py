@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, free_port, run_gateway
 from tests.e2e.conftest import E2E
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.mcp_upstream import process, wait_port
 
 pytestmark = pytest.mark.e2e

@@ -22,8 +22,8 @@ from typing import Any
 import anyio
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway
 from tests.e2e.test_mlflow_ui import CHROMIUM, CHROMIUM_ARGS
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.integration.test_audit_shipping import drive, metric, shipping_env
 from tests.mcp_upstream import conformance_upstream
 from tests.mlflow_server import MlflowServer

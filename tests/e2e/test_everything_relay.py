@@ -17,10 +17,10 @@ import pytest
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from server.testing import GatewayProcess, run_gateway
 from tests.audit_trail import settled_audit
 from tests.e2e.conftest import E2E, run_node
 from tests.everything_server import run_everything
+from tests.gateway_process import GatewayProcess, run_gateway
 
 pytestmark = pytest.mark.e2e
 MODERN = "2026-07-28"

@@ -16,9 +16,9 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from server.protocol.acts import DENIED
-from server.testing import GatewayProcess, run_gateway
 from tests.e2e.conftest import E2E, run_node
 from tests.everything_server import run_everything
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.mcp_upstream import connect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]

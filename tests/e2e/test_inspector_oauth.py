@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from server.testing import ANALYST_TOOLS, GatewayProcess, free_port
 from tests.e2e.conftest import NODE
 from tests.e2e.test_inspector_cli import INSPECTOR
+from tests.gateway_process import ANALYST_TOOLS, GatewayProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

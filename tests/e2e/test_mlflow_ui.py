@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from server.testing import run_gateway
+from tests.gateway_process import run_gateway
 from tests.integration.test_audit_shipping import drive, metric, shipping_env
 from tests.mlflow_server import run_mlflow
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from server.testing import ANALYST_TOOLS, GatewayProcess
 from tests.e2e.conftest import E2E, run_node
+from tests.gateway_process import ANALYST_TOOLS, GatewayProcess
 
 pytestmark = pytest.mark.e2e
 

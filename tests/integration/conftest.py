@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 
 
 @pytest.fixture(scope="session")

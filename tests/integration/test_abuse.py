@@ -19,7 +19,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 
 from bench.load import call_body, call_headers
 from server.auth.devkeys import mint_dev_token
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -17,7 +17,7 @@ from agent_client.agent import Agent
 from agent_client.gateway import connect
 from agent_client.models import ScriptedModel
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

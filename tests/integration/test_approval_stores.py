@@ -19,7 +19,7 @@ from server.approvals.store import ApprovalStore, SqliteApprovals
 from server.errors import BackendUnavailable
 from server.policy.engine import Decision
 from server.settings import ApprovalSettings
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 from tests.redis_server import RedisProcess, run_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

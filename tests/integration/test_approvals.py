@@ -20,7 +20,7 @@ from aiohttp import web
 
 from server.approvals.webhook import SIGNATURE_HEADER, verify_signature
 from server.audit.traces import trace_id_for
-from server.testing import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 from tests.integration.test_upstream_servers import listed, upstream
 from tests.mlflow_server import MlflowServer

@@ -20,7 +20,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import raw_call
 from tests.integration.test_approvals import APPROVE, approvals_cli, policies_with, run_cli
 

@@ -13,7 +13,7 @@ import aiohttp
 import anyio
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import raw_call
 from tests.integration.test_audit_shipping import metric
 

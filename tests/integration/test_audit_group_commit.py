@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import run_gateway
+from tests.gateway_process import run_gateway
 from tests.integration.conftest import raw_call
 from tests.integration.test_audit_integrity import cli
 

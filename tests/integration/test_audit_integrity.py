@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from server.audit.search import AuditQuery
-from server.testing import GatewayProcess, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, gateway_env, run_gateway
 from tests.integration.conftest import raw_call, run_cli
 from tests.integration.test_audit_shipping import metric, shipping_env, until
 from tests.mlflow_server import run_mlflow

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from server.testing import GatewayProcess
+from tests.gateway_process import GatewayProcess
 from tests.integration.conftest import deny_body, raw_call, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

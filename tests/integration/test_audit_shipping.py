@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.mlflow_server import run_mlflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from bench.load import PROTOCOL, call_headers
 from server.runs import MAX_DEPTH
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 
 pytestmark = pytest.mark.integration
 HUGE = "__HUGE_NUMBER__"  # replaced by a 4,000-digit JSON number in the body

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
-from server.testing import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.oauth_clients import MemoryStorage, tool_text
 from tests.oauth_clients import claims as jwt_claims
 
@@ -297,7 +297,7 @@ def test_check_config_in_production_refuses_the_dev_issuer_even_when_overridden(
     import sys
 
     from server.production import CHECKS
-    from server.testing import gateway_env
+    from tests.gateway_process import gateway_env
 
     env = {
         **os.environ,

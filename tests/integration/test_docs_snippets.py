@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway, stop
+from tests.gateway_process import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration]

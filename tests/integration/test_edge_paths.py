@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from bench.load import CLIENT_INFO, PROTOCOL, open_session, parse_body
-from server.testing import GatewayProcess, free_port, run_gateway, stop
+from tests.gateway_process import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -27,7 +27,7 @@ from server.policy.engine import Decision
 from server.policy.opa import OpaServerEngine
 from server.policy.regorus_subset import plain_problem
 from server.settings import REPO_ROOT
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 from tests.opa import run_opa
 from tools.echo import EchoTool
 from tools.profile import ProfileTool

@@ -16,7 +16,7 @@ import pytest
 
 from server.policy import inprocess_opa
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -35,7 +35,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, gateway_env, run_gateway
 from tests.integration.conftest import run_cli
 from tests.integration.test_audit_integrity import fill, small_disk
 from tests.integration.test_audit_shipping import metric, shipping_env, until

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.opa import run_opa
 from tests.redis_server import run_redis
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, free_port, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, gateway_env, run_gateway
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration]

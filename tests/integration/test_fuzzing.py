@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.load import PROTOCOL, call_body, call_headers
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 
 pytestmark = pytest.mark.integration
 TRIED: dict[str, int] = {"jsonrpc": 0, "arguments": 0}

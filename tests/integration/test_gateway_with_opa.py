@@ -22,7 +22,7 @@ import pytest
 
 from bench.load import call_body, call_headers
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 from tests.opa import opa_binary, run_opa
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

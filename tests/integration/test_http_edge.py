@@ -14,7 +14,7 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
-from server.testing import GatewayProcess
+from tests.gateway_process import GatewayProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 

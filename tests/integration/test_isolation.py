@@ -17,8 +17,8 @@ import pytest
 
 from server.sandbox import StdioProfile, detect_mode
 from server.settings import UpstreamSettings
-from server.testing import GatewayProcess, run_gateway
 from server.upstream.connection import UpstreamConnection
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import raw_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, free_port, run_gateway
 from tests.fakes import openai_api
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.opa import run_opa
 from tests.redis_server import RedisProcess, run_redis
 

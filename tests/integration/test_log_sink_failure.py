@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from server.testing import GatewayProcess, free_port, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, gateway_env, run_gateway
 from tests.integration.conftest import raw_call
 from tests.integration.test_audit_shipping import metric
 

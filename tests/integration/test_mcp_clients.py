@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from server.testing import ANALYST_TOOLS, GatewayProcess
+from tests.gateway_process import ANALYST_TOOLS, GatewayProcess
 from tests.integration.conftest import cli_token
 from tests.mcp_upstream import connect
 

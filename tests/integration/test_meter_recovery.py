@@ -12,8 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.testing import GatewayProcess, run_gateway
 from tests.fakes import openai_api
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.redis_server import RedisProcess, run_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -21,7 +21,7 @@ from server.metering.meter import Admission, Meter
 from server.metering.redis import RedisMeter
 from server.metering.sqlite import SqliteMeter
 from server.settings import Limits
-from server.testing import make_identity
+from tests.fakes.backends import make_identity
 from tests.redis_server import RedisProcess, run_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from server.testing import GatewayProcess
+from tests.gateway_process import GatewayProcess
 from tests.integration.conftest import raw_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

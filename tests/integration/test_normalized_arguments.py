@@ -16,7 +16,7 @@ from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import PolicyEngine
 from server.policy.opa import OpaServerEngine
 from server.settings import REPO_ROOT
-from server.testing import make_call
+from tests.fakes.backends import make_call
 from tests.opa import run_opa
 from tools.echo import EchoTool
 

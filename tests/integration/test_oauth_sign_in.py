@@ -24,7 +24,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
 from bench.load import call_body, call_headers
-from server.testing import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_gateway
 from tests.hydra import Hydra, HydraLogin, User, run_hydra
 from tests.oauth_clients import MemoryStorage, tool_text
 from tests.oauth_clients import claims as jwt_claims

@@ -18,7 +18,7 @@ from server.policy._input import build_input
 from server.policy.bundle import PolicyBundle
 from server.policy.opa import OpaServerEngine
 from server.settings import REPO_ROOT
-from server.testing import make_call
+from tests.fakes.backends import make_call
 from tests.opa import run_opa
 from tools.echo import EchoTool
 

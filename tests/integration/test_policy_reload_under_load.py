@@ -23,7 +23,7 @@ import pytest
 from bench.load import call_body, call_headers
 from server.policy.bundle import PolicyBundle
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.opa import run_opa
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from joserfc.jwk import ECKey
 
-from server.testing import GatewayProcess, free_port, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.integration]
 

@@ -19,8 +19,8 @@ from mcp.client.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from server.testing import GatewayProcess, run_gateway
 from tests.audit_trail import settled_audit
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.mcp_upstream import conformance_upstream, policies_with_upstreams
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from server.testing import run_gateway
+from tests.gateway_process import run_gateway
 from tests.integration.conftest import deny_body, raw_call
 from tests.redis_server import run_redis
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import run_gateway
+from tests.gateway_process import run_gateway
 from tests.integration.conftest import raw_call, run_cli
 from tests.integration.test_audit_shipping import metric, until
 from tests.secret_shapes import SEED, SHAPES, leaks, secret_field

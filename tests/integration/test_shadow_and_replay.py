@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from server.settings import REPO_ROOT
-from server.testing import GatewayProcess, run_gateway
 from tests.audit_trail import settled_audit
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.integration.conftest import raw_call, run_cli
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

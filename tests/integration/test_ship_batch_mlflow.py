@@ -19,7 +19,7 @@ from server.audit.shipper import Shipper
 from server.audit.traces import TracePlan
 from server.metrics import Metrics
 from server.settings import AuditSettings
-from server.testing import free_port
+from tests.gateway_process import free_port
 from tests.mlflow_server import MlflowServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

@@ -24,8 +24,8 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from server.testing import GatewayProcess, run_gateway
 from tests.audit_trail import outcomes_committed, settled_audit
+from tests.gateway_process import GatewayProcess, run_gateway
 from tests.mcp_upstream import conformance_upstream
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from server.settings import REPO_ROOT
-from server.testing import ANALYST_TOOLS, GatewayProcess
+from tests.gateway_process import ANALYST_TOOLS, GatewayProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 MCP1_PYTHON = REPO_ROOT / ".cache" / "interop" / "mcp1" / "bin" / "python"

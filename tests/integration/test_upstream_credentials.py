@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway, stop
+from tests.gateway_process import GatewayProcess, free_port, run_gateway, stop
 from tests.hydra import Hydra, HydraLogin, User, run_hydra, user_token
 from tests.integration.conftest import raw_call, run_cli
 

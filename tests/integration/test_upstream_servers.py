@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from server.testing import GatewayProcess, free_port, run_gateway, stop
+from tests.gateway_process import GatewayProcess, free_port, run_gateway, stop
 from tests.integration.conftest import deny_body, raw_call, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]

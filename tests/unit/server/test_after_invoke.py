@@ -24,7 +24,7 @@ from server.policy.obligations import ObligationsStage
 from server.protocol.tools import call_result
 from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
-from server.testing import FakeTool, MemoryMeter, MemoryOutbox, allowed, make_call
+from tests.fakes.backends import FakeTool, MemoryMeter, MemoryOutbox, allowed, make_call
 
 pytestmark = pytest.mark.anyio
 COUNTER = TokenCounter()

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from server.call import Budget
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 
 def test_evolve_makes_the_copy_dataclasses_replace_makes() -> None:

@@ -15,7 +15,7 @@ from server.metering.tokens import TokenCounter
 from server.policy.engine import Decision
 from server.policy.obligations import ObligationsStage
 from server.registry import ToolOutput
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,7 @@ import json
 from server.errors import Denied, InternalError
 from server.protocol.tools import call_result, to_tool_result
 from server.registry import ToolOutput
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 
 def test_a_denial_is_an_error_result_with_a_machine_readable_body() -> None:

@@ -8,7 +8,7 @@ from server.call import Call
 from server.errors import Denied, InternalError
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 pytestmark = pytest.mark.anyio
 

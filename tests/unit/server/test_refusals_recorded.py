@@ -12,7 +12,7 @@ from server.call import Call
 from server.errors import Denied
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.testing import MemoryOutbox, make_call
+from tests.fakes.backends import MemoryOutbox, make_call
 
 pytestmark = pytest.mark.anyio
 

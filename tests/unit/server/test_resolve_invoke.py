@@ -10,8 +10,8 @@ from server.errors import Denied, InvalidArguments
 from server.invoke import InvokeStage
 from server.registry import ToolOutput, ToolRegistry
 from server.resolve import ResolveStage
-from server.testing import FakeTool, make_call
 from server.validate import ValidateStage
+from tests.fakes.backends import FakeTool, make_call
 
 pytestmark = pytest.mark.anyio
 

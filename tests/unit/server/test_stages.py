@@ -13,7 +13,7 @@ from server.policy.engine import Decision
 from server.policy.stage import PolicyStage
 from server.registry import ToolOutput
 from server.settings import Limits, MeterSettings
-from server.testing import MemoryMeter, StaticPolicy, make_call, make_identity
+from tests.fakes.backends import MemoryMeter, StaticPolicy, make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 

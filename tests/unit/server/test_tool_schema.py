@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from server.errors import ConfigError, InvalidArguments
 from server.registry import ToolRegistry, ToolSpec
-from server.testing import FakeTool, make_call
 from server.tool_schema import MAX_STEPS, SchemaRefused, StepsExhausted, _Budget, _valid, compile_arguments
 from server.validate import ValidateStage
+from tests.fakes.backends import FakeTool, make_call
 
 pytestmark = pytest.mark.anyio
 

@@ -117,7 +117,7 @@ async def test_a_cancelled_call_ends_its_worker_and_leaves_the_others(workers: F
 
 async def test_one_agents_slow_calls_leave_a_worker_for_another_agent() -> None:
     from server.invoke import caller
-    from server.testing import make_identity
+    from tests.fakes.backends import make_identity
 
     pool = FunctionWorkers(workers=2, memory_mb=256, per_identity=1)
     finished: list[str] = []

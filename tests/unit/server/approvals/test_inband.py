@@ -19,7 +19,7 @@ from server.call import Call
 from server.policy.engine import Decision
 from server.relay.channel import ELICIT, RelayFailed
 from server.settings import ApprovalSettings
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 ADMIN = make_identity(agent_id="ops-bot", subject="bob", groups=("admins",))

@@ -19,7 +19,7 @@ from server.call import Call, RunInfo
 from server.policy.engine import Decision
 from server.policy.obligations import ApprovalObligation
 from server.settings import ApprovalSettings, AuditSettings
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 
@@ -217,7 +217,7 @@ async def test_a_call_cancelled_while_it_waits_is_recorded_and_frees_its_reserva
     from server.audit.stage import DenialRecorder
     from server.metrics import Metrics
     from server.pipeline import Pipeline
-    from server.testing import MemoryOutbox
+    from tests.fakes.backends import MemoryOutbox
 
     outbox = MemoryOutbox()
     released: list[str] = []

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from server.approvals.webhook import DELIVERY_HEADER, SIGNATURE_HEADER, WebhookNotifier, sign, verify_signature
-from server.testing import free_port
+from tests.gateway_process import free_port
 
 pytestmark = pytest.mark.anyio
 SECRET = b"0123456789abcdef-secret"

@@ -24,7 +24,7 @@ from server.invoke import InvokeStage
 from server.metrics import Metrics
 from server.pipeline import Pipeline, Stage
 from server.registry import ToolOutput
-from server.testing import FakeTool, MemoryOutbox, allowed, make_call
+from tests.fakes.backends import FakeTool, MemoryOutbox, allowed, make_call
 
 pytestmark = pytest.mark.anyio
 KEY = ChainKey.generate()

@@ -17,7 +17,7 @@ from server.audit.stage import AuditStage, RecordStage
 from server.invoke import InvokeStage
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.testing import FakeTool, allowed, make_call
+from tests.fakes.backends import FakeTool, allowed, make_call
 
 pytestmark = pytest.mark.anyio
 KEY = ChainKey.generate()

@@ -14,7 +14,7 @@ from server.errors import BackendUnavailable, Denied
 from server.invoke import InvokeStage
 from server.metrics import Metrics
 from server.pipeline import Pipeline
-from server.testing import FakeTool, MemoryOutbox, allowed, make_call
+from tests.fakes.backends import FakeTool, MemoryOutbox, allowed, make_call
 
 pytestmark = pytest.mark.anyio
 KEY = ChainKey.generate()

@@ -17,7 +17,7 @@ from server.policy.decision_log import DecisionLog
 from server.policy.engine import Decision
 from server.registry import ToolOutput
 from server.settings import REPO_ROOT
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 ARGUMENTS = [
     {},

@@ -27,7 +27,7 @@ from server.policy.decision_log import DecisionLog
 from server.policy.engine import Decision
 from server.registry import ToolOutput
 from server.settings import REPO_ROOT, AuditSettings
-from server.testing import allowed, make_call
+from tests.fakes.backends import allowed, make_call
 from tests.secret_shapes import SEED, SHAPES, Secret, leaks, secret_field
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,7 @@ from server.auth.stage import AuthenticateStage
 from server.errors import Denied
 from server.identity import Identity
 from server.metrics import Metrics
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 

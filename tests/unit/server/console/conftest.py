@@ -21,7 +21,7 @@ from server.call import RunInfo
 from server.errors import Denied
 from server.registry import ToolOutput
 from server.settings import Settings
-from server.testing import allowed, make_call, make_identity
+from tests.fakes.backends import allowed, make_call, make_identity
 
 BASE = "http://127.0.0.1:8750"
 

@@ -10,7 +10,7 @@ from typing import Any
 from server.approvals.queue import ApprovalQueue
 from server.policy.engine import Decision
 from server.policy.obligations import ApprovalObligation
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 from tests.unit.server.console.conftest import BASE, ConsoleRig
 
 

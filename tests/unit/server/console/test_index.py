@@ -21,7 +21,7 @@ from server.call import RunInfo
 from server.console.index import GRAINS, ConsoleIndex
 from server.errors import BackendUnavailable, Denied
 from server.registry import ToolOutput
-from server.testing import allowed, make_call, make_identity
+from tests.fakes.backends import allowed, make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 AGENTS = ["alpha", "beta", "gamma"]

@@ -209,7 +209,7 @@ def test_a_federated_token_the_workspace_revoked_denies_once_and_an_expiring_one
 
 def test_policy_sees_that_a_function_runs_on_behalf_of_the_user(rig: Rig) -> None:
     from server.policy._input import build_input
-    from server.testing import make_call, make_identity
+    from tests.fakes.backends import make_call, make_identity
 
     tool = rig.client.app.state.gateway.registry.get(WHOAMI)  # type: ignore[attr-defined]
     document = build_input(make_call(tool=tool, identity=make_identity()))

@@ -432,7 +432,7 @@ async def test_the_stage_adds_what_the_tool_derives_from_its_arguments(tmp_path:
     from server.grants.source import Requirement
     from server.grants.stage import GrantsStage
     from server.registry import ToolSpec
-    from server.testing import FakeTool, make_call, make_identity
+    from tests.fakes.backends import FakeTool, make_call, make_identity
 
     class Reader(FakeTool):
         def required_grants(self, arguments: Any) -> tuple[Requirement, ...]:

@@ -103,7 +103,7 @@ async def test_the_cache_keeps_kinds_apart(tmp_path: Path) -> None:
 
 async def test_the_policy_input_names_each_principal_with_its_kind() -> None:
     from server.policy._input import build_input, schema_errors
-    from server.testing import FakeTool, make_call
+    from tests.fakes.backends import FakeTool, make_call
 
     who = await identity(agent_id="bot-9", sub="alice", groups=["analysts"])
     document = build_input(make_call(tool=FakeTool(), identity=who))
@@ -185,7 +185,7 @@ async def test_databricks_confirms_kinds_for_a_non_admin_view_too(tmp_path: Path
 def test_an_identitys_principals_are_computed_once_and_do_not_change_what_it_equals() -> None:
     from dataclasses import replace
 
-    from server.testing import make_identity
+    from tests.fakes.backends import make_identity
 
     identity = make_identity(groups=("analysts", "admins"))
     assert identity.principals is identity.principals  # remembered

@@ -19,7 +19,7 @@ from server.policy.embedded import EmbeddedEngine
 from server.policy.stage import PolicyStage
 from server.registry import ToolOutput
 from server.settings import REPO_ROOT
-from server.testing import allowed, make_call
+from tests.fakes.backends import allowed, make_call
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Admission
 from server.metering.sqlite import SqliteMeter
 from server.settings import Limits
-from server.testing import make_identity
+from tests.fakes.backends import make_identity
 
 pytestmark = pytest.mark.anyio
 AGENT = make_identity(agent_id="buffered-bot")
@@ -82,7 +82,7 @@ from server.call import RunInfo
 from server.metering.buffered import BufferedSqliteMeter
 from server.metering.meter import Admission
 from server.settings import Limits
-from server.testing import make_identity
+from tests.fakes.backends import make_identity
 
 async def main() -> None:
     meter = BufferedSqliteMeter(Path(sys.argv[1]), write_behind_seconds=0.05)

@@ -9,7 +9,7 @@ from server.metering.stage import AdmitStage
 from server.metering.tokens import TokenCounter
 from server.policy._input import build_input, schema_errors
 from server.settings import Limits, LlmSettings, MeterSettings
-from server.testing import MemoryMeter, allowed, make_call
+from tests.fakes.backends import MemoryMeter, allowed, make_call
 
 pytestmark = pytest.mark.anyio
 

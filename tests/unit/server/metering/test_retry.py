@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.metering.retry import MeterRetries
-from server.testing import MemoryMeter, make_identity
+from tests.fakes.backends import MemoryMeter, make_identity
 
 pytestmark = pytest.mark.anyio
 AGENT = make_identity()

@@ -23,7 +23,7 @@ from server.policy.decision_log import LATER_SECONDS, DecisionLog
 from server.policy.engine import Decision
 from server.policy.stage import PolicyStage
 from server.settings import REPO_ROOT
-from server.testing import StaticPolicy, make_call
+from tests.fakes.backends import StaticPolicy, make_call
 
 pytestmark = pytest.mark.anyio
 BUNDLE = PolicyBundle.from_directory(REPO_ROOT / "policies")

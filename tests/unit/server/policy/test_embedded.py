@@ -17,7 +17,7 @@ from server.policy._thread_engines import _engines
 from server.policy.bundle import PolicyBundle
 from server.policy.embedded import EmbeddedEngine, input_json
 from server.settings import REPO_ROOT
-from server.testing import make_call, make_identity
+from tests.fakes.backends import make_call, make_identity
 from tools.echo import EchoTool
 from tools.profile import ProfileTool
 from tools.reset import ResetTool

@@ -18,7 +18,7 @@ from server.identity import Identity
 from server.policy import _input
 from server.policy._input import build_input, build_relay_input, input_problem, result_input, schema_errors
 from server.registry import ToolSpec
-from server.testing import FakeTool, make_call
+from tests.fakes.backends import FakeTool, make_call
 from tools.echo import EchoTool
 
 # Mostly what the gateway holds, with what a bug (or a Python caller) could put there instead.

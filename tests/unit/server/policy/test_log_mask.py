@@ -18,7 +18,7 @@ from server.policy.decision_log import DecisionLog
 from server.policy.embedded import EmbeddedEngine
 from server.policy.engine import Decision
 from server.settings import REPO_ROOT
-from server.testing import make_call
+from tests.fakes.backends import make_call
 from tools.echo import EchoTool
 
 pytestmark = [

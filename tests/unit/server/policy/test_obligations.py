@@ -7,7 +7,7 @@ import pytest
 from server.policy.engine import Decision
 from server.policy.obligations import REDACTED, ObligationsStage
 from server.registry import ToolOutput
-from server.testing import make_call
+from tests.fakes.backends import make_call
 
 pytestmark = pytest.mark.anyio
 
@@ -61,7 +61,7 @@ async def test_a_cut_result_of_a_tool_with_an_output_schema_is_an_error_result(h
     # clients validate a tool's structured content against its output schema; a cut result has none,
     # so it must say it is not the tool's result (isError), or the client rejects the whole call
     from server.registry import ToolSpec
-    from server.testing import FakeTool
+    from tests.fakes.backends import FakeTool
 
     spec = ToolSpec(
         name="fake",

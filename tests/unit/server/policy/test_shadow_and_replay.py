@@ -21,7 +21,7 @@ from server.policy.engine import Decision
 from server.policy.replay import replay, since_time
 from server.policy.shadow import ShadowPolicy, ShadowStage, change
 from server.policy.stage import PolicyStage
-from server.testing import StaticPolicy, make_call
+from tests.fakes.backends import StaticPolicy, make_call
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,7 @@ from server.protocol.tasks import TaskCalls, TaskIdParams, TaskUpdateParams, Too
 from server.registry import ToolOutput, ToolRegistry, ToolSpec
 from server.settings import TasksSettings
 from server.tasks.audit import TaskAudit
-from server.testing import FakeTool, MemoryOutbox, make_call, make_identity
+from tests.fakes.backends import FakeTool, MemoryOutbox, make_call, make_identity
 
 pytestmark = pytest.mark.anyio
 TASKS = {"extensions": {"io.modelcontextprotocol/tasks": {}}}

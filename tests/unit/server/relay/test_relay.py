@@ -20,7 +20,7 @@ from server.relay.channel import ELICIT, ROOTS, SAMPLE, InputRequiredChannel, Re
 from server.relay.needed import relay_needed
 from server.relay.relay import Governor, Relay, RelayRefused
 from server.relay.rounds import Round, Rounds
-from server.testing import FakeTool, StaticPolicy, make_call
+from tests.fakes.backends import FakeTool, StaticPolicy, make_call
 
 SAMPLING = {"messages": [{"role": "user", "content": {"type": "text", "text": "capital of France?"}}], "maxTokens": 50}
 ANSWER = {"role": "assistant", "content": {"type": "text", "text": "Paris"}, "model": "m"}

@@ -11,9 +11,9 @@ import pytest
 from server.errors import ConfigError
 from server.registry import ToolRegistry, ToolSpec
 from server.settings import UpstreamSettings
-from server.testing import FakeTool
 from server.upstream.manager import UpstreamManager
 from server.upstream.pins import PinStore
+from tests.fakes.backends import FakeTool
 
 pytestmark = pytest.mark.anyio
 
