@@ -12,6 +12,7 @@ whole in-process cost of a call but the HTTP edge's; the wall time per call is p
 
 `--upstream` calls `up.echo` instead: bench/direct_server.py started as upstream `up` (as bench/peers.py
 registers it), so the figures are the proxied path's (the upstream's own CPU is its process's, not here).
+With `--profile`, `BENCH_CALLERS=PATTERN` also prints who called the functions matching it (pstats).
 
 To compare two trees on a shared machine, run this in both at the same time (each its own venv), a
 few times: both then see the same load, and the ratio of their figures holds where each alone swings.
@@ -145,7 +146,10 @@ async def _run(calls: int, rounds: int, profile: int, tool: str = "echo", sort: 
             for _ in range(calls):
                 await one()
             profiler.disable()
-            pstats.Stats(profiler, stream=sys.stdout).sort_stats(sort).print_stats(profile)
+            stats = pstats.Stats(profiler, stream=sys.stdout).sort_stats(sort)
+            stats.print_stats(profile)
+            if os.environ.get("BENCH_CALLERS"):
+                stats.print_callers(os.environ["BENCH_CALLERS"])
     finally:
         await gateway.close()
 
