@@ -67,7 +67,11 @@ def queue(fn: Callable[[], None]) -> bool:
         return False
     after.work.append(fn)
     if after.timer is None:
-        after.timer = asyncio.get_running_loop().call_later(AT_MOST_SECONDS, after.due)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread of the request's (its context copied): the response runs it
+            return True
+        after.timer = loop.call_later(AT_MOST_SECONDS, after.due)
     return True
 
 
