@@ -79,3 +79,12 @@ async def test_a_request_whose_answer_takes_long_holds_the_work_no_longer_than_t
     assert ran == ["queued early", "response", "queued after"]
     await asyncio.sleep(AT_MOST_SECONDS * 4)
     assert ran == ["queued early", "response", "queued after"]  # the cancelled bound runs nothing twice
+
+
+async def test_a_worker_thread_of_the_request_queues_for_its_response() -> None:
+    ran: list[str] = []
+    with answering():
+        await asyncio.to_thread(later, lambda: ran.append("from the thread"))  # the request's context, copied
+        assert ran == []
+        ran.append("response")
+    assert ran == ["response", "from the thread"]
