@@ -7,23 +7,19 @@ found when the bound passes, for the test's own assertion to report."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import GatewayProcess, run_cli
 
 Records = list[dict[str, Any]]
 
 
 def audit_search(gw: GatewayProcess, *args: str) -> Records:
     """`castellan audit search ARGS --format jsonl`, as a user runs it beside the gateway."""
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", *args, "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    done = run_cli(gw, "audit", "search", *args, "--format", "jsonl", timeout=60)
+    assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 

@@ -73,6 +73,18 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def run_cli(gateway: GatewayProcess, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` as a user runs it beside the gateway (same settings and data directory)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=gateway.env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def gateway_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {
         "CASTELLAN_DATA_DIR": str(data_dir),

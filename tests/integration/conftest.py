@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.gateway_process import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_cli, run_gateway
 
 
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     with run_gateway(tmp_path_factory.mktemp("gateway")) as gw:
         yield gw
-
-
-def run_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """`castellan ARGS` as a user runs it beside the gateway (same settings and data directory)."""
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args],
-        env=gateway.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def cli_token(gateway: GatewayProcess, agent: str, groups: str = "", *extra: str) -> str:

@@ -21,6 +21,7 @@ from aiohttp import web
 from server.approvals.webhook import SIGNATURE_HEADER, verify_signature
 from server.audit.traces import trace_id_for
 from tests.gateway_process import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import run_cli as gateway_cli
 from tests.integration.conftest import deny_body, raw_call
 from tests.integration.test_upstream_servers import listed, upstream
 from tests.mlflow_server import MlflowServer
@@ -44,9 +45,7 @@ def policies_with(tmp_path: Path, tools: dict[str, Any]) -> Path:
 
 def run_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
     """`castellan ARGS` beside the gateway (a start-up of the CLI takes tens of seconds on a loaded machine)."""
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args], env=gw.env(), capture_output=True, text=True, timeout=180, check=False
-    )
+    return gateway_cli(gw, *args, timeout=180)
 
 
 def approvals_cli(gw: GatewayProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
