@@ -73,16 +73,31 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def run_cli(gateway: GatewayProcess, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """`castellan ARGS` as a user runs it beside the gateway (same settings and data directory)."""
+def castellan(*args: str, env: Mapping[str, str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` run as a user runs it, in `env` (the whole environment), its output captured;
+    its exit status is the caller's to check."""
     return subprocess.run(
         [sys.executable, "-m", "server", *args],
-        env=gateway.env(),
+        env=dict(env),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def run_cli(
+    gateway: GatewayProcess, *args: str, timeout: float = 30.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`castellan ARGS` as a user runs it beside the gateway (same settings and data directory), with
+    `env` on top (a token, a setting of the user's own)."""
+    return castellan(*args, env={**gateway.env(), **(env or {})}, timeout=timeout)
+
+
+def cli_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CLI command over `data_dir` with no gateway beside it (gone, or never
+    started): the test settings on the data directory, `extra` on top."""
+    return {**os.environ, **gateway_env(data_dir, 0, extra)}
 
 
 def gateway_env(data_dir: Path, port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from server.settings import REPO_ROOT
 from tests.e2e.conftest import E2E
-from tests.gateway_process import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_cli, run_gateway
 from tests.mcp_upstream import process, wait_port
 
 pytestmark = pytest.mark.e2e
@@ -77,9 +76,6 @@ def test_conformance_suite(
         failed = [c["id"] for c in json.loads(checks.read_text()) if c["status"] == "FAILURE"]
         assert not failed, f"{checks.parent.name}: {failed}"
     # Every governed call the suite made went through the pipeline and is in the audit log.
-    audit = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", "--agent", "conformance-suite", "--tool",
-         "test_image_content", "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    audit = run_cli(gw, "audit", "search", "--agent", "conformance-suite", "--tool", "test_image_content",
+                    "--format", "jsonl", timeout=60)  # fmt: skip
     assert any(json.loads(line)["decision"] == "allow" for line in audit.stdout.splitlines())

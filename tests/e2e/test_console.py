@@ -10,8 +10,6 @@ import asyncio
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import anyio
 import pytest
 
 from tests.e2e.test_mlflow_ui import CHROMIUM, CHROMIUM_ARGS
-from tests.gateway_process import GatewayProcess, free_port, run_gateway
+from tests.gateway_process import GatewayProcess, free_port, run_cli, run_gateway
 from tests.integration.test_audit_shipping import drive, metric, shipping_env
 from tests.mcp_upstream import conformance_upstream
 from tests.mlflow_server import MlflowServer
@@ -215,11 +213,9 @@ async def test_an_approver_approves_a_pending_call_in_the_browser_and_the_audit_
 
 def audit_records(gw: GatewayProcess, tool: str) -> list[dict[str, Any]]:
     """The tool's calls as `castellan audit search` prints them (the auditors' own reading of the trail)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", "--tool", tool, "--format", "jsonl"],
-        env=gw.env(), capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    return [json.loads(line) for line in out.splitlines()]
+    found = run_cli(gw, "audit", "search", "--tool", tool, "--format", "jsonl", timeout=60)
+    assert found.returncode == 0, found.stderr
+    return [json.loads(line) for line in found.stdout.splitlines()]
 
 
 def approve_in_browser(gw: GatewayProcess, lead: str, shots: Path) -> dict[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from mcp.shared.exceptions import MCPError
 from server.protocol.acts import DENIED
 from tests.e2e.conftest import E2E, run_node
 from tests.everything_server import run_everything
-from tests.gateway_process import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_cli, run_gateway
 from tests.mcp_upstream import connect
 
 pytestmark = [pytest.mark.e2e, pytest.mark.anyio]
@@ -42,9 +41,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 
 
 def cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args], env=gateway.env(), capture_output=True, text=True, timeout=60
-    )
+    return run_cli(gateway, *args, timeout=60)
 
 
 def audited(gateway: GatewayProcess, agent: str) -> list[dict[str, Any]]:

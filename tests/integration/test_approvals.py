@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -50,14 +49,7 @@ def run_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
 
 def approvals_cli(gw: GatewayProcess, token: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`castellan approvals ARGS` as an approver runs it, with their token in $CASTELLAN_TOKEN."""
-    return subprocess.run(
-        [sys.executable, "-m", "server", "approvals", *args],
-        env={**gw.env(), "CASTELLAN_TOKEN": token},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return gateway_cli(gw, "approvals", *args, timeout=180, env={"CASTELLAN_TOKEN": token})
 
 
 async def pending(gw: GatewayProcess, token: str, count: int) -> list[dict[str, Any]]:

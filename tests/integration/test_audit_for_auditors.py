@@ -6,14 +6,13 @@ import asyncio
 import json
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import anyio
 import pytest
 
-from tests.gateway_process import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_cli, run_gateway
 from tests.integration.conftest import raw_call
 from tests.integration.test_audit_shipping import metric
 
@@ -21,14 +20,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
 def audit_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", "audit", *args],
-        env=gw.env(),
-        capture_output=True,
-        text=True,
-        timeout=180,  # `--source mlflow` imports MLflow and opens its store: ~25 s on a loaded 2-core box
-        check=False,
-    )
+    # `--source mlflow` imports MLflow and opens its store: ~25 s on a loaded 2-core box
+    return run_cli(gw, "audit", *args, timeout=180)
 
 
 @pytest.mark.timeout(300)  # a gateway and five CLI runs: minutes on a loaded 2-core machine

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,7 +20,7 @@ import aiohttp
 import pytest
 
 from server.audit.search import AuditQuery
-from tests.gateway_process import GatewayProcess, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, castellan, cli_env, run_gateway
 from tests.integration.conftest import raw_call, run_cli
 from tests.integration.test_audit_shipping import metric, shipping_env, until
 from tests.mlflow_server import run_mlflow
@@ -38,14 +36,7 @@ SLOW_TOOLS = {
 
 
 def audit_cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", "audit", *args],
-        env=gw.env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_cli(gw, "audit", *args, timeout=180)
 
 
 def outbox_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -119,14 +110,7 @@ async def start_and_kill(tmp_path: Path, env: dict[str, str]) -> tuple[Path, lis
 
 def cli(data: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`castellan ARGS` beside a gateway's data directory (the gateway itself may be gone)."""
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args],
-        env={**os.environ, **gateway_env(data, 0, {**SLOW_TOOLS, **env})},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return castellan(*args, env=cli_env(data, {**SLOW_TOOLS, **env}), timeout=180)
 
 
 @pytest.mark.timeout(600)

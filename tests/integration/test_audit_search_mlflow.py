@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from server.audit.keys import ChainKey
 from server.audit.mlflow_search import search_store
 from server.audit.mlflow_target import MlflowTarget, local_tracking_uri
 from server.audit.search import AuditQuery
+from tests.gateway_process import castellan
 
 pytestmark = [pytest.mark.integration]
 
@@ -65,11 +64,8 @@ def test_the_cli_finds_an_agents_denials_in_the_local_store(store: tuple[Path, C
         "CASTELLAN_DATA_DIR": str(data_dir),
         "CASTELLAN_AUDIT__CHAIN_KEY_FILE": str(data_dir / "chain-key"),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "audit", "search", "--source", "mlflow", "--agent", "agent-3",
-         "--decision", "deny", "--format", "jsonl"],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    done = castellan("audit", "search", "--source", "mlflow", "--agent", "agent-3", "--decision", "deny",
+                     "--format", "jsonl", env=env, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     expected = MlflowTarget(local_tracking_uri(data_dir), EXPERIMENT).search(

@@ -293,11 +293,9 @@ async def test_a_headless_demo_agent_signs_in_with_client_credentials(gateway: G
 
 def test_check_config_in_production_refuses_the_dev_issuer_even_when_overridden(tmp_path: Path) -> None:
     import os
-    import subprocess
-    import sys
 
     from server.production import CHECKS
-    from tests.gateway_process import gateway_env
+    from tests.gateway_process import castellan, gateway_env
 
     env = {
         **os.environ,
@@ -305,17 +303,9 @@ def test_check_config_in_production_refuses_the_dev_issuer_even_when_overridden(
         "CASTELLAN_ENVIRONMENT": "production",
         "CASTELLAN_PRODUCTION_OVERRIDES": json.dumps(sorted(CHECKS)),  # every check waived, knowingly
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "check-config"], env=env, capture_output=True, text=True, timeout=120
-    )
+    done = castellan("check-config", env=env, timeout=120)
     assert done.returncode == 1
     assert "auth.dev_issuer: the dev issuer lets anyone" in done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("check-config: failed")
-    off = subprocess.run(
-        [sys.executable, "-m", "server", "check-config"],
-        env={**env, "CASTELLAN_AUTH__DEV_ISSUER": "false"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    off = castellan("check-config", env={**env, "CASTELLAN_AUTH__DEV_ISSUER": "false"}, timeout=120)
     assert "FAILED  settings" not in off.stdout, off.stdout

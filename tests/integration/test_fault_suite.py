@@ -19,7 +19,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -35,7 +34,7 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from tests.gateway_process import GatewayProcess, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, castellan, cli_env, run_gateway
 from tests.integration.conftest import run_cli
 from tests.integration.test_audit_integrity import fill, small_disk
 from tests.integration.test_audit_shipping import metric, shipping_env, until
@@ -202,8 +201,9 @@ def interrupted_mismatch(data_dir: Path, open_calls: list[str], closed: float) -
     )
 
 
-async def outcomes_committed(data_dir: Path, seconds: float = 30.0) -> None:
-    """Waits (bounded) until every allowed decision has its outcome: a running gateway group-commits
+async def outbox_settled(data_dir: Path, seconds: float = 30.0) -> None:
+    """Waits (bounded) until every allowed decision in the outbox has its outcome (read from the outbox
+    itself; tests/audit_trail.py waits the same way through the CLI): a running gateway group-commits
     outcomes just after the response (audit.outcome_commit_seconds), later on a loaded machine."""
 
     async def complete() -> bool:
@@ -362,14 +362,7 @@ def gone(pid: int) -> bool:
 
 
 def audit_cli(data_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args],
-        env={**os.environ, **gateway_env(data_dir, 0, env)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return castellan(*args, env=cli_env(data_dir, env), timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -667,7 +660,7 @@ async def test_opa_stalled_under_load(tmp_path: Path) -> None:
             stop.set()
             await running
             row.held = held(*await settled(gw))
-            await outcomes_committed(gw.data_dir)
+            await outbox_settled(gw.data_dir)
             problems = account(row, sent, gw.data_dir)
     row.recover = f"{recovered:.1f} s (SIGCONT to the first allowed call)"
     ROWS.append(row)

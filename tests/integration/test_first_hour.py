@@ -17,16 +17,14 @@ import aiohttp
 import pytest
 
 from bench.load import call_body, call_headers
-from tests.gateway_process import GatewayProcess, free_port, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, castellan, free_port, gateway_env, run_gateway
 from tests.integration.conftest import run_cli
 
 pytestmark = [pytest.mark.integration]
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    return castellan(*args, env=env, timeout=60)
 
 
 def test_token_before_any_gateway_refuses_instead_of_creating_a_second_key(tmp_path: Path) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import GatewayProcess, run_gateway
+from tests.gateway_process import GatewayProcess, run_cli, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -18,14 +16,7 @@ TTL = 1.0
 
 
 def grants_cli(gateway: GatewayProcess, *words: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "grants", *words],
-        env=gateway.env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = run_cli(gateway, "grants", *words)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -113,10 +104,7 @@ async def test_an_agent_or_subject_named_like_a_group_gets_none_of_its_grants(tm
 
 def test_a_grant_to_an_unknown_principal_is_refused_with_the_fix(tmp_path: Path) -> None:
     with run_gateway(tmp_path / "gw") as gw:
-        done = subprocess.run(
-            [sys.executable, "-m", "server", "grants", "grant", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "ghost"],
-            env=gw.env(), capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+        done = run_cli(gw, "grants", "grant", "EXECUTE", "ON", "SCHEMA", "main.tools", "TO", "ghost")
         assert done.returncode != 0
         assert "no principal 'ghost'" in done.stderr
         assert "castellan grants principal add ghost --kind" in done.stderr

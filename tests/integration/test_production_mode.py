@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import aiohttp
 import pytest
 from joserfc.jwk import ECKey
 
-from tests.gateway_process import GatewayProcess, free_port, gateway_env, run_gateway
+from tests.gateway_process import GatewayProcess, castellan, free_port, gateway_env, run_gateway
 
 pytestmark = [pytest.mark.integration]
 
@@ -25,14 +24,7 @@ pytestmark = [pytest.mark.integration]
 def _castellan(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args],
-        env={**os.environ, **gateway_env(data_dir, free_port()), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return castellan(*args, env={**os.environ, **gateway_env(data_dir, free_port()), **env}, timeout=120)
 
 
 def test_serve_in_production_with_dev_defaults_exits_naming_each_setting(tmp_path: Path) -> None:

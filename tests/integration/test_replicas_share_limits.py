@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.gateway_process import run_gateway
+from tests.gateway_process import run_cli, run_gateway
 from tests.integration.conftest import deny_body, raw_call
 from tests.redis_server import run_redis
 
@@ -57,12 +55,6 @@ async def test_two_replicas_on_one_redis_admit_exactly_the_limit(tmp_path: Path)
                 assert (minute["used"], minute["limit"]) == (10, 10)
                 assert report["in_flight"] == 0
 
-                cli = await asyncio.to_thread(
-                    subprocess.run,
-                    [sys.executable, "-m", "server", "usage", "--agent", "shared-bot", "--json"],
-                    env=first.env(),
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
+                cli = await asyncio.to_thread(run_cli, first, "usage", "--agent", "shared-bot", "--json")
+                assert cli.returncode == 0, cli.stderr
                 assert next(w for w in json.loads(cli.stdout)["calls"] if w["window"] == "minute")["used"] == 10

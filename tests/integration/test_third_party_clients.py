@@ -14,7 +14,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from server.settings import REPO_ROOT
-from tests.gateway_process import ANALYST_TOOLS, GatewayProcess
+from tests.gateway_process import ANALYST_TOOLS, GatewayProcess, castellan
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 MCP1_PYTHON = REPO_ROOT / ".cache" / "interop" / "mcp1" / "bin" / "python"
@@ -99,13 +99,6 @@ async def test_a_stdio_client_through_castellan_connect(gateway: GatewayProcess,
 
 def test_castellan_connect_without_a_token_says_so() -> None:
     env = {k: v for k, v in os.environ.items() if k != "CASTELLAN_TOKEN"}
-    done = subprocess.run(
-        [sys.executable, "-m", "server", "connect", "http://127.0.0.1:9/mcp"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    done = castellan("connect", "http://127.0.0.1:9/mcp", env=env, timeout=60)
     assert done.returncode != 0
     assert "no token" in done.stderr

@@ -249,14 +249,7 @@ async def test_policy_sees_which_credential_an_upstream_call_carries(world: Worl
 
 def test_check_config_says_where_each_credential_comes_from_without_printing_it(world: World) -> None:
     # check-config builds every backend and reaches each: slow on a loaded machine, hence its own timeout
-    shown = subprocess.run(
-        [sys.executable, "-m", "server", "check-config"],
-        env=world.gateway.env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    shown = run_cli(world.gateway, "check-config", timeout=180)
     assert "credential inventory: token exchange (RFC 8693)" in shown.stdout, shown.stdout
     assert "secret from env STS_CLIENT_SECRET" in shown.stdout
     assert STS_SECRET not in shown.stdout
