@@ -23,6 +23,7 @@ class InvokeStage:
     with a short message (no traceback goes to the agent); the call still gets charged and audited."""
 
     name = "invoke"
+    waits = True  # on the tool: the call is not counted as worked on meanwhile (server/in_flight)
 
     def __init__(self, timeout_seconds: float) -> None:
         self._timeout = timeout_seconds

@@ -12,6 +12,7 @@ import structlog
 
 from server.call import Call
 from server.errors import AfterInvoke, CastellanError, Denied, InternalError
+from server.in_flight import WORKING, Working
 from server.metrics import Metrics
 
 log = structlog.get_logger("castellan.pipeline")
@@ -20,7 +21,8 @@ log = structlog.get_logger("castellan.pipeline")
 class Stage(Protocol):
     """One step of the pipeline: reads what it needs from `call`, returns it with what it learned.
 
-    A stage that refuses the call raises a `CastellanError`; it never builds an MCP response.
+    A stage that refuses the call raises a `CastellanError`; it never builds an MCP response. One
+    that mostly waits (for the tool, for a human) says so with a class attribute `waits = True`.
     """
 
     name: str
@@ -66,16 +68,34 @@ class Pipeline:
         self._metrics = metrics
         self._on_stop = tuple(on_stop)
         self._histograms = {s.name: metrics.stage_seconds.labels(s.name) for s in self.stages}
-        # Each stage with its histogram's observe, looked up once, not per stage of every call.
-        self._steps = tuple((s, self._histograms[s.name].observe) for s in self.stages)
+        # Each stage with its histogram's observe and whether it waits (server/in_flight), looked up
+        # once, not per stage of every call.
+        self._steps = tuple(
+            (s, self._histograms[s.name].observe, bool(getattr(s, "waits", False))) for s in self.stages
+        )
 
     async def run(self, call: Call) -> Call:
+        working = WORKING
+        working.calls += 1
+        try:
+            return await self._run(call, working)
+        finally:
+            working.calls -= 1
+
+    async def _run(self, call: Call, working: Working) -> Call:
         invoked = False
         clock = time.perf_counter
-        for stage, observe in self._steps:
+        for stage, observe, waits in self._steps:
             started = clock()
             try:
-                call = await stage.run(call)
+                if waits:  # not worked on while it waits for the tool, or a human
+                    working.calls -= 1
+                    try:
+                        call = await stage.run(call)
+                    finally:
+                        working.calls += 1
+                else:
+                    call = await stage.run(call)
             except asyncio.CancelledError:
                 if not invoked and stage.name != "invoke":  # nothing ran: record the refusal, free what it held
                     await _shielded(self._stop(call, Denied(stage.name, CANCELLED), stage.name, started))

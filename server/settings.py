@@ -135,11 +135,13 @@ class PolicySettings(BaseModel):
     """For `auto`: the OPA binary to manage (default: `opa` on PATH)."""
     timeout_seconds: float = Field(default=1.0, gt=0)
     workers: int = Field(default=1, ge=1, le=32)
-    """Embedded engine threads (each holds its own engine), used when decisions are slow."""
+    """Embedded engine threads (each holds its own engine), used when decisions are slow, and for OPA
+    library decisions made while the event loop is working on another call."""
     inline_max_us: float = Field(default=250.0, ge=0)
     """Embedded: decide on the event loop's thread while decisions average less than this (regorus
-    holds the GIL, so a thread would only add a hop); slower policies go to the worker threads.
-    0 always uses the threads."""
+    holds the GIL, so a thread would only add a hop); slower policies go to the worker threads, and
+    so does an OPA library decision while the loop works on another call (it evaluates without the
+    GIL, in parallel with the loop). 0 always uses the threads."""
     reload: bool = True
     """Watch `path` and reload on change; a broken edit is refused and the last good policy keeps deciding."""
     reload_interval_seconds: float = Field(default=1.0, gt=0)

@@ -29,6 +29,7 @@ class ApprovalStage:
     `record`, so its decision row, committed before the tool runs, holds who approved it."""
 
     name = "approval"
+    waits = True  # on a human: the call is not counted as worked on meanwhile (server/in_flight)
 
     def __init__(self, queue: ApprovalQueue) -> None:
         self._queue = queue

@@ -27,6 +27,7 @@ import orjson
 import structlog
 
 from server.errors import BackendUnavailable, ConfigError
+from server.in_flight import others_working
 from server.policy import inprocess_opa
 from server.policy._input import input_problem
 from server.policy._result import EVALUATION_FAILED, to_decision
@@ -184,10 +185,13 @@ class _Workers:
 class EmbeddedEngine:
     """Decides in-process with the `opa-library` evaluator, or `regorus` (verified subset) without it.
 
-    Where: an evaluation is short (~50-150 µs for the default policy) and a thread hop costs more
-    (~190 µs measured), so decisions run on the event loop's thread while the running average of
-    their CPU time stays under `inline_max_us`, and on `workers` threads when the policy is slower (the OPA library
-    releases the GIL while it evaluates; regorus holds it and shares the interpreter in 5 ms slices).
+    Where: an evaluation is short (~80-150 µs of CPU for the default policy), so a decision runs on
+    the event loop's thread while the running average of their CPU time stays under `inline_max_us`,
+    and on `workers` threads when the policy is slower. The OPA library releases the GIL while it
+    evaluates, so while the loop is working on another call too (`server.in_flight`) its decision goes
+    to a worker thread as well: the loop serves the other call while Go evaluates on the other core
+    (alone, the hand-off would only add latency). Regorus holds the GIL and shares the interpreter in
+    5 ms slices, so it stays inline whatever else runs.
 
     With `log_masks` (the OPA library; the gateway sets it when the decision log is on), each decision
     carries the decision log's mask for its event (`Decision.log_mask`), evaluated in the same library
@@ -222,6 +226,7 @@ class EmbeddedEngine:
         self._closed = False
         self._inline_max = inline_max_us / 1e6
         self._average = 0.0
+        self._off_gil = self.evaluator == "opa-library"  # evaluates without the GIL: a thread runs it in parallel
         self._owner = new_owner()  # inline regorus engines live with the thread that used them
 
     def _start(self, bundle: PolicyBundle) -> _Workers:
@@ -264,7 +269,7 @@ class EmbeddedEngine:
         if self._closed:
             raise BackendUnavailable("policy", "policy engine unavailable (closed)")
         document_json = input_json(document)
-        if self._inline_max > 0 and self._average <= self._inline_max:
+        if self._inline_max > 0 and self._average <= self._inline_max and not (self._off_gil and others_working()):
             compiled = engine_for(self._owner, version, workers.make)
             ok, raw, seconds, mask = _evaluate(compiled, document_json, document)
             if _poisoned(compiled):

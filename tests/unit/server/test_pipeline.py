@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import pytest
 
 from server.call import Call
 from server.errors import Denied, InternalError
+from server.in_flight import WORKING
 from server.metrics import Metrics
 from server.pipeline import Pipeline
 from tests.fakes.backends import make_call
@@ -70,3 +72,64 @@ async def test_stage_latency_lands_in_the_metrics() -> None:
     metrics = Metrics()
     await Pipeline([Mark("a", [])], metrics).run(make_call())
     assert b'castellan_stage_seconds_count{stage="a"} 1.0' in metrics.render()
+
+
+class Counting:
+    """Notes how many calls this thread's loop counts as worked on while it runs (server/in_flight)."""
+
+    def __init__(self, name: str, counts: list[int], *, waits: bool = False, fail: Exception | None = None) -> None:
+        self.name, self.counts, self.waits, self.fail = name, counts, waits, fail
+
+    async def run(self, call: Call) -> Call:
+        self.counts.append(WORKING.calls)
+        if self.fail is not None:
+            raise self.fail
+        return call
+
+
+async def test_a_call_counts_as_worked_on_except_while_a_stage_waits() -> None:
+    counts: list[int] = []
+    stages = [Counting("a", counts), Counting("invoke", counts, waits=True), Counting("b", counts)]
+    await Pipeline(stages, Metrics()).run(make_call())
+    assert counts == [1, 0, 1]  # the tool's wait is not work the loop does
+    assert WORKING.calls == 0
+
+
+async def test_calls_at_once_count_each_other_and_the_count_is_freed_after_a_refusal() -> None:
+    gate = asyncio.Event()
+    seen_by_second: list[int] = []
+
+    class Held:
+        name = "held"
+
+        async def run(self, call: Call) -> Call:
+            await gate.wait()  # the first call is still worked on (a commit, say) here
+            return call
+
+    first = asyncio.ensure_future(Pipeline([Held()], Metrics()).run(make_call()))
+    await asyncio.sleep(0)
+    refusing = Pipeline([Counting("a", seen_by_second, fail=Denied("a", "no"))], Metrics())
+    refused = await refusing.run(make_call())
+    assert seen_by_second == [2]  # the held call, and this one
+    assert refused.error is not None
+    assert WORKING.calls == 1  # the refused call is no longer counted; the held one is
+    gate.set()
+    await first
+    assert WORKING.calls == 0
+
+
+async def test_a_cancelled_call_is_no_longer_counted() -> None:
+    class Forever:
+        name = "forever"
+
+        async def run(self, call: Call) -> Call:
+            await asyncio.Event().wait()
+            return call
+
+    task = asyncio.ensure_future(Pipeline([Forever()], Metrics()).run(make_call()))
+    await asyncio.sleep(0)
+    assert WORKING.calls == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert WORKING.calls == 0

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from server.errors import ConfigError
+from server.in_flight import WORKING
 from server.policy import inprocess_opa
 from server.policy._input import build_input
 from server.policy._result import EVALUATION_FAILED
@@ -174,6 +175,26 @@ async def test_inline_max_zero_always_uses_the_threads(engine: EmbeddedEngine) -
     assert (await threaded.decide(doc())).allow
     assert not any(owner == threaded._owner for owner, _ in _engines())  # no inline engine was made
     await threaded.close()
+
+
+@pytest.mark.parametrize("evaluator", ["opa-library", "regorus"])
+async def test_with_another_call_worked_on_an_opa_library_decision_goes_to_a_thread(
+    evaluator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPA's library evaluates without the GIL: with the loop busy on another call, its decision runs on
+    a worker thread (the loop serves the other call meanwhile); regorus holds the GIL, so it stays inline."""
+    if evaluator == "opa-library" and not inprocess_opa.available():
+        pytest.skip("the OPA library is not built (scripts/build-opa-library needs Go)")
+    engine = EmbeddedEngine(PolicyBundle.from_directory(REPO_ROOT / "policies"), evaluator=evaluator)
+    monkeypatch.setattr(WORKING, "calls", 2)  # this call and another
+    busy = await engine.decide(doc())
+    threaded = not any(owner == engine._owner for owner, _ in _engines())  # no inline engine was made
+    monkeypatch.setattr(WORKING, "calls", 1)  # this call alone
+    alone = await engine.decide(doc())
+    assert (busy.allow, alone.allow) == (True, True)
+    assert threaded is (evaluator == "opa-library")
+    assert any(owner == engine._owner for owner, _ in _engines())  # alone: decided inline
+    await engine.close()
 
 
 async def test_an_engine_collected_on_another_thread_frees_no_regorus_engine_there() -> None:
