@@ -12,7 +12,7 @@ import structlog
 
 from server.call import Call
 from server.errors import AfterInvoke, CastellanError, Denied, InternalError
-from server.in_flight import WORKING, Working
+from server.in_flight import WORKING
 from server.metrics import Metrics
 
 log = structlog.get_logger("castellan.pipeline")
@@ -75,14 +75,14 @@ class Pipeline:
         )
 
     async def run(self, call: Call) -> Call:
-        working = WORKING
-        working.calls += 1
+        WORKING.calls += 1
         try:
-            return await self._run(call, working)
+            return await self._run(call)
         finally:
-            working.calls -= 1
+            WORKING.calls -= 1
 
-    async def _run(self, call: Call, working: Working) -> Call:
+    async def _run(self, call: Call) -> Call:
+        working = WORKING
         invoked = False
         clock = time.perf_counter
         for stage, observe, waits in self._steps:
