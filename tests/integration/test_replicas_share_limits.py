@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,15 @@ from tests.integration.conftest import deny_body, raw_call
 from tests.redis_server import run_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def whole_minute_ahead(needed: float) -> None:
+    """Calls-per-minute is a fixed UTC window: start once at least `needed` seconds of the current
+    minute are left, so the calls, the admin report and the CLI (a process start) all read one window
+    instead of the count restarting between them."""
+    left = 60.0 - time.time() % 60.0
+    if left < needed:
+        await asyncio.sleep(left + 0.05)
 
 
 async def test_two_replicas_on_one_redis_admit_exactly_the_limit(tmp_path: Path) -> None:
@@ -32,6 +42,7 @@ async def test_two_replicas_on_one_redis_admit_exactly_the_limit(tmp_path: Path)
             with run_gateway(tmp_path / "b", env) as second:
                 replicas = [first, second]
                 tokens = [g.token("shared-bot", ["analysts"]) for g in replicas]
+                await whole_minute_ahead(20.0)
                 results = await asyncio.gather(
                     *(raw_call(replicas[i % 2], tokens[i % 2], "echo", {"text": f"call {i}"}) for i in range(30))
                 )
