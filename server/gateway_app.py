@@ -30,6 +30,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bind_contextvars, reset_contextvars
 
+from server.in_flight import WORKING
 from server.request_id import assign_request_id, stamp_request_id
 
 MCP_PATH = "/mcp"
@@ -49,6 +50,17 @@ class GatewayApp(FastAPI):
     """FastAPI's native telemetry as it was when startup completed (None: not started; ask each time)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":  # counted while served (server/in_flight)
+            working = WORKING
+            working.requests += 1
+            try:
+                await self._route(scope, receive, send)
+            finally:
+                working.requests -= 1
+            return
+        await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.mcp is not None and self._lean(scope):
             await self._serve_mcp(self.mcp, scope, receive, send)
             return

@@ -22,6 +22,8 @@ from typing import Any
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from server.in_flight import WORKING
+
 JOIN_LIMIT = 65_536
 """A held write and the next one are joined (one copy) up to this size; larger ones go out as two."""
 
@@ -82,4 +84,9 @@ class CoalescingProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """Uvicorn's HTTP/1.1 protocol, over a `CoalescingTransport`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
+        WORKING.connections += 1  # server/in_flight: this loop's open connections
         super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        WORKING.connections -= 1
+        super().connection_lost(exc)

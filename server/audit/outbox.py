@@ -22,6 +22,7 @@ from server.audit.instances import InstanceLocks
 from server.audit.keys import ChainKey
 from server.audit.search import AuditQuery, search, show
 from server.errors import BackendUnavailable
+from server.in_flight import alone
 from server.sqlite import SqliteDatabase
 
 log = structlog.get_logger("castellan.audit")
@@ -242,7 +243,8 @@ class SqliteOutbox:
 
     async def _append(self, kind: Kind, call_id: str, record: dict[str, Any]) -> None:
         try:
-            await self._db.transact(self._insert(kind, call_id, record))
+            # A lone call commits on the loop's thread (nothing else for the loop to do meanwhile).
+            await self._db.transact(self._insert(kind, call_id, record), inline=alone())
         except sqlite3.Error as exc:
             raise BackendUnavailable("audit", f"audit log unavailable: {exc}") from exc
         self._wrote = True

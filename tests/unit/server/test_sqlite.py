@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ class CountingDatabase(SqliteDatabase):
 
     transactions = 0
 
-    def _apply(self, fns: list[Any]) -> list[tuple[bool, Any]]:
+    def _apply(self, fns: list[Any], *, begun: bool = False) -> list[tuple[bool, Any]]:
         self.transactions += 1
-        return super()._apply(fns)
+        return super()._apply(fns, begun=begun)
 
 
 def insert(value: str) -> Any:
@@ -157,3 +158,91 @@ async def test_a_closed_database_refuses_writes_and_reads(tmp_path: Path) -> Non
     conn = sqlite3.connect(tmp_path / "t.db")
     assert sorted(r[0] for r in conn.execute("SELECT v FROM t")) == ["a", "b"]
     conn.close()
+
+
+def on_thread(value: str) -> Any:
+    """A write that also says which thread ran it."""
+
+    def write(conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+        return threading.get_ident()
+
+    return write
+
+
+async def test_an_inline_write_commits_on_the_callers_thread_with_the_deferred_ones_before_it(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("warm"))
+    db.transactions = 0
+    later = db.defer(insert("deferred"), 60)
+    assert await db.transact(on_thread("now"), inline=True) == threading.get_ident()
+    assert later.done()  # it rode along, in the same transaction
+    assert later.exception() is None
+    assert db.transactions == 1
+    assert await db.run(lambda c: [r[0] for r in c.execute("SELECT v FROM t ORDER BY id")]) == [
+        "warm",
+        "deferred",
+        "now",
+    ]
+    db.close()
+
+
+async def test_an_inline_write_waits_its_turn_behind_work_already_handed_to_the_writer(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("warm"))
+    release = threading.Event()
+
+    def slow_read(conn: sqlite3.Connection) -> int:
+        release.wait(10)
+        return int(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+
+    read = asyncio.ensure_future(db.run(slow_read))
+    await asyncio.sleep(0.05)  # the writer is in the read
+    write = asyncio.ensure_future(db.transact(on_thread("after"), inline=True))
+    await asyncio.sleep(0.05)
+    assert not write.done()  # not run beside the writer, nor ahead of what was asked first
+    release.set()
+    assert await asyncio.wait_for(read, 10) == 1  # the read saw the database as it was asked
+    assert await asyncio.wait_for(write, 10) != threading.get_ident()  # the writer ran it
+    db.close()
+
+
+async def test_a_failing_inline_write_fails_alone_and_the_deferred_writes_with_it_commit(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("taken"))
+    later = db.defer(insert("deferred"), 60)
+    with pytest.raises(sqlite3.IntegrityError):
+        await db.transact(insert("taken"), inline=True)
+    await asyncio.wait_for(later, 10)
+    assert await db.run(lambda c: sorted(r[0] for r in c.execute("SELECT v FROM t"))) == ["deferred", "taken"]
+    assert await db.transact(insert("next"), inline=True)  # the connection is free again
+    db.close()
+
+
+async def test_slow_commits_send_inline_writes_back_to_the_writer_thread(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t (v) VALUES (hex(randomblob(8)))")
+        threading.Event().wait(0.01)  # a disk whose fsync takes 10 ms
+
+    for _ in range(20):
+        await db.transact(slow)
+    assert await db.transact(on_thread("then"), inline=True) != threading.get_ident()
+    db.close()
+
+
+async def test_a_write_lock_held_elsewhere_never_holds_the_event_loop(tmp_path: Path) -> None:
+    db = SqliteDatabase(tmp_path / "t.db", schema=SCHEMA)
+    await db.transact(insert("warm"))
+    other = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process writing (the shipper, an operator's sqlite3)
+    write = asyncio.ensure_future(db.transact(on_thread("waits"), inline=True))
+    before = time.monotonic()
+    await asyncio.sleep(0.05)  # the loop runs on: the writer thread is the one waiting for the lock
+    assert time.monotonic() - before < 5  # a liveness bound: not the 10 s a statement waits for a lock
+    assert not write.done()
+    other.execute("COMMIT")
+    other.close()
+    assert await asyncio.wait_for(write, 10) != threading.get_ident()
+    db.close()
