@@ -84,9 +84,8 @@ class CoalescingProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """Uvicorn's HTTP/1.1 protocol, over a `CoalescingTransport`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        WORKING.connections += 1  # server/in_flight: this loop's open connections
         super().connection_made(CoalescingTransport(transport, asyncio.get_running_loop()))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        WORKING.connections -= 1
-        super().connection_lost(exc)
+        # server/in_flight: the open connections of this loop's server, as uvicorn keeps them (a
+        # connection leaves the set when it closes, or when it is upgraded and its WebSocket protocol
+        # takes the set over)
+        WORKING.open_connections = self.connections

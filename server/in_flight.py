@@ -16,6 +16,7 @@ event loop is: a loop in another thread (a test client's, a worker's) counts its
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 
 
 class Working(threading.local):
@@ -25,8 +26,9 @@ class Working(threading.local):
     """HTTP POST requests this thread's loop is serving now, from the gateway app's entry to its return
     (server/gateway_app.py): a call's own request included, one waiting for its tool too, and requests
     read but not yet in the pipeline (parsing, authenticating) or past it (the response's writing)."""
-    connections = 0
-    """HTTP connections open on this thread's loop (server/http_protocol.py). Under concurrent load the
+    open_connections: Collection[object] = ()
+    """The open connections of the server on this thread's loop: uvicorn's own set of them, which
+    server/http_protocol.py hands over at the first connection. Under concurrent load the
     requests of other connections may still be in the kernel's buffers, unread, while one request is
     served: a loop that then runs that request straight through (its commit inline too) would go on
     reading one request at a time. Their connections are what it can see."""
@@ -48,4 +50,4 @@ def alone() -> bool:
     request anywhere in it, and no more connections than one agent holds (stricter than
     `not others_working()`)."""
     working = WORKING
-    return working.calls <= 1 and working.requests <= 1 and working.connections <= MAX_QUIET_CONNECTIONS
+    return working.calls <= 1 and working.requests <= 1 and len(working.open_connections) <= MAX_QUIET_CONNECTIONS

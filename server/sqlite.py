@@ -1,4 +1,5 @@
-"""One SQLite database driven by one worker thread, with group commit, so async code never blocks on it."""
+"""One SQLite database driven by one worker thread, with group commit, so async code does not block on it
+(but for a lone call's quick commit, which it runs itself: `transact(inline=True)`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 _MAX_BATCH = 256
 _BUSY_MS = 10_000  # how long a statement waits for another connection's lock
+CHECKPOINT_EVERY = 64
+"""The writer thread checkpoints the WAL into the database (PASSIVE, as SQLite's automatic checkpoint
+does) after this many transactions, inline ones included; SQLite's own, which would run inside the
+commit that crosses 1,000 pages, is off, so no inline commit copies the WAL on the event loop."""
 INLINE_MAX_SECONDS = 0.001
 """`transact(fn, inline=True)` runs on the caller's thread only while a commit takes less than this
 (a moving average of every commit, on either thread): a slow disk's fsync would hold the event loop."""
@@ -57,7 +62,8 @@ _Job = list[Write] | _Read | None  # a group of writes (one transaction), a read
 
 
 class SqliteDatabase:
-    """A WAL-mode SQLite file with a single connection owned by a single writer thread.
+    """A WAL-mode SQLite file with a single connection, used by a writer thread (or an inline caller,
+    below), one thread at a time.
 
     `transact(fn)` is the write path: `fn(connection)` runs inside a write transaction that it
     shares with whatever other writes are waiting (group commit: one commit, one fsync, for many
@@ -92,6 +98,7 @@ class SqliteDatabase:
         self._user: int | None = None  # that thread's ident, while it holds `_using`
         self._queued = 0  # jobs handed to the writer and not yet run (under `_lock`)
         self._commit_seconds = 0.0  # a moving average of a group's transaction time
+        self._since_checkpoint = 0  # transactions since the last checkpoint was queued
         self._closed = False
         self._conn: sqlite3.Connection | None = None
         self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -99,7 +106,7 @@ class SqliteDatabase:
         self.transaction = 0
         """The number of the group transaction being run, or last run (each `BEGIN`, a group run again
         after a rollback included, takes the next): a write sees from it that an earlier write ran in
-        the transaction it is in, and can keep what it read then (read on the writer thread only)."""
+        the transaction it is in, and can keep what it read then (read by the thread running the transaction)."""
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
@@ -108,6 +115,7 @@ class SqliteDatabase:
             # Used by the writer thread or an inline caller, one at a time (`_using`).
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
             enable_wal(conn)
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer's job (`CHECKPOINT_EVERY`)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
             conn.executescript(self._schema)
@@ -165,7 +173,7 @@ class SqliteDatabase:
         # Free, or its holder has run its last job and is handing out the results (the writer counts
         # a job done before it settles its futures), or another thread's inline transaction.
         self._using.acquire()
-        if self._queued:  # handed to the writer meanwhile: it goes first
+        if self._queued or self._closed:  # handed to the writer meanwhile (it goes first), or closed
             self._using.release()
             return False
         self._user = threading.get_ident()
@@ -174,9 +182,11 @@ class SqliteDatabase:
     def _transact_here(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[T] | None:
         """(what `fn` returned,) once committed here; None when the transaction could not
         begin at once (another process holds the write lock: the writer thread waits for it, not the
-        event loop; or the database cannot be opened: the writer reports it)."""
+        event loop), or the database is not open yet (the writer opens it, and reports if it cannot)."""
+        conn = self._conn
+        if conn is None:
+            return None
         try:
-            conn = self._connection()
             conn.execute("PRAGMA busy_timeout=0")
             try:
                 self._begin(conn)
@@ -184,14 +194,22 @@ class SqliteDatabase:
                 conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
-                if self._conn is not None and self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             return None
         writes = self._take_deferred() if self._deferred else []  # older: first, in the same transaction
         results = self._results([*(write for write, _ in writes), fn], begun=True)
+        loop = asyncio.get_running_loop()
+        here: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        elsewhere: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]] = []
         for (_, future), (ok, value) in zip(writes, results, strict=False):
-            if not future.done():
-                future.set_result(value) if ok else future.set_exception(value)
+            if isinstance(future, asyncio.Future) and future.get_loop() is loop:
+                here.append((future, ok, value))
+            else:  # deferred from another thread's loop: that loop hands it out
+                elsewhere.append((future, ok, value))
+        _resolve(here)
+        if elsewhere:
+            _settle(elsewhere)
         ok, value = results[-1]
         if not ok:
             raise value
@@ -305,16 +323,30 @@ class SqliteDatabase:
         try:
             results = self._apply(fns, begun=begun)
         except BaseException as exc:  # never lose the writer thread; every writer hears of it
+            if begun and not isinstance(exc, Exception):
+                raise  # inline, on the caller's thread: an interrupt is the caller's
             error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
             results = [(False, error)] * len(fns)
         self._commit_seconds += (time.perf_counter() - started - self._commit_seconds) * 0.125
+        self._count_transaction()
         return results
+
+    def _count_transaction(self) -> None:
+        """Queues a WAL checkpoint for the writer thread every `CHECKPOINT_EVERY` transactions."""
+        self._since_checkpoint += 1
+        if self._since_checkpoint < CHECKPOINT_EVERY:
+            return
+        self._since_checkpoint = 0
+        with contextlib.suppress(RuntimeError):  # closed: its last connection's close checkpoints
+            self._submit(_Read(_checkpoint, Future()))
 
     def _read(self, job: _Read) -> None:
         try:
             outcome: tuple[bool, Any] = (True, job.fn(self._connection()))
         except Exception as exc:
             outcome = (False, exc)
+        if job.fn is not _checkpoint:  # a synchronous write (run_sync) may be behind it
+            self._count_transaction()
         self._ran(1)
         _settle([(job.future, *outcome)])
 
@@ -336,17 +368,30 @@ class SqliteDatabase:
             conn = self._connection()
             if not begun:
                 self._begin(conn)
+            # Begun on the caller's thread without waiting for locks: a group is undone to a savepoint,
+            # keeping the write lock, as a rollback and a second BEGIN could wait for another process.
+            keep_lock = begun and len(fns) > 1
+            if keep_lock:
+                conn.execute("SAVEPOINT grouped")
         except sqlite3.Error as exc:
+            if begun and conn.in_transaction:
+                conn.execute("ROLLBACK")
             return [(False, exc)] * len(fns)
         try:
             try:
                 results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
             except Exception as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
                 if len(fns) == 1:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     return [(False, exc)]
-                self._begin(conn)
+                if keep_lock:
+                    conn.execute("ROLLBACK TO grouped")
+                    self.transaction += 1  # what a write kept of the undone run is stale
+                else:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    self._begin(conn)
                 results = _each_in_a_savepoint(conn, fns)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # the commit itself failed (disk full, I/O error): nothing is durable
@@ -371,6 +416,7 @@ class SqliteDatabase:
             self._closed = True
             thread = self._thread
             if thread is not None:
+                self._queued += 1
                 self._jobs.put(None)
         if thread is not None:
             thread.join()
@@ -409,6 +455,10 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]])
     for loop, settled in by_loop.items():
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
             loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _resolve(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

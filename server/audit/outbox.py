@@ -192,7 +192,7 @@ class SqliteOutbox:
         self._db.run_sync(_migrate)
         self._key_id = key.key_id
         # (transaction, seq, hash) of the last record this outbox appended: the head the next record
-        # of the same transaction chains to, without reading it again (the writer thread's only).
+        # of the same transaction chains to, without reading it again (the transaction's thread's only).
         self._head: tuple[int, int, str] | None = None
 
     # -- writing ------------------------------------------------------------------------------------
