@@ -187,11 +187,7 @@ class SqliteDatabase:
         if conn is None:
             return None
         try:
-            conn.execute("PRAGMA busy_timeout=0")
-            try:
-                self._begin(conn)
-            finally:
-                conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
+            self._begin_at_once(conn)
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
@@ -368,29 +364,19 @@ class SqliteDatabase:
             conn = self._connection()
             if not begun:
                 self._begin(conn)
-            # Begun on the caller's thread without waiting for locks: a group is undone to a savepoint,
-            # keeping the write lock, as a rollback and a second BEGIN could wait for another process.
-            keep_lock = begun and len(fns) > 1
-            if keep_lock:
-                conn.execute("SAVEPOINT grouped")
         except sqlite3.Error as exc:
-            if begun and conn.in_transaction:
-                conn.execute("ROLLBACK")
             return [(False, exc)] * len(fns)
         try:
             try:
                 results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn in fns]
             except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 if len(fns) == 1:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
                     return [(False, exc)]
-                if keep_lock:
-                    conn.execute("ROLLBACK TO grouped")
-                    self.transaction += 1  # what a write kept of the undone run is stale
+                if begun:  # on the caller's thread: never wait for another process's lock (else all fail)
+                    self._begin_at_once(conn)
                 else:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
                     self._begin(conn)
                 results = _each_in_a_savepoint(conn, fns)
             conn.execute("COMMIT")
@@ -407,6 +393,14 @@ class SqliteDatabase:
     def _begin(self, conn: sqlite3.Connection) -> None:
         self.transaction += 1
         conn.execute("BEGIN IMMEDIATE")
+
+    def _begin_at_once(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE without waiting for another connection's lock (raises "database is locked")."""
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            self._begin(conn)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
 
     def close(self) -> None:
         self.commit_deferred()
