@@ -18,10 +18,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 _MAX_BATCH = 256
 _BUSY_MS = 10_000  # how long a statement waits for another connection's lock
-CHECKPOINT_EVERY = 64
-"""The writer thread checkpoints the WAL into the database (PASSIVE, as SQLite's automatic checkpoint
-does) after this many transactions, inline ones included; SQLite's own, which would run inside the
-commit that crosses 1,000 pages, is off, so no inline commit copies the WAL on the event loop."""
 INLINE_MAX_SECONDS = 0.001
 """`transact(fn, inline=True)` runs on the caller's thread only while a commit takes less than this
 (a moving average of every commit, on either thread): a slow disk's fsync would hold the event loop."""
@@ -98,7 +94,6 @@ class SqliteDatabase:
         self._user: int | None = None  # that thread's ident, while it holds `_using`
         self._queued = 0  # jobs handed to the writer and not yet run (under `_lock`)
         self._commit_seconds = 0.0  # a moving average of a group's transaction time
-        self._since_checkpoint = 0  # transactions since the last checkpoint was queued
         self._closed = False
         self._conn: sqlite3.Connection | None = None
         self._deferred: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -115,7 +110,6 @@ class SqliteDatabase:
             # Used by the writer thread or an inline caller, one at a time (`_using`).
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=False)
             enable_wal(conn)
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer's job (`CHECKPOINT_EVERY`)
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute(f"PRAGMA busy_timeout={_BUSY_MS}")
             conn.executescript(self._schema)
@@ -324,25 +318,13 @@ class SqliteDatabase:
             error = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
             results = [(False, error)] * len(fns)
         self._commit_seconds += (time.perf_counter() - started - self._commit_seconds) * 0.125
-        self._count_transaction()
         return results
-
-    def _count_transaction(self) -> None:
-        """Queues a WAL checkpoint for the writer thread every `CHECKPOINT_EVERY` transactions."""
-        self._since_checkpoint += 1
-        if self._since_checkpoint < CHECKPOINT_EVERY:
-            return
-        self._since_checkpoint = 0
-        with contextlib.suppress(RuntimeError):  # closed: its last connection's close checkpoints
-            self._submit(_Read(_checkpoint, Future()))
 
     def _read(self, job: _Read) -> None:
         try:
             outcome: tuple[bool, Any] = (True, job.fn(self._connection()))
         except Exception as exc:
             outcome = (False, exc)
-        if job.fn is not _checkpoint:  # a synchronous write (run_sync) may be behind it
-            self._count_transaction()
         self._ran(1)
         _settle([(job.future, *outcome)])
 
@@ -449,10 +431,6 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]])
     for loop, settled in by_loop.items():
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
             loop.call_soon_threadsafe(_resolve, settled)
-
-
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _resolve(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
