@@ -189,17 +189,7 @@ class SqliteDatabase:
             return None
         writes = self._take_deferred() if self._deferred else []  # older: first, in the same transaction
         results = self._results([*(write for write, _ in writes), fn], begun=True)
-        loop = asyncio.get_running_loop()
-        here: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        elsewhere: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]] = []
-        for (_, future), (ok, value) in zip(writes, results, strict=False):
-            if isinstance(future, asyncio.Future) and future.get_loop() is loop:
-                here.append((future, ok, value))
-            else:  # deferred from another thread's loop: that loop hands it out
-                elsewhere.append((future, ok, value))
-        _resolve(here)
-        if elsewhere:
-            _settle(elsewhere)
+        _settle([(future, ok, value) for (_, future), (ok, value) in zip(writes, results, strict=False)])
         ok, value = results[-1]
         if not ok:
             raise value
@@ -421,7 +411,9 @@ def _fail(writes: list[Write], exc: Exception) -> None:
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]]) -> None:
     """Hands results to their futures: an event loop's at once, with one wake-up of that loop for all
-    of them (from the writer thread); a waiting thread's directly."""
+    of them (from the writer thread), or none when it is the calling thread's own loop (an inline
+    transaction); a waiting thread's directly."""
+    here = asyncio._get_running_loop()
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
     for future, ok, value in outcomes:
         if isinstance(future, asyncio.Future):
@@ -429,6 +421,9 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any] | Future[Any], bool, Any]])
         elif future.set_running_or_notify_cancel():
             future.set_result(value) if ok else future.set_exception(value)
     for loop, settled in by_loop.items():
+        if loop is here:
+            _resolve(settled)
+            continue
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
             loop.call_soon_threadsafe(_resolve, settled)
 

@@ -201,19 +201,19 @@ async def test_the_server_writes_a_json_answer_in_one_write(monkeypatch: pytest.
 
 async def test_the_loop_counts_its_open_connections_and_is_not_alone_beside_several() -> None:
     before = len(WORKING.open_connections)
-    async with serving(CoalescingProtocol) as port:
-        opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        for _ in range(500):  # up to 5 s for the server to accept them
-            if len(WORKING.open_connections) == before + 3:
+
+    async def open_connections(expected: int) -> int:
+        for _ in range(500):  # up to 5 s for the server to accept or drop them
+            if len(WORKING.open_connections) == expected:
                 break
             await asyncio.sleep(0.01)
-        assert len(WORKING.open_connections) == before + 3
+        return len(WORKING.open_connections)
+
+    async with serving(CoalescingProtocol) as port:
+        opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        assert await open_connections(before + 3) == before + 3
         assert not alone()  # three agents' connections: a commit goes to the writer thread
         for _, writer in opened:
             writer.close()
-        for _ in range(500):
-            if len(WORKING.open_connections) == before:
-                break
-            await asyncio.sleep(0.01)
-        assert len(WORKING.open_connections) == before
+        assert await open_connections(before) == before
         assert alone()
