@@ -50,4 +50,6 @@ class InvokeStage:
         finally:
             active_relay.reset(relaying)
             caller.reset(bound)
+            if call.relay is not None:
+                call.relay.unbind()
         return call.evolve(output=output)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import gc
 import json
 import os
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from server import heap
 from server.audit.mlflow_target import BatchTooLarge, MlflowTarget
 from server.audit.outbox import SqliteOutbox
 from server.audit.traces import as_one_span, plan_trace
@@ -128,8 +128,7 @@ class Shipper:
         if self._heap_settled or self._status_file is None:
             return
         self._heap_settled = True
-        gc.collect()
-        gc.freeze()
+        heap.settle()
 
     def start(self) -> None:
         """Ships in the background, once it holds the outbox's shipping lock (waiting for it while

@@ -152,21 +152,23 @@ def normalized_strings(arguments: Mapping[str, Any]) -> list[list[str]]:
     """Every string at any depth of `arguments` (keys too), normalised, as `[argument name, text]` pairs:
     a rule can match text wherever it sits without `walk` (outside the regorus fallback's verified set)."""
     found: list[list[str]] = []
-
-    def visit(name: str, value: Any) -> None:
-        if isinstance(value, str):
-            found.append([name, normalized_text(value)])
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                found.append([name, normalized_text(key)])
-                visit(name, item)
-        elif isinstance(value, list):
-            for item in value:
-                visit(name, item)
-
     for name, value in arguments.items():
-        visit(name, value)
+        _visit_strings(name, value, found)
     return found
+
+
+def _visit_strings(name: str, value: Any, found: list[list[str]]) -> None:
+    # A module function, not a closure calling itself: that closure is a reference cycle per call,
+    # which only the cyclic collector frees.
+    if isinstance(value, str):
+        found.append([name, normalized_text(value)])
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found.append([name, normalized_text(key)])
+            _visit_strings(name, item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _visit_strings(name, item, found)
 
 
 def normalized(value: Any) -> Any:

@@ -15,6 +15,7 @@ path unchanged (the body it read is replayed), so every error and every other fe
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ class FastEdge:
         with self._sessions.in_flight(session):
             try:
                 cancelled, result = await self._flights.run(
-                    session.session_id, request_id, runner.on_request(dctx, method, params)
+                    session.session_id, request_id, _on_request(runner)(dctx, method, params)
                 )
             except Exception as exc:  # as the SDK's dispatcher: the exception's error, or code 0
                 error = handler_exception_to_error_data(exc)
@@ -421,6 +422,11 @@ class _SessionDispatch:
 
     async def progress(self, progress: float, total: float | None = None, message: str | None = None) -> None:
         return None
+
+
+# `ServerRunner.on_request` without caching it on the runner: a cached bound method is a cycle (runner ->
+# its dict -> the method -> runner) that only the cyclic collector frees, once per request here.
+_on_request = cast("functools.cached_property[Any]", vars(ServerRunner)["on_request"]).func
 
 
 def _encode(answer: dict[str, Any]) -> bytes:
