@@ -90,6 +90,7 @@ def _scope(identity: Any, request_id: int, tool: str = "echo") -> dict[str, Any]
 
 
 async def _run(calls: int, rounds: int, profile: int, tool: str = "echo", sort: str = "tottime") -> None:
+    from server import heap
     from server.auth.devkeys import mint_dev_token
     from server.gateway import build_gateway
     from server.logs import configure_logging
@@ -99,6 +100,7 @@ async def _run(calls: int, rounds: int, profile: int, tool: str = "echo", sort: 
     configure_logging(settings.log_format, settings.log_level)  # as `castellan serve`
     gateway = build_gateway(settings)
     await gateway.start()
+    heap.settle()  # as `castellan serve` does once started (server/heap.py)
     try:
         if tool != "echo":  # the upstream's schema exists once the gateway has listed it
             for statement in ("USE SCHEMA ON SCHEMA main.upstream", "EXECUTE ON SCHEMA main.upstream"):
