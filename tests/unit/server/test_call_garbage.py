@@ -18,15 +18,8 @@ from server import heap
 from server.app import create_app
 from server.auth.devkeys import mint_dev_token
 from server.settings import Settings
+from tests.mcp_wire import ENVELOPE, HEADERS, MODERN, open_session
 
-MODERN = "2026-07-28"
-SESSION = "2025-11-25"
-ENVELOPE = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
-    "io.modelcontextprotocol/clientCapabilities": {},
-}
-HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
 OURS = ("server.", "tools.", "mcp.", "mcp_types")  # the gateway's modules and the SDK it drives
 CALLS = 12
 
@@ -96,17 +89,7 @@ def test_a_2026_call_leaves_no_cycles(gateway: tuple[TestClient, str]) -> None:
 def test_a_call_on_a_2025_session_leaves_no_cycles(gateway: tuple[TestClient, str]) -> None:
     client, token = gateway
     headers = {**HEADERS, "authorization": f"Bearer {token}"}
-    init = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {"protocolVersion": SESSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-    }
-    resp = client.post("/mcp", json=init, headers=headers)
-    assert resp.status_code == 200, resp.text
-    session = {**headers, "mcp-session-id": resp.headers["mcp-session-id"], "mcp-protocol-version": SESSION}
-    ack = client.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
-    assert ack.status_code == 202, ack.text
+    session = open_session(client, headers)
     served = client.app.state.edge.served  # type: ignore[attr-defined]
 
     def calls() -> None:

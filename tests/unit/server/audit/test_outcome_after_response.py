@@ -21,15 +21,7 @@ from server.gateway import Gateway
 from server.gateway_app import GatewayApp
 from server.policy.decision_log import DecisionLog
 from server.settings import Settings
-
-MODERN = "2026-07-28"
-SESSION = "2025-11-25"
-ENVELOPE = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
-    "io.modelcontextprotocol/clientCapabilities": {},
-}
-HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+from tests.mcp_wire import ENVELOPE, HEADERS, MODERN, open_session
 
 
 class Watched:
@@ -118,17 +110,7 @@ def test_a_call_on_a_2025_session_is_answered_before_its_outcome_and_decision_lo
 ) -> None:
     client, gateway, events, token = rig
     headers = {**HEADERS, "authorization": f"Bearer {token}"}
-    init = {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {"protocolVersion": SESSION, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-    }
-    resp = client.post("/mcp", json=init, headers=headers)
-    assert resp.status_code == 200, resp.text
-    session = {**headers, "mcp-session-id": resp.headers["mcp-session-id"], "mcp-protocol-version": SESSION}
-    ack = client.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
-    assert ack.status_code == 202, ack.text
+    session = open_session(client, headers)
     events.clear()
     call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}}
     resp = client.post("/mcp", json=call, headers=session)
