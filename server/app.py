@@ -43,14 +43,6 @@ DEV_TOKEN_HINT = (
 )
 
 
-def _settle_heap() -> None:
-    """Start-up's objects out of the cyclic collector's reach, and its young threshold raised
-    (server/heap.py). Each full collection walked start-up's objects: ~190 ms of the event loop's CPU
-    once every couple of thousand calls before they were frozen (measured, 2026 era). Memory: RSS
-    365-368 MB either way after 2,300 calls."""
-    heap.settle()
-
-
 def create_app(settings: Settings, tools: list[Tool] | None = None, *, settle_heap: bool = False) -> GatewayApp:
     gateway = build_gateway(settings, tools)
     hosts = allowed_hosts(settings.base_url, settings.server.allowed_hosts)
@@ -70,7 +62,7 @@ def create_app(settings: Settings, tools: list[Tool] | None = None, *, settle_he
         async with sessions.run():
             await gateway.start()
             if settle_heap:  # the served process only: a test's apps come and go in one process
-                _settle_heap()
+                heap.settle()  # server/heap.py
             log.info(
                 "gateway_started",
                 url=settings.resource_url,

@@ -9,6 +9,10 @@ loop's CPU per 6,000 calls (283 ms while each call still left ~50 objects in cyc
 `YOUNG_THRESHOLD` it runs about once per 1,000 calls, 8 ms per 6,000 (measured, 2026 era, built-in echo).
 What still makes cycles (an exception's traceback, a library's own) is freed as before, only later: at
 most `YOUNG_THRESHOLD` objects' worth of young garbage waits for it.
+
+Start-up's objects are frozen because each full collection walked all of them: ~190 ms of the event
+loop's CPU once every couple of thousand calls before (measured, 2026 era); the gateway's RSS was
+365-368 MB either way after 2,300 calls.
 """
 
 from __future__ import annotations
